@@ -1,0 +1,3 @@
+"""Needlepoint: decision support for image-guided hip injections."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,230 @@
+"""The condition language of rule sets, and its reference interpreter.
+
+A rule's ``when`` names facts by alias; each alias is one *pattern*: a fact kind and a set of
+field tests, or the negation of one (``not:``). A rule may list alternatives (``when_any``); it
+fires once per alternative that matches. Patterns never refer to each other's fields (joins are
+computed in :mod:`needlepoint.core.prepare` as derived fields such as ``same_side``), which keeps the
+compiled durable-rules network clear of the engine's cross-fact comparison defect.
+
+The engine (:mod:`needlepoint.core.engine`) decides which rules fire. This module's
+:func:`test_holds` is the same semantics in Python, used for aggregates, for ``explain`` and to
+cross-check the engine in tests. Semantics follow the engine exactly: a missing field satisfies
+no comparison (not even ``ne``) and only ``exists: false``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# The fact kinds the core asserts and the fields each carries. "codes" fields hold coded
+# concepts and can only be tested for value-set membership; rules never name raw codes.
+FACT_FIELDS: dict[str, dict[str, str]] = {
+    "patient": {"age_years": "number", "sex": "string"},
+    "condition": {"code": "codes"},
+    "medication": {"code": "codes"},
+    "observation": {"concept": "string", "value": "number", "age_days": "number", "value_code": "codes"},
+    "allergy": {"code": "codes", "severity": "string", "criticality": "string"},
+    "prior_injection": {
+        "code": "codes",
+        "agents": "codes",
+        "days_ago": "number",
+        "target": "string",
+        "same_target": "bool",
+        "same_side": "bool",
+    },
+    "planned_surgery": {"code": "codes", "days_until": "number", "ipsilateral": "bool"},
+    "order": {
+        "target": "string",
+        "side": "string",
+        "intent": "string",
+        "intra_articular": "bool",
+        "requested_modality": "string",
+        "code": "codes",
+        "reason": "codes",
+    },
+    "injectate": {"category": "string", "code": "codes"},
+    "flag": {"name": "string"},
+    "data_issue": {"kind": "string", "concept": "string", "detail": "string"},
+    "summary": {},  # one field per aggregate the rule set declares
+}
+
+OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "exists")
+ORDERING_OPERATORS = ("gt", "gte", "lt", "lte")
+_DURABLE_OP = {"ne": "$neq", "gt": "$gt", "gte": "$gte", "lt": "$lt", "lte": "$lte"}
+
+
+class RuleSetError(ValueError):
+    """A rule set that cannot be loaded. ``where`` names the file and key path."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRef:
+    name: str
+
+    def __str__(self) -> str:
+        return f"${self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldTest:
+    field: str
+    op: str  # one of OPERATORS
+    operand: Any  # literal, ParamRef, a value-set id (codes + in), a tuple (string + in), bool (exists)
+
+    def describe(self) -> str:
+        symbol = {"eq": "=", "ne": "≠", "gt": ">", "gte": "≥", "lt": "<", "lte": "≤"}.get(self.op, self.op)
+        if self.op == "in" and isinstance(self.operand, tuple):
+            return f"{self.field} in [{', '.join(map(str, self.operand))}]"
+        return f"{self.field} {symbol} {self.operand}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    alias: str
+    kind: str
+    tests: tuple[FieldTest, ...]
+    negated: bool = False
+
+
+def tag(field: str, value_set: str) -> str:
+    """The tag a prepared fact carries when its ``field`` has a code in ``value_set``."""
+    return f"{field}@{value_set}"
+
+
+def parse_operand(raw: Any) -> Any:
+    if isinstance(raw, str) and raw.startswith("$"):
+        return ParamRef(raw[1:])
+    return raw
+
+
+def parse_pattern(alias: str, raw: Any, where: str, summary_fields: set[str]) -> Pattern:
+    """Parse ``{kind: {field: test, ...}}`` or ``{not: {kind: {...}}}``."""
+    negated = False
+    if isinstance(raw, dict) and set(raw) == {"not"}:
+        negated, raw, where = True, raw["not"], f"{where}.not"
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise RuleSetError(where, "a pattern is one fact kind mapped to its field tests, e.g. {observation: {concept: inr}}")
+    ((kind, body),) = raw.items()
+    if kind not in FACT_FIELDS:
+        raise RuleSetError(where, f"unknown fact kind {kind!r}; known: {', '.join(FACT_FIELDS)}")
+    fields = dict(FACT_FIELDS[kind])
+    if kind == "summary":
+        fields = {name: "number" for name in summary_fields}
+    body = body or {}
+    if not isinstance(body, dict):
+        raise RuleSetError(f"{where}.{kind}", "field tests must be a mapping of field to test")
+    tests: list[FieldTest] = []
+    for field, spec in body.items():
+        path = f"{where}.{kind}.{field}"
+        if field not in fields:
+            raise RuleSetError(path, f"{kind} has no field {field!r}; fields: {', '.join(sorted(fields)) or '(none)'}")
+        tests.extend(_parse_field_tests(field, fields[field], spec, path))
+    return Pattern(alias=alias, kind=kind, tests=tuple(tests), negated=negated)
+
+
+def _parse_field_tests(field: str, ftype: str, spec: Any, path: str) -> list[FieldTest]:
+    if not isinstance(spec, dict):
+        spec = {"eq": spec}
+    tests = []
+    for op, raw in spec.items():
+        if op not in OPERATORS:
+            raise RuleSetError(path, f"unknown operator {op!r}; use one of {', '.join(OPERATORS)}")
+        operand = parse_operand(raw)
+        if op == "exists":
+            if not isinstance(raw, bool):
+                raise RuleSetError(path, "exists takes true or false")
+        elif ftype == "codes":
+            if op != "in" or not isinstance(raw, str):
+                raise RuleSetError(path, "coded fields are tested by value-set membership only: {in: value-set-id}")
+        elif op == "in":
+            if not isinstance(raw, list) or not raw:
+                raise RuleSetError(path, "in takes a non-empty list of values")
+            operand = tuple(raw)
+        elif op in ORDERING_OPERATORS and ftype != "number":
+            raise RuleSetError(path, f"{op} compares numbers, but {field} is a {ftype}")
+        elif ftype == "number" and not isinstance(operand, (int, float, ParamRef)) or isinstance(operand, bool) and ftype == "number":
+            raise RuleSetError(path, f"{field} is a number; got {raw!r}")
+        elif ftype == "bool" and not isinstance(operand, (bool, ParamRef)):
+            raise RuleSetError(path, f"{field} is true or false; got {raw!r}")
+        tests.append(FieldTest(field=field, op=op, operand=operand))
+    return tests
+
+
+# --- the reference interpreter -------------------------------------------------------------
+
+
+def resolve_operand(operand: Any, params: dict[str, Any]) -> Any:
+    return params[operand.name] if isinstance(operand, ParamRef) else operand
+
+
+def test_holds(test: FieldTest, fact: dict, params: dict[str, Any]) -> bool:
+    """Does ``fact`` satisfy ``test``? Mirrors the engine's semantics exactly."""
+    if test.op == "exists":
+        return (test.field in fact and fact[test.field] is not None) == test.operand
+    if test.op == "in" and not isinstance(test.operand, tuple):
+        return tag(test.field, test.operand) in fact.get("_tags", ())
+    if test.field not in fact or fact[test.field] is None:
+        return False
+    value = fact[test.field]
+    if test.op == "in":
+        return value in test.operand
+    operand = resolve_operand(test.operand, params)
+    if test.op == "eq":
+        return value == operand
+    if test.op == "ne":
+        return value != operand
+    if test.op == "gt":
+        return value > operand
+    if test.op == "gte":
+        return value >= operand
+    if test.op == "lt":
+        return value < operand
+    return value <= operand  # lte
+
+
+def pattern_matches(pattern: Pattern, fact: dict, params: dict[str, Any]) -> bool:
+    """Positive match of one fact against a pattern (ignores ``negated``)."""
+    return fact["t"] == pattern.kind and all(test_holds(t, fact, params) for t in pattern.tests)
+
+
+def alternative_matches(patterns: tuple[Pattern, ...], facts: list[dict], params: dict[str, Any]) -> dict[str, list[dict]] | None:
+    """All facts matching each positive alias, or None if the alternative does not hold."""
+    matched: dict[str, list[dict]] = {}
+    for pattern in patterns:
+        hits = [f for f in facts if pattern_matches(pattern, f, params)]
+        if pattern.negated:
+            if hits:
+                return None
+        elif not hits:
+            return None
+        else:
+            matched[pattern.alias] = hits
+    return matched
+
+
+# --- compilation of one pattern into durable-rules JSON --------------------------------------
+
+
+def durable_test(test: FieldTest, params: dict[str, Any]) -> dict:
+    if test.op == "exists":
+        return {"$ex" if test.operand else "$nex": {test.field: 1}}
+    if test.op == "in" and not isinstance(test.operand, tuple):
+        return {"$iany": {"_tags": {"$i": tag(test.field, test.operand)}}}
+    if test.op == "in":
+        return {"$or": [{test.field: v} for v in test.operand]}
+    operand = resolve_operand(test.operand, params)
+    if test.op == "eq":
+        return {test.field: operand}
+    return {_DURABLE_OP[test.op]: {test.field: operand}}
+
+
+def durable_pattern(pattern: Pattern, params: dict[str, Any]) -> dict:
+    conditions = [{"t": pattern.kind}] + [durable_test(t, params) for t in pattern.tests]
+    key = f"{pattern.alias}$not" if pattern.negated else pattern.alias
+    return {key: {"$and": conditions}}

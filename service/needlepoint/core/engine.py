@@ -1,0 +1,154 @@
+"""The durable-rules engine, behind one small interface. No other module imports it.
+
+We use the raw C binding (``durable_rules_engine``), never ``durable.lang``/``engine.Host``,
+whose timer threads run other sessions' actions and crash under a thread pool. Each
+evaluation follows one fixed protocol, which is what keeps patients apart and the process up:
+
+1. take a session id (sid) from a :class:`SidPool` whose ids have pairwise-distinct 32-bit
+   FNV-1a hashes (the engine keys sessions by that hash alone, so colliding sids would share
+   one patient's facts with another's);
+2. check every fact's shape (flat property count; no ``id`` field, which the engine treats as
+   identity), then assert all facts in one batch: facts, not events, so every rule that matches
+   fires, not only the first;
+3. drain every pending action of *this* session (``start_action_for_state`` /
+   ``complete_and_start_action``); each action's payload names the rule and its matched facts;
+4. delete the session. A sentinel rule on the session state guarantees that at least one
+   action ran, because ``delete_state`` on a session that never started an action frees an
+   uninitialised pointer. A session that could not be drained is never reused: its sid is
+   retired and replaced.
+
+The C code never releases the GIL, so each C call is atomic with respect to other Python
+threads; concurrent evaluations are safe because each holds its own sid. Threads give no
+parallel speed-up: scale with processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Iterable
+
+import durable_rules_engine as _dre
+import orjson
+
+SENTINEL_RULE = "__session"
+MAX_FACT_PROPERTIES = 240  # the engine silently truncates a batch past 254 flattened properties
+DEFAULT_POOL_SIZE = 64  # well under the engine's 1,024 live sessions per rule set
+
+_names = itertools.count()
+
+
+class EngineError(RuntimeError):
+    """The engine failed on input the core had already validated: a defect, not bad input."""
+
+
+def fnv1a_32(text: str) -> int:
+    """The engine's session hash (FNV-1a, 32 bit, over the UTF-8 bytes of the sid)."""
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+class SidPool:
+    """A bounded pool of session ids whose FNV-1a hashes are pairwise distinct."""
+
+    def __init__(self, size: int = DEFAULT_POOL_SIZE, prefix: str = "np", candidates: Iterable[str] | None = None):
+        self._candidates = iter(candidates) if candidates is not None else (f"{prefix}-{i}" for i in itertools.count())
+        self._hashes: set[int] = set()
+        self._free: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.size = size
+        for _ in range(size):
+            self._free.put(self._fresh())
+
+    def _fresh(self) -> str:
+        with self._lock:
+            for sid in self._candidates:
+                h = fnv1a_32(sid)
+                if h not in self._hashes:
+                    self._hashes.add(h)
+                    return sid
+        raise EngineError("session id candidates exhausted")
+
+    def acquire(self, timeout: float | None = 30.0) -> str:
+        try:
+            return self._free.get(timeout=timeout)
+        except queue.Empty:
+            raise EngineError(f"no free engine session within {timeout}s (pool of {self.size})") from None
+
+    def release(self, sid: str) -> None:
+        self._free.put(sid)
+
+    def retire(self, sid: str) -> None:
+        """Never hand ``sid`` out again (its session may hold facts); replace it."""
+        self._free.put(self._fresh())
+
+
+def count_properties(fact: dict) -> int:
+    """Flattened property count as the engine sees it (nested objects count their leaves)."""
+    return sum(count_properties(v) if isinstance(v, dict) else 1 for v in fact.values())
+
+
+def sentinel_rule() -> dict:
+    return {SENTINEL_RULE: {"all": [{"m": {"$s": 1}}]}}
+
+
+class CompiledRules:
+    """One durable-rules rule set, loaded once. ``run`` is safe to call from many threads."""
+
+    def __init__(self, definition: dict, *, name: str = "needlepoint", pool_size: int = DEFAULT_POOL_SIZE):
+        self.name = f"{name}#{next(_names)}"
+        body = dict(definition)
+        body.update(sentinel_rule())
+        try:
+            self._handle = _dre.create_ruleset(self.name, orjson.dumps(body).decode())
+        except Exception as exc:  # the engine reports malformed rules as bare codes
+            raise EngineError(f"the engine rejected the compiled rule set: {exc}") from exc
+        self.pool = SidPool(pool_size, prefix=f"np{self.name.rsplit('#', 1)[1]}")
+        self._closed = False
+
+    def run(self, facts: list[dict]) -> list[tuple[str, dict[str, dict]]]:
+        """Assert ``facts`` in a fresh session; return every (rule name, {alias: fact}) that fired."""
+        for i, fact in enumerate(facts):
+            if "id" in fact or "sid" in fact:
+                raise EngineError(f"fact {i} carries a reserved field (id/sid)")
+            n = count_properties(fact)
+            if n > MAX_FACT_PROPERTIES:
+                raise EngineError(f"fact {i} has {n} properties; the engine's limit is {MAX_FACT_PROPERTIES}")
+        if self._closed:
+            raise EngineError("rule set is closed")
+        sid = self.pool.acquire()
+        payload = orjson.dumps([{**fact, "sid": sid} for fact in facts]).decode()
+        firings: list[tuple[str, dict[str, dict]]] = []
+        drained = False
+        try:
+            _rc, offset = _dre.assert_facts(self._handle, payload)
+            result = _dre.start_action_for_state(self._handle, offset)
+            actions = result[1] if result else None
+            while actions:
+                for rule_name, matched in orjson.loads(actions).items():
+                    if rule_name != SENTINEL_RULE:
+                        firings.append((rule_name, matched))
+                actions = _dre.complete_and_start_action(self._handle, offset)
+            drained = True
+        except Exception as exc:
+            raise EngineError(f"engine failure during evaluation: {exc}") from exc
+        finally:
+            if drained:
+                try:
+                    _dre.delete_state(self._handle, sid)
+                except Exception:
+                    drained = False
+            if drained:
+                self.pool.release(sid)
+            else:
+                self.pool.retire(sid)
+        return firings
+
+    def close(self) -> None:
+        """Delete the engine rule set. Call only when no evaluation is in flight on it."""
+        if not self._closed:
+            self._closed = True
+            _dre.delete_ruleset(self._handle)

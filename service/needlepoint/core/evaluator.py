@@ -1,0 +1,61 @@
+"""Facts in, decision out: the one entry point of the core.
+
+An :class:`Evaluator` owns one rule set, compiled into the engine once. ``evaluate`` is
+deterministic for the same record, rule set digest and instant, and safe to call from many
+threads at once (each call holds its own engine session).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from .compiler import compile_ruleset, rule_id_of
+from .engine import CompiledRules
+from .prepare import Preparer
+from .record import PatientRecord, RecordError
+from .resolve import Firing, resolve
+from .ruleset import RuleSet
+
+
+def format_instant(instant: dt.datetime) -> str:
+    """RFC 3339 in UTC with a Z, as the protobuf JSON mapping renders a Timestamp."""
+    instant = instant.astimezone(dt.timezone.utc)
+    text = instant.strftime("%Y-%m-%dT%H:%M:%S")
+    if instant.microsecond:
+        text += f".{instant.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+class Evaluator:
+    def __init__(self, ruleset: RuleSet, *, pool_size: int = 64):
+        self.ruleset = ruleset
+        self.preparer = Preparer(ruleset)
+        self.engine = CompiledRules(compile_ruleset(ruleset), name=f"{ruleset.id}@{ruleset.version}", pool_size=pool_size)
+        self._rules = {r.id: r for r in ruleset.rules}
+
+    def firings(self, record: PatientRecord, as_of: dt.datetime):
+        """The prepared facts and every rule that fired, before conflict resolution."""
+        prepared = self.preparer.prepare(record, as_of)
+        by_rule: dict[str, Firing] = {}
+        for engine_name, matched in self.engine.run(prepared.facts):
+            rule_id, alternative = rule_id_of(engine_name)
+            firing = by_rule.setdefault(rule_id, Firing(self._rules[rule_id], {}))
+            aliases = firing.matched.setdefault(alternative, {})
+            for alias, fact in matched.items():
+                ids = aliases.setdefault(alias, [])
+                if fact["_fid"] not in ids:
+                    ids.append(fact["_fid"])
+        for firing in by_rule.values():
+            for aliases in firing.matched.values():
+                for ids in aliases.values():
+                    ids.sort()
+        return prepared, list(by_rule.values())
+
+    def evaluate(self, record: PatientRecord, as_of: dt.datetime) -> dict:
+        if as_of.tzinfo is None:
+            raise RecordError("asOf", "the evaluation instant needs a time zone (use UTC)")
+        prepared, firings = self.firings(record, as_of)
+        return resolve(firings, prepared, self.ruleset, format_instant(as_of))
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,188 @@
+"""The patient record as the core sees it: coded, timestamped facts, nothing else.
+
+Every road in (a FHIR Bundle, the typed protobuf context, a rule-set test case) ends in a
+:class:`PatientRecord`. The core never sees FHIR, protobuf or files. Values keep the unit they
+arrived with; unit normalisation and everything that depends on the evaluation instant
+(ages, intervals) happens later, in :mod:`needlepoint.core.prepare`, so that one record can be
+evaluated at any ``as_of``.
+
+``source`` on each item is a human-readable locator of where the item came from (for FHIR:
+``Bundle.entry[12].resource``); it is carried into explanations and error messages so that a
+reader can find the original data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+# Short names of the code systems the rule sets speak. Adapters translate URIs into these.
+SYSTEM_URIS: dict[str, str] = {
+    "http://hl7.org/fhir/sid/icd-10-cm": "icd10cm",
+    "http://hl7.org/fhir/sid/icd-10": "icd10cm",
+    "http://snomed.info/sct": "snomed",
+    "http://www.nlm.nih.gov/research/umls/rxnorm": "rxnorm",
+    "http://www.whocc.no/atc": "atc",
+    "http://loinc.org": "loinc",
+    "http://www.ama-assn.org/go/cpt": "cpt",
+    "http://unitsofmeasure.org": "ucum",
+    "http://needlepoint.dev/fhir/CodeSystem/injection-target": "np-target",
+    "http://needlepoint.dev/fhir/CodeSystem/injection-intent": "np-intent",
+    "http://needlepoint.dev/fhir/CodeSystem/injectate-category": "np-injectate",
+    "http://needlepoint.dev/fhir/CodeSystem/clinical-flag": "np-flag",
+    "http://needlepoint.dev/fhir/CodeSystem/observation": "np-obs",
+}
+KNOWN_SYSTEMS = frozenset(SYSTEM_URIS.values())
+
+TARGETS = ("hip-intra-articular", "greater-trochanteric-bursa", "iliopsoas-bursa", "gluteal-tendon")
+INTENTS = ("diagnostic", "therapeutic", "diagnostic-and-therapeutic", "arthrography")
+SIDES = ("left", "right", "both")
+SEXES = ("female", "male", "other", "unknown")
+INJECTATE_CATEGORIES = (
+    "local-anesthetic",
+    "corticosteroid",
+    "hyaluronic-acid",
+    "platelet-rich-plasma",
+    "iodinated-contrast",
+    "gadolinium-contrast",
+)
+# Clinician-asserted flags that no other resource carries (contract extension).
+FLAGS = (
+    "suspected-septic-joint",  # the clinician suspects a septic joint
+    "ultrasound-failed",  # a previous ultrasound-guided attempt at this target failed
+    "hot-painful-joint",  # acute hot, painful hip on examination
+    "non-weight-bearing",  # Kocher criterion: refuses to bear weight
+)
+
+
+class RecordError(ValueError):
+    """Input that cannot be evaluated. ``path`` names the offending field."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    system: str  # a short name from SYSTEM_URIS, or the raw URI when unknown
+    code: str
+    display: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.system}#{self.code}"
+
+
+@dataclass(slots=True)
+class Condition:
+    codes: list[Code]
+    source: str = ""
+
+
+@dataclass(slots=True)
+class Medication:
+    """An active medication (MedicationRequest/MedicationStatement with status active)."""
+
+    codes: list[Code]
+    source: str = ""
+
+
+@dataclass(slots=True)
+class Observation:
+    """A lab or vital sign. ``value`` is numeric with ``unit`` as received (UCUM where possible),
+    or ``value_code`` for coded results (e.g. pregnancy status)."""
+
+    codes: list[Code]
+    effective: dt.datetime | None
+    value: float | None = None
+    unit: str | None = None
+    value_code: Code | None = None
+    source: str = ""
+
+
+@dataclass(slots=True)
+class Allergy:
+    codes: list[Code]
+    severity: str | None = None  # mild | moderate | severe (the worst reaction), or None if unknown
+    criticality: str | None = None  # low | high | unable-to-assess
+    source: str = ""
+
+
+@dataclass(slots=True)
+class PriorInjection:
+    """A completed injection procedure, with the agents injected."""
+
+    codes: list[Code]
+    performed: dt.datetime | None
+    target: str | None = None  # one of TARGETS when known
+    side: str | None = None  # one of SIDES when known
+    agents: list[Code] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass(slots=True)
+class PlannedSurgery:
+    codes: list[Code]
+    date: dt.datetime | None
+    side: str | None = None
+    source: str = ""
+
+
+@dataclass(slots=True)
+class InjectionOrder:
+    """The injection being ordered."""
+
+    target: str | None
+    side: str | None
+    intent: str | None
+    codes: list[Code] = field(default_factory=list)  # CPT procedure codes if the clinician chose
+    reasons: list[Code] = field(default_factory=list)  # indication codes
+    source: str = ""
+
+
+@dataclass(slots=True)
+class PlannedInjectate:
+    """A planned agent: a drug code, or an injectate category code (np-injectate)."""
+
+    codes: list[Code]
+    source: str = ""
+
+
+@dataclass(slots=True)
+class DataIssue:
+    """A value the adapter had to set aside (unparseable date, unknown unit...). Never dropped
+    silently: it reaches the decision's missingData through the rule set's data rules."""
+
+    kind: str  # e.g. "unit-unknown", "unparseable-date", "value-missing"
+    concept: str  # what the value was meant to be, e.g. "loinc#6301-6"
+    detail: str
+    source: str = ""
+
+
+@dataclass(slots=True)
+class PatientRecord:
+    birth_date: dt.date | None = None
+    sex: str | None = None
+    conditions: list[Condition] = field(default_factory=list)
+    medications: list[Medication] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+    allergies: list[Allergy] = field(default_factory=list)
+    prior_injections: list[PriorInjection] = field(default_factory=list)
+    planned_surgeries: list[PlannedSurgery] = field(default_factory=list)
+    order: InjectionOrder | None = None
+    planned_injectates: list[PlannedInjectate] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    data_issues: list[DataIssue] = field(default_factory=list)
+
+    def with_order(self, order: InjectionOrder) -> "PatientRecord":
+        """A copy whose injection order is replaced (the CLI's --target/--side/--intent)."""
+        from dataclasses import replace
+
+        return replace(self, order=order)
+
+
+def system_short_name(uri: str | None) -> str:
+    if not uri:
+        return ""
+    return SYSTEM_URIS.get(uri, uri)

@@ -1,0 +1,865 @@
+"""FHIR R4 Bundle -> :class:`~needlepoint.core.record.PatientRecord` (contract.md section 1).
+
+The mapper walks plain JSON dicts: no FHIR model library, and resource types the core does not
+need (Claim, Encounter, ExplanationOfBenefit...) are skipped on their ``resourceType`` alone.
+
+Two kinds of trouble are told apart:
+
+* input that makes the whole request meaningless or is structurally wrong (not JSON, not a
+  Bundle, no Patient, an ambiguous injection order, an unknown code in one of Needlepoint's own
+  code systems, an impossible number) raises :class:`RecordError` naming the offending field;
+* a single value that cannot be trusted (unparseable or imprecise date, a quantity without
+  value or unit, an unresolvable reference, a resource with text but no coding) is set aside
+  and reported as a :class:`DataIssue`, never read as normal.
+
+Every item carries ``source``, a locator such as ``Bundle.entry[12].resource (Condition/abc)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import orjson
+
+from needlepoint.core.record import (
+    FLAGS,
+    INJECTATE_CATEGORIES,
+    INTENTS,
+    SEXES,
+    TARGETS,
+    Allergy,
+    Code,
+    Condition,
+    DataIssue,
+    InjectionOrder,
+    Medication,
+    Observation,
+    PatientRecord,
+    PlannedInjectate,
+    PlannedSurgery,
+    PriorInjection,
+    RecordError,
+    system_short_name,
+)
+
+__all__ = ["record_from_bundle", "record_from_cds_hooks_request"]
+
+JSON = dict[str, Any]
+
+_UCUM_URI = "http://unitsofmeasure.org"
+_BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction"})
+
+# Needlepoint's own code systems: a code outside these vocabularies is an error, not a data gap.
+_OWN_VOCABULARIES: dict[str, frozenset[str]] = {
+    "np-target": frozenset(TARGETS),
+    "np-intent": frozenset(INTENTS),
+    "np-injectate": frozenset(INJECTATE_CATEGORIES),
+    "np-flag": frozenset(FLAGS),
+}
+
+_INJECTION_CPT = frozenset({"20610", "20611", "27093", "27095"})
+_HIP_JOINT_SNOMED = "24136001"  # Hip joint structure
+_HIP_JOINT_TARGET = "hip-intra-articular"
+_LATERALITY_SNOMED = {"7771000": "left", "24028007": "right", "51440002": "both"}
+
+_INACTIVE_CLINICAL = frozenset({"inactive", "remission", "resolved"})
+_EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
+_SEVERITY_RANK = {"mild": 1, "moderate": 2, "severe": 3}
+_CRITICALITIES = frozenset({"low", "high", "unable-to-assess"})
+_SEXES = frozenset(SEXES)
+
+# Quantities that may legitimately be negative; any other negative value is impossible.
+_SIGNED_UNITS = frozenset({"Cel", "[degF]"})
+_SIGNED_LOINC = frozenset({"38265-5", "11555-0", "1925-7"})  # DXA T-score, base excess (blood, arterial)
+
+# Where each resource keeps its clinically relevant instant, in order of preference.
+_OBSERVATION_TIMES = (
+    ("effectiveDateTime", None),
+    ("effectivePeriod", "start"),
+    ("effectiveInstant", None),
+    ("issued", None),
+)
+_PROCEDURE_TIMES = (("performedDateTime", None), ("performedPeriod", "start"))
+_OCCURRENCE_TIMES = (("occurrenceDateTime", None), ("occurrencePeriod", "start"))
+
+_DATE_TIME = re.compile(
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?"
+)
+_DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+# --- small typed JSON helpers -------------------------------------------------------------------
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise RecordError(path, message)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a Python value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _get_list(obj: JSON, key: str, path: str) -> list[Any]:
+    """``obj[key]`` as a list; absent or null is an empty list."""
+    value = obj.get(key)
+    if value is None:
+        return []
+    if type(value) is not list:
+        _fail(f"{path}.{key}", f"expected an array, found {_json_type(value)}")
+    return value
+
+
+def _get_obj(obj: JSON, key: str, path: str) -> JSON | None:
+    """``obj[key]`` as an object, or None when absent."""
+    value = obj.get(key)
+    if value is None or type(value) is dict:
+        return value
+    _fail(f"{path}.{key}", f"expected an object, found {_json_type(value)}")
+
+
+def _get_str(obj: JSON, key: str, path: str) -> str | None:
+    """``obj[key]`` as a string, or None when absent."""
+    value = obj.get(key)
+    if value is None or type(value) is str:
+        return value
+    _fail(f"{path}.{key}", f"expected a string, found {_json_type(value)}")
+
+
+# --- codes --------------------------------------------------------------------------------------
+
+
+def _codes(concept: Any, path: str) -> list[Code]:
+    """Every usable coding of a CodeableConcept (``path`` names it), with short system names.
+
+    Codings without system or code cannot be matched and are left out; a code outside the
+    vocabulary of one of Needlepoint's own code systems raises.
+    """
+    if concept is None:
+        return []
+    if type(concept) is not dict:
+        _fail(path, f"expected a CodeableConcept object, found {_json_type(concept)}")
+    codes: list[Code] = []
+    for k, coding in enumerate(_get_list(concept, "coding", path)):
+        if type(coding) is not dict:
+            _fail(f"{path}.coding[{k}]", f"expected a Coding object, found {_json_type(coding)}")
+        code = _code(coding, f"{path}.coding[{k}]")
+        if code is not None:
+            codes.append(code)
+    return codes
+
+
+def _code(coding: JSON, path: str) -> Code | None:
+    """One Coding (at ``path``) as a :class:`Code`; None without system or code, which cannot be matched."""
+    system, code = _get_str(coding, "system", path), _get_str(coding, "code", path)
+    if not system or not code:
+        return None
+    short = system_short_name(system)
+    vocabulary = _OWN_VOCABULARIES.get(short)
+    if vocabulary is not None and code not in vocabulary:
+        _fail(f"{path}.code", f"unknown code {code!r} in {system}; expected one of {', '.join(sorted(vocabulary))}")
+    display = coding.get("display")
+    return Code(short, code, display if type(display) is str else None)
+
+
+def _list_codes(obj: JSON, key: str, path: str) -> list[Code]:
+    """The codings of every CodeableConcept in the list ``obj[key]``, flattened."""
+    codes: list[Code] = []
+    for j, concept in enumerate(_get_list(obj, key, path)):
+        codes.extend(_codes(concept, f"{path}.{key}[{j}]"))
+    return codes
+
+
+def _status_code(obj: JSON, key: str, path: str) -> str | None:
+    """The first code of a status CodeableConcept (clinicalStatus, verificationStatus).
+
+    The binding fixes the code system, so a coding without ``system`` still counts here.
+    """
+    concept = _get_obj(obj, key, path)
+    for k, coding in enumerate(_get_list(concept, "coding", f"{path}.{key}") if concept else ()):
+        code = coding.get("code") if type(coding) is dict else None
+        if code:
+            return _get_str(coding, "code", f"{path}.{key}.coding[{k}]")
+    return None
+
+
+def _concept_name(codes: Sequence[Code]) -> str:
+    """What a DataIssue is about: the LOINC coding if there is one, else the first."""
+    for code in codes:
+        if code.system == "loinc":
+            return str(code)
+    return str(codes[0])
+
+
+def _distinct(codes: Iterable[Code]) -> list[Code]:
+    """Codes without repeats of the same system#code (the first, with its display, wins)."""
+    seen: dict[tuple[str, str], Code] = {}
+    for code in codes:
+        seen.setdefault((code.system, code.code), code)
+    return list(seen.values())
+
+
+def _may_be_negative(unit: str, codes: Sequence[Code]) -> bool:
+    """Whether a negative value is physically possible: temperatures, scores, base excess."""
+    return unit in _SIGNED_UNITS or "score" in unit.lower() or _has_code(codes, "loinc", _SIGNED_LOINC)
+
+
+def _has_code(codes: Iterable[Code], system: str, values: frozenset[str] | set[str]) -> bool:
+    return any(code.system == system and code.code in values for code in codes)
+
+
+# --- dates --------------------------------------------------------------------------------------
+
+
+class _DateProblem(Exception):
+    """A date the mapper has to set aside; ``kind`` is the DataIssue kind."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(designator: str | None) -> dt.tzinfo:
+    """``Z`` / ``+hh:mm`` as a tzinfo; a missing zone is read as UTC."""
+    if designator is None or designator == "Z":
+        return dt.timezone.utc
+    sign = -1 if designator[0] == "-" else 1
+    offset = dt.timedelta(hours=int(designator[1:3]), minutes=int(designator[4:6]))
+    return dt.timezone(sign * offset)
+
+
+def _parse_datetime(text: Any) -> dt.datetime:
+    """A FHIR dateTime/instant, precise at least to the day, as an aware datetime.
+
+    A date alone means midnight UTC; a time without zone is read as UTC.
+    """
+    match = _DATE_TIME.fullmatch(text) if type(text) is str else None
+    if match is None:
+        raise _DateProblem("unparseable-date", "is not a FHIR date-time")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    if day is None:
+        raise _DateProblem("imprecise-date", "is not precise to the day")
+    try:
+        micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
+        return dt.datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0), micro, _zone(zone)
+        )
+    except ValueError:
+        raise _DateProblem("unparseable-date", "is not a valid calendar date-time") from None
+
+
+def _parse_date(text: Any) -> dt.date:
+    """A FHIR date, complete to the day."""
+    match = _DATE.fullmatch(text) if type(text) is str else None
+    if match is None:
+        raise _DateProblem("unparseable-date", "is not a FHIR date")
+    year, month, day = match.groups()
+    if day is None:
+        raise _DateProblem("imprecise-date", "is not precise to the day")
+    try:
+        return dt.date(int(year), int(month), int(day))
+    except ValueError:
+        raise _DateProblem("unparseable-date", "is not a valid calendar date") from None
+
+
+# --- bundle entries and references --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One resource with the path it was found at."""
+
+    path: str  # e.g. "Bundle.entry[3].resource"
+    resource: JSON
+    type: str
+    full_url: str | None = None
+
+    @property
+    def source(self) -> str:
+        rid = self.resource.get("id")
+        return f"{self.path} ({self.type}/{rid})" if type(rid) is str else self.path
+
+    @property
+    def key(self) -> str | None:
+        rid = self.resource.get("id")
+        return f"{self.type}/{rid}" if type(rid) is str and rid else None
+
+
+def _resource_entry(resource: Any, path: str, full_url: str | None = None) -> _Entry:
+    """Check that ``resource`` looks like a FHIR resource and wrap it."""
+    if type(resource) is not dict:
+        _fail(path, f"expected a resource object, found {_json_type(resource)}")
+    rtype = resource.get("resourceType")
+    if type(rtype) is not str or not rtype:
+        _fail(f"{path}.resourceType", "a resource needs a resourceType")
+    return _Entry(path, resource, rtype, full_url)
+
+
+def _bundle_entries(bundle: Any, path: str) -> list[_Entry]:
+    """The resources of a Bundle of type collection, searchset or transaction (type may be absent)."""
+    if type(bundle) is not dict:
+        _fail(path, f"expected a Bundle object, found {_json_type(bundle)}")
+    if bundle.get("resourceType") != "Bundle":
+        _fail(f"{path}.resourceType", f"expected 'Bundle', found {bundle.get('resourceType')!r}")
+    btype = _get_str(bundle, "type", path)
+    if btype is not None and btype not in _BUNDLE_TYPES:
+        _fail(f"{path}.type", f"a {btype!r} Bundle is not accepted; use collection, searchset or transaction")
+    entries: list[_Entry] = []
+    for i, entry in enumerate(_get_list(bundle, "entry", path)):
+        where = f"{path}.entry[{i}]"
+        if type(entry) is not dict:
+            _fail(where, f"expected an entry object, found {_json_type(entry)}")
+        resource = entry.get("resource")
+        if resource is not None:  # e.g. a transaction DELETE carries no resource
+            entries.append(_resource_entry(resource, f"{where}.resource", _get_str(entry, "fullUrl", where)))
+    return entries
+
+
+class _Index:
+    """Resolves ``urn:uuid:``, ``Type/id``, absolute and ``#contained`` references (built lazily)."""
+
+    def __init__(self, entries: Sequence[_Entry]):
+        self._entries = entries
+        self._by_reference: dict[str, _Entry] | None = None
+
+    def _build(self) -> dict[str, _Entry]:
+        index: dict[str, _Entry] = {}
+        for entry in self._entries:
+            for key in (entry.full_url, entry.key):
+                if key:
+                    index.setdefault(key, entry)
+        return index
+
+    def resolve(self, reference: str, container: _Entry | None = None) -> _Entry | None:
+        """The entry ``reference`` points to, or None."""
+        if reference.startswith("#"):
+            return self._contained(reference[1:], container) if container is not None else None
+        if self._by_reference is None:
+            self._by_reference = self._build()
+        found = self._by_reference.get(reference)
+        if found is None and "/" in reference:
+            parts = reference.split("/_history/")[0].rstrip("/").split("/")
+            found = self._by_reference.get("/".join(parts[-2:])) if len(parts) >= 2 else None
+        return found
+
+    @staticmethod
+    def _contained(rid: str, container: _Entry) -> _Entry | None:
+        for k, resource in enumerate(_get_list(container.resource, "contained", container.path)):
+            if type(resource) is dict and resource.get("id") == rid:
+                return _resource_entry(resource, f"{container.path}.contained[{k}]")
+        return None
+
+
+def _reference(ref: Any, path: str) -> str | None:
+    """The ``reference`` string of a Reference object (None for a display-only reference)."""
+    if type(ref) is not dict:
+        _fail(path, f"expected a Reference object, found {_json_type(ref)}")
+    return _get_str(ref, "reference", path) or None
+
+
+# --- the mapping --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Site:
+    """What a list of bodySite concepts says."""
+
+    target: str | None = None
+    side: str | None = None
+    declared: bool = False  # the target came from the injection-target code system
+
+
+class _Mapper:
+    """One pass over the entries, one method per resource type."""
+
+    def __init__(self, entries: Sequence[_Entry], root: str):
+        self.entries = entries
+        self.root = root
+        self.index = _Index(entries)
+        self.record = PatientRecord()
+        self.patient: _Entry | None = None
+        self.service_requests: list[_Entry] = []
+
+    def run(self, order_refs: Sequence[tuple[str, str]]) -> PatientRecord:
+        for entry in self.entries:
+            handler = _HANDLERS.get(entry.type)
+            if handler is not None:
+                handler(self, entry)
+        if self.patient is None:
+            _fail(self.root, "no Patient resource; the record has no patient to evaluate")
+        order = self._select_order(order_refs)
+        for entry in self.service_requests:
+            if entry is not order and entry.resource.get("status") == "active":
+                self._planned_surgery(entry)
+        if order is not None:
+            self.record.order = self._order(order)
+        return self.record
+
+    # -- bookkeeping
+
+    def _issue(self, kind: str, concept: str, detail: str, source: str) -> None:
+        self.record.data_issues.append(DataIssue(kind=kind, concept=concept, detail=detail, source=source))
+
+    def _uncoded(self, entry: _Entry, what: str, key: str = "code") -> None:
+        """Report a resource whose ``key`` concept has no usable coding: text alone is never enough."""
+        concept = entry.resource.get(key)
+        text = concept.get("text") if type(concept) is dict else None
+        shown = f" ({text!r})" if type(text) is str else ""
+        self._issue("uncoded", entry.type, f"{what}{shown} has no usable coding and was set aside.", entry.source)
+
+    def _instant(
+        self, entry: _Entry, fields: Sequence[tuple[str, str | None]], concept: str
+    ) -> tuple[bool, dt.datetime | None]:
+        """The first present instant among ``fields``; (False, None) after reporting a bad one."""
+        resource = entry.resource
+        for key, sub in fields:
+            value = resource.get(key)
+            name = key
+            if value is not None and sub is not None:
+                period = _get_obj(resource, key, entry.path)
+                value, name = (period or {}).get(sub), f"{key}.{sub}"
+            if value is None:
+                continue
+            try:
+                return True, _parse_datetime(value)
+            except _DateProblem as problem:
+                detail = f"{name} {value!r} {problem.reason}; the value was set aside."
+                self._issue(problem.kind, concept, detail, entry.source)
+                return False, None
+        return True, None
+
+    # -- resources
+
+    def _patient(self, entry: _Entry) -> None:
+        if self.patient is not None:
+            if entry.key is not None and entry.key == self.patient.key:
+                return
+            _fail(entry.path, f"a second Patient besides {self.patient.source}; a Bundle describes one patient")
+        self.patient = entry
+        resource, path = entry.resource, entry.path
+        birth = resource.get("birthDate")
+        if birth is not None:
+            try:
+                self.record.birth_date = _parse_date(birth)
+            except _DateProblem as problem:
+                detail = f"birthDate {birth!r} {problem.reason}; age is unknown."
+                self._issue(problem.kind, "Patient.birthDate", detail, entry.source)
+        gender = _get_str(resource, "gender", path)
+        if gender in _SEXES:
+            self.record.sex = gender
+        elif gender is not None:
+            detail = f"gender {gender!r} is not a FHIR administrative gender; sex is unknown."
+            self._issue("unknown-code", "Patient.gender", detail, entry.source)
+
+    def _condition(self, entry: _Entry) -> None:
+        resource, path = entry.resource, entry.path
+        if _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL:
+            return
+        if _status_code(resource, "verificationStatus", path) in _EXCLUDED_VERIFICATION:
+            return
+        codes = _codes(resource.get("code"), f"{path}.code")
+        if not codes:
+            return self._uncoded(entry, "Condition")
+        self.record.conditions.append(Condition(codes=codes, source=entry.source))
+
+    def _medication_request(self, entry: _Entry) -> None:
+        status = _get_str(entry.resource, "status", entry.path)
+        if status not in ("active", "draft"):
+            return
+        codes = self._medication_codes(entry)
+        if not codes:
+            return
+        if status == "active":
+            self.record.medications.append(Medication(codes=codes, source=entry.source))
+        else:
+            self.record.planned_injectates.append(PlannedInjectate(codes=codes, source=entry.source))
+
+    def _medication_statement(self, entry: _Entry) -> None:
+        if _get_str(entry.resource, "status", entry.path) != "active":
+            return
+        codes = self._medication_codes(entry)
+        if codes:
+            self.record.medications.append(Medication(codes=codes, source=entry.source))
+
+    def _medication_codes(self, entry: _Entry) -> list[Code]:
+        """medicationCodeableConcept, or the code of the Medication that medicationReference names."""
+        resource, path = entry.resource, entry.path
+        if "medicationCodeableConcept" in resource:
+            codes = _codes(resource["medicationCodeableConcept"], f"{path}.medicationCodeableConcept")
+        elif "medicationReference" in resource:
+            reference = resource["medicationReference"]
+            medication = self._follow(entry, reference, f"{path}.medicationReference", "medication")
+            if medication is None:
+                return []
+            codes = _codes(medication.resource.get("code"), f"{medication.path}.code")
+        else:
+            codes = []
+        if not codes:
+            self._uncoded(entry, f"the medication of this {entry.type}", "medicationCodeableConcept")
+        return codes
+
+    def _follow(self, entry: _Entry, ref: Any, path: str, what: str) -> _Entry | None:
+        """Resolve a Reference found in ``entry``; report it when it points nowhere."""
+        reference = _reference(ref, path)
+        target = self.index.resolve(reference, entry) if reference else None
+        if target is None:
+            shown = repr(reference) if reference else "without a reference string"
+            detail = f"the {what} reference {shown} resolves to no resource in the request; it was set aside."
+            self._issue("unresolved-reference", entry.type, detail, entry.source)
+        return target
+
+    def _observation(self, entry: _Entry) -> None:
+        resource, path = entry.resource, entry.path
+        if _get_str(resource, "status", path) not in _OBSERVATION_STATUSES:
+            return
+        codes = _codes(resource.get("code"), f"{path}.code")
+        if not codes:
+            return self._uncoded(entry, "Observation")
+        concept = _concept_name(codes)
+        dated, effective = self._instant(entry, _OBSERVATION_TIMES, concept)
+        if not dated:
+            return
+        observations, source = self.record.observations, entry.source
+        if "valueQuantity" in resource:
+            quantity = self._quantity(entry, codes, concept)
+            if quantity is not None:
+                observations.append(Observation(codes, effective, value=quantity[0], unit=quantity[1], source=source))
+        elif "valueCodeableConcept" in resource:
+            values = _codes(resource["valueCodeableConcept"], f"{path}.valueCodeableConcept")
+            if values:
+                observations.append(Observation(codes, effective, value_code=values[0], source=source))
+            else:
+                self._issue("uncoded", concept, "the coded result has no usable coding; it was set aside.", source)
+        elif any(key.startswith("value") for key in resource):
+            kinds = ", ".join(key for key in resource if key.startswith("value"))
+            detail = f"the result is given as {kinds}; only valueQuantity and valueCodeableConcept are read."
+            self._issue("value-unsupported", concept, detail, source)
+        elif "component" not in resource and "hasMember" not in resource:  # panels carry no value
+            reason = _codes(resource.get("dataAbsentReason"), f"{path}.dataAbsentReason")
+            why = f" (dataAbsentReason {reason[0].code})" if reason else ""
+            self._issue("value-missing", concept, f"the Observation carries no value{why}.", entry.source)
+
+    def _quantity(self, entry: _Entry, codes: Sequence[Code], concept: str) -> tuple[float, str] | None:
+        """valueQuantity as (value, unit); None after reporting a value that cannot be used."""
+        path = f"{entry.path}.valueQuantity"
+        quantity = _get_obj(entry.resource, "valueQuantity", entry.path) or {}
+        value = quantity.get("value")
+        if value is None:
+            self._issue("value-missing", concept, "valueQuantity has no value; it was set aside.", entry.source)
+            return None
+        if type(value) is bool or not isinstance(value, (int, float)):
+            detail = f"valueQuantity.value {value!r} is not a number; it was set aside."
+            self._issue("value-unparseable", concept, detail, entry.source)
+            return None
+        number = float(value)
+        if not math.isfinite(number):
+            _fail(f"{path}.value", f"{value!r} is not a finite number")
+        comparator = _get_str(quantity, "comparator", path)
+        if comparator:
+            detail = f"the value is censored ({comparator}{value}), not exact; it was set aside."
+            self._issue("value-censored", concept, detail, entry.source)
+            return None
+        code, unit = _get_str(quantity, "code", path), _get_str(quantity, "unit", path)
+        chosen = code if code and quantity.get("system") == _UCUM_URI else unit
+        if not chosen:
+            detail = f"the value {value} has no unit, so no threshold can be applied; it was set aside."
+            self._issue("unit-missing", concept, detail, entry.source)
+            return None
+        if number < 0 and not _may_be_negative(chosen, codes):
+            _fail(f"{path}.value", f"{value} {chosen} is negative, which is physically impossible for {concept}")
+        return number, chosen
+
+    def _allergy(self, entry: _Entry) -> None:
+        resource, path = entry.resource, entry.path
+        if _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL:
+            return
+        if _status_code(resource, "verificationStatus", path) in _EXCLUDED_VERIFICATION:
+            return
+        codes = _codes(resource.get("code"), f"{path}.code")
+        if not codes:
+            return self._uncoded(entry, "AllergyIntolerance")
+        rank, severity = 0, None
+        for k, reaction in enumerate(_get_list(resource, "reaction", path)):
+            if type(reaction) is not dict:
+                _fail(f"{path}.reaction[{k}]", f"expected a reaction object, found {_json_type(reaction)}")
+            level = _get_str(reaction, "severity", f"{path}.reaction[{k}]")
+            if _SEVERITY_RANK.get(level, 0) > rank:
+                rank, severity = _SEVERITY_RANK[level], level
+        criticality = _get_str(resource, "criticality", path)
+        self.record.allergies.append(
+            Allergy(
+                codes=codes,
+                severity=severity,
+                criticality=criticality if criticality in _CRITICALITIES else None,
+                source=entry.source,
+            )
+        )
+
+    def _procedure(self, entry: _Entry) -> None:
+        """A completed injection: CPT 20610/20611/27093/27095, a site in the injection-target
+        system, or a SNOMED-coded procedure at the hip joint with injected agents."""
+        resource, path = entry.resource, entry.path
+        if _get_str(resource, "status", path) != "completed":
+            return
+        codes = _codes(resource.get("code"), f"{path}.code")
+        if not codes:
+            return self._uncoded(entry, "Procedure")
+        by_cpt = _has_code(codes, "cpt", _INJECTION_CPT)
+        if not by_cpt and not resource.get("bodySite"):
+            return
+        site = self._site(entry, order=False)
+        agents = self._agents(entry) if by_cpt or site.target else []
+        snomed_coded = any(code.system == "snomed" for code in codes)
+        if not (by_cpt or site.declared or (snomed_coded and site.target and agents)):
+            return
+        _, performed = self._instant(entry, _PROCEDURE_TIMES, str(codes[0]))
+        self.record.prior_injections.append(
+            PriorInjection(codes, performed, target=site.target, side=site.side, agents=agents, source=entry.source)
+        )
+
+    def _agents(self, entry: _Entry) -> list[Code]:
+        """What was injected: usedCode codings and the codes of Medication/Substance usedReferences."""
+        resource, path = entry.resource, entry.path
+        agents = _list_codes(resource, "usedCode", path)
+        for k, ref in enumerate(_get_list(resource, "usedReference", path)):
+            used = self._follow(entry, ref, f"{path}.usedReference[{k}]", "usedReference")
+            if used is not None and used.type in ("Medication", "Substance"):
+                agents.extend(_codes(used.resource.get("code"), f"{used.path}.code"))
+        return _distinct(agents)
+
+    def _site(self, entry: _Entry, *, order: bool) -> _Site:
+        """Target and laterality from bodySite (laterality as a coding or a bodySite extension).
+
+        For the injection order a bodySite without any coding is an error.
+        """
+        resource, path = entry.resource, entry.path
+        targets: set[str] = set()
+        sides: set[str] = set()
+        hip_joint = False
+        for j, concept in enumerate(_get_list(resource, "bodySite", path)):
+            where = f"{path}.bodySite[{j}]"
+            codes = _codes(concept, where)
+            if order and not codes:
+                _fail(where, "the injection target has no coding; text alone cannot be read")
+            for k, extension in enumerate(_get_list(concept, "extension", where) if concept else ()):
+                if type(extension) is dict:
+                    value = extension.get("valueCodeableConcept")
+                    codes += _codes(value, f"{where}.extension[{k}].valueCodeableConcept")
+                    coding = extension.get("valueCoding")
+                    if type(coding) is dict and (code := _code(coding, f"{where}.extension[{k}].valueCoding")):
+                        codes.append(code)
+            for code in codes:
+                if code.system == "np-target":
+                    targets.add(code.code)
+                elif code.system == "snomed":
+                    hip_joint = hip_joint or code.code == _HIP_JOINT_SNOMED
+                    if code.code in _LATERALITY_SNOMED:
+                        sides.add(_LATERALITY_SNOMED[code.code])
+        if len(targets) > 1:
+            _fail(f"{path}.bodySite", f"names several injection targets ({', '.join(sorted(targets))})")
+        site = _Site(declared=bool(targets))
+        site.target = targets.pop() if targets else (_HIP_JOINT_TARGET if hip_joint else None)
+        if len(sides) == 1:
+            site.side = sides.pop()
+        elif sides:
+            detail = f"bodySite gives conflicting laterality ({', '.join(sorted(sides))}); the side is unknown."
+            self._issue("conflicting-laterality", entry.type, detail, entry.source)
+        return site
+
+    def _service_request(self, entry: _Entry) -> None:
+        self.service_requests.append(entry)  # sorted into order / planned surgery once all are seen
+
+    def _planned_surgery(self, entry: _Entry) -> None:
+        codes = _codes(entry.resource.get("code"), f"{entry.path}.code")
+        if not codes:
+            return self._uncoded(entry, "ServiceRequest")
+        _, date = self._instant(entry, _OCCURRENCE_TIMES, str(codes[0]))
+        side = self._site(entry, order=False).side
+        self.record.planned_surgeries.append(PlannedSurgery(codes, date, side=side, source=entry.source))
+
+    def _operation_outcome(self, entry: _Entry) -> None:
+        """Errors a FHIR server or CDS client reported instead of data."""
+        for k, issue in enumerate(_get_list(entry.resource, "issue", entry.path)):
+            if type(issue) is dict and issue.get("severity") in ("fatal", "error"):
+                details = issue.get("details")
+                text = issue.get("diagnostics") or (details.get("text") if type(details) is dict else None)
+                detail = f"the source reported an error instead of data: {text or issue.get('code') or 'no details'}."
+                self._issue("source-error", "OperationOutcome", detail, f"{entry.path}.issue[{k}]")
+
+    # -- the injection order
+
+    def _select_order(self, refs: Sequence[tuple[str, str]]) -> _Entry | None:
+        """The ServiceRequest being ordered: the one named by ``refs``, else the one draft."""
+        if refs:
+            chosen: list[_Entry] = []
+            for path, reference in refs:
+                found = self.index.resolve(reference)
+                if found is None:
+                    _fail(path, f"{reference!r} names no resource in the request")
+                if found.type != "ServiceRequest":
+                    _fail(path, f"{reference!r} is a {found.type}, not a ServiceRequest")
+                if all(found is not other for other in chosen):
+                    chosen.append(found)
+        else:
+            chosen = [e for e in self.service_requests if e.resource.get("status") == "draft"]
+        if len(chosen) <= 1:
+            return chosen[0] if chosen else None
+        injections = [entry for entry in chosen if _is_injection_request(entry)]
+        if len(injections) > 1:
+            names = ", ".join(entry.source for entry in injections)
+            _fail(injections[1].path, f"several injection orders ({names}) and no order reference to choose one")
+        return injections[0] if injections else None
+
+    def _order(self, entry: _Entry) -> InjectionOrder:
+        resource, path = entry.resource, entry.path
+        site = self._site(entry, order=True)
+        intents: list[str] = []
+        for j, detail in enumerate(_get_list(resource, "orderDetail", path)):
+            for code in _codes(detail, f"{path}.orderDetail[{j}]"):
+                if code.system == "np-intent" and code.code not in intents:
+                    intents.append(code.code)
+                elif code.system == "np-flag" and code.code not in self.record.flags:
+                    self.record.flags.append(code.code)
+        if len(intents) > 1:
+            _fail(f"{path}.orderDetail", f"names several injection intents ({', '.join(intents)})")
+        reasons = _list_codes(resource, "reasonCode", path)
+        for k, ref in enumerate(_get_list(resource, "reasonReference", path)):
+            reason = self._follow(entry, ref, f"{path}.reasonReference[{k}]", "reasonReference")
+            if reason is not None:
+                reasons.extend(_codes(reason.resource.get("code"), f"{reason.path}.code"))
+        return InjectionOrder(
+            target=site.target,
+            side=site.side,
+            intent=intents[0] if intents else None,
+            codes=_codes(resource.get("code"), f"{path}.code"),
+            reasons=_distinct(reasons),
+            source=entry.source,
+        )
+
+
+def _is_injection_request(entry: _Entry) -> bool:
+    """Whether a ServiceRequest looks like an injection order (CPT code, target or intent)."""
+    resource, path = entry.resource, entry.path
+    if _has_code(_codes(resource.get("code"), f"{path}.code"), "cpt", _INJECTION_CPT):
+        return True
+    if any(code.system == "np-target" for code in _list_codes(resource, "bodySite", path)):
+        return True
+    return any(code.system == "np-intent" for code in _list_codes(resource, "orderDetail", path))
+
+
+_HANDLERS: dict[str, Callable[[_Mapper, _Entry], None]] = {
+    "Patient": _Mapper._patient,
+    "Condition": _Mapper._condition,
+    "MedicationRequest": _Mapper._medication_request,
+    "MedicationStatement": _Mapper._medication_statement,
+    "Observation": _Mapper._observation,
+    "AllergyIntolerance": _Mapper._allergy,
+    "Procedure": _Mapper._procedure,
+    "ServiceRequest": _Mapper._service_request,
+    "OperationOutcome": _Mapper._operation_outcome,
+}
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+
+def _parse_json(raw: bytes | bytearray | memoryview | str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        _fail("Bundle", f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}")
+
+
+def record_from_bundle(bundle: JSON | bytes | str, *, order_ref: str | None = None) -> PatientRecord:
+    """Map a FHIR R4 Bundle (parsed, or raw JSON bytes/str) to a :class:`PatientRecord`.
+
+    ``order_ref`` (``ServiceRequest/abc`` or a ``urn:uuid:`` fullUrl) names the injection order;
+    without it the order is the one draft ServiceRequest (among several drafts, the one that
+    looks like an injection). Raises :class:`RecordError` for unusable input.
+    """
+    data = _parse_json(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else bundle
+    entries = _bundle_entries(data, "Bundle")
+    refs = [("order_ref", order_ref)] if order_ref is not None else []
+    return _Mapper(entries, "Bundle").run(refs)
+
+
+def record_from_cds_hooks_request(request: JSON) -> PatientRecord:
+    """Map a CDS Hooks order-select/order-sign request body to a :class:`PatientRecord`.
+
+    The record is built from ``context.draftOrders`` and every prefetch value that is a Bundle or
+    a resource (null means no data); ``context.selections`` naming ServiceRequests choose the
+    order. Without a Patient in the request, a bare one is made from ``context.patientId`` and a
+    ``resource-missing`` DataIssue says that age and sex are unknown.
+    """
+    if type(request) is not dict:
+        _fail("request", f"expected a CDS Hooks request object, found {_json_type(request)}")
+    context = request.get("context")
+    if type(context) is not dict:
+        _fail("context", f"expected an object, found {_json_type(context)}")
+    entries: list[_Entry] = []
+    if context.get("draftOrders") is not None:
+        entries += _bundle_entries(context["draftOrders"], "context.draftOrders")
+    prefetch = request.get("prefetch")
+    if prefetch is not None and type(prefetch) is not dict:
+        _fail("prefetch", f"expected an object, found {_json_type(prefetch)}")
+    for key, value in (prefetch or {}).items():
+        if value is None:
+            continue
+        path = f"prefetch.{key}"
+        if type(value) is dict and value.get("resourceType") == "Bundle":
+            entries += _bundle_entries(value, path)
+        else:
+            entries.append(_resource_entry(value, path))
+    entries = _unique(entries)
+
+    stub = not any(entry.type == "Patient" for entry in entries)
+    if stub:
+        patient_id = context.get("patientId")
+        if type(patient_id) is not str or not patient_id:
+            _fail("context.patientId", "no Patient in the request and no patientId to name one")
+        entries.append(_Entry("context.patientId", {"resourceType": "Patient", "id": patient_id}, "Patient"))
+
+    refs: list[tuple[str, str]] = []
+    for k, selection in enumerate(_get_list(context, "selections", "context")):
+        if type(selection) is not str:
+            _fail(f"context.selections[{k}]", f"expected a 'Type/id' string, found {_json_type(selection)}")
+        if selection.startswith("ServiceRequest/"):
+            refs.append((f"context.selections[{k}]", selection))
+
+    record = _Mapper(entries, "request").run(refs)
+    if stub:
+        detail = "the request carries no Patient resource (prefetch absent or null); age and sex are unknown."
+        record.data_issues.append(DataIssue("resource-missing", "Patient", detail, "context.patientId"))
+    return record
+
+
+def _unique(entries: Iterable[_Entry]) -> list[_Entry]:
+    """Drop later copies of a resource already seen (a draft order echoed by a prefetch search)."""
+    seen: set[str] = set()
+    unique: list[_Entry] = []
+    for entry in entries:
+        key = entry.key
+        if key is None or key not in seen:
+            unique.append(entry)
+            if key is not None:
+                seen.add(key)
+    return unique
