@@ -13,7 +13,7 @@ from .compiler import compile_ruleset, rule_id_of
 from .engine import CompiledRules
 from .prepare import Preparer
 from .record import PatientRecord, RecordError
-from .resolve import Firing, resolve
+from .resolve import Firing, Resolver
 from .ruleset import RuleSet
 
 
@@ -31,6 +31,7 @@ class Evaluator:
         self.ruleset = ruleset
         self.preparer = Preparer(ruleset)
         self.engine = CompiledRules(compile_ruleset(ruleset), name=f"{ruleset.id}@{ruleset.version}", pool_size=pool_size)
+        self.resolver = Resolver(ruleset)
         self._rules = {r.id: r for r in ruleset.rules}
 
     def firings(self, record: PatientRecord, as_of: dt.datetime):
@@ -55,7 +56,7 @@ class Evaluator:
         if as_of.tzinfo is None:
             raise RecordError("asOf", "the evaluation instant needs a time zone (use UTC)")
         prepared, firings = self.firings(record, as_of)
-        return resolve(firings, prepared, self.ruleset, format_instant(as_of))
+        return self.resolver(firings, prepared, format_instant(as_of))
 
     def close(self) -> None:
         self.engine.close()

@@ -45,27 +45,57 @@ class PreparedFacts:
 
 
 class TagIndex:
-    """Which value sets each (fact kind, coded field) is tested against, computed once per rule set."""
+    """Value-set membership as tags, with lookups indexed once per rule set.
+
+    For each (fact kind, coded field) the rule set tests, exact codes map straight to the value
+    sets holding them, and hierarchical codes (ICD-10-CM, ATC) are matched by looking up each
+    prefix length that occurs in those value sets.
+    """
 
     def __init__(self, ruleset: RuleSet):
-        self.by_field: dict[tuple[str, str], list[str]] = {}
+        wanted: dict[tuple[str, str], list[str]] = {}
         patterns: list[Pattern] = [p for r in ruleset.rules for alt in r.alternatives for p in alt]
         patterns += [p for a in ruleset.aggregates for p in a.patterns]
         for p in patterns:
             for t in p.tests:
                 if t.op == "in" and isinstance(t.operand, str):
-                    sets = self.by_field.setdefault((p.kind, t.field), [])
+                    sets = wanted.setdefault((p.kind, t.field), [])
                     if t.operand not in sets:
                         sets.append(t.operand)
-        self.value_sets = ruleset.value_sets
+        self._exact: dict[tuple[str, str], dict[tuple[str, str], tuple[str, ...]]] = {}
+        self._prefix: dict[tuple[str, str], dict[str, dict[str, tuple[str, ...]]]] = {}
+        self._lengths: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
+        for key, vs_ids in wanted.items():
+            exact: dict[tuple[str, str], list[str]] = {}
+            prefix: dict[str, dict[str, list[str]]] = {}
+            for vs_id in vs_ids:
+                vs = ruleset.value_sets[vs_id]
+                for system, codes in vs.codes.items():
+                    for code in codes:
+                        exact.setdefault((system, code), []).append(vs_id)
+                for system, prefixes in vs.prefixes.items():
+                    for pre in prefixes:
+                        prefix.setdefault(system, {}).setdefault(pre, []).append(vs_id)
+            self._exact[key] = {k: tuple(v) for k, v in exact.items()}
+            self._prefix[key] = {sys: {p: tuple(v) for p, v in d.items()} for sys, d in prefix.items()}
+            self._lengths[key] = {sys: tuple(sorted({len(p) for p in d})) for sys, d in prefix.items()}
 
     def tags(self, kind: str, fld: str, codes: list[Code]) -> list[str]:
-        out = []
-        for vs_id in self.by_field.get((kind, fld), ()):
-            vs = self.value_sets[vs_id]
-            if any(vs.contains(c.system, c.code) for c in codes):
-                out.append(f"{fld}@{vs_id}")
-        return out
+        key = (kind, fld)
+        exact = self._exact.get(key)
+        if exact is None:
+            return []
+        found: dict[str, None] = {}
+        prefix, lengths = self._prefix[key], self._lengths[key]
+        for c in codes:
+            for vs_id in exact.get((c.system, c.code), ()):
+                found[vs_id] = None
+            by_prefix = prefix.get(c.system)
+            if by_prefix:
+                for n in lengths[c.system]:
+                    for vs_id in by_prefix.get(c.code[:n], ()):
+                        found[vs_id] = None
+        return [f"{fld}@{vs_id}" for vs_id in found]
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -100,7 +130,7 @@ class Preparer:
         self.ruleset = ruleset
         self.params = ruleset.param_values()
         self.index = TagIndex(ruleset)
-        self.concept_of_code = {code: c for c in ruleset.observations.values() for code in c.codes}
+        self.concept_of_code = {tuple(code.split("#", 1)): c for c in ruleset.observations.values() for code in c.codes}
         self.negations = negated_patterns(ruleset)
 
     def prepare(self, record: PatientRecord, as_of: dt.datetime) -> PreparedFacts:
@@ -198,10 +228,13 @@ class Preparer:
         for issue in issues:
             add({"t": "data_issue", "kind": issue.kind, "concept": issue.concept, "detail": issue.detail}, FactInfo(f"data issue ({issue.kind}) {issue.concept}", issue.source))
 
+        by_kind: dict[str, list[dict]] = {}
+        for f in out.facts:
+            by_kind.setdefault(f["t"], []).append(f)
         summary: dict = {"t": "summary"}
         notes: dict[str, str] = {}
         for agg in self.ruleset.aggregates:
-            hits = [[f for f in out.facts if pattern_matches(p, f, self.params)] for p in agg.patterns]
+            hits = [[f for f in by_kind.get(p.kind, ()) if pattern_matches(p, f, self.params)] for p in agg.patterns]
             if agg.mode == "criteria":
                 met = [p for p, h in zip(agg.patterns, hits) if h]
                 summary[agg.name] = len(met)
@@ -217,16 +250,20 @@ class Preparer:
                 notes[agg.name] = "; ".join(out.info[f["_fid"]].label for f in hits[0]) or "none"
         add(summary, FactInfo("summary", "derived from the record", notes=notes))
 
-        record_facts = list(out.facts)
+        by_kind["summary"] = [summary]
         for key, pattern in self.negations.items():
-            if not any(pattern_matches(pattern, f, self.params) for f in record_facts):
+            if not any(pattern_matches(pattern, f, self.params) for f in by_kind.get(pattern.kind, ())):
                 add({"t": "absent", "key": key}, FactInfo(f"absence of {key}", "derived from the record"))
         return out
 
     def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue]) -> None:
         newest: dict[str, tuple[dt.datetime, object, ObservationConcept]] = {}
         for obs in record.observations:
-            concept = next((self.concept_of_code[f"{c.system}#{c.code}"] for c in obs.codes if f"{c.system}#{c.code}" in self.concept_of_code), None)
+            concept = None
+            for c in obs.codes:
+                concept = self.concept_of_code.get((c.system, c.code))
+                if concept is not None:
+                    break
             if concept is None:
                 continue
             if obs.value is not None and not math.isfinite(obs.value):

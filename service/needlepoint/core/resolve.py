@@ -79,7 +79,7 @@ def render_message(template: str, firing: Firing, prepared: PreparedFacts, rules
     return _TEMPLATE.sub(substitute, template)
 
 
-def _matched_entries(firing: Firing, prepared: PreparedFacts, params: dict) -> list[dict]:
+def _matched_entries(firing: Firing, prepared: PreparedFacts) -> list[dict]:
     entries: list[dict] = []
     for alt_index, aliases in sorted(firing.matched.items()):
         for pattern in firing.rule.alternatives[alt_index]:
@@ -131,9 +131,34 @@ def _preferred(rule: Rule, params: dict) -> str | None:
     return pref
 
 
-def resolve(firings: list[Firing], prepared: PreparedFacts, ruleset: RuleSet, as_of_text: str) -> dict:
-    params = ruleset.param_values()
-    order = {r.id: i for i, r in enumerate(ruleset.rules)}
+class Resolver:
+    """Conflict resolution for one rule set; per-rule static text is computed once."""
+
+    def __init__(self, ruleset: RuleSet):
+        self.ruleset = ruleset
+        self.params = ruleset.param_values()
+        self.order = {r.id: i for i, r in enumerate(ruleset.rules)}
+        self.static = {r.id: _static_explanation(r, ruleset) for r in ruleset.rules}
+
+    def __call__(self, firings: list[Firing], prepared: PreparedFacts, as_of_text: str) -> dict:
+        return resolve(firings, prepared, self, as_of_text)
+
+
+def _static_explanation(rule: Rule, ruleset: RuleSet) -> dict:
+    return {
+        "ruleId": rule.id,
+        "ruleVersion": rule.version,
+        "title": rule.title,
+        "category": rule.category,
+        "outcome": _outcome_text(rule, ruleset),
+        "rationale": rule.rationale,
+        "evidence": [{"citation": e.citation, "strength": e.strength} for e in rule.evidence],
+        "parameters": [{"name": p, "value": str(ruleset.params[p].value), "layer": ruleset.params[p].layer} for p in rule.params],
+    }
+
+
+def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, as_of_text: str) -> dict:
+    ruleset, params, order = resolver.ruleset, resolver.params, resolver.order
     firings = sorted(firings, key=lambda f: order[f.rule.id])
     messages = {f.rule.id: render_message(f.rule.then.message, f, prepared, ruleset) for f in firings}
     overridden: dict[str, list[str]] = {}
@@ -226,20 +251,16 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, ruleset: RuleSet, as
 
     explanations = []
     for f in firings:
-        rule = f.rule
-        exp = {
-            "ruleId": rule.id,
-            "ruleVersion": rule.version,
-            "title": rule.title,
-            "category": rule.category,
-            "outcome": _outcome_text(rule, ruleset),
-            "rationale": rule.rationale,
-            "evidence": [{"citation": e.citation, "strength": e.strength} for e in rule.evidence],
-            "matched": _matched_entries(f, prepared, params),
-            "parameters": [{"name": p, "value": str(ruleset.params[p].value), "layer": ruleset.params[p].layer} for p in rule.params],
-            "overriddenBy": overridden.get(rule.id, []),
-        }
-        explanations.append({k: v for k, v in exp.items() if v not in ([], "")})
+        static = resolver.static[f.rule.id]
+        exp = {k: v for k, v in static.items() if k != "parameters"}
+        exp["matched"] = _matched_entries(f, prepared)
+        if static["parameters"]:
+            exp["parameters"] = static["parameters"]
+        if f.rule.id in overridden:
+            exp["overriddenBy"] = overridden[f.rule.id]
+        if not exp["evidence"]:
+            del exp["evidence"]
+        explanations.append(exp)
 
     decision = {
         "decisionId": "",

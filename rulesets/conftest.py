@@ -1,0 +1,58 @@
+"""Collect every rule set's YAML test cases (rulesets/<id>/tests/*.yaml) as pytest items."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from needlepoint.casefile import check, load_cases
+from needlepoint.core.evaluator import Evaluator
+from needlepoint.rulesets import load_ruleset
+
+_evaluators: dict[Path, Evaluator] = {}
+
+
+def _evaluator(ruleset_dir: Path) -> Evaluator:
+    if ruleset_dir not in _evaluators:
+        _evaluators[ruleset_dir] = Evaluator(load_ruleset(ruleset_dir))
+    return _evaluators[ruleset_dir]
+
+
+def pytest_collect_file(parent, file_path: Path):
+    if file_path.suffix == ".yaml" and file_path.parent.name == "tests" and (file_path.parent.parent / "ruleset.yaml").is_file():
+        return RuleSetCaseFile.from_parent(parent, path=file_path)
+    return None
+
+
+class RuleSetCaseFile(pytest.File):
+    def collect(self):
+        for case in load_cases(self.path):
+            yield RuleSetCase.from_parent(self, name=case.name, case=case)
+
+
+class RuleSetCase(pytest.Item):
+    def __init__(self, *, case, **kwargs):
+        super().__init__(**kwargs)
+        self.case = case
+
+    def runtest(self) -> None:
+        evaluator = _evaluator(self.path.parent.parent)
+        decision = evaluator.evaluate(self.case.record, self.case.as_of)
+        problems = check(self.case, decision)
+        if problems:
+            raise CaseFailure(problems)
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, CaseFailure):
+            return f"{self.case.source}: {self.case.name}\n  " + "\n  ".join(excinfo.value.problems)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.path.name}::{self.case.name}"
+
+
+class CaseFailure(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems

@@ -1,0 +1,255 @@
+"""Each durable-rules 2.0.28 defect the design can meet: proof that the defect is real in the raw
+engine (so these tests can fail), and proof that the service is not exposed to it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import durable_rules_engine as raw
+import orjson
+import pytest
+
+from needlepoint.core.compiler import compile_ruleset
+from needlepoint.core.conditions import RuleSetError
+from needlepoint.core.engine import MAX_FACT_PROPERTIES, CompiledRules, EngineError, SidPool, fnv1a_32
+from needlepoint.core.evaluator import Evaluator
+from needlepoint.core.record import Code, Condition, InjectionOrder, PatientRecord
+from needlepoint.core.ruleset import build_ruleset
+
+from .patients import AS_OF, random_patients
+
+COLLIDING = ("enc-1062789", "enc-1279192")  # the pair our engine study found
+
+
+def _drain(handle: int, offset: int) -> list[str]:
+    fired = []
+    result = raw.start_action_for_state(handle, offset)
+    actions = result[1] if result else None
+    while actions:
+        fired += list(orjson.loads(actions))
+        actions = raw.complete_and_start_action(handle, offset)
+    return fired
+
+
+def _run_python(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120)
+
+
+# --- B3: sessions are keyed by a 32-bit hash of the sid ------------------------------------
+
+
+def test_fnv_matches_the_engines_session_hash() -> None:
+    assert fnv1a_32(COLLIDING[0]) == fnv1a_32(COLLIDING[1]) == 0xFA9DB60B
+
+
+def test_colliding_sids_really_mix_patients_in_the_raw_engine() -> None:
+    rules = {"join": {"all": [{"a": {"kind": "warfarin"}}, {"b": {"kind": "inr"}}]}, "__session": {"all": [{"m": {"$s": 1}}]}}
+    handle = raw.create_ruleset("collide", orjson.dumps(rules).decode())
+    try:
+        _, off_a = raw.assert_facts(handle, orjson.dumps([{"sid": COLLIDING[0], "kind": "warfarin"}]).decode())
+        fired_a = _drain(handle, off_a)
+        _, off_b = raw.assert_facts(handle, orjson.dumps([{"sid": COLLIDING[1], "kind": "inr"}]).decode())
+        fired_b = _drain(handle, off_b)
+        assert "join" in fired_a + fired_b, "patient A's warfarin joined patient B's INR"
+    finally:
+        raw.delete_state(handle, COLLIDING[0])
+        raw.delete_ruleset(handle)
+
+
+def test_sid_pool_never_hands_out_colliding_sids() -> None:
+    pool = SidPool(size=3, candidates=[COLLIDING[0], COLLIDING[1], "a", "b"])
+    sids = [pool.acquire() for _ in range(3)]
+    assert COLLIDING[1] not in sids
+    assert len({fnv1a_32(s) for s in sids}) == 3
+
+
+def test_default_pool_hashes_are_distinct() -> None:
+    pool = SidPool(size=256)
+    sids = [pool.acquire() for _ in range(256)]
+    assert len({fnv1a_32(s) for s in sids}) == 256
+
+
+# --- B1: delete_state on a session where nothing fired ---------------------------------------
+
+_NOTHING_FIRES = """
+    import durable_rules_engine as d, orjson, sys
+    rules = {"r": {"all": [{"m": {"$and": [{"t": "x"}, {"v": 1}]}}]}}
+    if sys.argv[-1] == "sentinel":
+        from needlepoint.core.engine import CompiledRules
+        engine = CompiledRules(rules)
+        for i in range(300):
+            assert engine.run([{"t": "y", "v": 2, "_fid": 0}]) == []
+    else:
+        h = d.create_ruleset("t", orjson.dumps(rules).decode())
+        for i in range(300):
+            rc, off = d.assert_facts(h, orjson.dumps([{"sid": f"s{i}", "t": "y", "v": 2}]).decode())
+            res = d.start_action_for_state(h, off)
+            d.delete_state(h, f"s{i}")
+    print("survived")
+"""
+_PERTURB = {"GLIBC_TUNABLES": "glibc.malloc.perturb=165"}  # makes the uninitialised free deterministic
+
+
+def test_raw_delete_state_after_nothing_fired_crashes() -> None:
+    proc = _run_python(_NOTHING_FIRES.replace("sys.argv[-1]", "'raw'"), _PERTURB)
+    assert proc.returncode != 0 and "survived" not in proc.stdout
+
+
+def test_sentinel_rule_makes_sessions_where_nothing_fires_safe() -> None:
+    proc = _run_python(_NOTHING_FIRES.replace("sys.argv[-1]", "'sentinel'"), _PERTURB)
+    assert proc.returncode == 0, proc.stderr
+    assert "survived" in proc.stdout
+
+
+# --- B5: large value sets and long equality lists hang the engine -----------------------------
+
+
+def _documents(rules: list, value_sets: dict | None = None) -> dict:
+    return {
+        "ruleset": {"id": "probe", "version": "1.0.0", "title": "probe", "validation": "test only"},
+        "parameters": {},
+        "value_sets": value_sets or {},
+        "observations": {},
+        "aggregates": {},
+        "rules": [(f"rules.yaml:{i}", r) for i, r in enumerate(rules)],
+    }
+
+
+def _rule(rule_id: str, when: dict) -> dict:
+    return {
+        "id": rule_id,
+        "version": "1.0.0",
+        "title": rule_id,
+        "category": "caution",
+        "when": when,
+        "then": {"caution": rule_id, "message": "m"},
+        "rationale": "r",
+    }
+
+
+def test_a_five_thousand_code_value_set_costs_the_engine_one_test() -> None:
+    codes = [f"{100000 + i}" for i in range(5000)]
+    ruleset = build_ruleset(
+        _documents(
+            [_rule("CAU-BIG-SET", {"c": {"condition": {"code": {"in": "big"}}}})],
+            {"big": {"title": "big", "codes": {"snomed": codes}}},
+        )
+    )
+    definition = compile_ruleset(ruleset)
+    assert len(orjson.dumps(definition)) < 400  # the codes never reach the engine
+    evaluator = Evaluator(ruleset)
+    hit = PatientRecord(conditions=[Condition([Code("snomed", codes[4321])])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic"))
+    miss = PatientRecord(conditions=[Condition([Code("snomed", "99")])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic"))
+    assert [e["ruleId"] for e in evaluator.evaluate(hit, AS_OF).get("explanations", [])] == ["CAU-BIG-SET"]
+    assert "explanations" not in evaluator.evaluate(miss, AS_OF)
+
+
+def test_too_many_equality_tests_are_refused_at_compile_time_not_hung_on() -> None:
+    flags = [f"flag-{i}" for i in range(450)]
+    ruleset = build_ruleset(_documents([_rule("CAU-MANY", {"f": {"flag": {"name": {"in": flags}}}})]))
+    with pytest.raises(RuleSetError, match="distinct equality tests"):
+        compile_ruleset(ruleset)
+
+
+# --- B7: a fact with more than 254 properties truncates the batch -----------------------------
+
+
+def test_raw_engine_silently_drops_facts_after_an_oversized_one() -> None:
+    code = """
+        import durable_rules_engine as d, orjson
+        rules = {"r": {"all": [{"m": {"k": "good"}}]}, "__session": {"all": [{"m": {"$s": 1}}]}}
+        h = d.create_ruleset("t", orjson.dumps(rules).decode())
+        big = {"sid": "s", "k": "big", **{f"p{i}": i for i in range(300)}}
+        rc, off = d.assert_facts(h, orjson.dumps([{"sid": "s", "k": "x"}, big, {"sid": "s", "k": "good"}]).decode())
+        res = d.start_action_for_state(h, off); fired = []
+        a = res[1] if res else None
+        while a:
+            fired += list(orjson.loads(a)); a = d.complete_and_start_action(h, off)
+        print("good fired" if "r" in fired else "good dropped")
+    """
+    proc = _run_python(code)
+    assert "good dropped" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_engine_adapter_refuses_an_oversized_fact_before_the_engine_sees_it() -> None:
+    engine = CompiledRules({"r": {"all": [{"m": {"k": "good"}}]}})
+    big = {"k": "big", **{f"p{i}": i for i in range(MAX_FACT_PROPERTIES + 1)}}
+    with pytest.raises(EngineError, match="properties"):
+        engine.run([big, {"k": "good"}])
+    assert [name for name, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]  # the pool is intact
+
+
+# --- negations: a blocked negation in one rule suppresses another rule's negation -------------
+
+
+def test_raw_engine_negation_crosstalk_between_rules() -> None:
+    rules = {
+        "A": {"all": [{"o": {"$and": [{"t": "order"}, {"ia": True}]}}, {"n$not": {"$and": [{"t": "order"}, {"intent": "arthrography"}]}}]},
+        "B": {"all": [{"o": {"$and": [{"t": "order"}, {"intent": "therapeutic"}]}}, {"n$not": {"$and": [{"t": "condition"}, {"oa": 1}]}}]},
+        "__session": {"all": [{"m": {"$s": 1}}]},
+    }
+    handle = raw.create_ruleset("negation", orjson.dumps(rules).decode())
+    try:
+        facts = [{"sid": "n1", "t": "order", "ia": True, "intent": "therapeutic", "_fid": 0}, {"sid": "n1", "t": "condition", "oa": 1, "_fid": 1}]
+        _, offset = raw.assert_facts(handle, orjson.dumps(facts).decode())
+        fired = _drain(handle, offset)
+        raw.delete_state(handle, "n1")
+    finally:
+        raw.delete_ruleset(handle)
+    # Correct semantics: A fires (no arthrography order), B does not (the condition exists).
+    assert set(fired) - {"__session"} != {"A"}, "the engine no longer has the defect; the workaround can go"
+
+
+def test_evaluator_is_not_exposed_to_the_negation_crosstalk() -> None:
+    docs = _documents(
+        [
+            _rule("CAU-A", {"o": {"order": {"intra_articular": True}}, "n": {"not": {"order": {"intent": "arthrography"}}}}),
+            _rule("CAU-B", {"o": {"order": {"intent": "therapeutic"}}, "n": {"not": {"condition": {"code": {"in": "oa"}}}}}),
+        ],
+        {"oa": {"title": "oa", "codes": {"icd10cm": {"prefixes": ["M16"]}}}},
+    )
+    evaluator = Evaluator(build_ruleset(docs))
+    record = PatientRecord(conditions=[Condition([Code("icd10cm", "M16.11")])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic"))
+    fired = [e["ruleId"] for e in evaluator.evaluate(record, AS_OF)["explanations"]]
+    assert fired == ["CAU-A"]
+
+
+# --- threads: no cross-talk between patients evaluated at the same time ---------------------
+
+
+def test_concurrent_evaluations_get_exactly_the_single_thread_answers(hip_evaluator) -> None:
+    patients = random_patients(400, seed=11)
+    expected = [hip_evaluator.evaluate(p, AS_OF) for p in patients]
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def worker(offset: int) -> None:
+        try:
+            for _ in range(3):
+                for i in range(offset, len(patients), 8):
+                    decision = hip_evaluator.evaluate(patients[i], AS_OF)
+                    if i in results and results[i] != decision:
+                        raise AssertionError(f"patient {i} answered differently on a repeat")
+                    results[i] = decision
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # interleave threads between every C call
+    try:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[0]
+    mismatches = [i for i, d in enumerate(expected) if results[i] != d]
+    assert mismatches == []
