@@ -62,6 +62,9 @@ class TagIndex:
                     sets = wanted.setdefault((p.kind, t.field), [])
                     if t.operand not in sets:
                         sets.append(t.operand)
+        for vs_id in ruleset.requested_modality.values():
+            if vs_id not in wanted.setdefault(("order", "code"), []):
+                wanted[("order", "code")].append(vs_id)
         self._exact: dict[tuple[str, str], dict[tuple[str, str], tuple[str, ...]]] = {}
         self._prefix: dict[tuple[str, str], dict[str, dict[str, tuple[str, ...]]]] = {}
         self._lengths: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}

@@ -7,6 +7,9 @@
   Every ``avoid`` accumulates. The first ``preferred`` not avoided by a rule of equal or higher
   precedence wins; ``acceptable`` collects the rest that nobody avoids. A rule whose whole
   contribution was overruled is kept in the explanations with ``overriddenBy``.
+* **A requested modality** (the order's procedure codes, e.g. CPT 77002) that the rules avoid or
+  did not retain is not blocked: a ``REQUESTED_MODALITY_CONFLICT`` caution suggests the preferred
+  modality instead and names the rules behind it.
 * **Injectates**: per category the most restrictive recommendation wins
   (AVOID > NOT_SUGGESTED > CAUTION > SUGGESTED); every rule that spoke about it is listed.
 
@@ -157,6 +160,30 @@ def _static_explanation(rule: Rule, ruleset: RuleSet) -> dict:
     }
 
 
+def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resolver: Resolver, rules: dict[str, Rule]) -> list[dict]:
+    order_fact = next((f for f in prepared.facts if f["t"] == "order"), None)
+    if not modality or order_fact is None:
+        return []
+    tags = set(order_fact.get("_tags", ()))
+    out = []
+    for requested, vs_id in resolver.ruleset.requested_modality.items():
+        if f"code@{vs_id}" not in tags or requested == modality.get("preferred") or requested in modality.get("acceptable", ()):
+            continue
+        behind = [rid for rid in modality.get("ruleIds", []) if requested in rules[rid].then.modality.get("avoid", ())]
+        behind = behind or [rid for rid in modality.get("ruleIds", []) if _preferred(rules[rid], resolver.params) == modality.get("preferred")]
+        reasons = "; ".join(rules[rid].title for rid in behind)
+        suggestion = modality.get("preferred", "another modality")
+        out.append(
+            {
+                "code": "REQUESTED_MODALITY_CONFLICT",
+                "requested": requested,
+                "ruleIds": behind,
+                "message": [f"{requested} was requested; suggest {suggestion} instead because: {reasons}. This is a suggestion; the order is not blocked."],
+            }
+        )
+    return out
+
+
 def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, as_of_text: str) -> dict:
     ruleset, params, order = resolver.ruleset, resolver.params, resolver.order
     firings = sorted(firings, key=lambda f: order[f.rule.id])
@@ -204,6 +231,8 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             modality["avoid"] = avoid
         modality = {k: modality[k] for k in ("preferred", "acceptable", "avoid", "ruleIds") if k in modality}
 
+    conflicts = _requested_modality_conflicts(modality, prepared, resolver, {f.rule.id: f.rule for f in firings})
+
     # injectates
     by_category: dict[str, list[tuple[str, Rule]]] = {}
     for f in firings:
@@ -244,6 +273,8 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             m = missing.setdefault(code, {"code": code, "message": [], "ruleIds": []})
             m["ruleIds"].append(rid)
             m["message"].append(messages[rid])
+    for conflict in conflicts:
+        cautions[conflict["code"] + ":" + conflict["requested"]] = {k: v for k, v in conflict.items() if k != "requested"}
     for group in (deferrals.values(), cautions.values(), missing.values()):
         for item in group:
             item["message"] = " ".join(dict.fromkeys(item["message"]))

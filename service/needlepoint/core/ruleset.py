@@ -161,6 +161,7 @@ class RuleSet:
     aggregates: tuple[Aggregate, ...]
     digest: str
     layers: tuple[str, ...] = ()
+    requested_modality: dict[str, str] = field(default_factory=dict)  # modality -> value set of order codes
 
     def rule(self, rule_id: str) -> Rule:
         for rule in self.rules:
@@ -201,7 +202,7 @@ def build_ruleset(documents: dict[str, Any], *, overlay: dict[str, Any] | None =
     """
     meta = documents["ruleset"]
     where = "ruleset.yaml"
-    _only(meta, {"id", "version", "title", "status", "validation", "description"}, where)
+    _only(meta, {"id", "version", "title", "status", "validation", "description", "requested_modality"}, where)
     rs_id = _need(meta, "id", where)
     version = _need(meta, "version", where)
     if not _SEMVER.match(version):
@@ -215,6 +216,11 @@ def build_ruleset(documents: dict[str, Any], *, overlay: dict[str, Any] | None =
     value_sets = _build_value_sets(documents.get("value_sets") or {})
     observations = _build_observations(documents.get("observations") or {})
     aggregates = _build_aggregates(documents.get("aggregates") or {}, value_sets, params)
+    requested = dict(meta.get("requested_modality") or {})
+    for modality, vs_id in requested.items():
+        _enum(modality, MODALITIES, f"{where}.requested_modality")
+        if vs_id not in value_sets:
+            raise RuleSetError(f"{where}.requested_modality.{modality}", f"unknown value set {vs_id!r}")
     summary_fields = {a.name for a in aggregates}
 
     rules: list[Rule] = []
@@ -246,6 +252,7 @@ def build_ruleset(documents: dict[str, Any], *, overlay: dict[str, Any] | None =
         aggregates=tuple(aggregates),
         digest=canonical_digest(digest_input),
         layers=layers,
+        requested_modality=requested,
     )
 
 
