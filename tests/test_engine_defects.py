@@ -253,3 +253,37 @@ def test_concurrent_evaluations_get_exactly_the_single_thread_answers(hip_evalua
     assert not errors, errors[0]
     mismatches = [i for i, d in enumerate(expected) if results[i] != d]
     assert mismatches == []
+
+
+# --- session reuse: a session is empty between patients, and a suspect one is never reused ---
+
+
+def test_reused_sessions_hold_nothing_between_patients(hip_evaluator) -> None:
+    engine = hip_evaluator.engine
+    for patient in random_patients(200, seed=5):
+        hip_evaluator.evaluate(patient, AS_OF)
+    sids = [engine.pool.acquire() for _ in range(engine.pool.size)]
+    try:
+        used = [sid for sid in sids if sid in engine._started]
+        assert used, "the pool was exercised"
+        for sid in used:
+            assert [f for f in engine.session_facts(sid) if "$s" not in f] == []
+    finally:
+        for sid in sids:
+            engine.pool.release(sid)
+
+
+def test_a_failed_retraction_retires_the_session(monkeypatch) -> None:
+    engine = CompiledRules({"r": {"all": [{"m": {"k": "good"}}]}}, pool_size=1)
+    first = engine.pool.acquire()
+    engine.pool.release(first)
+    assert [n for n, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]
+    import needlepoint.core.engine as engine_module
+
+    monkeypatch.setattr(engine_module._dre, "retract_facts", lambda handle, payload: (5, 0))
+    engine.run([{"k": "good", "_fid": 0}])
+    monkeypatch.undo()
+    replacement = engine.pool.acquire()
+    assert replacement != first  # the suspect session's sid is gone for good
+    engine.pool.release(replacement)
+    assert [n for n, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]

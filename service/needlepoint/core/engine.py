@@ -12,10 +12,14 @@ evaluation follows one fixed protocol, which is what keeps patients apart and th
    fires, not only the first;
 3. drain every pending action of *this* session (``start_action_for_state`` /
    ``complete_and_start_action``); each action's payload names the rule and its matched facts;
-4. delete the session. A sentinel rule on the session state guarantees that at least one
-   action ran, because ``delete_state`` on a session that never started an action frees an
-   uninitialised pointer. A session that could not be drained is never reused: its sid is
-   retired and replaced.
+4. retract exactly the facts it asserted (the same JSON), and drain again, so the session is
+   empty for the next patient. Reusing sessions halves the cost of an evaluation: creating a
+   session allocates and clears every beta node of the network. Retraction cannot fire a rule
+   because the compiled rules contain no engine negations (see :mod:`.compiler`); if it ever
+   does, or any call fails, the session is deleted and its sid retired and replaced, so a
+   suspect session is never reused. A sentinel rule on the session state guarantees that every
+   session started an action before it is deleted, because ``delete_state`` on a session that
+   never did frees an uninitialised pointer.
 
 The C code never releases the GIL, so each C call is atomic with respect to other Python
 threads; concurrent evaluations are safe because each holds its own sid. Threads give no
@@ -107,6 +111,7 @@ class CompiledRules:
         except Exception as exc:  # the engine reports malformed rules as bare codes
             raise EngineError(f"the engine rejected the compiled rule set: {exc}") from exc
         self.pool = SidPool(pool_size, prefix=f"np{self.name.rsplit('#', 1)[1]}")
+        self._started: set[str] = set()  # sessions known to have started an action (safe to delete)
         self._closed = False
 
     def run(self, facts: list[dict]) -> list[tuple[str, dict[str, dict]]]:
@@ -122,30 +127,51 @@ class CompiledRules:
         sid = self.pool.acquire()
         payload = orjson.dumps([{**fact, "sid": sid} for fact in facts]).decode()
         firings: list[tuple[str, dict[str, dict]]] = []
-        drained = False
+        clean = False
         try:
             _rc, offset = _dre.assert_facts(self._handle, payload)
-            result = _dre.start_action_for_state(self._handle, offset)
-            actions = result[1] if result else None
-            while actions:
-                for rule_name, matched in orjson.loads(actions).items():
-                    if rule_name != SENTINEL_RULE:
-                        firings.append((rule_name, matched))
-                actions = _dre.complete_and_start_action(self._handle, offset)
-            drained = True
+            for rule_name, matched in self._drain(offset):
+                if rule_name != SENTINEL_RULE:
+                    firings.append((rule_name, matched))
+            self._started.add(sid)
+            rc, offset = _dre.retract_facts(self._handle, payload)
+            clean = rc == 0 and not self._drain(offset)
         except Exception as exc:
             raise EngineError(f"engine failure during evaluation: {exc}") from exc
         finally:
-            if drained:
-                try:
-                    _dre.delete_state(self._handle, sid)
-                except Exception:
-                    drained = False
-            if drained:
+            if clean:
                 self.pool.release(sid)
             else:
-                self.pool.retire(sid)
+                self._discard(sid)
         return firings
+
+    def _drain(self, offset: int) -> list[tuple[str, dict]]:
+        """Run every pending action of the session at ``offset``; return (rule, matched) pairs."""
+        out: list[tuple[str, dict]] = []
+        result = _dre.start_action_for_state(self._handle, offset)
+        actions = result[1] if result else None
+        while actions:
+            out.extend(orjson.loads(actions).items())
+            actions = _dre.complete_and_start_action(self._handle, offset)
+        return out
+
+    def _discard(self, sid: str) -> None:
+        """Never hand ``sid`` out again; delete its session if that is known to be safe.
+
+        A session that may not have started an action is left alone rather than deleted (the
+        engine would free an uninitialised pointer); it costs one idle session slot.
+        """
+        if sid in self._started:
+            self._started.discard(sid)
+            try:
+                _dre.delete_state(self._handle, sid)
+            except Exception:
+                pass
+        self.pool.retire(sid)
+
+    def session_facts(self, sid: str) -> list:
+        """The facts a pooled session holds (for tests: only the state fact between evaluations)."""
+        return orjson.loads(_dre.get_facts(self._handle, sid))
 
     def close(self) -> None:
         """Delete the engine rule set. Call only when no evaluation is in flight on it."""
