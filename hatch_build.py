@@ -8,19 +8,22 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 
 def generate(root: Path) -> list[Path]:
-    from grpc_tools import protoc
     import grpc_tools
+    from google.rpc import status_pb2
+    from grpc_tools import protoc
 
     proto_dir = root / "proto"
     out_dir = root / "service"
     sources = sorted(proto_dir.rglob("*.proto"))
     if not sources:
         return []
-    include = Path(grpc_tools.__file__).parent / "_proto"
+    include = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
+    googleapis = Path(status_pb2.__file__).resolve().parents[2]  # google/rpc/*.proto
     args = [
         "protoc",
         f"-I{proto_dir}",
         f"-I{include}",
+        f"-I{googleapis}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -1,0 +1,222 @@
+"""A typed, blocking client for ``needlepoint.v1.DecisionService``.
+
+Every call has a deadline. Calls that fail with UNAVAILABLE (server starting, restarting a
+worker, draining) are retried with exponential back-off by the channel's retry policy; nothing
+else is retried, and every method of the service is free of side effects, so a retry is safe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+from google.protobuf import json_format, timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, patient_pb2, ruleset_pb2
+
+from .errors import NeedlepointError, error_from_rpc, error_from_status
+
+SERVICE_NAME = decision_service_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
+DEFAULT_TIMEOUT = 10.0  # seconds, per unary call
+DEFAULT_STREAM_TIMEOUT = 300.0  # seconds, for a whole EvaluateStream batch
+MAX_RETRY_ATTEMPTS = 5  # gRPC's own ceiling on retryPolicy.maxAttempts
+
+T = TypeVar("T")
+
+
+def make_request(
+    *,
+    fhir_bundle: bytes | str | Mapping[str, Any] | None = None,
+    context: patient_pb2.PatientContext | None = None,
+    as_of: dt.datetime | None = None,
+    order: patient_pb2.InjectionOrder | None = None,
+    ruleset_id: str | None = None,
+    correlation_id: str = "",
+) -> decision_service_pb2.EvaluateRequest:
+    """An EvaluateRequest for a bundle (bytes, str or parsed JSON) or a context (exactly one).
+    ``as_of`` must be timezone-aware; None means "now" on the server."""
+    if (fhir_bundle is None) == (context is None):
+        raise ValueError("give exactly one of fhir_bundle and context")
+    request = decision_service_pb2.EvaluateRequest(ruleset_id=ruleset_id or "", correlation_id=correlation_id)
+    if context is not None:
+        request.context.CopyFrom(context)
+    elif isinstance(fhir_bundle, bytes):
+        request.fhir_bundle = fhir_bundle
+    elif isinstance(fhir_bundle, str):
+        request.fhir_bundle = fhir_bundle.encode()
+    else:
+        request.fhir_bundle = orjson.dumps(fhir_bundle)
+    if as_of is not None:
+        if as_of.tzinfo is None:
+            raise ValueError("as_of needs a time zone")
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(as_of)
+        request.as_of.CopyFrom(ts)
+    if order is not None:
+        request.order.CopyFrom(order)
+    return request
+
+
+def decision_to_dict(decision: decision_pb2.Decision) -> dict[str, Any]:
+    """The decision as the contract's JSON object (protobuf JSON mapping, empty lists omitted)."""
+    return json_format.MessageToDict(decision)
+
+
+def decision_to_json(decision: decision_pb2.Decision) -> str:
+    """The decision as the contract's JSON text, indented by 2."""
+    return json.dumps(decision_to_dict(decision), indent=2, ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    """One answer of :meth:`NeedlepointClient.evaluate_stream`: a decision or an error."""
+
+    correlation_id: str
+    decision: decision_pb2.Decision | None
+    error: NeedlepointError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _service_config(retries: int) -> str:
+    attempts = min(retries + 1, MAX_RETRY_ATTEMPTS)
+    method: dict[str, Any] = {"name": [{"service": SERVICE_NAME}, {"service": "grpc.health.v1.Health"}]}
+    if attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": attempts,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method]})
+
+
+class NeedlepointClient:
+    """A connection to a Needlepoint server at ``target`` (``host:port``).
+
+    ``timeout`` is the deadline of each unary call in seconds, ``stream_timeout`` that of a whole
+    batch; ``retries`` is how often a call failing with UNAVAILABLE is tried again (at most 4, the
+    ceiling of gRPC's retry policy). Use as a context manager, or call :meth:`close`. Failed calls
+    raise :class:`~needlepoint_client.errors.EvaluationError` for input the server cannot evaluate
+    and :class:`~needlepoint_client.errors.NeedlepointError` for everything else.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
+        retries: int = 3,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        channel_options = [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(retries)), *options]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = decision_service_pb2_grpc.DecisionServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> NeedlepointClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def evaluate(
+        self, request: decision_service_pb2.EvaluateRequest, *, timeout: float | None = None
+    ) -> decision_pb2.Decision:
+        """The decision for a prepared request (see :func:`make_request`)."""
+        return _call(lambda: self._stub.Evaluate(request, timeout=timeout or self.timeout))
+
+    def evaluate_bundle(
+        self,
+        bundle: bytes | str | Mapping[str, Any],
+        *,
+        as_of: dt.datetime | None = None,
+        order: patient_pb2.InjectionOrder | None = None,
+        ruleset_id: str | None = None,
+        correlation_id: str = "",
+        timeout: float | None = None,
+    ) -> decision_pb2.Decision:
+        """The decision for a FHIR R4 Bundle (JSON bytes or text, or parsed JSON)."""
+        request = make_request(
+            fhir_bundle=bundle, as_of=as_of, order=order, ruleset_id=ruleset_id, correlation_id=correlation_id
+        )
+        return self.evaluate(request, timeout=timeout)
+
+    def evaluate_context(
+        self,
+        context: patient_pb2.PatientContext,
+        *,
+        as_of: dt.datetime | None = None,
+        order: patient_pb2.InjectionOrder | None = None,
+        ruleset_id: str | None = None,
+        correlation_id: str = "",
+        timeout: float | None = None,
+    ) -> decision_pb2.Decision:
+        """The decision for a typed patient context."""
+        request = make_request(
+            context=context, as_of=as_of, order=order, ruleset_id=ruleset_id, correlation_id=correlation_id
+        )
+        return self.evaluate(request, timeout=timeout)
+
+    def evaluate_stream(
+        self, requests: Iterable[decision_service_pb2.EvaluateRequest], *, timeout: float | None = None
+    ) -> Iterator[StreamResult]:
+        """One result per request, in request order. A request that cannot be evaluated yields a
+        result with ``error`` set; only a failure of the whole call (deadline, server gone) raises."""
+        responses = self._stub.EvaluateStream(iter(requests), timeout=timeout or self.stream_timeout)
+        try:
+            for response in responses:
+                if response.WhichOneof("outcome") == "decision":
+                    yield StreamResult(response.correlation_id, response.decision, None)
+                else:
+                    yield StreamResult(response.correlation_id, None, error_from_status(response.error))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            responses.cancel()
+
+    def list_rulesets(self, *, timeout: float | None = None) -> list[ruleset_pb2.Ruleset]:
+        """The loaded rule sets (header fields only)."""
+        request = decision_service_pb2.ListRulesetsRequest()
+        return list(_call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout)).rulesets)
+
+    def get_ruleset(self, ruleset_id: str, *, timeout: float | None = None) -> ruleset_pb2.Ruleset:
+        """One rule set with its rules, evidence and parameters in force."""
+        request = decision_service_pb2.GetRulesetRequest(id=ruleset_id)
+        return _call(lambda: self._stub.GetRuleset(request, timeout=timeout or self.timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's health status name, e.g. ``SERVING`` (``service`` "" is the server as a
+        whole; ``needlepoint.v1.DecisionService`` the decision service)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = _call(lambda: self._health.Check(request, timeout=timeout or self.timeout))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _call(invoke: Callable[[], T]) -> T:
+    try:
+        return invoke()
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from None

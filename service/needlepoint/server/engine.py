@@ -1,0 +1,129 @@
+"""The evaluation engine behind the gRPC servicer and the CLI's in-process path.
+
+Rule sets are loaded once into ``{id: Evaluator}``; :meth:`Engine.evaluate` takes an
+``EvaluateRequest`` and returns a ``Decision`` or raises :class:`ServiceError`. Because the CLI
+goes through the same request, in-process and remote evaluations give the same decision and the
+same error text. Evaluation is pure CPU and synchronous; callers run it inline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from needlepoint.core.evaluator import Evaluator
+from needlepoint.core.record import PatientRecord, RecordError
+from needlepoint.core.ruleset import RuleSet
+from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, discover, load_ruleset
+from needlepoint.server import convert
+from needlepoint.server.errors import ServiceError
+from needlepoint.v1 import decision_pb2, decision_service_pb2, ruleset_pb2
+
+log = logging.getLogger(__name__)
+
+# The largest FHIR bundle accepted (INVALID_ARGUMENT beyond it).
+MAX_BUNDLE_BYTES = 8 * 1024 * 1024
+# The transport limit on one request message (RESOURCE_EXHAUSTED beyond it): a bundle at the
+# limit plus room for the rest of the request.
+MAX_MESSAGE_BYTES = MAX_BUNDLE_BYTES + 1024 * 1024
+
+
+class EvaluatorLike(Protocol):
+    """What the engine needs of :class:`needlepoint.core.evaluator.Evaluator`."""
+
+    @property
+    def ruleset(self) -> RuleSet: ...
+
+    def evaluate(self, record: PatientRecord, as_of: dt.datetime) -> dict[str, Any]: ...
+
+
+def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike]:
+    """One Evaluator per subdirectory of ``rulesets_dir`` (default: the bundled rule sets) that
+    holds a ``ruleset.yaml``, by rule-set id."""
+    directory = Path(rulesets_dir) if rulesets_dir is not None else bundled_rulesets_dir()
+    evaluators: dict[str, EvaluatorLike] = {}
+    for sub in discover(directory):
+        ruleset = load_ruleset(sub)
+        if ruleset.id in evaluators:
+            raise ValueError(f"{sub}: rule set id {ruleset.id!r} is loaded twice")
+        evaluators[ruleset.id] = Evaluator(ruleset)
+        log.info("loaded rule set %s %s (%s) from %s", ruleset.id, ruleset.version, ruleset.digest, sub)
+    if not evaluators:
+        raise ValueError(f"{directory}: no rule set (a subdirectory with ruleset.yaml)")
+    return evaluators
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Engine:
+    """Loaded rule sets, and the evaluation of one request against them."""
+
+    def __init__(self, evaluators: Mapping[str, EvaluatorLike], *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
+        self._evaluators = dict(evaluators)
+        self._clock = clock
+
+    @classmethod
+    def load(cls, rulesets_dir: Path | None = None) -> Engine:
+        return cls(load_evaluators(rulesets_dir))
+
+    @property
+    def ruleset_ids(self) -> list[str]:
+        return sorted(self._evaluators)
+
+    def evaluator(self, ruleset_id: str, path: str = "ruleset_id") -> EvaluatorLike:
+        """The evaluator of a rule set; NOT_FOUND if it is not loaded."""
+        try:
+            return self._evaluators[ruleset_id]
+        except KeyError:
+            known = ", ".join(self.ruleset_ids)
+            raise ServiceError.not_found(path, f"unknown rule set {ruleset_id!r} (loaded: {known})") from None
+
+    def evaluate(self, request: decision_service_pb2.EvaluateRequest) -> decision_pb2.Decision:
+        """The decision for one request. Bad input raises ServiceError; any other exception is a
+        fault of the service and propagates."""
+        evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET)
+        try:
+            record = self.record(request)
+            has_as_of = request.HasField("as_of")
+            as_of = convert.timestamp_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
+            decision = evaluator.evaluate(record, as_of)
+        except RecordError as exc:
+            raise ServiceError.from_record_error(exc) from None
+        return convert.decision_to_proto(decision)
+
+    def record(self, request: decision_service_pb2.EvaluateRequest) -> PatientRecord:
+        """The patient record of a request, with its order override applied. Raises RecordError."""
+        road = request.WhichOneof("patient")
+        if road == "context":
+            record = convert.record_from_context(request.context)
+        elif road == "fhir_bundle":
+            record = _record_from_bundle_bytes(request.fhir_bundle)
+        else:
+            raise RecordError("patient", "one of context or fhir_bundle is required")
+        if request.HasField("order"):
+            record = convert.apply_order_override(record, request.order)
+        return record
+
+    def list_rulesets(self) -> decision_service_pb2.ListRulesetsResponse:
+        return decision_service_pb2.ListRulesetsResponse(
+            rulesets=[convert.ruleset_to_proto(self._evaluators[i].ruleset, full=False) for i in self.ruleset_ids]
+        )
+
+    def get_ruleset(self, ruleset_id: str) -> ruleset_pb2.Ruleset:
+        if not ruleset_id:
+            raise ServiceError.bad_input("id", "a rule set id is required")
+        return convert.ruleset_to_proto(self.evaluator(ruleset_id, "id").ruleset, full=True)
+
+
+def _record_from_bundle_bytes(data: bytes) -> PatientRecord:
+    """A FHIR Bundle (JSON bytes) as a PatientRecord; the size is checked here, the rest by the
+    mapper (malformed JSON is a RecordError at ``Bundle``)."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise RecordError("fhir_bundle", f"the bundle is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES} bytes")
+    return record_from_bundle(data)

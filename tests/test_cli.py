@@ -1,0 +1,125 @@
+"""``needlepoint evaluate``: in-process and through ``--server`` it prints the same decision JSON as
+the gRPC API, and fails on bad input with exit code 2 and the gRPC error's message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from click.testing import CliRunner, Result
+from google.protobuf import json_format, timestamp_pb2
+
+from needlepoint.cli import main
+from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc, patient_pb2
+
+if TYPE_CHECKING:
+    from conftest import Sample, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, ["evaluate", *args])
+
+
+@pytest.fixture(scope="module")
+def malformed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bundles") / "malformed.json"
+    path.write_text('{"resourceType": "Bundle", "entry": [')
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_json(mafalda: Sample) -> str:
+    result = run(str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args, "--json")
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+def test_json_equals_the_grpc_decision(grpc_server: ServerProcess, mafalda: Sample, local_json: str) -> None:
+    as_of = timestamp_pb2.Timestamp()
+    as_of.FromJsonString(mafalda.as_of)
+    request = decision_service_pb2.EvaluateRequest(
+        fhir_bundle=mafalda.bundle, as_of=as_of, order=patient_pb2.InjectionOrder(**mafalda.order)
+    )
+    with grpc.insecure_channel(grpc_server.target) as channel:
+        decision = decision_service_pb2_grpc.DecisionServiceStub(channel).Evaluate(request, timeout=10)
+    assert json.loads(local_json) == json_format.MessageToDict(decision)
+    assert "PENDING_DATA" in {d["reason"] for d in json.loads(local_json)["deferrals"]}
+
+
+def test_json_is_byte_identical_in_process_and_remote(
+    grpc_server: ServerProcess, mafalda: Sample, local_json: str
+) -> None:
+    args = [str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args, "--json"]
+    remote = run(*args, "--server", grpc_server.target)
+    assert remote.exit_code == 0, remote.stderr
+    assert remote.stdout == local_json
+
+
+def test_summary_speaks_plainly(mafalda: Sample, local_json: str) -> None:
+    decision = json.loads(local_json)
+    inr_rule = next(d["ruleIds"][0] for d in decision["deferrals"] if d["reason"] == "PENDING_DATA")
+    title = next(e["title"] for e in decision["explanations"] if e["ruleId"] == inr_rule)
+    result = run(str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args)
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "NOT NOW" in text
+    assert "Waiting for missing or out-of-date results" in text
+    assert title in text
+    assert "Missing data - INR:" in text
+    assert "Corticosteroid" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["{malformed}"], "Bundle: not valid JSON", id="malformed-json"),
+        pytest.param(["{mafalda}"], "order: no injection order", id="no-order"),
+        pytest.param(["{mafalda}", "{order}", "--ruleset", "nope"], "ruleset_id: unknown rule set 'nope'",
+                     id="unknown-ruleset"),
+    ],
+)
+def test_bad_input_exits_2_with_the_grpc_message(
+    grpc_server: ServerProcess, mafalda: Sample, malformed: Path, args: list[str], message: str
+) -> None:
+    values = {"{malformed}": [str(malformed)], "{mafalda}": [str(mafalda.path)], "{order}": mafalda.order_args}
+    args = [part for arg in args for part in values.get(arg, [arg])]
+    local = run(*args, "--json")
+    remote = run(*args, "--json", "--server", grpc_server.target)
+    for result in (local, remote):
+        assert result.exit_code == 2
+        assert result.stdout == ""
+        assert result.stderr.startswith(f"error: {message}")
+        assert "Traceback" not in result.stderr
+    assert local.stderr == remote.stderr
+
+
+def test_an_unknown_intent_is_a_usage_error(mafalda: Sample) -> None:
+    result = run(str(mafalda.path), "--intent", "curative")
+    assert result.exit_code == 2
+    assert "'curative' is not one of" in result.stderr
+
+
+def test_an_unreachable_server_exits_1(mafalda: Sample, unused_port: Callable[[], int]) -> None:
+    result = run(str(mafalda.path), *mafalda.order_args, "--server", f"127.0.0.1:{unused_port()}", "--timeout", "2")
+    assert result.exit_code == 1
+    assert "UNAVAILABLE" in result.stderr
+
+
+def test_the_entry_point_reads_standard_input(
+    mafalda: Sample, local_json: str, malformed: Path, cli_command: list[str], cli_env: dict[str, str]
+) -> None:
+    command = [*cli_command, "evaluate", "-", "--as-of", mafalda.as_of, *mafalda.order_args, "--json"]
+    done = subprocess.run(command, input=mafalda.bundle, capture_output=True, env=cli_env, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode() == local_json
+    done = subprocess.run(command, input=malformed.read_bytes(), capture_output=True, env=cli_env, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith("error: Bundle: not valid JSON")
+    assert b"Traceback" not in done.stderr
