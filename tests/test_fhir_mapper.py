@@ -158,12 +158,13 @@ def test_active_medication_through_type_id_reference(bundle: dict) -> None:
 
 def test_inr_and_unitless_platelets(bundle: dict) -> None:
     record = record_from_bundle(bundle)
-    (inr,) = record.observations
+    inr, platelets = record.observations
     assert (inr.value, inr.unit) == (2.4, "{INR}")  # the UCUM code wins over the display unit
     assert inr.effective == dt.datetime(2025, 5, 30, 6, 15, tzinfo=dt.timezone.utc)
-    (issue,) = record.data_issues
-    assert (issue.kind, issue.concept) == ("unit-missing", "loinc#777-3")
-    assert issue.source == "Bundle.entry[10].resource (Observation/platelets-unitless)"
+    # The unitless count is kept as it is: only the core knows whether a rule needs platelets.
+    assert (platelets.value, platelets.unit, platelets.problem) == (180.0, None, None)
+    assert platelets.source == "Bundle.entry[10].resource (Observation/platelets-unitless)"
+    assert record.data_issues == []
 
 
 def test_prior_injection(bundle: dict) -> None:
@@ -273,10 +274,12 @@ def test_refuted_and_inactive_items_are_ignored(bundle: dict) -> None:
         ({"valueQuantity": None, "dataAbsentReason": {"coding": [{"system": "x", "code": "error"}]}}, "value-missing"),
     ],
 )
-def test_untrustworthy_observation_values_become_data_issues(bundle: dict, fields: dict, kind: str) -> None:
+def test_untrustworthy_observation_values_are_kept_with_their_problem(bundle: dict, fields: dict, kind: str) -> None:
     record = record_from_bundle(with_observation(bundle, **fields))
-    assert "loinc#2339-0" not in codes_of(record.observations)
-    assert [(i.kind, i.concept) for i in record.data_issues if i.concept == "loinc#2339-0"] == [(kind, "loinc#2339-0")]
+    (glucose,) = [o for o in record.observations if str(o.codes[0]) == "loinc#2339-0"]
+    assert glucose.value is None and glucose.problem is not None
+    assert glucose.problem[0] == kind
+    assert record.data_issues == []
 
 
 def test_unit_falls_back_to_unit_text_outside_ucum(bundle: dict) -> None:
@@ -429,11 +432,17 @@ def test_coding_less_order_target(bundle: dict) -> None:
     raises("Bundle.entry[3].resource.bodySite[0]", bundle)
 
 
-def test_impossible_numbers(bundle: dict) -> None:
-    resource(bundle, "inr")["valueQuantity"]["value"] = -1.2
-    raises("Bundle.entry[9].resource.valueQuantity.value", bundle)
+def test_non_finite_numbers_are_refused(bundle: dict) -> None:
     resource(bundle, "inr")["valueQuantity"]["value"] = float("nan")
     raises("Bundle.entry[9].resource.valueQuantity.value", bundle)
+
+
+def test_negative_numbers_are_left_to_the_core(bundle: dict) -> None:
+    # Only the rule set knows whether a negative value is impossible (an INR) or normal (a
+    # T-score, a base excess), so the mapper keeps it; the evaluator refuses it (test_core).
+    resource(bundle, "inr")["valueQuantity"]["value"] = -1.2
+    (inr, _platelets) = record_from_bundle(bundle).observations
+    assert inr.value == -1.2
 
 
 def test_structurally_wrong_fields(bundle: dict) -> None:
@@ -502,7 +511,7 @@ def test_cds_hooks_request_from_hand_made_bundle(bundle: dict) -> None:
     assert codes_of(record.medications) == codes_of(direct.medications)
     assert record.prior_injections[0].agents == direct.prior_injections[0].agents
     assert record.birth_date == direct.birth_date and record.flags == ["ultrasound-failed"]
-    assert [i.kind for i in record.data_issues] == ["unit-missing"]
+    assert record.data_issues == []
 
 
 def test_cds_hooks_selections_choose_between_drafts(bundle: dict) -> None:

@@ -272,7 +272,8 @@ class Preparer:
             if obs.value is not None and not math.isfinite(obs.value):
                 raise RecordError(obs.source or "observation", f"{concept.title} value is not a finite number")
             if obs.effective is None:
-                issues.append(DataIssue("date-missing", concept.id, f"A {concept.title} result has no date, so its age cannot be judged; it was set aside.", obs.source))
+                kind, why = obs.problem or ("date-missing", "it has no date, so its age cannot be judged")
+                issues.append(DataIssue(kind, concept.id, f"A {concept.title} result was set aside: {why}", obs.source))
                 continue
             when = _utc(obs.effective)
             if when > as_of + FUTURE_TOLERANCE:
@@ -284,6 +285,9 @@ class Preparer:
             label = f"observation {cid} ({_codes_label(obs.codes)}, {when:%Y-%m-%d %H:%M}Z)"
             fact: dict = {"t": "observation", "concept": cid, "age_days": round(max(0.0, (as_of - when).total_seconds() / 86400.0), 4)}
             info = FactInfo(label, obs.source, {"age_days": "days"})
+            if obs.problem is not None:
+                issues.append(DataIssue(obs.problem[0], cid, f"The newest {concept.title} result was set aside: {obs.problem[1]}", obs.source))
+                continue
             if concept.unit is None:  # a coded result, e.g. pregnancy status
                 if obs.value_code is None:
                     issues.append(DataIssue("value-missing", cid, f"The newest {concept.title} result carries no coded value; it was set aside.", obs.source))

@@ -68,7 +68,7 @@ class RecordError(ValueError):
 class Code:
     system: str  # a short name from SYSTEM_URIS, or the raw URI when unknown
     code: str
-    display: str | None = None
+    display: str | None = field(default=None, compare=False)  # for people; never matched
 
     def __str__(self) -> str:
         return f"{self.system}#{self.code}"
@@ -91,7 +91,12 @@ class Medication:
 @dataclass(slots=True)
 class Observation:
     """A lab or vital sign. ``value`` is numeric with ``unit`` as received (UCUM where possible),
-    or ``value_code`` for coded results (e.g. pregnancy status)."""
+    or ``value_code`` for coded results (e.g. pregnancy status).
+
+    ``problem`` is ``(kind, detail)`` when an adapter could not read the value or its date (a
+    censored ``<20``, a string value, an unparseable date). The adapter does not know which
+    concepts matter, so it keeps the observation; the core names the problem in missingData
+    only when a rule set uses the concept, and never applies a threshold to it."""
 
     codes: list[Code]
     effective: dt.datetime | None
@@ -99,6 +104,7 @@ class Observation:
     unit: str | None = None
     value_code: Code | None = None
     source: str = ""
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)

@@ -62,7 +62,9 @@ def _field_value(fact: dict, info: FactInfo, fld: str) -> str:
     return f"{text} ({info.notes[fld]})" if fld in info.notes else text
 
 
-def render_message(template: str, firing: Firing, prepared: PreparedFacts, ruleset: RuleSet) -> str:
+def render_message(template: str, firing: Firing, prepared: PreparedFacts, ruleset: RuleSet, pick: dict[str, int] | None = None) -> str:
+    """Fill ``{alias.field}`` and ``{$param}`` placeholders. ``pick`` chooses the fact of an alias
+    (default: the first fact it matched)."""
     alternative = min(firing.matched)
     aliases = firing.matched[alternative]
 
@@ -73,13 +75,24 @@ def render_message(template: str, firing: Firing, prepared: PreparedFacts, rules
         alias, _, fld = ref.partition(".")
         if alias not in aliases:
             return "(not matched)"
-        fid = aliases[alias][0]
+        fid = (pick or {}).get(alias, aliases[alias][0])
         fact, info = prepared.facts[fid], prepared.info[fid]
         if fld in ("", "display"):
             return info.label
         return _field_value(fact, info, fld)
 
     return _TEMPLATE.sub(substitute, template)
+
+
+def per_fact_renderings(template: str, firing: Firing) -> list[dict[str, int]]:
+    """One ``pick`` per fact of the first alias a template names, so that a rule matching several
+    facts (e.g. several set-aside values) yields one entry each; ``[{}]`` if it names none."""
+    aliases = firing.matched[min(firing.matched)]
+    for ref in _TEMPLATE.findall(template):
+        alias = ref.partition(".")[0]
+        if not ref.startswith("$") and alias in aliases:
+            return [{alias: fid} for fid in aliases[alias]]
+    return [{}]
 
 
 def _matched_entries(firing: Firing, prepared: PreparedFacts) -> list[dict]:
@@ -269,10 +282,12 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             c["ruleIds"].append(rid)
             c["message"].append(messages[rid])
         if then.missing_data:
-            code = render_message(then.missing_data, f, prepared, ruleset)
-            m = missing.setdefault(code, {"code": code, "message": [], "ruleIds": []})
-            m["ruleIds"].append(rid)
-            m["message"].append(messages[rid])
+            for pick in per_fact_renderings(then.missing_data, f):
+                code = render_message(then.missing_data, f, prepared, ruleset, pick)
+                m = missing.setdefault(code, {"code": code, "message": [], "ruleIds": []})
+                if rid not in m["ruleIds"]:
+                    m["ruleIds"].append(rid)
+                m["message"].append(render_message(then.message, f, prepared, ruleset, pick))
     for conflict in conflicts:
         cautions[conflict["code"] + ":" + conflict["requested"]] = {k: v for k, v in conflict.items() if k != "requested"}
     for group in (deferrals.values(), cautions.values(), missing.values()):

@@ -76,8 +76,6 @@ _CRITICALITIES = frozenset({"low", "high", "unable-to-assess"})
 _SEXES = frozenset(SEXES)
 
 # Quantities that may legitimately be negative; any other negative value is impossible.
-_SIGNED_UNITS = frozenset({"Cel", "[degF]"})
-_SIGNED_LOINC = frozenset({"38265-5", "11555-0", "1925-7"})  # DXA T-score, base excess (blood, arterial)
 
 # Where each resource keeps its clinically relevant instant, in order of preference.
 _OBSERVATION_TIMES = (
@@ -216,16 +214,20 @@ def _distinct(codes: Iterable[Code]) -> list[Code]:
     return list(seen.values())
 
 
-def _may_be_negative(unit: str, codes: Sequence[Code]) -> bool:
-    """Whether a negative value is physically possible: temperatures, scores, base excess."""
-    return unit in _SIGNED_UNITS or "score" in unit.lower() or _has_code(codes, "loinc", _SIGNED_LOINC)
-
-
 def _has_code(codes: Iterable[Code], system: str, values: frozenset[str] | set[str]) -> bool:
     return any(code.system == system and code.code in values for code in codes)
 
 
 # --- dates --------------------------------------------------------------------------------------
+
+
+class _Unusable(Exception):
+    """A value the mapper keeps but cannot read: ``kind`` and ``detail`` become the problem."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
 
 
 class _DateProblem(Exception):
@@ -426,10 +428,9 @@ class _Mapper:
         shown = f" ({text!r})" if type(text) is str else ""
         self._issue("uncoded", entry.type, f"{what}{shown} has no usable coding and was set aside.", entry.source)
 
-    def _instant(
-        self, entry: _Entry, fields: Sequence[tuple[str, str | None]], concept: str
-    ) -> tuple[bool, dt.datetime | None]:
-        """The first present instant among ``fields``; (False, None) after reporting a bad one."""
+    def _first_instant(self, entry: _Entry, fields: Sequence[tuple[str, str | None]]) -> dt.datetime | None:
+        """The first present instant among ``fields`` (None if there is none). Raises
+        _Unusable naming the field when the first present one cannot be read."""
         resource = entry.resource
         for key, sub in fields:
             value = resource.get(key)
@@ -440,12 +441,20 @@ class _Mapper:
             if value is None:
                 continue
             try:
-                return True, _parse_datetime(value)
+                return _parse_datetime(value)
             except _DateProblem as problem:
-                detail = f"{name} {value!r} {problem.reason}; the value was set aside."
-                self._issue(problem.kind, concept, detail, entry.source)
-                return False, None
-        return True, None
+                raise _Unusable(problem.kind, f"{name} {value!r} {problem.reason}; the value was set aside.") from None
+        return None
+
+    def _instant(
+        self, entry: _Entry, fields: Sequence[tuple[str, str | None]], concept: str
+    ) -> tuple[bool, dt.datetime | None]:
+        """The first present instant among ``fields``; (False, None) after reporting a bad one."""
+        try:
+            return True, self._first_instant(entry, fields)
+        except _Unusable as problem:
+            self._issue(problem.kind, concept, problem.detail, entry.source)
+            return False, None
 
     # -- resources
 
@@ -535,58 +544,55 @@ class _Mapper:
         if not codes:
             return self._uncoded(entry, "Observation")
         concept = _concept_name(codes)
-        dated, effective = self._instant(entry, _OBSERVATION_TIMES, concept)
-        if not dated:
-            return
         observations, source = self.record.observations, entry.source
+        try:
+            effective = self._first_instant(entry, _OBSERVATION_TIMES)
+        except _Unusable as problem:
+            observations.append(Observation(codes, None, source=source, problem=(problem.kind, problem.detail)))
+            return
         if "valueQuantity" in resource:
-            quantity = self._quantity(entry, codes, concept)
-            if quantity is not None:
-                observations.append(Observation(codes, effective, value=quantity[0], unit=quantity[1], source=source))
+            try:
+                value, unit = self._quantity(entry)
+            except _Unusable as problem:
+                observations.append(Observation(codes, effective, source=source, problem=(problem.kind, problem.detail)))
+            else:
+                observations.append(Observation(codes, effective, value=value, unit=unit, source=source))
         elif "valueCodeableConcept" in resource:
             values = _codes(resource["valueCodeableConcept"], f"{path}.valueCodeableConcept")
             if values:
                 observations.append(Observation(codes, effective, value_code=values[0], source=source))
             else:
-                self._issue("uncoded", concept, "the coded result has no usable coding; it was set aside.", source)
+                problem = ("uncoded", f"the coded {concept} result has no usable coding; it was set aside.")
+                observations.append(Observation(codes, effective, source=source, problem=problem))
         elif any(key.startswith("value") for key in resource):
             kinds = ", ".join(key for key in resource if key.startswith("value"))
-            detail = f"the result is given as {kinds}; only valueQuantity and valueCodeableConcept are read."
-            self._issue("value-unsupported", concept, detail, source)
+            problem = ("value-unsupported", f"the {concept} result is given as {kinds}; only valueQuantity and valueCodeableConcept are read.")
+            observations.append(Observation(codes, effective, source=source, problem=problem))
         elif "component" not in resource and "hasMember" not in resource:  # panels carry no value
             reason = _codes(resource.get("dataAbsentReason"), f"{path}.dataAbsentReason")
             why = f" (dataAbsentReason {reason[0].code})" if reason else ""
-            self._issue("value-missing", concept, f"the Observation carries no value{why}.", entry.source)
+            problem = ("value-missing", f"the {concept} Observation carries no value{why}.")
+            observations.append(Observation(codes, effective, source=source, problem=problem))
 
-    def _quantity(self, entry: _Entry, codes: Sequence[Code], concept: str) -> tuple[float, str] | None:
-        """valueQuantity as (value, unit); None after reporting a value that cannot be used."""
+    def _quantity(self, entry: _Entry) -> tuple[float, str | None]:
+        """valueQuantity as (value, unit). Raises _Unusable for a value that cannot be used. A
+        missing unit or a negative value is not judged here: the core does that per concept."""
         path = f"{entry.path}.valueQuantity"
         quantity = _get_obj(entry.resource, "valueQuantity", entry.path) or {}
         value = quantity.get("value")
         if value is None:
-            self._issue("value-missing", concept, "valueQuantity has no value; it was set aside.", entry.source)
-            return None
+            raise _Unusable("value-missing", "valueQuantity has no value; it was set aside.")
         if type(value) is bool or not isinstance(value, (int, float)):
-            detail = f"valueQuantity.value {value!r} is not a number; it was set aside."
-            self._issue("value-unparseable", concept, detail, entry.source)
-            return None
+            raise _Unusable("value-unparseable", f"valueQuantity.value {value!r} is not a number; it was set aside.")
         number = float(value)
         if not math.isfinite(number):
             _fail(f"{path}.value", f"{value!r} is not a finite number")
         comparator = _get_str(quantity, "comparator", path)
         if comparator:
-            detail = f"the value is censored ({comparator}{value}), not exact; it was set aside."
-            self._issue("value-censored", concept, detail, entry.source)
-            return None
+            raise _Unusable("value-censored", f"the value is censored ({comparator}{value}), not exact; it was set aside.")
         code, unit = _get_str(quantity, "code", path), _get_str(quantity, "unit", path)
         chosen = code if code and quantity.get("system") == _UCUM_URI else unit
-        if not chosen:
-            detail = f"the value {value} has no unit, so no threshold can be applied; it was set aside."
-            self._issue("unit-missing", concept, detail, entry.source)
-            return None
-        if number < 0 and not _may_be_negative(chosen, codes):
-            _fail(f"{path}.value", f"{value} {chosen} is negative, which is physically impossible for {concept}")
-        return number, chosen
+        return number, chosen or None
 
     def _allergy(self, entry: _Entry) -> None:
         resource, path = entry.resource, entry.path
