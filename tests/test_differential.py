@@ -33,3 +33,21 @@ def test_engine_fires_what_the_reference_semantics_say(hip_evaluator, seed: int)
             assert got == reference, f"patient {n}: {rule.id} matched different facts"
             checked_firings += 1
     assert checked_firings > 500  # the generator really exercises the rules
+
+
+def test_compiled_matchers_agree_with_the_reference_interpreter(hip_evaluator) -> None:
+    from needlepoint.core.conditions import compile_matcher, pattern_matches
+
+    ruleset = hip_evaluator.ruleset
+    params = ruleset.param_values()
+    patterns = [p for r in ruleset.rules for alt in r.alternatives for p in alt]
+    patterns += [p for a in ruleset.aggregates for p in a.patterns]
+    facts = [f for patient in random_patients(150, seed=8) for f in hip_evaluator.preparer.prepare(patient, AS_OF).facts]
+    agreements = 0
+    for pattern in patterns:
+        match = compile_matcher(pattern, params)
+        for fact in facts:
+            if fact["t"] == pattern.kind:
+                assert match(fact) == pattern_matches(pattern, fact, params), (pattern, fact)
+                agreements += match(fact)
+    assert agreements > 1000  # both outcomes were exercised, not only "no match"

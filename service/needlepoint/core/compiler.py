@@ -4,8 +4,9 @@ Each alternative of a rule becomes one engine rule named ``RULE-ID#n``. Negated 
 not compiled as engine negations: durable-rules 2.0.28 lets a negation that is blocked in one
 rule suppress the negation joins of other rules that start with the same fact (a defect our
 differential tests found; ``tests/test_engine_defects.py`` reproduces it). Instead every
-distinct negated pattern gets a key, the preparer asserts ``{"t": "absent", "key": k}`` when no
-fact matches it, and the rule tests that positive fact. Parameters are
+distinct negated pattern gets a short property name (``n0``, ``n1``…); the preparer asserts one
+``{"t": "absent", "n3": true, …}`` fact naming every negated pattern that no fact matches, and
+each alternative tests all its negations in one positive pattern on that fact. Parameters are
 compiled in as literals (a site overlay therefore compiles to its own engine rule set), value
 sets become tag tests (``{"$iany": {"_tags": {"$i": "code@vitamin-k-antagonists"}}}``) so the
 engine never sees a code list, and the compiler refuses what the engine would mishandle:
@@ -20,7 +21,7 @@ from .engine import fnv1a_32
 from .ruleset import RuleSet, RuleSetError
 
 MAX_EQUALITY_TESTS = 400
-RESERVED_PROPERTIES = ("t", "sid", "_tags", "_fid", "key")
+RESERVED_PROPERTIES = ("t", "sid", "_tags", "_fid")
 
 
 def engine_rule_name(rule_id: str, alternative: int) -> str:
@@ -58,29 +59,36 @@ def negation_key(pattern: Pattern) -> str:
     return f"{pattern.kind}[{tests}]"
 
 
+ABSENT_ALIAS = "_absent"
+
+
 def negated_patterns(ruleset: RuleSet) -> dict[str, Pattern]:
-    """Every distinct negated pattern of the rule set, by key."""
+    """Every distinct negated pattern of the rule set, by the property that marks its absence."""
     found: dict[str, Pattern] = {}
     for rule in ruleset.rules:
         for alternative in rule.alternatives:
             for pattern in alternative:
                 if pattern.negated:
                     found.setdefault(negation_key(pattern), pattern)
-    return found
+    return {f"n{i}": found[key] for i, key in enumerate(sorted(found))}
 
 
-def _engine_pattern(pattern: Pattern, params: dict) -> dict:
-    if pattern.negated:
-        return {pattern.alias: {"$and": [{"t": "absent"}, {"key": negation_key(pattern)}]}}
-    return durable_pattern(pattern, params)
+def _engine_patterns(alternative: tuple[Pattern, ...], params: dict, absence_of: dict[str, str]) -> list[dict]:
+    patterns = [durable_pattern(p, params) for p in alternative if not p.negated]
+    absences = [{absence_of[negation_key(p)]: True} for p in alternative if p.negated]
+    if absences:
+        patterns.append({ABSENT_ALIAS: {"$and": [{"t": "absent"}, *absences]}})
+    return patterns
 
 
 def compile_ruleset(ruleset: RuleSet) -> dict:
     params = ruleset.param_values()
+    negations = negated_patterns(ruleset)
+    absence_of = {negation_key(p): prop for prop, p in negations.items()}
     definition: dict[str, dict] = {}
     for rule in ruleset.rules:
         for i, alternative in enumerate(rule.alternatives):
-            definition[engine_rule_name(rule.id, i)] = {"all": [_engine_pattern(p, params) for p in alternative]}
+            definition[engine_rule_name(rule.id, i)] = {"all": _engine_patterns(alternative, params, absence_of)}
 
     tests: set = set()
     for body in definition.values():
@@ -95,7 +103,7 @@ def compile_ruleset(ruleset: RuleSet) -> dict:
         )
 
     properties = set(RESERVED_PROPERTIES) | {f for fields in FACT_FIELDS.values() for f in fields}
-    properties |= {a.name for a in ruleset.aggregates}
+    properties |= {a.name for a in ruleset.aggregates} | set(negations)
     seen: dict[int, str] = {}
     for prop in sorted(properties):
         h = fnv1a_32(prop)

@@ -208,6 +208,28 @@ def alternative_matches(patterns: tuple[Pattern, ...], facts: list[dict], params
     return matched
 
 
+def compile_matcher(pattern: Pattern, params: dict[str, Any]):
+    """A fast predicate for facts *of the pattern's kind*, with the same semantics as
+    :func:`test_holds`. Parameters are inlined; operands are validated literals (str, int,
+    float, bool), rendered with ``repr`` into one expression compiled once per rule set."""
+    terms = []
+    for i, test in enumerate(pattern.tests):
+        field = repr(test.field)
+        if test.op == "exists":
+            terms.append(f"(f.get({field}) is not None) is {test.operand!r}")
+        elif test.op == "in" and not isinstance(test.operand, tuple):
+            terms.append(f"{tag(test.field, test.operand)!r} in f.get('_tags', ())")
+        elif test.op == "in":
+            terms.append(f"f.get({field}) in {frozenset(test.operand)!r}")
+        else:
+            operand = resolve_operand(test.operand, params)
+            if not isinstance(operand, (str, int, float, bool)):
+                raise RuleSetError(pattern.alias, f"cannot compile operand {operand!r}")
+            symbol = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[test.op]
+            terms.append(f"((v{i} := f.get({field})) is not None and v{i} {symbol} {operand!r})")
+    return eval(f"lambda f: {' and '.join(terms) or 'True'}", {})  # noqa: S307 - validated literals only
+
+
 # --- compilation of one pattern into durable-rules JSON --------------------------------------
 
 

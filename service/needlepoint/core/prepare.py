@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from .compiler import negated_patterns
-from .conditions import Pattern, alternative_matches, pattern_matches
+from .conditions import Pattern, compile_matcher
 from .record import Code, DataIssue, PatientRecord, RecordError
 from .ruleset import ObservationConcept, RuleSet
 
@@ -134,7 +134,8 @@ class Preparer:
         self.params = ruleset.param_values()
         self.index = TagIndex(ruleset)
         self.concept_of_code = {tuple(code.split("#", 1)): c for c in ruleset.observations.values() for code in c.codes}
-        self.negations = negated_patterns(ruleset)
+        self.negations = [(prop, p.kind, compile_matcher(p, self.params)) for prop, p in negated_patterns(ruleset).items()]
+        self.aggregates = [(agg, [(p.kind, compile_matcher(p, self.params)) for p in agg.patterns]) for agg in ruleset.aggregates]
 
     def prepare(self, record: PatientRecord, as_of: dt.datetime) -> PreparedFacts:
         as_of = _utc(as_of)
@@ -236,8 +237,8 @@ class Preparer:
             by_kind.setdefault(f["t"], []).append(f)
         summary: dict = {"t": "summary"}
         notes: dict[str, str] = {}
-        for agg in self.ruleset.aggregates:
-            hits = [[f for f in by_kind.get(p.kind, ()) if pattern_matches(p, f, self.params)] for p in agg.patterns]
+        for agg, matchers in self.aggregates:
+            hits = [[f for f in by_kind.get(kind, ()) if match(f)] for kind, match in matchers]
             if agg.mode == "criteria":
                 met = [p for p, h in zip(agg.patterns, hits) if h]
                 summary[agg.name] = len(met)
@@ -254,9 +255,11 @@ class Preparer:
         add(summary, FactInfo("summary", "derived from the record", notes=notes))
 
         by_kind["summary"] = [summary]
-        for key, pattern in self.negations.items():
-            if not any(pattern_matches(pattern, f, self.params) for f in by_kind.get(pattern.kind, ())):
-                add({"t": "absent", "key": key}, FactInfo(f"absence of {key}", "derived from the record"))
+        absent: dict = {"t": "absent"}
+        for prop, kind, match in self.negations:
+            if not any(match(f) for f in by_kind.get(kind, ())):
+                absent[prop] = True
+        add(absent, FactInfo("absences", "derived from the record"))
         return out
 
     def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue]) -> None:
@@ -335,4 +338,4 @@ def _codes_label(codes: list[Code]) -> str:
     return f"{first.system}#{first.code}" + (f" {first.display}" if first.display else "")
 
 
-__all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "completed_years", "alternative_matches"]
+__all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "completed_years"]

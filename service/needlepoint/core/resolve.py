@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import orjson
 
 from .prepare import FactInfo, PreparedFacts
+from .conditions import Pattern
 from .ruleset import RECOMMENDATIONS, Rule, RuleSet
 
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -95,20 +96,35 @@ def per_fact_renderings(template: str, firing: Firing) -> list[dict[str, int]]:
     return [{}]
 
 
-def _matched_entries(firing: Firing, prepared: PreparedFacts) -> list[dict]:
-    entries: list[dict] = []
-    for alt_index, aliases in sorted(firing.matched.items()):
-        for pattern in firing.rule.alternatives[alt_index]:
+def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[Pattern, str | None], ...], ...]:
+    """Per alternative: each pattern, with the fixed text of a negated one."""
+    plan = []
+    for alternative in rule.alternatives:
+        steps = []
+        for pattern in alternative:
+            text = None
             if pattern.negated:
                 tests = " and ".join(t.describe() for t in pattern.tests) or "any"
-                entries.append({"fact": f"no {pattern.kind} with {tests}", "value": "none found"})
+                text = f"no {pattern.kind} with {tests}"
+            steps.append((pattern, text))
+        plan.append(tuple(steps))
+    return tuple(plan)
+
+
+def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> list[dict]:
+    entries: list[dict] = []
+    facts, infos = prepared.facts, prepared.info
+    for alt_index, aliases in sorted(firing.matched.items()):
+        for pattern, negation_text in plan[alt_index]:
+            if negation_text is not None:
+                entries.append({"fact": negation_text, "value": "none found"})
                 continue
-            for fid in aliases.get(pattern.alias, []):
-                fact, info = prepared.facts[fid], prepared.info[fid]
-                for test in pattern.tests or ():
-                    entries.append({"fact": f"{info.label}.{test.field}", "value": _field_value(fact, info, test.field)})
+            for fid in aliases.get(pattern.alias, ()):
+                fact, info = facts[fid], infos[fid]
                 if not pattern.tests:
                     entries.append({"fact": info.label, "value": "present"})
+                for test in pattern.tests:
+                    entries.append({"fact": f"{info.label}.{test.field}", "value": _field_value(fact, info, test.field)})
     return entries
 
 
@@ -155,22 +171,26 @@ class Resolver:
         self.params = ruleset.param_values()
         self.order = {r.id: i for i, r in enumerate(ruleset.rules)}
         self.static = {r.id: _static_explanation(r, ruleset) for r in ruleset.rules}
+        self.plans = {r.id: _pattern_plan(r) for r in ruleset.rules}
 
     def __call__(self, firings: list[Firing], prepared: PreparedFacts, as_of_text: str) -> dict:
         return resolve(firings, prepared, self, as_of_text)
 
 
-def _static_explanation(rule: Rule, ruleset: RuleSet) -> dict:
-    return {
+def _static_explanation(rule: Rule, ruleset: RuleSet) -> tuple[dict, list[dict]]:
+    """The fixed part of a rule's explanation (key order as in the contract), and its parameters."""
+    head = {
         "ruleId": rule.id,
         "ruleVersion": rule.version,
         "title": rule.title,
         "category": rule.category,
         "outcome": _outcome_text(rule, ruleset),
         "rationale": rule.rationale,
-        "evidence": [{"citation": e.citation, "strength": e.strength} for e in rule.evidence],
-        "parameters": [{"name": p, "value": str(ruleset.params[p].value), "layer": ruleset.params[p].layer} for p in rule.params],
     }
+    if rule.evidence:
+        head["evidence"] = [{"citation": e.citation, "strength": e.strength} for e in rule.evidence]
+    params = [{"name": p, "value": str(ruleset.params[p].value), "layer": ruleset.params[p].layer} for p in rule.params]
+    return head, params
 
 
 def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resolver: Resolver, rules: dict[str, Rule]) -> list[dict]:
@@ -297,15 +317,13 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
 
     explanations = []
     for f in firings:
-        static = resolver.static[f.rule.id]
-        exp = {k: v for k, v in static.items() if k != "parameters"}
-        exp["matched"] = _matched_entries(f, prepared)
-        if static["parameters"]:
-            exp["parameters"] = static["parameters"]
+        head, parameters = resolver.static[f.rule.id]
+        exp = dict(head)
+        exp["matched"] = _matched_entries(f, resolver.plans[f.rule.id], prepared)
+        if parameters:
+            exp["parameters"] = parameters
         if f.rule.id in overridden:
             exp["overriddenBy"] = overridden[f.rule.id]
-        if not exp["evidence"]:
-            del exp["evidence"]
         explanations.append(exp)
 
     decision = {

@@ -1,0 +1,228 @@
+"""Needlepoint benchmark: prints figures for this machine. Not a test; nothing here asserts.
+
+    scripts/bench            (or: python bench/run.py [--quick])
+
+1. In-process: decisions/s and p50/p99 latency of ``Evaluator.evaluate`` on the bundled rule
+   set, over the Synthea patients and seeded random patients (records already mapped), and of
+   the whole FHIR road (bytes -> record -> decision) for the order-time bundle.
+2. gRPC unary ``Evaluate`` against ``needlepoint serve`` and, in the same run with the same
+   client and payload, against a no-op echo server with the same API (bench/echo_server.py):
+   throughput and p99 for each, and their ratio.
+3. gRPC ``EvaluateStream``: decisions/s.
+4. Memory: RSS before and after 100,000 in-process decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the seeded patient generator lives with the tests
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from needlepoint.core.evaluator import Evaluator  # noqa: E402
+from needlepoint.core.record import InjectionOrder  # noqa: E402
+from needlepoint.fhir.mapper import record_from_bundle  # noqa: E402
+from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset  # noqa: E402
+from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc  # noqa: E402
+from tests.patients import AS_OF, random_patients  # noqa: E402
+
+SYNTHEA = ROOT.parent / "shared" / "fixtures" / "synthea"
+ORDER_BUNDLE = ROOT / "tests" / "data" / "fhir" / "hip_injection_order.json"
+AS_OF_TEXT = "2025-06-02T09:00:00Z"
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def line(label: str, value: str) -> None:
+    print(f"  {label:<46} {value}")
+
+
+def in_process(evaluator: Evaluator, n: int) -> None:
+    order = InjectionOrder("hip-intra-articular", "right", "therapeutic")
+    records = [record_from_bundle(p.read_bytes()).with_order(order) for p in sorted(SYNTHEA.glob("*.json"))]
+    records += random_patients(200, seed=99)
+    for r in records:  # warm-up
+        evaluator.evaluate(r, AS_OF)
+    latencies = []
+    start = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        evaluator.evaluate(records[i % len(records)], AS_OF)
+        latencies.append((time.perf_counter_ns() - t0) / 1000)
+    elapsed = time.perf_counter() - start
+    print("In-process evaluation (records already mapped; Synthea + seeded random patients)")
+    line("decisions/s (one thread)", f"{n / elapsed:,.0f}")
+    line("latency p50 / p99 / max", f"{pct(latencies, 50):.0f} / {pct(latencies, 99):.0f} / {max(latencies):.0f} µs")
+
+    bundle = ORDER_BUNDLE.read_bytes()
+    latencies = []
+    for _ in range(max(1000, n // 10)):
+        t0 = time.perf_counter_ns()
+        evaluator.evaluate(record_from_bundle(bundle), AS_OF)
+        latencies.append((time.perf_counter_ns() - t0) / 1000)
+    line("FHIR order bundle -> decision p50 / p99", f"{pct(latencies, 50):.0f} / {pct(latencies, 99):.0f} µs ({len(bundle):,} bytes)")
+    synthea = (SYNTHEA / "Mafalda_Turcotte_80833fb2-95c1-4f5b-ab5e-26230287ee61.json").read_bytes()
+    latencies = []
+    for _ in range(200):
+        t0 = time.perf_counter_ns()
+        evaluator.evaluate(record_from_bundle(synthea).with_order(order), AS_OF)
+        latencies.append((time.perf_counter_ns() - t0) / 1000)
+    line("Synthea bundle (818 KB) -> decision p50 / p99", f"{pct(latencies, 50) / 1000:.1f} / {pct(latencies, 99) / 1000:.1f} ms")
+
+
+def memory(evaluator: Evaluator, n: int) -> None:
+    records = random_patients(500, seed=123)
+    for r in records[:200]:
+        evaluator.evaluate(r, AS_OF)
+    before = rss_mib()
+    for i in range(n):
+        evaluator.evaluate(records[i % len(records)], AS_OF)
+    after = rss_mib()
+    print(f"Memory over {n:,} in-process decisions")
+    line("RSS before / after", f"{before:.1f} / {after:.1f} MiB ({(after - before) / before * 100:+.1f}%)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise RuntimeError(f"server on {port} did not become healthy")
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_healthy(port)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def unary_load(port: int, request, total: int, concurrency: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
+        for _ in range(200):
+            await stub.Evaluate(request, timeout=10)
+        remaining = total
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter_ns()
+                await stub.Evaluate(request, timeout=10)
+                latencies.append((time.perf_counter_ns() - t0) / 1000)
+
+        start_t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start_t, latencies
+
+
+async def stream_load(port: int, request, total: int) -> float:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
+
+        async def requests():
+            for i in range(total):
+                request.correlation_id = str(i)
+                yield request
+
+        start_t = time.perf_counter()
+        count = 0
+        async for response in stub.EvaluateStream(requests(), timeout=600):
+            assert response.WhichOneof("outcome") == "decision"
+            count += 1
+        assert count == total
+        return total / (time.perf_counter() - start_t)
+
+
+def grpc_section(workers: int, total: int, concurrency: int, rounds: int) -> None:
+    bundle = ORDER_BUNDLE.read_bytes()
+    request = decision_service_pb2.EvaluateRequest(fhir_bundle=bundle)
+    request.as_of.FromDatetime(dt.datetime(2025, 6, 2, 9, 0, tzinfo=dt.timezone.utc))
+    needlepoint = str(Path(sys.executable).with_name("needlepoint"))
+    real_port, echo_port = free_port(), free_port()
+    real = start([needlepoint, "serve", "--host", "127.0.0.1", "--port", str(real_port), "--workers", str(workers), "--log-level", "warning"], real_port)
+    echo = start([sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(echo_port), "--workers", str(workers), "--bundle", str(ORDER_BUNDLE), "--as-of", AS_OF_TEXT], echo_port)
+    try:
+        results: dict[str, list[tuple[float, list[float]]]] = {"Evaluate": [], "echo": []}
+        for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
+            results["Evaluate"].append(asyncio.run(unary_load(real_port, request, total, concurrency)))
+            results["echo"].append(asyncio.run(unary_load(echo_port, request, total, concurrency)))
+        print(f"gRPC unary over loopback ({workers} server processes each, {concurrency} requests in flight, {total:,} requests x {rounds} rounds, {len(bundle):,}-byte FHIR bundle)")
+        throughput = {}
+        for name, runs in results.items():
+            rates = [total / elapsed for elapsed, _ in runs]
+            lat = [x for _, lats in runs for x in lats]
+            throughput[name] = statistics.median(rates)
+            line(f"{name:<9} req/s (median of rounds) / p50 / p99", f"{throughput[name]:,.0f} / {pct(lat, 50) / 1000:.2f} / {pct(lat, 99) / 1000:.2f} ms")
+        line("Evaluate / echo throughput ratio", f"{throughput['Evaluate'] / throughput['echo']:.2f}")
+        rate = asyncio.run(stream_load(real_port, request, total * 2))
+        print("gRPC EvaluateStream (one stream, in order)")
+        line("decisions/s", f"{rate:,.0f}")
+    finally:
+        stop(real)
+        stop(echo)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    n_eval, n_mem, n_grpc, rounds = (2_000, 10_000, 1_000, 1) if args.quick else (20_000, 100_000, 4_000, 3)
+    print(f"Needlepoint benchmark, {dt.date.today()}, {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
+    evaluator = Evaluator(load_ruleset(bundled_rulesets_dir() / "hip-injection"))
+    print(f"rule set {evaluator.ruleset.id} {evaluator.ruleset.version}: {len(evaluator.ruleset.rules)} rules\n")
+    in_process(evaluator, n_eval)
+    print()
+    memory(evaluator, n_mem)
+    print()
+    grpc_section(args.workers, n_grpc, concurrency=16, rounds=rounds)
+
+
+if __name__ == "__main__":
+    main()
