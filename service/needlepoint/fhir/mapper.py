@@ -158,21 +158,27 @@ def _codes(concept: Any, path: str) -> list[Code]:
     for k, coding in enumerate(_get_list(concept, "coding", path)):
         if type(coding) is not dict:
             _fail(f"{path}.coding[{k}]", f"expected a Coding object, found {_json_type(coding)}")
-        code = _code(coding, f"{path}.coding[{k}]")
+        code = _code(coding, path, k)
         if code is not None:
             codes.append(code)
     return codes
 
 
-def _code(coding: JSON, path: str) -> Code | None:
-    """One Coding (at ``path``) as a :class:`Code`; None without system or code, which cannot be matched."""
-    system, code = _get_str(coding, "system", path), _get_str(coding, "code", path)
+def _code(coding: JSON, path: str, k: int | None = None) -> Code | None:
+    """A Coding as a :class:`Code` (at ``path``, or coding ``k`` of the CodeableConcept at ``path``);
+    None without system or code, which cannot be matched. Error paths are built only on error."""
+    system, code = coding.get("system"), coding.get("code")
+    if (system is not None and type(system) is not str) or (code is not None and type(code) is not str):
+        where = path if k is None else f"{path}.coding[{k}]"
+        _get_str(coding, "system", where)
+        _get_str(coding, "code", where)
     if not system or not code:
         return None
     short = system_short_name(system)
     vocabulary = _OWN_VOCABULARIES.get(short)
     if vocabulary is not None and code not in vocabulary:
-        _fail(f"{path}.code", f"unknown code {code!r} in {system}; expected one of {', '.join(sorted(vocabulary))}")
+        where = path if k is None else f"{path}.coding[{k}]"
+        _fail(f"{where}.code", f"unknown code {code!r} in {system}; expected one of {', '.join(sorted(vocabulary))}")
     display = coding.get("display")
     return Code(short, code, display if type(display) is str else None)
 
