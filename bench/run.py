@@ -140,15 +140,24 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+CHANNELS = 8  # SO_REUSEPORT balances connections, not requests: use several, as EHR integrations do
+
+
+def _channels(port: int) -> list[grpc.aio.Channel]:
+    # A local subchannel pool gives each channel its own connection.
+    return [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNELS)]
+
+
 async def unary_load(port: int, request, total: int, concurrency: int) -> tuple[float, list[float]]:
     latencies: list[float] = []
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
-        for _ in range(200):
-            await stub.Evaluate(request, timeout=10)
+    channels = _channels(port)
+    try:
+        stubs = [decision_service_pb2_grpc.DecisionServiceStub(c) for c in channels]
+        for i in range(200):
+            await stubs[i % len(stubs)].Evaluate(request, timeout=10)
         remaining = total
 
-        async def worker() -> None:
+        async def worker(stub) -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
@@ -157,8 +166,11 @@ async def unary_load(port: int, request, total: int, concurrency: int) -> tuple[
                 latencies.append((time.perf_counter_ns() - t0) / 1000)
 
         start_t = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
         return time.perf_counter() - start_t, latencies
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 async def stream_load(port: int, request, total: int) -> float:
@@ -192,7 +204,7 @@ def grpc_section(workers: int, total: int, concurrency: int, rounds: int) -> Non
         for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
             results["Evaluate"].append(asyncio.run(unary_load(real_port, request, total, concurrency)))
             results["echo"].append(asyncio.run(unary_load(echo_port, request, total, concurrency)))
-        print(f"gRPC unary over loopback ({workers} server processes each, {concurrency} requests in flight, {total:,} requests x {rounds} rounds, {len(bundle):,}-byte FHIR bundle)")
+        print(f"gRPC unary over loopback ({workers} server processes each, {CHANNELS} connections, {concurrency} requests in flight, {total:,} requests x {rounds} rounds, {len(bundle):,}-byte FHIR bundle)")
         throughput = {}
         for name, runs in results.items():
             rates = [total / elapsed for elapsed, _ in runs]

@@ -207,3 +207,22 @@ def test_rule_format_errors_name_the_rule_and_key(change, message: str) -> None:
     with pytest.raises(RuleSetError, match=message) as caught:
         build_ruleset(_with_rule_change(change))
     assert "DEF-INR-HIGH" in caught.value.where and caught.value.where.startswith("rules/10-bleeding.yaml:")
+
+
+def test_every_value_set_of_the_bundled_rule_set_is_used(hip_ruleset) -> None:
+    used = {t.operand for r in hip_ruleset.rules for alt in r.alternatives for p in alt for t in p.tests if t.op == "in" and isinstance(t.operand, str)}
+    used |= {t.operand for a in hip_ruleset.aggregates for p in a.patterns for t in p.tests if t.op == "in" and isinstance(t.operand, str)}
+    used |= set(hip_ruleset.requested_modality.values())
+    assert set(hip_ruleset.value_sets) - used == set()
+
+
+def test_a_message_may_only_name_facts_every_alternative_matches() -> None:
+    def change(rule: dict) -> None:
+        rule.pop("when")
+        rule["when_any"] = [
+            {"vka": {"medication": {"code": {"in": "vitamin-k-antagonists"}}}, "inr": {"observation": {"concept": "inr"}}},
+            {"vka": {"medication": {"code": {"in": "vitamin-k-antagonists"}}}},
+        ]
+
+    with pytest.raises(RuleSetError, match="alternative 1 does not match"):
+        build_ruleset(_with_rule_change(change))

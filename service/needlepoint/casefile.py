@@ -23,6 +23,8 @@ Codes are ``system#code`` with the short system names of :mod:`needlepoint.core.
 are ISO dates or instants, or ``days_before`` / ``days_after`` relative to ``as_of``.
 ``deferrals`` lists ``REASON`` or ``REASON/SCOPE`` and must match the decision's deferrals
 exactly; ``cautions`` and ``missing`` likewise (use ``*_include`` keys for a subset check).
+``severities`` maps a deferral (same key form) to HARD or SOFT; ``messages_include`` lists texts
+that some message of the decision must contain.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ EXPECT_KEYS = {
     "modality",
     "injectates",
     "injectates_absent",
+    "severities",
+    "messages_include",
 }
 
 
@@ -240,6 +244,14 @@ def check(case: Case, decision: dict) -> list[str]:
     for category, want in (exp.get("injectates") or {}).items():
         if recs.get(category) != want:
             problems.append(f"injectate {category}: expected {want}, got {recs.get(category, 'nothing')}")
+    by_key = {(d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}"): d["severity"] for d in decision.get("deferrals", [])}
+    for key, want in (exp.get("severities") or {}).items():
+        if by_key.get(key) != want:
+            problems.append(f"deferral {key}: expected severity {want}, got {by_key.get(key, 'no such deferral')}")
+    messages = [m.get("message", "") for part in ("injectates", "deferrals", "cautions", "missingData") for m in decision.get(part, [])]
+    for text in exp.get("messages_include", []):
+        if not any(text in m for m in messages):
+            problems.append(f"no message contains {text!r}")
     for category in exp.get("injectates_absent", []):
         if category in recs:
             problems.append(f"injectate {category}: expected no recommendation, got {recs[category]}")

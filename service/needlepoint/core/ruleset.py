@@ -505,7 +505,11 @@ def _build_rule(raw: Any, source: str, summary_fields: set[str], params: dict[st
         alternatives.append(tuple(patterns))
     outcome, used_in_outcome = _build_outcome(_need(raw, "then", where, dict), f"{where}.then", params)
     aliases = {p.alias: p for alt in alternatives for p in alt if not p.negated}
-    for ref in _TEMPLATE.findall(outcome.message):
+    for ref in _TEMPLATE.findall(outcome.message + (outcome.missing_data or "")):
+        alias = ref.partition(".")[0]
+        missing_in = [i for i, alt in enumerate(alternatives) if alias not in {p.alias for p in alt if not p.negated}]
+        if not ref.startswith("$") and alias in aliases and missing_in:
+            raise RuleSetError(f"{where}.then", f"{{{ref}}} names {alias!r}, which alternative {missing_in[0]} does not match; every alternative must bind it")
         if not ref.startswith("$"):
             alias, _, fld = ref.partition(".")
             kind = aliases[alias].kind if alias in aliases else None
