@@ -39,4 +39,8 @@ def generate(root: Path) -> list[Path]:
 
 class CustomBuildHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
-        generate(Path(self.root))
+        root = Path(self.root)
+        generated = generate(root)
+        if version != "editable":  # generated files are git-ignored, so name them explicitly
+            for path in generated:
+                build_data["force_include"][str(path)] = str(path.relative_to(root / "service"))

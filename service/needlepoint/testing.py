@@ -1,4 +1,8 @@
-"""Collect every rule set's YAML test cases (rulesets/<id>/tests/*.yaml) as pytest items."""
+"""A pytest plugin that collects every rule set's YAML test cases (``<ruleset>/tests/*.yaml``)
+as test items, with pytest-style failure reports (one line per expectation not met).
+
+Enabled for this repository by ``-p needlepoint.testing`` in pyproject.toml; a site that keeps
+its own rule sets can run ``pytest -p needlepoint.testing path/to/rulesets``."""
 
 from __future__ import annotations
 
