@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 import click
 
 from needlepoint import __version__
+from needlepoint.cli_rules import rules
 from needlepoint.core.record import INTENTS, SIDES, TARGETS
 from needlepoint.rulesets import DEFAULT_RULESET
 
@@ -40,6 +41,9 @@ _RULESETS_OPTION = click.option(
 @click.version_option(__version__, prog_name="needlepoint")
 def main() -> None:
     """Needlepoint: decision support for image-guided hip injections."""
+
+
+main.add_command(rules)
 
 
 @main.command()
