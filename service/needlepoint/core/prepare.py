@@ -213,12 +213,13 @@ class Preparer:
 
         for surgery in record.planned_surgeries:
             tags = self.index.tags("planned_surgery", "code", surgery.codes)
-            if not tags:
-                continue
             if surgery.date is None:
-                issues.append(DataIssue("date-missing", f"planned surgery {_codes_label(surgery.codes)}", "A planned surgery has no date, so the interval to it cannot be measured.", surgery.source))
+                if tags:  # an undated surgery matters only if a rule could be about it
+                    issues.append(DataIssue("date-missing", f"planned surgery {_codes_label(surgery.codes)}", "A planned surgery has no date, so the interval to it cannot be measured.", surgery.source))
                 continue
-            fact = {"t": "planned_surgery", "_tags": tags, "days_until": (_utc(surgery.date).date() - as_of.date()).days, "ipsilateral": _sides_overlap(surgery.side, order.side)}
+            fact = {"t": "planned_surgery", "days_until": (_utc(surgery.date).date() - as_of.date()).days, "ipsilateral": _sides_overlap(surgery.side, order.side)}
+            if tags:
+                fact["_tags"] = tags
             add(fact, FactInfo(f"planned surgery {_codes_label(surgery.codes)} on {_utc(surgery.date):%Y-%m-%d} ({surgery.side or 'side?'})", surgery.source, {"days_until": "days"}, {"code": surgery.codes}))
 
         for injectate in record.planned_injectates:
