@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 import click
 
 from needlepoint import __version__
+from needlepoint.authoring.explain import command as explain_command
 from needlepoint.cli_rules import rules
 from needlepoint.core.record import INTENTS, SIDES, TARGETS
 from needlepoint.rulesets import DEFAULT_RULESET
@@ -44,6 +45,7 @@ def main() -> None:
 
 
 main.add_command(rules)
+main.add_command(explain_command)
 
 
 @main.command()

@@ -37,6 +37,10 @@ class Evaluator:
     def firings(self, record: PatientRecord, as_of: dt.datetime):
         """The prepared facts and every rule that fired, before conflict resolution."""
         prepared = self.preparer.prepare(record, as_of)
+        return prepared, self.run_prepared(prepared)
+
+    def run_prepared(self, prepared) -> list[Firing]:
+        """Every rule that fires on already prepared facts, with the facts each alias matched."""
         by_rule: dict[str, Firing] = {}
         for engine_name, matched in self.engine.run(prepared.facts):
             rule_id, alternative = rule_id_of(engine_name)
@@ -50,7 +54,7 @@ class Evaluator:
             for aliases in firing.matched.values():
                 for ids in aliases.values():
                     ids.sort()
-        return prepared, list(by_rule.values())
+        return list(by_rule.values())
 
     def evaluate(self, record: PatientRecord, as_of: dt.datetime) -> dict:
         if as_of.tzinfo is None:

@@ -233,6 +233,19 @@ class Preparer:
         for issue in issues:
             add({"t": "data_issue", "kind": issue.kind, "concept": issue.concept, "detail": issue.detail}, FactInfo(f"data issue ({issue.kind}) {issue.concept}", issue.source))
 
+        self.derive(out)
+        return out
+
+    def derive(self, out: PreparedFacts) -> None:
+        """Append the derived facts, the ``summary`` (aggregates) and the ``absent`` fact
+        (negations), to facts prepared from a record. Split out so that a changed fact (a
+        counterfactual) can be re-derived the same way."""
+
+        def add(fact: dict, info: FactInfo) -> None:
+            fact["_fid"] = len(out.facts)
+            out.facts.append(fact)
+            out.info.append(info)
+
         by_kind: dict[str, list[dict]] = {}
         for f in out.facts:
             by_kind.setdefault(f["t"], []).append(f)
@@ -261,7 +274,6 @@ class Preparer:
             if not any(match(f) for f in by_kind.get(kind, ())):
                 absent[prop] = True
         add(absent, FactInfo("absences", "derived from the record"))
-        return out
 
     def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue]) -> None:
         newest: dict[str, tuple[dt.datetime, object, ObservationConcept]] = {}

@@ -48,7 +48,7 @@ def _param_text(ruleset: RuleSet, name: str) -> str:
     return f"{_fmt_number(p.value)}" + (f" {p.unit}" if p.unit and not str(p.unit).startswith("{") else "")
 
 
-def _field_value(fact: dict, info: FactInfo, fld: str) -> str:
+def field_value(fact: dict, info: FactInfo, fld: str) -> str:
     if fld in info.codes:
         codes = info.codes[fld]
         return ", ".join(f"{c.system}#{c.code}" + (f" {c.display}" if c.display else "") for c in codes) or "(none)"
@@ -80,7 +80,7 @@ def render_message(template: str, firing: Firing, prepared: PreparedFacts, rules
         fact, info = prepared.facts[fid], prepared.info[fid]
         if fld in ("", "display"):
             return info.label
-        return _field_value(fact, info, fld)
+        return field_value(fact, info, fld)
 
     return _TEMPLATE.sub(substitute, template)
 
@@ -124,7 +124,7 @@ def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> list[dict
                 if not pattern.tests:
                     entries.append({"fact": info.label, "value": "present"})
                 for test in pattern.tests:
-                    entries.append({"fact": f"{info.label}.{test.field}", "value": _field_value(fact, info, test.field)})
+                    entries.append({"fact": f"{info.label}.{test.field}", "value": field_value(fact, info, test.field)})
     return entries
 
 

@@ -1,0 +1,193 @@
+"""``needlepoint explain FILE [--rule RULE_ID]``: why a rule did or did not fire for one patient,
+and what would change each deferral.
+
+* **A rule**: each alternative, each pattern, each candidate fact with every condition: the value
+  it saw, the threshold in force (parameters resolved) and whether it held.
+* **Counterfactuals**: for every deferral in the decision, the smallest change to one numeric fact
+  that stops a rule behind it (e.g. "INR 3.4 > 3; would not apply at ≤ 3"). Each one is checked,
+  not just stated: the changed fact is re-derived (aggregates, absences) and re-run through the
+  engine, and the report says whether the deferral actually lifts or which rule still holds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import sys
+from pathlib import Path
+
+import click
+import orjson
+
+from needlepoint.core.conditions import ORDERING_OPERATORS, Pattern, resolve_operand, test_holds
+from needlepoint.core.evaluator import Evaluator, format_instant
+from needlepoint.core.prepare import PreparedFacts
+from needlepoint.core.record import INTENTS, SIDES, TARGETS, InjectionOrder, PatientRecord, RecordError
+from needlepoint.core.resolve import field_value
+from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
+
+_SYMBOL = {"eq": "=", "ne": "≠", "gt": ">", "gte": "≥", "lt": "<", "lte": "≤"}
+_FLIP = {"gt": "≤", "gte": "<", "lt": "≥", "lte": ">"}  # where a passing value must move to
+_DERIVED = ("summary", "absent")
+
+
+def explain_rule(evaluator: Evaluator, record: PatientRecord, as_of: dt.datetime, rule_id: str) -> dict:
+    """Why ``rule_id`` did or did not fire for this record at this instant."""
+    try:
+        rule = evaluator.ruleset.rule(rule_id)
+    except KeyError:
+        raise RecordError("rule", f"no rule {rule_id!r} in {evaluator.ruleset.id} {evaluator.ruleset.version}") from None
+    prepared, firings = evaluator.firings(record, as_of)
+    params = evaluator.ruleset.param_values()
+    alternatives = []
+    for i, alternative in enumerate(rule.alternatives):
+        patterns = [_explain_pattern(pattern, prepared, params) for pattern in alternative]
+        alternatives.append({"alternative": i, "holds": all(p["holds"] for p in patterns), "patterns": patterns})
+    return {
+        "ruleId": rule.id,
+        "ruleVersion": rule.version,
+        "title": rule.title,
+        "fired": any(f.rule.id == rule.id for f in firings),
+        "alternatives": alternatives,
+    }
+
+
+def _explain_pattern(pattern: Pattern, prepared: PreparedFacts, params: dict) -> dict:
+    candidates = []
+    for fact, info in zip(prepared.facts, prepared.info):
+        if fact["t"] != pattern.kind:
+            continue
+        tests = []
+        for t in pattern.tests:
+            threshold = resolve_operand(t.operand, params) if t.op not in ("in", "exists") else t.operand
+            tests.append({"condition": t.describe(), "threshold": str(threshold), "saw": field_value(fact, info, t.field), "holds": test_holds(t, fact, params)})
+        candidates.append({"fact": info.label, "source": info.source, "matches": all(t["holds"] for t in tests), "tests": tests})
+    matched = any(c["matches"] for c in candidates)
+    return {
+        "alias": pattern.alias,
+        "pattern": ("no " if pattern.negated else "") + f"{pattern.kind} with " + (" and ".join(t.describe() for t in pattern.tests) or "anything"),
+        "negated": pattern.negated,
+        "holds": not matched if pattern.negated else matched,
+        "candidates": candidates,
+    }
+
+
+def _base(prepared: PreparedFacts) -> PreparedFacts:
+    """The facts that come from the record, without the derived ones."""
+    keep = [i for i, f in enumerate(prepared.facts) if f["t"] not in _DERIVED]
+    return PreparedFacts([copy.deepcopy(prepared.facts[i]) for i in keep], [prepared.info[i] for i in keep])
+
+
+def _rederive(evaluator: Evaluator, base: PreparedFacts) -> PreparedFacts:
+    out = PreparedFacts([dict(f) for f in base.facts], list(base.info))
+    evaluator.preparer.derive(out)
+    return out
+
+
+def counterfactuals(evaluator: Evaluator, record: PatientRecord, as_of: dt.datetime) -> list[dict]:
+    """For each deferral, one-value changes that would stop a rule behind it, each verified."""
+    prepared, firings = evaluator.firings(record, as_of)
+    decision = evaluator.resolver(firings, prepared, format_instant(as_of))
+    params = evaluator.ruleset.param_values()
+    by_rule = {f.rule.id: f for f in firings}
+    base = _base(prepared)
+    results = []
+    for deferral in decision.get("deferrals", []):
+        key = (deferral["reason"], deferral["scope"])
+        for rule_id in deferral["ruleIds"]:
+            firing = by_rule[rule_id]
+            for alt_index, aliases in firing.matched.items():
+                for pattern in firing.rule.alternatives[alt_index]:
+                    if pattern.negated or pattern.kind in _DERIVED:
+                        continue
+                    for fid in aliases.get(pattern.alias, []):
+                        for test in pattern.tests:
+                            if test.op in ORDERING_OPERATORS:
+                                results.append(_try_change(evaluator, base, fid, test, params, deferral, key, rule_id, as_of, decision.get("deferrals", [])))
+    return results
+
+
+def _try_change(evaluator, base: PreparedFacts, fid: int, test, params: dict, deferral: dict, key, rule_id: str, as_of, base_deferrals: list[dict]) -> dict:
+    fact, info = base.facts[fid], base.info[fid]
+    threshold = resolve_operand(test.operand, params)
+    integral = isinstance(fact[test.field], int) and isinstance(threshold, int)
+    step = 1 if integral else 0.01
+    new_value = {"gt": threshold, "gte": threshold - step, "lt": threshold, "lte": threshold + step}[test.op]
+    changed = PreparedFacts([dict(f) for f in base.facts], list(base.info))
+    changed.facts[fid] = {**fact, test.field: new_value}
+    derived = _rederive(evaluator, changed)
+    after = evaluator.resolver(evaluator.run_prepared(derived), derived, format_instant(as_of))
+    still = next((d for d in after.get("deferrals", []) if (d["reason"], d["scope"]) == key), None)
+    before = {(d["reason"], d["scope"]) for d in base_deferrals}
+    appearing = [d for d in after.get("deferrals", []) if (d["reason"], d["scope"]) not in before]
+    unit = info.units.get(test.field, "")
+    saw = field_value(fact, info, test.field)
+    bound = f"{threshold:g}{' ' + unit if unit else ''}" if isinstance(threshold, (int, float)) else str(threshold)
+    text = f"{info.label}: {test.field} {saw} {_SYMBOL[test.op]} {bound}; {rule_id} would not apply at {_FLIP[test.op]} {bound}"
+    return {
+        "deferral": f"{deferral['reason']}/{deferral['scope']}",
+        "ruleId": rule_id,
+        "fact": info.label,
+        "field": test.field,
+        "saw": saw,
+        "change": f"{test.field} {_FLIP[test.op]} {bound}",
+        "liftsDeferral": still is None,
+        "stillDeferredBy": [] if still is None else still["ruleIds"],
+        "newDeferrals": [f"{d['reason']}/{d['scope']}" for d in appearing],
+        "text": text
+        + ("; the deferral would lift" if still is None else f"; the deferral would stay ({', '.join(still['ruleIds'])})")
+        + (f", but {', '.join(d['reason'] for d in appearing)} would appear ({', '.join(r for d in appearing for r in d['ruleIds'])})." if appearing else "."),
+    }
+
+
+def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
+    lines = []
+    if rule_report is not None:
+        lines.append(f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: {'FIRED' if rule_report['fired'] else 'did not fire'}")
+        for alt in rule_report["alternatives"]:
+            lines.append(f"  alternative {alt['alternative']}: {'holds' if alt['holds'] else 'does not hold'}")
+            for p in alt["patterns"]:
+                lines.append(f"    {p['alias']}: {p['pattern']}: {'holds' if p['holds'] else 'does not hold'}")
+                if not p["candidates"]:
+                    lines.append(f"      (no {p['pattern'].split(' with ')[0].removeprefix('no ')} facts in the record)")
+                for c in p["candidates"]:
+                    lines.append(f"      {c['fact']}")
+                    for t in c["tests"]:
+                        lines.append(f"        {'✓' if t['holds'] else '✗'} {t['condition']} (threshold {t['threshold']}): saw {t['saw']}")
+    lines.append("What would change the deferrals:" if changes else "No deferral depends on a numeric value that could change.")
+    lines += [f"  {c['deferral']}: {c['text']}" for c in changes]
+    return lines
+
+
+@click.command(name="explain")
+@click.argument("file", type=click.File("rb"))
+@click.option("--rule", "rule_id", help="Explain this rule: each condition with the value it saw.")
+@click.option("--as-of", help="Evaluation instant, ISO 8601 (default: now).")
+@click.option("--target", type=click.Choice(TARGETS), help="Supplies or overrides the order's target.")
+@click.option("--side", type=click.Choice(SIDES), help="Supplies or overrides the order's side.")
+@click.option("--intent", type=click.Choice(INTENTS), help="Supplies or overrides the order's intent.")
+@click.option("--ruleset", "ruleset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Rule set directory (default: the bundled hip-injection).")
+@click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def command(file, rule_id, as_of, target, side, intent, ruleset_dir, overlay, as_json) -> None:
+    """Explain a rule for one patient (a FHIR Bundle, or - for stdin), and what would change each deferral."""
+    try:
+        instant = dt.datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else dt.datetime.now(dt.timezone.utc)
+        if instant.tzinfo is None:
+            instant = instant.replace(tzinfo=dt.timezone.utc)
+        record = record_from_bundle(file.read())
+        if target or side or intent:
+            old = record.order or InjectionOrder(None, None, None)
+            record = record.with_order(InjectionOrder(target or old.target, side or old.side, intent or old.intent, old.codes, old.reasons, old.source))
+        evaluator = Evaluator(load_ruleset(ruleset_dir or bundled_rulesets_dir() / DEFAULT_RULESET, overlay=overlay))
+        report = explain_rule(evaluator, record, instant, rule_id) if rule_id else None
+        changes = counterfactuals(evaluator, record, instant)
+    except (RecordError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(orjson.dumps({"rule": report, "counterfactuals": changes}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for line in _render(report, changes):
+            click.echo(line)
