@@ -63,17 +63,24 @@ main.add_command(explain_command)
 @click.option(
     "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default="INFO"
 )
-def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str) -> None:
+@click.option("--watch", is_flag=True, help="Hot-reload rule sets that change on disk (validated, tested, then swapped in).")
+@click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
+def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float) -> None:
     """Serve the gRPC API until SIGTERM.
 
     A supervisor runs WORKERS processes that share the port; each serves needlepoint.v1.DecisionService,
     grpc.health.v1 and server reflection. On SIGTERM or Ctrl-C in-flight calls get --grace seconds.
+    With --watch, a rule set that changes on disk is linted and run against its own test cases in a
+    separate process; only then is it loaded and swapped in, and a rule set that fails keeps the
+    previous version serving (GetRuleset reports why). Earlier versions stay loaded for pinning.
     """
     from needlepoint.server.supervisor import Supervisor
     from needlepoint.server.worker import WorkerConfig, setup_logging
 
     setup_logging(log_level)
-    config = WorkerConfig(host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level)
+    config = WorkerConfig(
+        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval
+    )
     sys.exit(Supervisor(config, workers).run())
 
 

@@ -21,6 +21,7 @@ from needlepoint.fhir.mapper import record_from_bundle
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, discover, load_ruleset
 from needlepoint.server import convert
 from needlepoint.server.errors import ServiceError
+from needlepoint.server.reload import Registry, UnknownVersion
 from needlepoint.v1 import decision_pb2, decision_service_pb2, ruleset_pb2
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,15 @@ def _utcnow() -> dt.datetime:
 
 
 class Engine:
-    """Loaded rule sets, and the evaluation of one request against them."""
+    """Loaded rule sets (several versions side by side), and the evaluation of one request."""
 
-    def __init__(self, evaluators: Mapping[str, EvaluatorLike], *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
-        self._evaluators = dict(evaluators)
+    def __init__(self, evaluators: Mapping[str, EvaluatorLike] | Registry, *, clock: Callable[[], dt.datetime] = _utcnow) -> None:
+        if isinstance(evaluators, Registry):
+            self.registry = evaluators
+        else:
+            self.registry = Registry()
+            for evaluator in evaluators.values():
+                self.registry.add(evaluator)  # type: ignore[arg-type]
         self._clock = clock
 
     @classmethod
@@ -74,20 +80,19 @@ class Engine:
 
     @property
     def ruleset_ids(self) -> list[str]:
-        return sorted(self._evaluators)
+        return self.registry.ids
 
-    def evaluator(self, ruleset_id: str, path: str = "ruleset_id") -> EvaluatorLike:
-        """The evaluator of a rule set; NOT_FOUND if it is not loaded."""
+    def evaluator(self, ruleset_id: str, path: str = "ruleset_id", version: str = "") -> EvaluatorLike:
+        """The evaluator of a rule set (a pinned version, or the one serving); NOT_FOUND if not loaded."""
         try:
-            return self._evaluators[ruleset_id]
-        except KeyError:
-            known = ", ".join(self.ruleset_ids)
-            raise ServiceError.not_found(path, f"unknown rule set {ruleset_id!r} (loaded: {known})") from None
+            return self.registry.get(ruleset_id, version)
+        except UnknownVersion as exc:
+            raise ServiceError.not_found(path if not version else "ruleset_version", str(exc)) from None
 
     def evaluate(self, request: decision_service_pb2.EvaluateRequest) -> decision_pb2.Decision:
         """The decision for one request. Bad input raises ServiceError; any other exception is a
         fault of the service and propagates."""
-        evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET)
+        evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
         try:
             record = self.record(request)
             has_as_of = request.HasField("as_of")
@@ -110,15 +115,26 @@ class Engine:
             record = convert.apply_order_override(record, request.order)
         return record
 
+    def _ruleset_proto(self, ruleset_id: str, version: str, *, full: bool) -> ruleset_pb2.Ruleset:
+        msg = convert.ruleset_to_proto(self.registry.get(ruleset_id, version).ruleset, full=full)
+        msg.serving = version == self.registry.serving(ruleset_id)
+        outcome = self.registry.last_reload.get(ruleset_id)
+        if outcome is not None:
+            msg.last_reload.outcome, msg.last_reload.message = outcome.outcome, outcome.message
+            msg.last_reload.version, msg.last_reload.digest = outcome.version, outcome.digest
+            msg.last_reload.at.FromDatetime(outcome.at)
+        return msg
+
     def list_rulesets(self) -> decision_service_pb2.ListRulesetsResponse:
         return decision_service_pb2.ListRulesetsResponse(
-            rulesets=[convert.ruleset_to_proto(self._evaluators[i].ruleset, full=False) for i in self.ruleset_ids]
+            rulesets=[self._ruleset_proto(i, v, full=False) for i in self.ruleset_ids for v in self.registry.versions(i)]
         )
 
-    def get_ruleset(self, ruleset_id: str) -> ruleset_pb2.Ruleset:
+    def get_ruleset(self, ruleset_id: str, version: str = "") -> ruleset_pb2.Ruleset:
         if not ruleset_id:
             raise ServiceError.bad_input("id", "a rule set id is required")
-        return convert.ruleset_to_proto(self.evaluator(ruleset_id, "id").ruleset, full=True)
+        evaluator = self.evaluator(ruleset_id, "id", version)
+        return self._ruleset_proto(ruleset_id, evaluator.ruleset.version, full=True)
 
 
 def _record_from_bundle_bytes(data: bytes) -> PatientRecord:

@@ -74,7 +74,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     async def GetRuleset(
         self, request: decision_service_pb2.GetRulesetRequest, context: grpc.aio.ServicerContext
     ) -> ruleset_pb2.Ruleset:
-        outcome = _guard("GetRuleset", "", lambda: self._engine.get_ruleset(request.id))
+        outcome = _guard("GetRuleset", "", lambda: self._engine.get_ruleset(request.id, request.version))
         if isinstance(outcome, ServiceError):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome

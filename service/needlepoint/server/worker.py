@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from needlepoint.rulesets import bundled_rulesets_dir
 from needlepoint.server.engine import Engine
+from needlepoint.server.reload import Watcher
 from needlepoint.server.servicer import start_server
 
 log = logging.getLogger("needlepoint.worker")
@@ -38,6 +40,8 @@ class WorkerConfig:
     rulesets_dir: Path | None = None
     grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     log_level: str = "INFO"
+    watch: bool = False  # hot-reload rule sets that change on disk
+    watch_interval: float = 2.0  # seconds between looks at the rule-sets directory
 
     @property
     def address(self) -> str:
@@ -67,6 +71,11 @@ async def serve(config: WorkerConfig, control: Connection | None = None) -> None
     """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s."""
     engine = Engine.load(config.rulesets_dir)
     running = await start_server(engine, config.address)
+    watcher_task = None
+    if config.watch:
+        directory = config.rulesets_dir or bundled_rulesets_dir()
+        watcher_task = asyncio.create_task(Watcher(directory, engine.registry, config.watch_interval).run())
+        log.info("watching %s for rule-set changes every %.1fs", directory, config.watch_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -76,6 +85,8 @@ async def serve(config: WorkerConfig, control: Connection | None = None) -> None
     address = format_address(config.host, running.port)
     log.info("serving on %s (rule sets: %s)", address, ", ".join(engine.ruleset_ids))
     await stop.wait()
+    if watcher_task is not None:
+        watcher_task.cancel()
     log.info("draining, grace %.1fs", config.grace)
     await running.stop(config.grace)
     log.info("stopped")
