@@ -26,14 +26,14 @@ def test_a_fired_rule_shows_each_condition_with_value_and_threshold(hip_evaluato
     assert report["fired"] is True
     (alternative,) = report["alternatives"]
     inr_pattern = next(p for p in alternative["patterns"] if p["alias"] == "inr")
-    value_test = next(t for t in inr_pattern["candidates"][0]["tests"] if t["condition"].startswith("value"))
+    value_test = next(t for t in inr_pattern["candidates"][0]["conditions"] if t["condition"].startswith("value"))
     assert value_test == {"condition": "value > $inr_defer_above", "threshold": "3.0", "saw": "3.4 {INR}", "holds": True}
 
 
 def test_a_silent_rule_shows_the_condition_that_failed(hip_evaluator) -> None:
     report = explain_rule(hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[inr(2.8)], order=ORDER), AS_OF, "DEF-INR-HIGH")
     assert report["fired"] is False
-    failing = [t for p in report["alternatives"][0]["patterns"] for c in p["candidates"] for t in c["tests"] if not t["holds"]]
+    failing = [t for p in report["alternatives"][0]["patterns"] for c in p["candidates"] for t in c["conditions"] if not t["holds"]]
     assert [(t["condition"], t["saw"]) for t in failing] == [("value > $inr_defer_above", "2.8 {INR}")]
 
 

@@ -388,3 +388,25 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(grpc_server: ServerP
     after = grpc_server.worker_pids()
     assert after[slot] != victim and after[1 - slot] == survivor == before[1 - slot]
     os.kill(after[slot], 0)  # alive
+
+
+def test_explain_through_the_api(grpc_server) -> None:
+    import datetime as dt
+    import json as _json
+    from pathlib import Path
+
+    from needlepoint_client import NeedlepointClient, make_request
+
+    bundle = _json.loads((Path(__file__).parent / "data" / "fhir" / "hip_injection_order.json").read_text())
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] == "Observation" and resource["code"]["coding"][0]["code"] == "6301-6":
+            resource["valueQuantity"]["value"] = 3.4
+    request = make_request(fhir_bundle=bundle, as_of=dt.datetime(2025, 6, 2, 9, tzinfo=dt.timezone.utc))
+    with NeedlepointClient(grpc_server.target) as client:
+        explained = client.explain(request, rule_id="DEF-INR-HIGH")
+    assert explained.rule.fired and explained.rule.rule_id == "DEF-INR-HIGH"
+    conditions = [c for p in explained.rule.alternatives[0].patterns for cand in p.candidates for c in cand.conditions]
+    assert any(c.condition == "value > $inr_defer_above" and c.threshold == "3.0" and c.saw == "3.4 {INR}" and c.holds for c in conditions)
+    lifting = [c for c in explained.counterfactuals if c.field == "value" and c.rule_id == "DEF-INR-HIGH"]
+    assert lifting and lifting[0].lifts_deferral and lifting[0].deferral == "BLEEDING_RISK/PROCEDURE"

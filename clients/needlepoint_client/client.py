@@ -202,10 +202,18 @@ class NeedlepointClient:
         request = decision_service_pb2.ListRulesetsRequest()
         return list(_call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout)).rulesets)
 
-    def get_ruleset(self, ruleset_id: str, *, timeout: float | None = None) -> ruleset_pb2.Ruleset:
-        """One rule set with its rules, evidence and parameters in force."""
-        request = decision_service_pb2.GetRulesetRequest(id=ruleset_id)
+    def get_ruleset(self, ruleset_id: str, *, version: str = "", timeout: float | None = None) -> ruleset_pb2.Ruleset:
+        """One rule set (the version serving, or ``version``) with its rules, evidence, parameters
+        in force, and the outcome of its last hot reload."""
+        request = decision_service_pb2.GetRulesetRequest(id=ruleset_id, version=version)
         return _call(lambda: self._stub.GetRuleset(request, timeout=timeout or self.timeout))
+
+    def explain(
+        self, request: decision_service_pb2.EvaluateRequest, *, rule_id: str = "", timeout: float | None = None
+    ) -> decision_service_pb2.ExplainResponse:
+        """Why ``rule_id`` did or did not fire for this evaluation, and what would change each deferral."""
+        explain_request = decision_service_pb2.ExplainRequest(request=request, rule_id=rule_id)
+        return _call(lambda: self._stub.Explain(explain_request, timeout=timeout or self.timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's health status name, e.g. ``SERVING`` (``service`` "" is the server as a

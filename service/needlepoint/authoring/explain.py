@@ -43,7 +43,7 @@ def explain_rule(evaluator: Evaluator, record: PatientRecord, as_of: dt.datetime
     alternatives = []
     for i, alternative in enumerate(rule.alternatives):
         patterns = [_explain_pattern(pattern, prepared, params) for pattern in alternative]
-        alternatives.append({"alternative": i, "holds": all(p["holds"] for p in patterns), "patterns": patterns})
+        alternatives.append({"index": i, "holds": all(p["holds"] for p in patterns), "patterns": patterns})
     return {
         "ruleId": rule.id,
         "ruleVersion": rule.version,
@@ -62,7 +62,7 @@ def _explain_pattern(pattern: Pattern, prepared: PreparedFacts, params: dict) ->
         for t in pattern.tests:
             threshold = resolve_operand(t.operand, params) if t.op not in ("in", "exists") else t.operand
             tests.append({"condition": t.describe(), "threshold": str(threshold), "saw": field_value(fact, info, t.field), "holds": test_holds(t, fact, params)})
-        candidates.append({"fact": info.label, "source": info.source, "matches": all(t["holds"] for t in tests), "tests": tests})
+        candidates.append({"fact": info.label, "source": info.source, "matches": all(t["holds"] for t in tests), "conditions": tests})
     matched = any(c["matches"] for c in candidates)
     return {
         "alias": pattern.alias,
@@ -146,14 +146,14 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
     if rule_report is not None:
         lines.append(f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: {'FIRED' if rule_report['fired'] else 'did not fire'}")
         for alt in rule_report["alternatives"]:
-            lines.append(f"  alternative {alt['alternative']}: {'holds' if alt['holds'] else 'does not hold'}")
+            lines.append(f"  alternative {alt['index']}: {'holds' if alt['holds'] else 'does not hold'}")
             for p in alt["patterns"]:
                 lines.append(f"    {p['alias']}: {p['pattern']}: {'holds' if p['holds'] else 'does not hold'}")
                 if not p["candidates"]:
                     lines.append(f"      (no {p['pattern'].split(' with ')[0].removeprefix('no ')} facts in the record)")
                 for c in p["candidates"]:
                     lines.append(f"      {c['fact']}")
-                    for t in c["tests"]:
+                    for t in c["conditions"]:
                         lines.append(f"        {'✓' if t['holds'] else '✗'} {t['condition']} (threshold {t['threshold']}): saw {t['saw']}")
     lines.append("What would change the deferrals:" if changes else "No deferral depends on a numeric value that could change.")
     lines += [f"  {c['deferral']}: {c['text']}" for c in changes]

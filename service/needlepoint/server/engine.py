@@ -115,6 +115,24 @@ class Engine:
             record = convert.apply_order_override(record, request.order)
         return record
 
+    def explain(self, request: decision_service_pb2.ExplainRequest) -> decision_service_pb2.ExplainResponse:
+        """Why a rule did or did not fire, and verified counterfactuals, for one evaluation."""
+        from google.protobuf import json_format
+
+        from needlepoint.authoring.explain import counterfactuals, explain_rule
+
+        inner = request.request
+        evaluator = self.evaluator(inner.ruleset_id or DEFAULT_RULESET, version=inner.ruleset_version)
+        try:
+            record = self.record(inner)
+            as_of = convert.timestamp_to_datetime(inner.as_of, "request.as_of") if inner.HasField("as_of") else self._clock()
+            report = {"counterfactuals": counterfactuals(evaluator, record, as_of)}
+            if request.rule_id:
+                report["rule"] = explain_rule(evaluator, record, as_of, request.rule_id)
+        except RecordError as exc:
+            raise ServiceError.from_record_error(exc) from None
+        return json_format.ParseDict(report, decision_service_pb2.ExplainResponse())
+
     def _ruleset_proto(self, ruleset_id: str, version: str, *, full: bool) -> ruleset_pb2.Ruleset:
         msg = convert.ruleset_to_proto(self.registry.get(ruleset_id, version).ruleset, full=full)
         msg.serving = version == self.registry.serving(ruleset_id)

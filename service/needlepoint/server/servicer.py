@@ -79,6 +79,14 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome
 
+    async def Explain(
+        self, request: decision_service_pb2.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> decision_service_pb2.ExplainResponse:
+        outcome = _guard("Explain", request.request.correlation_id, lambda: self._engine.explain(request))
+        if isinstance(outcome, ServiceError):
+            await context.abort_with_status(outcome.to_grpc_status())
+        return outcome
+
     def _evaluate(
         self, method: str, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> decision_pb2.Decision | ServiceError:
