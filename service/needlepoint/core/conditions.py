@@ -39,7 +39,6 @@ FACT_FIELDS: dict[str, dict[str, str]] = {
         "side": "string",
         "intent": "string",
         "intra_articular": "bool",
-        "requested_modality": "string",
         "code": "codes",
         "reason": "codes",
     },
@@ -139,12 +138,16 @@ def _parse_field_tests(field: str, ftype: str, spec: Any, path: str) -> list[Fie
         if op == "exists":
             if not isinstance(raw, bool):
                 raise RuleSetError(path, "exists takes true or false")
+            if ftype == "codes":
+                raise RuleSetError(path, "coded fields are tested by value-set membership only: {in: value-set-id}")
         elif ftype == "codes":
             if op != "in" or not isinstance(raw, str):
                 raise RuleSetError(path, "coded fields are tested by value-set membership only: {in: value-set-id}")
         elif op == "in":
             if not isinstance(raw, list) or not raw:
                 raise RuleSetError(path, "in takes a non-empty list of values")
+            if any(isinstance(v, str) and v.startswith("$") for v in raw):
+                raise RuleSetError(path, "parameters cannot stand inside an in: list; compare with eq or list the values")
             operand = tuple(raw)
         elif op in ORDERING_OPERATORS and ftype != "number":
             raise RuleSetError(path, f"{op} compares numbers, but {field} is a {ftype}")

@@ -385,6 +385,8 @@ def _build_aggregates(raw: dict, value_sets: dict[str, ValueSet], params: dict[s
         else:
             criteria = _need(spec, "criteria", where, list)
             patterns = [parse_pattern(f"{name}_{i}", c, f"{where}.criteria[{i}]", set()) for i, c in enumerate(criteria)]
+            if any(p.negated for p in patterns):
+                raise RuleSetError(f"{where}.criteria", "a criterion counts facts that match; it cannot be a not: pattern")
         for pattern in patterns:
             _check_references(pattern, where, params, value_sets)
         groups_of = spec.get("distinct_groups_of")
@@ -405,6 +407,12 @@ def _check_references(pattern: Pattern, where: str, params: dict[str, Param], va
         elif test.op == "in" and isinstance(test.operand, str) and test.operand not in value_sets:
             raise RuleSetError(where, f"unknown value set {test.operand!r}")
     return used
+
+
+def _precedence(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+        raise RuleSetError(where, f"precedence is a whole number from 0 to 1000; got {value!r}")
+    return value
 
 
 def _enum(value: Any, allowed: tuple, where: str) -> str:
@@ -526,7 +534,7 @@ def _build_rule(raw: Any, source: str, summary_fields: set[str], params: dict[st
         version=version,
         title=_need(raw, "title", where),
         category=category,
-        precedence=int(raw.get("precedence", 0)),
+        precedence=_precedence(raw.get("precedence", 0), f"{where}.precedence"),
         alternatives=tuple(alternatives),
         then=outcome,
         rationale=_need(raw, "rationale", where).strip(),

@@ -113,16 +113,13 @@ def validate(directory: Path) -> dict:
     except Exception as exc:  # anything that stops loading is a rejection, with its message
         return {"ok": False, "message": f"does not load: {exc}"}
     verdict = {"ok": True, "id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest}
-    try:
-        from needlepoint.authoring.lint import lint
-    except ImportError:  # lint is optional here until it exists
-        lint = None
-    if lint is not None:
-        errors = [f for f in lint(directory) if f.severity == "error"]
-        if errors:
-            first = errors[0]
-            return {**verdict, "ok": False, "message": f"{len(errors)} lint error(s), first {first.file}:{first.line}:{first.column}: {first.code} {first.message}"}
+    from needlepoint.authoring.lint import lint
     from needlepoint.authoring.runner import run
+
+    errors = [f for f in lint(directory) if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        return {**verdict, "ok": False, "message": f"{len(errors)} lint error(s), first {first.file}:{first.line}:{first.column}: {first.code} {first.message}"}
 
     _, results, _ = run(directory)
     failed = [r for r in results if not r.passed]
