@@ -19,8 +19,8 @@ import click
 
 from needlepoint import __version__
 from needlepoint.authoring.explain import command as explain_command
+from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_rules import rules
-from needlepoint.core.record import INTENTS, SIDES, TARGETS
 from needlepoint.rulesets import DEFAULT_RULESET
 
 if TYPE_CHECKING:
@@ -84,23 +84,10 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
     sys.exit(Supervisor(config, workers).run())
 
 
-def _instant(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
-    """An ISO 8601 date or date-time; without a time zone it is UTC."""
-    if value is None:
-        return None
-    try:
-        instant = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 date-time, e.g. 2025-06-02T09:00:00Z") from None
-    return instant if instant.tzinfo else instant.replace(tzinfo=dt.timezone.utc)
-
-
 @main.command()
 @click.argument("file", type=click.File("rb"))
-@click.option("--as-of", callback=_instant, help="Evaluation instant, ISO 8601 (default: now; UTC if no zone).")
-@click.option("--target", type=click.Choice(TARGETS), help="Injection target; supplies or overrides the order's.")
-@click.option("--side", type=click.Choice(SIDES), help="Side; supplies or overrides the order's.")
-@click.option("--intent", type=click.Choice(INTENTS), help="Intent; supplies or overrides the order's.")
+@click.option("--as-of", callback=parse_instant, help="Evaluation instant, ISO 8601 (default: now; UTC if no zone).")
+@order_options("supplies or overrides the order's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision JSON, nothing else.")
 @click.option("--server", metavar="HOST:PORT", help="Evaluate on a running server instead of in-process.")
 @click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id.")

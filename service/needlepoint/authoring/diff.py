@@ -82,9 +82,10 @@ import orjson
 import yaml
 
 from needlepoint.casefile import load_cases
+from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.core.conditions import RuleSetError
 from needlepoint.core.evaluator import Evaluator, format_instant
-from needlepoint.core.record import INTENTS, SIDES, TARGETS, InjectionOrder, PatientRecord, RecordError
+from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.fhir.mapper import record_from_bundle, record_from_cds_hooks_request
 from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
@@ -1376,27 +1377,15 @@ def _html_firings(firings: list[FiringDiff]) -> list[str]:
 # -- the command -------------------------------------------------------------------------------------
 
 
-def _instant_option(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    try:
-        instant = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 date-time, e.g. 2025-06-02T09:00:00Z") from None
-    return instant if instant.tzinfo else instant.replace(tzinfo=dt.timezone.utc)
-
-
 @click.command(name="diff")
 @click.argument("old")
 @click.argument("new")
 @click.option("--cases", "cases_dir", required=True, type=click.Path(exists=True, path_type=Path),
               help="Directory of cases (searched recursively), or one file.")
-@click.option("--as-of", callback=_instant_option, help="Evaluate every case at this instant (ISO 8601; UTC if no zone).")
+@click.option("--as-of", callback=parse_instant, help="Evaluate every case at this instant (ISO 8601; UTC if no zone).")
 @click.option("--old-overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site overlay for OLD.")
 @click.option("--new-overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site overlay for NEW.")
-@click.option("--target", type=click.Choice(TARGETS), help="Injection target for FHIR inputs that lack one.")
-@click.option("--side", type=click.Choice(SIDES), help="Side for FHIR inputs that lack one.")
-@click.option("--intent", type=click.Choice(INTENTS), help="Intent for FHIR inputs that lack one.")
+@order_options("for FHIR inputs that lack one.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "html", "json"]), default="markdown", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write the report here (default: standard output).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Worker processes [default: one per CPU].")

@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 
 import click
+
+from needlepoint.cli_options import order_options, parse_instant
 import orjson
 
 from needlepoint.core.conditions import ORDERING_OPERATORS, Pattern, resolve_operand, test_holds
 from needlepoint.core.evaluator import Evaluator, format_instant
 from needlepoint.core.prepare import PreparedFacts
-from needlepoint.core.record import INTENTS, SIDES, TARGETS, InjectionOrder, PatientRecord, RecordError
+from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
 from needlepoint.core.resolve import field_value
 from needlepoint.fhir.mapper import record_from_bundle
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
@@ -163,19 +165,15 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
 @click.command(name="explain")
 @click.argument("file", type=click.File("rb"))
 @click.option("--rule", "rule_id", help="Explain this rule: each condition with the value it saw.")
-@click.option("--as-of", help="Evaluation instant, ISO 8601 (default: now).")
-@click.option("--target", type=click.Choice(TARGETS), help="Supplies or overrides the order's target.")
-@click.option("--side", type=click.Choice(SIDES), help="Supplies or overrides the order's side.")
-@click.option("--intent", type=click.Choice(INTENTS), help="Supplies or overrides the order's intent.")
+@click.option("--as-of", callback=parse_instant, help="Evaluation instant, ISO 8601 (default: now; UTC if no zone).")
+@order_options("supplies or overrides the order's.")
 @click.option("--ruleset", "ruleset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Rule set directory (default: the bundled hip-injection).")
 @click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def command(file, rule_id, as_of, target, side, intent, ruleset_dir, overlay, as_json) -> None:
     """Explain a rule for one patient (a FHIR Bundle, or - for stdin), and what would change each deferral."""
     try:
-        instant = dt.datetime.fromisoformat(as_of.replace("Z", "+00:00")) if as_of else dt.datetime.now(dt.timezone.utc)
-        if instant.tzinfo is None:
-            instant = instant.replace(tzinfo=dt.timezone.utc)
+        instant = as_of or dt.datetime.now(dt.timezone.utc)
         record = record_from_bundle(file.read())
         if target or side or intent:
             old = record.order or InjectionOrder(None, None, None)
