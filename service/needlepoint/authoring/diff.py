@@ -873,7 +873,7 @@ def _run_pool_with(chunks: list[list[WorkItem]], jobs: int, initargs: tuple, on_
                         on_result(_crashed(chunk, "not evaluated: the worker process died"))
                     except Exception as exc:  # noqa: BLE001 - e.g. a result that does not pickle
                         on_result(_crashed(chunk, f"not evaluated: {type(exc).__name__}: {exc}"))
-            for future, chunk in inflight.items():  # a broken pool fails everything in flight
+            for chunk in inflight.values():  # a broken pool fails everything in flight
                 on_result(_crashed(chunk, "not evaluated: a worker process died while this was in flight"))
         finally:
             executor.shutdown(wait=True, cancel_futures=True)

@@ -57,7 +57,7 @@ def explain_rule(evaluator: Evaluator, record: PatientRecord, as_of: dt.datetime
 
 def _explain_pattern(pattern: Pattern, prepared: PreparedFacts, params: dict) -> dict:
     candidates = []
-    for fact, info in zip(prepared.facts, prepared.info):
+    for fact, info in zip(prepared.facts, prepared.info, strict=True):
         if fact["t"] != pattern.kind:
             continue
         tests = []

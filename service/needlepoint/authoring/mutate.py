@@ -80,7 +80,7 @@ def _ordering_tests(node, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
 
 
 def comparison_mutants(docs: dict) -> Iterator[Mutant]:
-    for index, (source, rule) in enumerate(docs["rules"]):
+    for index, (_source, rule) in enumerate(docs["rules"]):
         for path, op in _ordering_tests({k: rule[k] for k in ("when", "when_any") if k in rule}):
             mutated = copy.deepcopy(docs)
             node = mutated["rules"][index][1]

@@ -28,6 +28,7 @@ parallel speed-up: scale with processes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -163,10 +164,8 @@ class CompiledRules:
         """
         if sid in self._started:
             self._started.discard(sid)
-            try:
+            with contextlib.suppress(Exception):  # best effort: the sid is retired either way
                 _dre.delete_state(self._handle, sid)
-            except Exception:
-                pass
         self.pool.retire(sid)
 
     def session_facts(self, sid: str) -> list:

@@ -254,7 +254,7 @@ class Preparer:
         for agg, matchers in self.aggregates:
             hits = [[f for f in by_kind.get(kind, ()) if match(f)] for kind, match in matchers]
             if agg.mode == "criteria":
-                met = [p for p, h in zip(agg.patterns, hits) if h]
+                met = [p for p, h in zip(agg.patterns, hits, strict=True) if h]
                 summary[agg.name] = len(met)
                 notes[agg.name] = "; ".join(f"{p.kind} with " + " and ".join(t.describe() for t in p.tests) for p in met) or "no criterion met"
             elif agg.mode == "distinct_groups":
