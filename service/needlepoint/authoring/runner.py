@@ -139,8 +139,7 @@ def run(path: Path, *, overlay: Path | None = None, select: str | None = None) -
 def _run_case(case: Case, file_name: str, evaluator: Evaluator, params: dict, conditions, coverage: Coverage) -> CaseResult:
     case.source = f"{file_name}{case.source[case.source.index('['):]}" if "[" in case.source else case.source
     try:
-        decision = evaluator.evaluate(case.record, case.as_of)
-        prepared, _ = evaluator.firings(case.record, case.as_of)
+        prepared, decision = evaluator.evaluate_with_facts(case.record, case.as_of)
     except RecordError as exc:
         return CaseResult(case, [f"the case cannot be evaluated: {exc}"])
     result = CaseResult(case, check(case, decision))

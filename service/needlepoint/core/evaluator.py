@@ -57,10 +57,14 @@ class Evaluator:
         return list(by_rule.values())
 
     def evaluate(self, record: PatientRecord, as_of: dt.datetime) -> dict:
+        return self.evaluate_with_facts(record, as_of)[1]
+
+    def evaluate_with_facts(self, record: PatientRecord, as_of: dt.datetime):
+        """The prepared facts and the decision (for tools that also inspect the facts)."""
         if as_of.tzinfo is None:
             raise RecordError("asOf", "the evaluation instant needs a time zone (use UTC)")
         prepared, firings = self.firings(record, as_of)
-        return self.resolver(firings, prepared, format_instant(as_of))
+        return prepared, self.resolver(firings, prepared, format_instant(as_of))
 
     def close(self) -> None:
         self.engine.close()
