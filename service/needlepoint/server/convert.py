@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 from google.protobuf import timestamp_pb2
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor
 
 from needlepoint.core import record as rec
 from needlepoint.core.ruleset import RuleSet
@@ -284,33 +284,47 @@ def decision_to_proto(decision: Mapping[str, Any]) -> decision_pb2.Decision:
 
     The dict is the contract's JSON, which is the Decision's protobuf JSON mapping, so the result
     equals ``json_format.ParseDict(decision, Decision())``; it is built through the message
-    constructors instead, about 15 times faster. A key, value or enum name that the proto does not
-    know raises (KeyError, TypeError, ValueError): a fault of the service, never of the input.
+    constructors instead, following a per-message plan made once from the descriptors, about 15
+    times faster. A key, value or enum name that the proto does not know raises (KeyError,
+    TypeError, ValueError): a fault of the service, never of the input.
     """
     return decision_pb2.Decision(**_constructor_args(decision_pb2.Decision.DESCRIPTOR, decision))
 
 
+# How a JSON member becomes a constructor argument (the third item of a plan entry).
+_SCALAR, _TIMESTAMP, _MESSAGE, _REPEATED_MESSAGE = range(4)
+
+
 @functools.cache
-def _fields_by_json_name(message: Descriptor) -> dict[str, FieldDescriptor]:
-    return {f.json_name: f for f in message.fields}
+def _plan(message: Descriptor) -> dict[str, tuple[str, int, Descriptor | None]]:
+    """For each field of ``message``, by JSON name: (field name, kind, message type)."""
+    plan: dict[str, tuple[str, int, Descriptor | None]] = {}
+    for f in message.fields:
+        sub = f.message_type
+        if sub is None:
+            plan[f.json_name] = (f.name, _SCALAR, None)  # enums go by name, as in the JSON
+        elif sub is timestamp_pb2.Timestamp.DESCRIPTOR:
+            plan[f.json_name] = (f.name, _TIMESTAMP, None)
+        else:
+            plan[f.json_name] = (f.name, _REPEATED_MESSAGE if f.is_repeated else _MESSAGE, sub)
+    return plan
 
 
 def _constructor_args(message: Descriptor, obj: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for the message's constructor from its JSON object (enums by name)."""
-    fields = _fields_by_json_name(message)
+    """Keyword arguments for the message's constructor from its JSON object."""
+    plan = _plan(message)
     args: dict[str, Any] = {}
     for key, value in obj.items():
-        f = fields[key]
-        sub = f.message_type
-        if sub is None:
-            args[f.name] = value
-        elif sub is timestamp_pb2.Timestamp.DESCRIPTOR:
-            args[f.name] = ts = timestamp_pb2.Timestamp()
-            ts.FromJsonString(value)
-        elif f.is_repeated:
-            args[f.name] = [_constructor_args(sub, v) for v in value]
+        name, kind, sub = plan[key]
+        if kind == _SCALAR:
+            args[name] = value
+        elif kind == _REPEATED_MESSAGE:
+            args[name] = [_constructor_args(sub, v) for v in value]  # type: ignore[arg-type]
+        elif kind == _MESSAGE:
+            args[name] = _constructor_args(sub, value)  # type: ignore[arg-type]
         else:
-            args[f.name] = _constructor_args(sub, value)
+            args[name] = ts = timestamp_pb2.Timestamp()
+            ts.FromJsonString(value)
     return args
 
 
