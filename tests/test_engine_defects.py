@@ -183,6 +183,10 @@ def test_engine_adapter_refuses_an_oversized_fact_before_the_engine_sees_it() ->
     with pytest.raises(EngineError, match="properties"):
         engine.run([big, {"k": "good"}])
     assert [name for name, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]  # the pool is intact
+    # The engine flattens nested objects, so their leaves count: few keys, too many properties.
+    nested = {"k": "big", "n": {f"p{i}": i for i in range(MAX_FACT_PROPERTIES)}}
+    with pytest.raises(EngineError, match=f"{MAX_FACT_PROPERTIES + 1} properties"):
+        engine.run([nested])
 
 
 # --- negations: a blocked negation in one rule suppresses another rule's negation -------------

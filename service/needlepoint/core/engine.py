@@ -93,7 +93,11 @@ class SidPool:
 
 def count_properties(fact: dict) -> int:
     """Flattened property count as the engine sees it (nested objects count their leaves)."""
-    return sum(count_properties(v) if isinstance(v, dict) else 1 for v in fact.values())
+    n = len(fact)
+    for value in fact.values():
+        if isinstance(value, dict):  # rare: prepared facts are flat
+            n += count_properties(value) - 1
+    return n
 
 
 def sentinel_rule() -> dict:
