@@ -7,7 +7,10 @@
    the whole FHIR road (bytes -> record -> decision) for the order-time bundle.
 2. gRPC unary ``Evaluate`` against ``needlepoint serve`` and, in the same run with the same
    client and payload, against a no-op echo server with the same API (bench/echo_server.py):
-   throughput and p99 for each, and their ratio.
+   throughput and p99 for each, and their ratio. Also the echo server doing one stage of the
+   real work per request (reading the FHIR bundle; running the durable-rules engine on prepared
+   facts): the ratio each stage alone allows, a ceiling for the whole. For every server, the CPU
+   time per request of the server processes and of this client.
 3. gRPC ``EvaluateStream``: decisions/s.
 4. Memory: RSS before and after 100,000 in-process decisions.
 """
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +152,22 @@ def _channels(port: int) -> list[grpc.aio.Channel]:
     return [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNELS)]
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU time of every live process in the process group (a server and its workers)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[2] is the process group; 11, 12 are utime, stime
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def unary_load(port: int, request, total: int, concurrency: int) -> tuple[float, list[float]]:
     latencies: list[float] = []
     channels = _channels(port)
@@ -191,48 +211,84 @@ async def stream_load(port: int, request, total: int) -> float:
         return total / (time.perf_counter() - start_t)
 
 
+SERVERS = (  # name, echo_server.py --work (None: the real server)
+    ("Evaluate", None),
+    ("echo", "none"),
+    ("echo + read bundle", "read-bundle"),
+    ("echo + durable engine", "durable-engine"),
+)
+
+
+@dataclass
+class Run:
+    elapsed: float
+    latencies: list[float]
+    server_cpu: float
+    client_cpu: float
+
+
+def measure(proc: subprocess.Popen, port: int, request, total: int, concurrency: int) -> Run:
+    server0, client0 = group_cpu_seconds(proc.pid), time.process_time()
+    elapsed, latencies = asyncio.run(unary_load(port, request, total, concurrency))
+    return Run(elapsed, latencies, group_cpu_seconds(proc.pid) - server0, time.process_time() - client0)
+
+
 def grpc_section(workers: int, total: int, concurrency: int, rounds: int) -> None:
     bundle = ORDER_BUNDLE.read_bytes()
     request = decision_service_pb2.EvaluateRequest(fhir_bundle=bundle)
     request.as_of.FromDatetime(dt.datetime(2025, 6, 2, 9, 0, tzinfo=dt.timezone.utc))
     needlepoint = str(Path(sys.executable).with_name("needlepoint"))
-    real_port, echo_port = free_port(), free_port()
-    real = start([needlepoint, "serve", "--host", "127.0.0.1", "--port", str(real_port), "--workers", str(workers), "--log-level", "warning"], real_port)
-    echo = start([sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(echo_port), "--workers", str(workers), "--bundle", str(ORDER_BUNDLE), "--as-of", AS_OF_TEXT], echo_port)
+    servers: dict[str, tuple[int, subprocess.Popen]] = {}
     try:
-        results: dict[str, list[tuple[float, list[float]]]] = {"Evaluate": [], "echo": []}
-        for _ in range(rounds):  # interleaved, so drift in machine load hits both alike
-            results["Evaluate"].append(asyncio.run(unary_load(real_port, request, total, concurrency)))
-            results["echo"].append(asyncio.run(unary_load(echo_port, request, total, concurrency)))
+        for name, work in SERVERS:
+            port = free_port()
+            if work is None:
+                cmd = [needlepoint, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+            else:
+                cmd = [sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(port), "--workers", str(workers)]
+                cmd += ["--bundle", str(ORDER_BUNDLE), "--as-of", AS_OF_TEXT, "--work", work]
+            servers[name] = port, start(cmd, port)
+        results: dict[str, list[Run]] = {name: [] for name in servers}
+        for _ in range(rounds):  # interleaved, so drift in machine load hits all alike
+            for name, (port, proc) in servers.items():
+                results[name].append(measure(proc, port, request, total, concurrency))
         print(f"gRPC unary over loopback ({workers} server processes each, {CHANNELS} connections, {concurrency} requests in flight, {total:,} requests x {rounds} rounds, {len(bundle):,}-byte FHIR bundle)")
-        throughput = {}
+        print(f"  {'':<24}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'server CPU':>12}{'client CPU':>12}{'÷ echo':>8}")
+        echo_rate = statistics.median(total / r.elapsed for r in results["echo"])
         for name, runs in results.items():
-            rates = [total / elapsed for elapsed, _ in runs]
-            lat = [x for _, lats in runs for x in lats]
-            throughput[name] = statistics.median(rates)
-            line(f"{name:<9} req/s (median of rounds) / p50 / p99", f"{throughput[name]:,.0f} / {pct(lat, 50) / 1000:.2f} / {pct(lat, 99) / 1000:.2f} ms")
-        line("Evaluate / echo throughput ratio", f"{throughput['Evaluate'] / throughput['echo']:.2f}")
-        rate = asyncio.run(stream_load(real_port, request, total * 2))
+            rate = statistics.median(total / r.elapsed for r in runs)  # median of rounds
+            lat = [x for r in runs for x in r.latencies]
+            server_ms = sum(r.server_cpu for r in runs) / (total * len(runs)) * 1000
+            client_ms = sum(r.client_cpu for r in runs) / (total * len(runs)) * 1000
+            print(
+                f"  {name:<24}{rate:>8,.0f}{pct(lat, 50) / 1000:>9.2f}{pct(lat, 99) / 1000:>9.2f}"
+                f"{server_ms:>9.2f} ms{client_ms:>9.2f} ms{rate / echo_rate:>8.2f}"
+            )
+        print("  (CPU: per request, all server processes / this client; ÷ echo: throughput over the echo server's)")
+        port, _ = servers["Evaluate"]
+        rate = asyncio.run(stream_load(port, request, total * 2))
         print("gRPC EvaluateStream (one stream, in order)")
         line("decisions/s", f"{rate:,.0f}")
     finally:
-        stop(real)
-        stop(echo)
+        for _, proc in servers.values():
+            stop(proc)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--grpc-only", action="store_true", help="only the gRPC section")
     args = parser.parse_args()
     n_eval, n_mem, n_grpc, rounds = (2_000, 10_000, 1_000, 1) if args.quick else (20_000, 100_000, 4_000, 3)
     print(f"Needlepoint benchmark, {dt.date.today()}, {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
     evaluator = Evaluator(load_ruleset(bundled_rulesets_dir() / "hip-injection"))
     print(f"rule set {evaluator.ruleset.id} {evaluator.ruleset.version}: {len(evaluator.ruleset.rules)} rules\n")
-    in_process(evaluator, n_eval)
-    print()
-    memory(evaluator, n_mem)
-    print()
+    if not args.grpc_only:
+        in_process(evaluator, n_eval)
+        print()
+        memory(evaluator, n_mem)
+        print()
     grpc_section(args.workers, n_grpc, concurrency=16, rounds=rounds)
 
 
