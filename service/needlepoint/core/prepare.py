@@ -17,11 +17,12 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .compiler import negated_patterns
-from .conditions import Pattern, compile_matcher
+from .conditions import Pattern, compile_matcher, resolve_operand, tag
 from .record import Code, DataIssue, PatientRecord, RecordError
-from .ruleset import ObservationConcept, RuleSet
+from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet
 
 FUTURE_TOLERANCE = dt.timedelta(minutes=10)  # clock skew between an EHR and us
 INJECTATE_SYSTEM = "np-injectate"
@@ -44,12 +45,47 @@ class PreparedFacts:
     info: list[FactInfo]
 
 
+class _CodeIndex:
+    """Codes to the labels of the code sets that hold them, indexed once.
+
+    Exact codes map straight to their labels; hierarchical codes (ICD-10-CM, ATC) are matched by
+    looking up each prefix length that occurs in the sets, which is what ``ValueSet.contains``
+    does one set at a time. Labels come out in first-found order, each once.
+    """
+
+    def __init__(self, members: list[tuple[str, ValueSet]]):
+        exact: dict[tuple[str, str], dict[str, None]] = {}
+        prefix: dict[str, dict[str, dict[str, None]]] = {}
+        for label, vs in members:
+            for system, codes in vs.codes.items():
+                for code in codes:
+                    exact.setdefault((system, code), {})[label] = None
+            for system, prefixes in vs.prefixes.items():
+                for pre in prefixes:
+                    prefix.setdefault(system, {}).setdefault(pre, {})[label] = None
+        self._exact = {k: tuple(v) for k, v in exact.items()}
+        # system -> (the prefix lengths to try, shortest first; prefix -> labels)
+        self._prefix = {sys: (tuple(sorted({len(p) for p in d})), {p: tuple(v) for p, v in d.items()}) for sys, d in prefix.items()}
+
+    def labels(self, codes: list[Code]) -> list[str]:
+        exact, prefix = self._exact, self._prefix
+        found: list[str] = []
+        for c in codes:
+            found += exact.get((c.system, c.code), ())
+            by_prefix = prefix.get(c.system)
+            if by_prefix is not None:
+                lengths, labels_of = by_prefix
+                for n in lengths:
+                    found += labels_of.get(c.code[:n], ())
+        # one hit (the common case) needs no de-duplication; several may repeat a label
+        return list(dict.fromkeys(found)) if len(found) > 1 else found
+
+
 class TagIndex:
     """Value-set membership as tags, with lookups indexed once per rule set.
 
-    For each (fact kind, coded field) the rule set tests, exact codes map straight to the value
-    sets holding them, and hierarchical codes (ICD-10-CM, ATC) are matched by looking up each
-    prefix length that occurs in those value sets.
+    For each (fact kind, coded field) the rule set tests, a :class:`_CodeIndex` maps codes
+    straight to the tags (``field@value-set``) of the value sets holding them.
     """
 
     def __init__(self, ruleset: RuleSet):
@@ -65,44 +101,26 @@ class TagIndex:
         for vs_id in ruleset.requested_modality.values():
             if vs_id not in wanted.setdefault(("order", "code"), []):
                 wanted[("order", "code")].append(vs_id)
-        self._exact: dict[tuple[str, str], dict[tuple[str, str], tuple[str, ...]]] = {}
-        self._prefix: dict[tuple[str, str], dict[str, dict[str, tuple[str, ...]]]] = {}
-        self._lengths: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
-        for key, vs_ids in wanted.items():
-            exact: dict[tuple[str, str], list[str]] = {}
-            prefix: dict[str, dict[str, list[str]]] = {}
-            for vs_id in vs_ids:
-                vs = ruleset.value_sets[vs_id]
-                for system, codes in vs.codes.items():
-                    for code in codes:
-                        exact.setdefault((system, code), []).append(vs_id)
-                for system, prefixes in vs.prefixes.items():
-                    for pre in prefixes:
-                        prefix.setdefault(system, {}).setdefault(pre, []).append(vs_id)
-            self._exact[key] = {k: tuple(v) for k, v in exact.items()}
-            self._prefix[key] = {sys: {p: tuple(v) for p, v in d.items()} for sys, d in prefix.items()}
-            self._lengths[key] = {sys: tuple(sorted({len(p) for p in d})) for sys, d in prefix.items()}
+        self._by_field = {key: _CodeIndex([(tag(key[1], vs_id), ruleset.value_sets[vs_id]) for vs_id in vs_ids]) for key, vs_ids in wanted.items()}
 
     def tags(self, kind: str, fld: str, codes: list[Code]) -> list[str]:
-        key = (kind, fld)
-        exact = self._exact.get(key)
-        if exact is None:
-            return []
-        found: dict[str, None] = {}
-        prefix, lengths = self._prefix[key], self._lengths[key]
-        for c in codes:
-            for vs_id in exact.get((c.system, c.code), ()):
-                found[vs_id] = None
-            by_prefix = prefix.get(c.system)
-            if by_prefix:
-                for n in lengths[c.system]:
-                    for vs_id in by_prefix.get(c.code[:n], ()):
-                        found[vs_id] = None
-        return [f"{fld}@{vs_id}" for vs_id in found]
+        index = self._by_field.get((kind, fld))
+        return index.labels(codes) if index is not None else []
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+
+
+# Labels show dates as ``f"{t:%Y-%m-%d}"`` would, but strftime is slow (several µs a call, for
+# every dated fact). ISO dates read the same from year 1000 on; earlier years keep strftime,
+# which does not pad them to four digits.
+def _day(t: dt.datetime) -> str:
+    return t.date().isoformat() if t.year >= 1000 else f"{t:%Y-%m-%d}"
+
+
+def _minute(t: dt.datetime) -> str:
+    return f"{t.date().isoformat()} {t.hour:02d}:{t.minute:02d}" if t.year >= 1000 else f"{t:%Y-%m-%d %H:%M}"
 
 
 def completed_years(born: dt.date, on: dt.date) -> int:
@@ -126,6 +144,32 @@ def convert(value: float, unit: str, concept: ObservationConcept) -> float | Non
     return value * float(conversion)
 
 
+# Which facts a pattern of an aggregate or a negation can match at all: those of its kind, or for an
+# observation pattern that pins the concept (as nearly all do), those of that concept. ``derive``
+# groups the facts the same way, so each pattern is only tried on the facts it could match.
+Scope = str | tuple[str, object]
+
+
+def _scope(pattern: Pattern, params: dict) -> Scope:
+    if pattern.kind == "observation":
+        for t in pattern.tests:
+            if t.field == "concept" and t.op == "eq":
+                return ("observation", resolve_operand(t.operand, params))
+    return pattern.kind
+
+
+@dataclass(frozen=True, slots=True)
+class _AggregatePlan:
+    """One aggregate, with what depends only on the rule set worked out once."""
+
+    name: str
+    mode: str  # "count" | "distinct_groups" | "criteria"
+    # per pattern: its _scope, its predicate, and how it reads in the notes when it is met
+    matchers: tuple[tuple[Scope, Callable[[dict], bool], str], ...]
+    groups: tuple[str, ...] = ()  # distinct_groups: the value set's group names, in its order
+    group_index: _CodeIndex | None = None  # distinct_groups: codes -> the groups holding them
+
+
 class Preparer:
     """Prepares records for one rule set. Build once; ``prepare`` is pure and thread-safe."""
 
@@ -134,30 +178,34 @@ class Preparer:
         self.params = ruleset.param_values()
         self.index = TagIndex(ruleset)
         self.concept_of_code = {tuple(code.split("#", 1)): c for c in ruleset.observations.values() for code in c.codes}
-        self.negations = [(prop, p.kind, compile_matcher(p, self.params)) for prop, p in negated_patterns(ruleset).items()]
-        self.aggregates = [(agg, [(p.kind, compile_matcher(p, self.params)) for p in agg.patterns]) for agg in ruleset.aggregates]
+        self.negations = [(prop, _scope(p, self.params), compile_matcher(p, self.params)) for prop, p in negated_patterns(ruleset).items()]
+        self.aggregates = [_aggregate_plan(agg, ruleset, self.params) for agg in ruleset.aggregates]
 
     def prepare(self, record: PatientRecord, as_of: dt.datetime) -> PreparedFacts:
         as_of = _utc(as_of)
+        today = as_of.date()
         out = PreparedFacts([], [])
         issues: list[DataIssue] = list(record.data_issues)
+        tags_of = self.index.tags
         order = record.order
         if order is None:
             raise RecordError("order", "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent")
         if not order.target:
             raise RecordError("order.target", "the injection order names no target (bodySite), so there is nothing to evaluate")
 
+        facts, infos = out.facts, out.info
+
         def add(fact: dict, info: FactInfo) -> None:
-            fact["_fid"] = len(out.facts)
-            out.facts.append(fact)
-            out.info.append(info)
+            fact["_fid"] = len(facts)
+            facts.append(fact)
+            infos.append(info)
 
         # patient
         patient: dict = {"t": "patient", "sex": record.sex or "unknown"}
         if record.birth_date is not None:
-            if record.birth_date > as_of.date():
+            if record.birth_date > today:
                 raise RecordError("patient.birthDate", f"{record.birth_date} is after the evaluation instant {as_of:%Y-%m-%d}")
-            patient["age_years"] = completed_years(record.birth_date, as_of.date())
+            patient["age_years"] = completed_years(record.birth_date, today)
         else:
             issues.append(DataIssue("value-missing", "patient.birthDate", "The patient's birth date is not recorded, so age-based rules cannot apply.", "patient"))
         add(patient, FactInfo("patient", "patient", {"age_years": "years"}))
@@ -168,19 +216,19 @@ class Preparer:
             order_fact["side"] = order.side
         if order.intent:
             order_fact["intent"] = order.intent
-        tags = self.index.tags("order", "code", order.codes) + self.index.tags("order", "reason", order.reasons)
+        tags = tags_of("order", "code", order.codes) + tags_of("order", "reason", order.reasons)
         if tags:
             order_fact["_tags"] = tags
         add(order_fact, FactInfo(f"order {order.target} {order.side or '(side?)'} {order.intent or '(intent?)'}", order.source or "order", codes={"code": order.codes, "reason": order.reasons}))
 
         for kind, items in (("condition", record.conditions), ("medication", record.medications)):
             for item in items:
-                tags = self.index.tags(kind, "code", item.codes)
+                tags = tags_of(kind, "code", item.codes)
                 if tags:
                     add({"t": kind, "_tags": tags}, FactInfo(f"{kind} {_codes_label(item.codes)}", item.source, codes={"code": item.codes}))
 
         for allergy in record.allergies:
-            tags = self.index.tags("allergy", "code", allergy.codes)
+            tags = tags_of("allergy", "code", allergy.codes)
             if tags:
                 fact = {"t": "allergy", "_tags": tags, "severity": allergy.severity or "unknown"}
                 if allergy.criticality:
@@ -196,34 +244,36 @@ class Preparer:
             performed = _utc(inj.performed)
             if performed > as_of + FUTURE_TOLERANCE:
                 continue  # not yet known at the evaluation instant
-            fact = {"t": "prior_injection", "days_ago": (as_of.date() - performed.date()).days}
+            day = _day(performed)
+            fact = {"t": "prior_injection", "days_ago": (today - performed.date()).days}
             if inj.target:
                 fact["target"] = inj.target
                 fact["same_target"] = inj.target == order.target
             else:
-                issues.append(DataIssue("value-missing", "prior injection target", f"A prior injection on {performed:%Y-%m-%d} has no recorded target, so it cannot be matched to this joint.", inj.source))
+                issues.append(DataIssue("value-missing", "prior injection target", f"A prior injection on {day} has no recorded target, so it cannot be matched to this joint.", inj.source))
                 fact["same_target"] = False
             fact["same_side"] = _sides_overlap(inj.side, order.side)
             if inj.side is None and inj.target == order.target:
-                issues.append(DataIssue("value-missing", "prior injection side", f"A prior injection on {performed:%Y-%m-%d} has no recorded side; it is treated as the same side.", inj.source))
-            tags = self.index.tags("prior_injection", "code", inj.codes) + self.index.tags("prior_injection", "agents", inj.agents)
+                issues.append(DataIssue("value-missing", "prior injection side", f"A prior injection on {day} has no recorded side; it is treated as the same side.", inj.source))
+            tags = tags_of("prior_injection", "code", inj.codes) + tags_of("prior_injection", "agents", inj.agents)
             if tags:
                 fact["_tags"] = tags
-            add(fact, FactInfo(f"prior injection {inj.target or '(target?)'} {inj.side or '(side?)'} on {performed:%Y-%m-%d}", inj.source, {"days_ago": "days"}, {"code": inj.codes, "agents": inj.agents}))
+            add(fact, FactInfo(f"prior injection {inj.target or '(target?)'} {inj.side or '(side?)'} on {day}", inj.source, {"days_ago": "days"}, {"code": inj.codes, "agents": inj.agents}))
 
         for surgery in record.planned_surgeries:
-            tags = self.index.tags("planned_surgery", "code", surgery.codes)
+            tags = tags_of("planned_surgery", "code", surgery.codes)
             if surgery.date is None:
                 if tags:  # an undated surgery matters only if a rule could be about it
                     issues.append(DataIssue("date-missing", f"planned surgery {_codes_label(surgery.codes)}", "A planned surgery has no date, so the interval to it cannot be measured.", surgery.source))
                 continue
-            fact = {"t": "planned_surgery", "days_until": (_utc(surgery.date).date() - as_of.date()).days, "ipsilateral": _sides_overlap(surgery.side, order.side)}
+            planned = _utc(surgery.date)
+            fact = {"t": "planned_surgery", "days_until": (planned.date() - today).days, "ipsilateral": _sides_overlap(surgery.side, order.side)}
             if tags:
                 fact["_tags"] = tags
-            add(fact, FactInfo(f"planned surgery {_codes_label(surgery.codes)} on {_utc(surgery.date):%Y-%m-%d} ({surgery.side or 'side?'})", surgery.source, {"days_until": "days"}, {"code": surgery.codes}))
+            add(fact, FactInfo(f"planned surgery {_codes_label(surgery.codes)} on {_day(planned)} ({surgery.side or 'side?'})", surgery.source, {"days_until": "days"}, {"code": surgery.codes}))
 
         for injectate in record.planned_injectates:
-            tags = self.index.tags("injectate", "code", injectate.codes)
+            tags = tags_of("injectate", "code", injectate.codes)
             if tags:
                 add({"t": "injectate", "_tags": tags}, FactInfo(f"planned injectate {_codes_label(injectate.codes)}", injectate.source, codes={"code": injectate.codes}))
 
@@ -246,41 +296,46 @@ class Preparer:
             out.facts.append(fact)
             out.info.append(info)
 
-        by_kind: dict[str, list[dict]] = {}
+        by_scope: dict[Scope, list[dict]] = {}  # see _scope
         for f in out.facts:
-            by_kind.setdefault(f["t"], []).append(f)
+            by_scope.setdefault(f["t"], []).append(f)
+            if f["t"] == "observation":
+                by_scope.setdefault(("observation", f.get("concept")), []).append(f)
         summary: dict = {"t": "summary"}
         notes: dict[str, str] = {}
-        for agg, matchers in self.aggregates:
-            hits = [[f for f in by_kind.get(kind, ()) if match(f)] for kind, match in matchers]
+        for agg in self.aggregates:
             if agg.mode == "criteria":
-                met = [p for p, h in zip(agg.patterns, hits, strict=True) if h]
+                # a criterion counts once however many facts meet it, so stop at the first
+                met = [text for scope, match, text in agg.matchers if scope in by_scope and any(map(match, by_scope[scope]))]
                 summary[agg.name] = len(met)
-                notes[agg.name] = "; ".join(f"{p.kind} with " + " and ".join(t.describe() for t in p.tests) for p in met) or "no criterion met"
-            elif agg.mode == "distinct_groups":
-                groups = self.ruleset.value_sets[agg.distinct_groups_of].groups
-                codes = [c for f in hits[0] for c in out.info[f["_fid"]].codes.get("code", [])]
-                met_groups = [name for name, g in groups.items() if any(g.contains(c.system, c.code) for c in codes)]
+                notes[agg.name] = "; ".join(met) or "no criterion met"
+                continue
+            ((scope, match, _),) = agg.matchers  # count and distinct_groups have one pattern
+            hits = list(filter(match, by_scope.get(scope, ())))
+            if agg.mode == "distinct_groups":
+                codes = [c for f in hits for c in out.info[f["_fid"]].codes.get("code", [])]
+                met_groups = sorted(agg.group_index.labels(codes), key=agg.groups.index)  # in the value set's order
                 summary[agg.name] = len(met_groups)
                 notes[agg.name] = ", ".join(met_groups) or "none"
             else:
-                summary[agg.name] = len(hits[0])
-                notes[agg.name] = "; ".join(out.info[f["_fid"]].label for f in hits[0]) or "none"
+                summary[agg.name] = len(hits)
+                notes[agg.name] = "; ".join(out.info[f["_fid"]].label for f in hits) or "none"
         add(summary, FactInfo("summary", "derived from the record", notes=notes))
 
-        by_kind["summary"] = [summary]
+        by_scope["summary"] = [summary]
         absent: dict = {"t": "absent"}
-        for prop, kind, match in self.negations:
-            if not any(match(f) for f in by_kind.get(kind, ())):
+        for prop, scope, match in self.negations:
+            if scope not in by_scope or not any(map(match, by_scope[scope])):
                 absent[prop] = True
         add(absent, FactInfo("absences", "derived from the record"))
 
     def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue]) -> None:
+        concept_of_code = self.concept_of_code
         newest: dict[str, tuple[dt.datetime, object, ObservationConcept]] = {}
         for obs in record.observations:
             concept = None
             for c in obs.codes:
-                concept = self.concept_of_code.get((c.system, c.code))
+                concept = concept_of_code.get((c.system, c.code))
                 if concept is not None:
                     break
             if concept is None:
@@ -294,13 +349,12 @@ class Preparer:
             when = _utc(obs.effective)
             if when > as_of + FUTURE_TOLERANCE:
                 continue
-            if concept.id not in newest or when > newest[concept.id][0]:
+            held = newest.get(concept.id)
+            if held is None or when > held[0]:
                 newest[concept.id] = (when, obs, concept)
         for cid in sorted(newest):
             when, obs, concept = newest[cid]
-            label = f"observation {cid} ({_codes_label(obs.codes)}, {when:%Y-%m-%d %H:%M}Z)"
-            fact: dict = {"t": "observation", "concept": cid, "age_days": round(max(0.0, (as_of - when).total_seconds() / 86400.0), 4)}
-            info = FactInfo(label, obs.source, {"age_days": "days"})
+            # a result that is set aside becomes a data issue; its fact and label are never built
             if obs.problem is not None:
                 issues.append(DataIssue(obs.problem[0], cid, f"The newest {concept.title} result was set aside: {obs.problem[1]}", obs.source))
                 continue
@@ -308,31 +362,37 @@ class Preparer:
                 if obs.value_code is None:
                     issues.append(DataIssue("value-missing", cid, f"The newest {concept.title} result carries no coded value; it was set aside.", obs.source))
                     continue
-                tags = self.index.tags("observation", "value_code", [obs.value_code])
-                if tags:
-                    fact["_tags"] = tags
-                info.codes["value_code"] = [obs.value_code]
             else:
-                problem = self._numeric_problem(obs, concept)
+                value, problem = self._canonical_value(obs, concept)
                 if problem:
                     issues.append(DataIssue(problem[0], cid, problem[1], obs.source))
                     continue
-                fact["value"] = round(convert(obs.value, obs.unit, concept), 4)
-                info.units["value"] = concept.unit
+            label = f"observation {cid} ({_codes_label(obs.codes)}, {_minute(when)}Z)"
+            fact: dict = {"t": "observation", "concept": cid, "age_days": round(max(0.0, (as_of - when).total_seconds() / 86400.0), 4)}
+            if concept.unit is None:
+                tags = self.index.tags("observation", "value_code", [obs.value_code])
+                if tags:
+                    fact["_tags"] = tags
+                info = FactInfo(label, obs.source, {"age_days": "days"}, {"value_code": [obs.value_code]})
+            else:
+                fact["value"] = round(value, 4)
+                info = FactInfo(label, obs.source, {"age_days": "days", "value": concept.unit})
             add(fact, info)
 
     @staticmethod
-    def _numeric_problem(obs, concept: ObservationConcept) -> tuple[str, str] | None:
+    def _canonical_value(obs, concept: ObservationConcept) -> tuple[float | None, tuple[str, str] | None]:
+        """The value in the concept's canonical unit, or why it cannot be used: ``(value, None)``
+        or ``(None, (kind, detail))``."""
         if obs.value is None:
-            return "value-missing", f"The newest {concept.title} result has no numeric value; it was set aside."
+            return None, ("value-missing", f"The newest {concept.title} result has no numeric value; it was set aside.")
         if obs.value < 0:
             raise RecordError(obs.source or "observation", f"{concept.title} value {obs.value} is negative")
         if not obs.unit:
-            return "unit-missing", f"The newest {concept.title} result ({obs.value:g}) has no unit; no threshold was applied to it."
+            return None, ("unit-missing", f"The newest {concept.title} result ({obs.value:g}) has no unit; no threshold was applied to it.")
         converted = convert(obs.value, obs.unit, concept)
         if converted is None:
             accepted = ", ".join(concept.units)
-            return "unit-unknown", f"The newest {concept.title} result is in {obs.unit!r}, which is not an accepted unit ({accepted}); no threshold was applied to it."
+            return None, ("unit-unknown", f"The newest {concept.title} result is in {obs.unit!r}, which is not an accepted unit ({accepted}); no threshold was applied to it.")
         if concept.plausible and not concept.plausible[0] <= converted <= concept.plausible[1]:
             hint = ""
             for unit in concept.units:
@@ -340,8 +400,16 @@ class Preparer:
                 if unit != obs.unit and alt is not None and concept.plausible[0] <= alt <= concept.plausible[1]:
                     hint = f" It would be plausible in {unit} ({alt:.1f} {concept.unit}); please confirm the unit."
                     break
-            return "implausible", f"The newest {concept.title} result, {obs.value:g} {obs.unit}, is outside the plausible range {concept.plausible[0]:g}–{concept.plausible[1]:g} {concept.unit}; it was set aside.{hint}"
-        return None
+            return None, ("implausible", f"The newest {concept.title} result, {obs.value:g} {obs.unit}, is outside the plausible range {concept.plausible[0]:g}–{concept.plausible[1]:g} {concept.unit}; it was set aside.{hint}")
+        return converted, None
+
+
+def _aggregate_plan(agg: Aggregate, ruleset: RuleSet, params: dict) -> _AggregatePlan:
+    matchers = tuple((_scope(p, params), compile_matcher(p, params), f"{p.kind} with " + " and ".join(t.describe() for t in p.tests)) for p in agg.patterns)
+    if agg.mode == "distinct_groups":
+        groups = ruleset.value_sets[agg.distinct_groups_of].groups
+        return _AggregatePlan(agg.name, agg.mode, matchers, groups=tuple(groups), group_index=_CodeIndex(list(groups.items())))
+    return _AggregatePlan(agg.name, agg.mode, matchers)
 
 
 def _codes_label(codes: list[Code]) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import orjson
 
 from .prepare import FactInfo, PreparedFacts
-from .conditions import Pattern
+from .conditions import tag
 from .ruleset import RECOMMENDATIONS, Rule, RuleSet
 
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -51,15 +51,19 @@ def _param_text(ruleset: RuleSet, name: str) -> str:
 def field_value(fact: dict, info: FactInfo, fld: str) -> str:
     if fld in info.codes:
         codes = info.codes[fld]
-        return ", ".join(f"{c.system}#{c.code}" + (f" {c.display}" if c.display else "") for c in codes) or "(none)"
+        if len(codes) == 1:  # the common case, without building a list to join
+            c = codes[0]
+            return f"{c.system}#{c.code} {c.display}" if c.display else f"{c.system}#{c.code}"
+        return ", ".join([f"{c.system}#{c.code} {c.display}" if c.display else f"{c.system}#{c.code}" for c in codes]) or "(none)"
     if fld not in fact:
         return "(absent)"
     value = fact[fld]
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = _fmt_number(value)
+    text = f"{value:g}" if isinstance(value, float) else str(value)  # _fmt_number, inlined
     unit = info.units.get(fld)
-    text = f"{text} {unit}" if unit else text
+    if unit:
+        text = f"{text} {unit}"
     return f"{text} ({info.notes[fld]})" if fld in info.notes else text
 
 
@@ -88,16 +92,84 @@ def render_message(template: str, firing: Firing, prepared: PreparedFacts, rules
 def per_fact_renderings(template: str, firing: Firing) -> list[dict[str, int]]:
     """One ``pick`` per fact of the first alias a template names, so that a rule matching several
     facts (e.g. several set-aside values) yields one entry each; ``[{}]`` if it names none."""
+    return _picks(_named_aliases(template), firing)
+
+
+def _named_aliases(template: str) -> tuple[str, ...]:
+    """The aliases a template's ``{alias.field}`` placeholders name, in order."""
+    return tuple(ref.partition(".")[0] for ref in _TEMPLATE.findall(template) if not ref.startswith("$"))
+
+
+def _picks(named: tuple[str, ...], firing: Firing) -> list[dict[str, int]]:
     aliases = firing.matched[min(firing.matched)]
-    for ref in _TEMPLATE.findall(template):
-        alias = ref.partition(".")[0]
-        if not ref.startswith("$") and alias in aliases:
+    for alias in named:
+        if alias in aliases:
             return [{alias: fid} for fid in aliases[alias]]
     return [{}]
 
 
-def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[Pattern, str | None], ...], ...]:
-    """Per alternative: each pattern, with the fixed text of a negated one."""
+def _compile_template(template: str, ruleset: RuleSet) -> tuple[str | tuple[str, str], ...] | None:
+    """``template`` as runs of fixed text (``{$param}`` filled in: parameters are fixed for a rule
+    set) and ``(alias, field)`` references, or None if it names an unknown parameter."""
+    parts: list[str | tuple[str, str]] = []
+    for i, piece in enumerate(_TEMPLATE.split(template)):  # text, placeholder, text, ..., text
+        if i % 2 == 0:
+            text = piece
+        elif piece.startswith("$"):
+            if piece[1:] not in ruleset.params:
+                return None
+            text = _param_text(ruleset, piece[1:])
+        else:
+            alias, _, fld = piece.partition(".")
+            parts.append((alias, fld))
+            continue
+        if parts and isinstance(parts[-1], str):
+            parts[-1] += text
+        elif text:
+            parts.append(text)
+    return tuple(parts)
+
+
+class _Template:
+    """A message template compiled once per rule set; ``render`` gives what
+    :func:`render_message` gives, without parsing the template on every call."""
+
+    __slots__ = ("text", "ruleset", "parts", "constant", "aliases")
+
+    def __init__(self, template: str, ruleset: RuleSet):
+        self.text, self.ruleset = template, ruleset
+        self.aliases = _named_aliases(template)  # for _picks
+        # None for a template naming an unknown parameter (missing-data codes are not checked at
+        # load): it is left to render_message, which fails on it when the rule fires, as always
+        self.parts = _compile_template(template, ruleset)
+        # a template that names no fact is the same text every time
+        fixed = self.parts is not None and all(isinstance(part, str) for part in self.parts)
+        self.constant = "".join(self.parts) if fixed else None
+
+    def render(self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None) -> str:
+        if self.constant is not None:
+            return self.constant
+        if self.parts is None:
+            return render_message(self.text, firing, prepared, self.ruleset, pick)
+        aliases = firing.matched[min(firing.matched)]
+        out = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            alias, fld = part
+            if alias not in aliases:
+                out.append("(not matched)")
+                continue
+            fid = pick.get(alias, aliases[alias][0]) if pick else aliases[alias][0]
+            info = prepared.info[fid]
+            out.append(info.label if fld in ("", "display") else field_value(prepared.facts[fid], info, fld))
+        return "".join(out)
+
+
+def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[str, str | None, tuple[str, ...]], ...], ...]:
+    """Per alternative: each pattern's alias, the fixed text of a negated one, and the fields its
+    tests name."""
     plan = []
     for alternative in rule.alternatives:
         steps = []
@@ -106,7 +178,7 @@ def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[Pattern, str | None], ...], .
             if pattern.negated:
                 tests = " and ".join(t.describe() for t in pattern.tests) or "any"
                 text = f"no {pattern.kind} with {tests}"
-            steps.append((pattern, text))
+            steps.append((pattern.alias, text, tuple(t.field for t in pattern.tests)))
         plan.append(tuple(steps))
     return tuple(plan)
 
@@ -114,17 +186,19 @@ def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[Pattern, str | None], ...], .
 def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> list[dict]:
     entries: list[dict] = []
     facts, infos = prepared.facts, prepared.info
-    for alt_index, aliases in sorted(firing.matched.items()):
-        for pattern, negation_text in plan[alt_index]:
+    matched = firing.matched
+    for alt_index in matched if len(matched) == 1 else sorted(matched):
+        aliases = matched[alt_index]
+        for alias, negation_text, fields in plan[alt_index]:
             if negation_text is not None:
                 entries.append({"fact": negation_text, "value": "none found"})
                 continue
-            for fid in aliases.get(pattern.alias, ()):
+            for fid in aliases.get(alias, ()):
                 fact, info = facts[fid], infos[fid]
-                if not pattern.tests:
+                if not fields:
                     entries.append({"fact": info.label, "value": "present"})
-                for test in pattern.tests:
-                    entries.append({"fact": f"{info.label}.{test.field}", "value": field_value(fact, info, test.field)})
+                for fld in fields:
+                    entries.append({"fact": f"{info.label}.{fld}", "value": field_value(fact, info, fld)})
     return entries
 
 
@@ -163,18 +237,48 @@ def _preferred(rule: Rule, params: dict) -> str | None:
     return pref
 
 
+@dataclass(frozen=True, slots=True)
+class _RulePlan:
+    """Everything about one rule that the resolver needs and that does not depend on the patient."""
+
+    head: dict  # the fixed part of its explanation
+    parameters: list[dict]  # the parameters it uses, for its explanation
+    patterns: tuple  # _pattern_plan, for its explanation's matched facts
+    message: _Template
+    quoted: bool  # whether the decision shows its message (deferral, caution and injectate rules)
+    missing_data: _Template | None  # the missing-data code it reports, if any
+    preferred: str | None  # its preferred modality, a parameter resolved
+    injectates: tuple[tuple[str, int], ...]  # (category, level in RECOMMENDATIONS) it recommends
+
+
 class Resolver:
-    """Conflict resolution for one rule set; per-rule static text is computed once."""
+    """Conflict resolution for one rule set; everything per rule is computed once."""
 
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
         self.params = ruleset.param_values()
         self.order = {r.id: i for i, r in enumerate(ruleset.rules)}
-        self.static = {r.id: _static_explanation(r, ruleset) for r in ruleset.rules}
-        self.plans = {r.id: _pattern_plan(r) for r in ruleset.rules}
+        self.plans = {r.id: _rule_plan(r, ruleset, self.params) for r in ruleset.rules}
+        # (modality, the tag an order requesting it carries)
+        self.requested = tuple((requested, tag("code", vs_id)) for requested, vs_id in ruleset.requested_modality.items())
 
     def __call__(self, firings: list[Firing], prepared: PreparedFacts, as_of_text: str) -> dict:
         return resolve(firings, prepared, self, as_of_text)
+
+
+def _rule_plan(rule: Rule, ruleset: RuleSet, params: dict) -> _RulePlan:
+    head, parameters = _static_explanation(rule, ruleset)
+    then = rule.then
+    return _RulePlan(
+        head=head,
+        parameters=parameters,
+        patterns=_pattern_plan(rule),
+        message=_Template(then.message, ruleset),
+        quoted=bool(then.deferral or then.caution or then.injectates),
+        missing_data=_Template(then.missing_data, ruleset) if then.missing_data else None,
+        preferred=_preferred(rule, params) if then.modality else None,
+        injectates=tuple((inj["category"], RECOMMENDATIONS.index(inj["recommendation"])) for inj in then.injectates),
+    )
 
 
 def _static_explanation(rule: Rule, ruleset: RuleSet) -> tuple[dict, list[dict]]:
@@ -193,17 +297,20 @@ def _static_explanation(rule: Rule, ruleset: RuleSet) -> tuple[dict, list[dict]]
     return head, params
 
 
-def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resolver: Resolver, rules: dict[str, Rule]) -> list[dict]:
-    order_fact = next((f for f in prepared.facts if f["t"] == "order"), None)
-    if not modality or order_fact is None:
+def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resolver: Resolver, firings: list[Firing]) -> list[dict]:
+    if not modality:
         return []
-    tags = set(order_fact.get("_tags", ()))
+    order_fact = next((f for f in prepared.facts if f["t"] == "order"), None)
+    if order_fact is None:
+        return []
+    tags = order_fact.get("_tags", ())
     out = []
-    for requested, vs_id in resolver.ruleset.requested_modality.items():
-        if f"code@{vs_id}" not in tags or requested == modality.get("preferred") or requested in modality.get("acceptable", ()):
+    for requested, requested_tag in resolver.requested:
+        if requested_tag not in tags or requested == modality.get("preferred") or requested in modality.get("acceptable", ()):
             continue
+        rules = {f.rule.id: f.rule for f in firings}  # (only needed when there is a conflict)
         behind = [rid for rid in modality.get("ruleIds", []) if requested in rules[rid].then.modality.get("avoid", ())]
-        behind = behind or [rid for rid in modality.get("ruleIds", []) if _preferred(rules[rid], resolver.params) == modality.get("preferred")]
+        behind = behind or [rid for rid in modality.get("ruleIds", []) if resolver.plans[rid].preferred == modality.get("preferred")]
         reasons = "; ".join(rules[rid].title for rid in behind)
         suggestion = modality.get("preferred", "another modality")
         out.append(
@@ -217,15 +324,86 @@ def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resol
     return out
 
 
+@dataclass(slots=True)
+class _Injectate:
+    """What the firings say about one injectate category, so far."""
+
+    level: int  # the most restrictive recommendation, as its place in RECOMMENDATIONS
+    rule_ids: list[str]  # every rule that spoke about it, once each
+    deciding: list[str]  # the rules that recommend ``level``
+
+    def add(self, level: int, rule_id: str) -> None:
+        if rule_id not in self.rule_ids:
+            self.rule_ids.append(rule_id)
+        if level > self.level:
+            self.level, self.deciding = level, [rule_id]
+        elif level == self.level:
+            self.deciding.append(rule_id)
+
+
 def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, as_of_text: str) -> dict:
-    ruleset, params, order = resolver.ruleset, resolver.params, resolver.order
+    ruleset, order, plans = resolver.ruleset, resolver.order, resolver.plans
     firings = sorted(firings, key=lambda f: order[f.rule.id])
-    messages = {f.rule.id: render_message(f.rule.then.message, f, prepared, ruleset) for f in firings}
-    overridden: dict[str, list[str]] = {}
+
+    # One pass over the firings, in rule order, collects what each one says and explains it.
+    # Only deferrals, cautions and injectates show a rule's message (missing data renders its own,
+    # per fact), so the messages of other rules are not rendered at all. The messages of one
+    # deferral, caution or missing-data entry are gathered as the keys of a dict, which keeps each
+    # distinct one once and in order, and joined at the end.
+    messages: dict[str, str] = {}
+    mod_rules: list[Rule] = []
+    by_category: dict[str, _Injectate] = {}
+    deferrals: dict[tuple[str, str], dict] = {}
+    cautions: dict[str, dict] = {}
+    missing: dict[str, dict] = {}
+    explanations: list[dict] = []
+    for f in firings:
+        rule = f.rule
+        rid, then, plan = rule.id, rule.then, plans[rule.id]
+        if plan.quoted:
+            messages[rid] = plan.message.render(f, prepared)
+        if then.modality:
+            mod_rules.append(rule)
+        for category, level in plan.injectates:
+            inj = by_category.get(category)
+            if inj is None:
+                by_category[category] = _Injectate(level, [rid], [rid])
+            else:
+                inj.add(level, rid)
+        if then.deferral:
+            key = (then.deferral["reason"], then.deferral["scope"])
+            d = deferrals.get(key)
+            if d is None:
+                d = deferrals[key] = {"reason": key[0], "severity": "SOFT", "scope": key[1], "ruleIds": [], "message": {}}
+            if then.deferral["severity"] == "HARD":
+                d["severity"] = "HARD"
+            d["ruleIds"].append(rid)
+            d["message"][messages[rid]] = None
+        if then.caution:
+            c = cautions.get(then.caution)
+            if c is None:
+                c = cautions[then.caution] = {"code": then.caution, "ruleIds": [], "message": {}}
+            c["ruleIds"].append(rid)
+            c["message"][messages[rid]] = None
+        if then.missing_data:
+            for pick in _picks(plan.missing_data.aliases, f):
+                code = plan.missing_data.render(f, prepared, pick)
+                m = missing.get(code)
+                if m is None:
+                    m = missing[code] = {"code": code, "message": {}, "ruleIds": []}
+                if rid not in m["ruleIds"]:
+                    m["ruleIds"].append(rid)
+                m["message"][plan.message.render(f, prepared, pick)] = None
+        exp = dict(plan.head)
+        exp["matched"] = _matched_entries(f, plan.patterns, prepared)
+        if plan.parameters:
+            exp["parameters"] = plan.parameters
+        explanations.append(exp)
 
     # modality
     modality: dict = {}
-    mod_rules = sorted((f.rule for f in firings if f.rule.then.modality), key=lambda r: (-r.precedence, order[r.id]))
+    overridden: dict[str, list[str]] = {}
+    mod_rules.sort(key=lambda r: -r.precedence)  # stable: rule order among equal precedence
     if mod_rules:
         avoid: list[str] = []
         preferred: str | None = None
@@ -241,7 +419,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
                 if mod not in avoid:
                     avoid.append(mod)
                 contributed = True
-            pref = _preferred(rule, params)
+            pref = plans[rule.id].preferred
             if pref and preferred is None and pref not in avoid:
                 preferred, preferred_by, contributed = pref, rule, True
             for mod in ((pref,) if pref and pref != preferred else ()) + tuple(m.get("acceptable", ())):
@@ -255,90 +433,57 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             else:
                 overridden[rule.id] = [preferred_by.id] if preferred_by else [r for r in contributors]
         acceptable = [m for m in acceptable if m not in avoid and m != preferred]
-        modality = {"ruleIds": sorted(contributors, key=order.get)}
         if preferred:
             modality["preferred"] = preferred
         if acceptable:
             modality["acceptable"] = acceptable
         if avoid:
             modality["avoid"] = avoid
-        modality = {k: modality[k] for k in ("preferred", "acceptable", "avoid", "ruleIds") if k in modality}
+        modality["ruleIds"] = sorted(contributors, key=order.get)
+    if overridden:  # the explanation of a rule whose whole contribution was overruled says by whom
+        for exp in explanations:
+            if exp["ruleId"] in overridden:
+                exp["overriddenBy"] = overridden[exp["ruleId"]]
 
-    conflicts = _requested_modality_conflicts(modality, prepared, resolver, {f.rule.id: f.rule for f in firings})
+    for conflict in _requested_modality_conflicts(modality, prepared, resolver, firings):
+        caution = {k: v for k, v in conflict.items() if k != "requested"}
+        caution["message"] = dict.fromkeys(caution["message"])
+        cautions[conflict["code"] + ":" + conflict["requested"]] = caution
 
-    # injectates
-    by_category: dict[str, list[tuple[str, Rule]]] = {}
-    for f in firings:
-        for inj in f.rule.then.injectates:
-            by_category.setdefault(inj["category"], []).append((inj["recommendation"], f.rule))
+    # injectates: per category the most restrictive level wins, with the messages of the rules at it
     injectates = []
-    for category, entries in by_category.items():
-        level = max(RECOMMENDATIONS.index(rec) for rec, _ in entries)
-        deciding = [rule.id for rec, rule in entries if RECOMMENDATIONS.index(rec) == level]
+    for category, inj in by_category.items():
         entry = {
             "category": category,
-            "recommendation": RECOMMENDATIONS[level],
-            "ruleIds": list(dict.fromkeys(rule.id for _, rule in entries)),
-            "message": " ".join(dict.fromkeys(messages[r] for r in deciding)),
+            "recommendation": RECOMMENDATIONS[inj.level],
+            "ruleIds": inj.rule_ids,
+            "message": " ".join(dict.fromkeys([messages[rid] for rid in inj.deciding])),
         }
-        injectates.append(entry)
-    injectates.sort(key=lambda e: (-RECOMMENDATIONS.index(e["recommendation"]), e["category"]))
+        injectates.append((-inj.level, category, entry))
+    injectates.sort()  # most restrictive first, then by category (unique, so entries never compare)
 
-    # deferrals, cautions, missing data
-    deferrals: dict[tuple[str, str], dict] = {}
-    cautions: dict[str, dict] = {}
-    missing: dict[str, dict] = {}
-    for f in firings:
-        then, rid = f.rule.then, f.rule.id
-        if then.deferral:
-            key = (then.deferral["reason"], then.deferral["scope"])
-            d = deferrals.setdefault(key, {"reason": key[0], "severity": "SOFT", "scope": key[1], "ruleIds": [], "message": []})
-            if then.deferral["severity"] == "HARD":
-                d["severity"] = "HARD"
-            d["ruleIds"].append(rid)
-            d["message"].append(messages[rid])
-        if then.caution:
-            c = cautions.setdefault(then.caution, {"code": then.caution, "ruleIds": [], "message": []})
-            c["ruleIds"].append(rid)
-            c["message"].append(messages[rid])
-        if then.missing_data:
-            for pick in per_fact_renderings(then.missing_data, f):
-                code = render_message(then.missing_data, f, prepared, ruleset, pick)
-                m = missing.setdefault(code, {"code": code, "message": [], "ruleIds": []})
-                if rid not in m["ruleIds"]:
-                    m["ruleIds"].append(rid)
-                m["message"].append(render_message(then.message, f, prepared, ruleset, pick))
-    for conflict in conflicts:
-        cautions[conflict["code"] + ":" + conflict["requested"]] = {k: v for k, v in conflict.items() if k != "requested"}
     for group in (deferrals.values(), cautions.values(), missing.values()):
         for item in group:
-            item["message"] = " ".join(dict.fromkeys(item["message"]))
+            item["message"] = " ".join(item["message"])
     deferral_list = sorted(deferrals.values(), key=lambda d: (d["severity"] != "HARD", d["scope"] != "PROCEDURE", d["reason"], d["scope"]))
 
-    explanations = []
-    for f in firings:
-        head, parameters = resolver.static[f.rule.id]
-        exp = dict(head)
-        exp["matched"] = _matched_entries(f, resolver.plans[f.rule.id], prepared)
-        if parameters:
-            exp["parameters"] = parameters
-        if f.rule.id in overridden:
-            exp["overriddenBy"] = overridden[f.rule.id]
-        explanations.append(exp)
-
+    blob = orjson.dumps([ruleset.digest, as_of_text, prepared.facts], option=orjson.OPT_SORT_KEYS)
     decision = {
-        "decisionId": "",
+        "decisionId": "dec-" + hashlib.sha256(blob).hexdigest()[:32],
         "asOf": as_of_text,
         "ruleset": {"id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest},
-        "modality": modality,
-        "injectates": injectates,
-        "deferrals": deferral_list,
-        "cautions": list(cautions.values()),
-        "missingData": list(missing.values()),
-        "explanations": explanations,
     }
-    decision = {k: v for k, v in decision.items() if v not in ([], {})}
-    blob = orjson.dumps([ruleset.digest, as_of_text, prepared.facts], option=orjson.OPT_SORT_KEYS)
-    decision["decisionId"] = "dec-" + hashlib.sha256(blob).hexdigest()[:32]
+    # the parts in contract order; empty ones are left out
+    if modality:
+        decision["modality"] = modality
+    if injectates:
+        decision["injectates"] = [entry for _, _, entry in injectates]
+    if deferral_list:
+        decision["deferrals"] = deferral_list
+    if cautions:
+        decision["cautions"] = list(cautions.values())
+    if missing:
+        decision["missingData"] = list(missing.values())
+    if explanations:
+        decision["explanations"] = explanations
     return decision
-
