@@ -32,6 +32,7 @@ from needlepoint.core.record import (
     INJECTATE_CATEGORIES,
     INTENTS,
     SEXES,
+    SYSTEM_URIS,
     TARGETS,
     Allergy,
     Code,
@@ -63,6 +64,12 @@ _OWN_VOCABULARIES: dict[str, frozenset[str]] = {
     "np-flag": frozenset(FLAGS),
 }
 
+# Short name and own vocabulary (None for other systems) of each URI in record.SYSTEM_URIS: one
+# lookup for the fast paths of _codes and _code_keys. Other URIs go through system_short_name.
+_KNOWN_SYSTEMS: dict[str, tuple[str, frozenset[str] | None]] = {
+    uri: (system_short_name(uri), _OWN_VOCABULARIES.get(system_short_name(uri))) for uri in SYSTEM_URIS
+}
+
 _INJECTION_CPT = frozenset({"20610", "20611", "27093", "27095"})
 _HIP_JOINT_SNOMED = "24136001"  # Hip joint structure
 _HIP_JOINT_TARGET = "hip-intra-articular"
@@ -91,6 +98,19 @@ _DATE_TIME = re.compile(
     r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+# The shapes nearly every sender uses: a day ("2025-05-30"), or a time to the second, perhaps
+# with milli- or microseconds, and a zone ("2025-05-30T08:15:00+02:00", "...T06:15:00.123Z").
+# Only ASCII digits, and hours, minutes, seconds and offsets in range (no 24:00, no leap second,
+# no other fraction length): for these, datetime.fromisoformat (C code, on every supported
+# Python) gives exactly what the general path of _parse_datetime computes, several times faster.
+_COMMON_DATE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{3}|\.[0-9]{6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9]))?"
+)
+_COMMON_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_MIDNIGHT_UTC = dt.time(tzinfo=dt.timezone.utc)
 
 
 # --- small typed JSON helpers -------------------------------------------------------------------
@@ -144,12 +164,54 @@ def _get_str(obj: JSON, key: str, path: str) -> str | None:
 # --- codes --------------------------------------------------------------------------------------
 
 
-def _codes(concept: Any, path: str) -> list[Code]:
-    """Every usable coding of a CodeableConcept (``path`` names it), with short system names.
+def _at(path: str, key: str | None = None, j: int | None = None) -> str:
+    """``path``, ``path.key`` or ``path.key[j]``: callers on a fast path pass the pieces, and the
+    path of a value is built only if an error or a slow path needs it."""
+    if key is None:
+        return path
+    return f"{path}.{key}" if j is None else f"{path}.{key}[{j}]"
+
+
+def _codes(concept: Any, path: str, key: str | None = None, j: int | None = None) -> list[Code]:
+    """Every usable coding of a CodeableConcept (at ``_at(path, key, j)``), with short system names.
 
     Codings without system or code cannot be matched and are left out; a code outside the
     vocabulary of one of Needlepoint's own code systems raises.
     """
+    # Fast path for the usual shape: every coding an object with string system and code, and
+    # any code of an own system in its vocabulary. On anything else the loop breaks off and
+    # _checked_codes starts over, skipping or naming the odd coding exactly as it always has.
+    if type(concept) is dict:
+        codings = concept.get("coding")
+        if codings is None:
+            return []
+        if type(codings) is list:
+            codes: list[Code] = []
+            for coding in codings:
+                if type(coding) is not dict:
+                    break
+                system, code = coding.get("system"), coding.get("code")
+                if type(system) is not str or type(code) is not str or not system or not code:
+                    break
+                known = _KNOWN_SYSTEMS.get(system)
+                if known is None:
+                    short = system_short_name(system)
+                    vocabulary = _OWN_VOCABULARIES.get(short)
+                else:
+                    short, vocabulary = known
+                if vocabulary is not None and code not in vocabulary:
+                    break
+                display = coding.get("display")
+                codes.append(Code(short, code, display if type(display) is str else None))
+            else:
+                return codes
+    elif concept is None:
+        return []
+    return _checked_codes(concept, _at(path, key, j))
+
+
+def _checked_codes(concept: Any, path: str) -> list[Code]:
+    """:func:`_codes` coding by coding, with every check (the path for unusual concepts)."""
     if concept is None:
         return []
     if type(concept) is not dict:
@@ -183,11 +245,44 @@ def _code(coding: JSON, path: str, k: int | None = None) -> Code | None:
     return Code(short, code, display if type(display) is str else None)
 
 
+def _code_keys(
+    concept: Any, path: str, key: str | None = None, j: int | None = None
+) -> list[tuple[str, str]]:
+    """``(system, code)`` of every usable coding, found and checked exactly as :func:`_codes` does,
+    for callers that only look at what a concept says (body sites, order details) and keep no Code."""
+    if type(concept) is dict:
+        codings = concept.get("coding")
+        if codings is None:
+            return []
+        if type(codings) is list:
+            keys: list[tuple[str, str]] = []
+            for coding in codings:  # the fast path of _codes, keeping (system, code) instead of a Code
+                if type(coding) is not dict:
+                    break
+                system, code = coding.get("system"), coding.get("code")
+                if type(system) is not str or type(code) is not str or not system or not code:
+                    break
+                known = _KNOWN_SYSTEMS.get(system)
+                if known is None:
+                    short = system_short_name(system)
+                    vocabulary = _OWN_VOCABULARIES.get(short)
+                else:
+                    short, vocabulary = known
+                if vocabulary is not None and code not in vocabulary:
+                    break
+                keys.append((short, code))
+            else:
+                return keys
+    elif concept is None:
+        return []
+    return [(code.system, code.code) for code in _checked_codes(concept, _at(path, key, j))]
+
+
 def _list_codes(obj: JSON, key: str, path: str) -> list[Code]:
     """The codings of every CodeableConcept in the list ``obj[key]``, flattened."""
     codes: list[Code] = []
     for j, concept in enumerate(_get_list(obj, key, path)):
-        codes.extend(_codes(concept, f"{path}.{key}[{j}]"))
+        codes.extend(_codes(concept, path, key, j))
     return codes
 
 
@@ -196,6 +291,24 @@ def _status_code(obj: JSON, key: str, path: str) -> str | None:
 
     The binding fixes the code system, so a coding without ``system`` still counts here.
     """
+    # Fast path: absent, or an object whose coding list yields a string code (or no code at all).
+    # A wrong type anywhere goes to the checked loop below, which names it.
+    concept = obj.get(key)
+    if concept is None:
+        return None
+    if type(concept) is dict:
+        codings = concept.get("coding")
+        if codings is None:
+            return None
+        if type(codings) is list:
+            for coding in codings:
+                code = coding.get("code") if type(coding) is dict else None
+                if code:
+                    if type(code) is str:
+                        return code
+                    break
+            else:
+                return None
     concept = _get_obj(obj, key, path)
     for k, coding in enumerate(_get_list(concept, "coding", f"{path}.{key}") if concept else ()):
         code = coding.get("code") if type(coding) is dict else None
@@ -221,7 +334,10 @@ def _distinct(codes: Iterable[Code]) -> list[Code]:
 
 
 def _has_code(codes: Iterable[Code], system: str, values: frozenset[str] | set[str]) -> bool:
-    return any(code.system == system and code.code in values for code in codes)
+    for code in codes:
+        if code.system == system and code.code in values:
+            return True
+    return False
 
 
 # --- dates --------------------------------------------------------------------------------------
@@ -260,6 +376,13 @@ def _parse_datetime(text: Any) -> dt.datetime:
 
     A date alone means midnight UTC; a time without zone is read as UTC.
     """
+    if type(text) is str and _COMMON_DATE_TIME.fullmatch(text):  # fast path: a common shape
+        try:
+            if len(text) == 10:  # a date alone: midnight UTC
+                return dt.datetime.combine(dt.date.fromisoformat(text), _MIDNIGHT_UTC)
+            return dt.datetime.fromisoformat(text)  # (these shapes all carry a zone)
+        except ValueError:  # e.g. 2025-02-30 (or "Z" before Python 3.11): the general path decides
+            pass
     match = _DATE_TIME.fullmatch(text) if type(text) is str else None
     if match is None:
         raise _DateProblem("unparseable-date", "is not a FHIR date-time")
@@ -277,6 +400,11 @@ def _parse_datetime(text: Any) -> dt.datetime:
 
 def _parse_date(text: Any) -> dt.date:
     """A FHIR date, complete to the day."""
+    if type(text) is str and _COMMON_DATE.fullmatch(text):
+        try:
+            return dt.date.fromisoformat(text)  # "YYYY-MM-DD" in ASCII digits, read as below
+        except ValueError:  # not a calendar date: the general path says so
+            pass
     match = _DATE.fullmatch(text) if type(text) is str else None
     if match is None:
         raise _DateProblem("unparseable-date", "is not a FHIR date")
@@ -333,6 +461,15 @@ def _bundle_entries(bundle: Any, path: str) -> list[_Entry]:
         _fail(f"{path}.type", f"a {btype!r} Bundle is not accepted; use collection, searchset or transaction")
     entries: list[_Entry] = []
     for i, entry in enumerate(_get_list(bundle, "entry", path)):
+        # Fast path: an entry object with a resource object that has a resourceType, and a string
+        # fullUrl or none. Anything else is checked step by step below.
+        if type(entry) is dict:
+            resource, full_url = entry.get("resource"), entry.get("fullUrl")
+            if type(resource) is dict and (full_url is None or type(full_url) is str):
+                rtype = resource.get("resourceType")
+                if type(rtype) is str and rtype:
+                    entries.append(_Entry(f"{path}.entry[{i}].resource", resource, rtype, full_url))
+                    continue
         where = f"{path}.entry[{i}]"
         if type(entry) is not dict:
             _fail(where, f"expected an entry object, found {_json_type(entry)}")
@@ -352,9 +489,11 @@ class _Index:
     def _build(self) -> dict[str, _Entry]:
         index: dict[str, _Entry] = {}
         for entry in self._entries:
-            for key in (entry.full_url, entry.key):
-                if key:
-                    index.setdefault(key, entry)
+            if entry.full_url:
+                index.setdefault(entry.full_url, entry)
+            rid = entry.resource.get("id")
+            if type(rid) is str and rid:  # entry.key, spelled out: this runs for every entry
+                index.setdefault(f"{entry.type}/{rid}", entry)
         return index
 
     def resolve(self, reference: str, container: _Entry | None = None) -> _Entry | None:
@@ -453,13 +592,14 @@ class _Mapper:
         return None
 
     def _instant(
-        self, entry: _Entry, fields: Sequence[tuple[str, str | None]], concept: str
+        self, entry: _Entry, fields: Sequence[tuple[str, str | None]], codes: Sequence[Code]
     ) -> tuple[bool, dt.datetime | None]:
-        """The first present instant among ``fields``; (False, None) after reporting a bad one."""
+        """The first present instant among ``fields``; (False, None) after reporting a bad one
+        (its concept: the first of ``codes``)."""
         try:
             return True, self._first_instant(entry, fields)
         except _Unusable as problem:
-            self._issue(problem.kind, concept, problem.detail, entry.source)
+            self._issue(problem.kind, str(codes[0]), problem.detail, entry.source)
             return False, None
 
     # -- resources
@@ -491,10 +631,10 @@ class _Mapper:
             return
         if _status_code(resource, "verificationStatus", path) in _EXCLUDED_VERIFICATION:
             return
-        codes = _codes(resource.get("code"), f"{path}.code")
+        codes = _codes(resource.get("code"), path, "code")
         if not codes:
             return self._uncoded(entry, "Condition")
-        self.record.conditions.append(Condition(codes=codes, source=entry.source))
+        self.record.conditions.append(Condition(codes, entry.source))
 
     def _medication_request(self, entry: _Entry) -> None:
         status = _get_str(entry.resource, "status", entry.path)
@@ -504,28 +644,28 @@ class _Mapper:
         if not codes:
             return
         if status == "active":
-            self.record.medications.append(Medication(codes=codes, source=entry.source))
+            self.record.medications.append(Medication(codes, entry.source))
         else:
-            self.record.planned_injectates.append(PlannedInjectate(codes=codes, source=entry.source))
+            self.record.planned_injectates.append(PlannedInjectate(codes, entry.source))
 
     def _medication_statement(self, entry: _Entry) -> None:
         if _get_str(entry.resource, "status", entry.path) != "active":
             return
         codes = self._medication_codes(entry)
         if codes:
-            self.record.medications.append(Medication(codes=codes, source=entry.source))
+            self.record.medications.append(Medication(codes, entry.source))
 
     def _medication_codes(self, entry: _Entry) -> list[Code]:
         """medicationCodeableConcept, or the code of the Medication that medicationReference names."""
         resource, path = entry.resource, entry.path
         if "medicationCodeableConcept" in resource:
-            codes = _codes(resource["medicationCodeableConcept"], f"{path}.medicationCodeableConcept")
+            codes = _codes(resource["medicationCodeableConcept"], path, "medicationCodeableConcept")
         elif "medicationReference" in resource:
             reference = resource["medicationReference"]
             medication = self._follow(entry, reference, f"{path}.medicationReference", "medication")
             if medication is None:
                 return []
-            codes = _codes(medication.resource.get("code"), f"{medication.path}.code")
+            codes = _codes(medication.resource.get("code"), medication.path, "code")
         else:
             codes = []
         if not codes:
@@ -534,7 +674,9 @@ class _Mapper:
 
     def _follow(self, entry: _Entry, ref: Any, path: str, what: str) -> _Entry | None:
         """Resolve a Reference found in ``entry``; report it when it points nowhere."""
-        reference = _reference(ref, path)
+        reference = ref.get("reference") if type(ref) is dict else None
+        if type(reference) is not str:
+            reference = _reference(ref, path)  # absent, or not a string (which raises, naming it)
         target = self.index.resolve(reference, entry) if reference else None
         if target is None:
             shown = repr(reference) if reference else "without a reference string"
@@ -546,10 +688,9 @@ class _Mapper:
         resource, path = entry.resource, entry.path
         if _get_str(resource, "status", path) not in _OBSERVATION_STATUSES:
             return
-        codes = _codes(resource.get("code"), f"{path}.code")
+        codes = _codes(resource.get("code"), path, "code")
         if not codes:
             return self._uncoded(entry, "Observation")
-        concept = _concept_name(codes)
         observations, source = self.record.observations, entry.source
         try:
             effective = self._first_instant(entry, _OBSERVATION_TIMES)
@@ -562,28 +703,30 @@ class _Mapper:
             except _Unusable as problem:
                 observations.append(Observation(codes, effective, source=source, problem=(problem.kind, problem.detail)))
             else:
-                observations.append(Observation(codes, effective, value=value, unit=unit, source=source))
+                observations.append(Observation(codes, effective, value, unit, source=source))
         elif "valueCodeableConcept" in resource:
-            values = _codes(resource["valueCodeableConcept"], f"{path}.valueCodeableConcept")
+            values = _codes(resource["valueCodeableConcept"], path, "valueCodeableConcept")
             if values:
                 observations.append(Observation(codes, effective, value_code=values[0], source=source))
             else:
+                concept = _concept_name(codes)
                 problem = ("uncoded", f"the coded {concept} result has no usable coding; it was set aside.")
                 observations.append(Observation(codes, effective, source=source, problem=problem))
         elif any(key.startswith("value") for key in resource):
             kinds = ", ".join(key for key in resource if key.startswith("value"))
+            concept = _concept_name(codes)
             problem = ("value-unsupported", f"the {concept} result is given as {kinds}; only valueQuantity and valueCodeableConcept are read.")
             observations.append(Observation(codes, effective, source=source, problem=problem))
         elif "component" not in resource and "hasMember" not in resource:  # panels carry no value
-            reason = _codes(resource.get("dataAbsentReason"), f"{path}.dataAbsentReason")
+            reason = _codes(resource.get("dataAbsentReason"), path, "dataAbsentReason")
             why = f" (dataAbsentReason {reason[0].code})" if reason else ""
+            concept = _concept_name(codes)
             problem = ("value-missing", f"the {concept} Observation carries no value{why}.")
             observations.append(Observation(codes, effective, source=source, problem=problem))
 
     def _quantity(self, entry: _Entry) -> tuple[float, str | None]:
         """valueQuantity as (value, unit). Raises _Unusable for a value that cannot be used. A
         missing unit or a negative value is not judged here: the core does that per concept."""
-        path = f"{entry.path}.valueQuantity"
         quantity = _get_obj(entry.resource, "valueQuantity", entry.path) or {}
         value = quantity.get("value")
         if value is None:
@@ -592,11 +735,17 @@ class _Mapper:
             raise _Unusable("value-unparseable", f"valueQuantity.value {value!r} is not a number; it was set aside.")
         number = float(value)
         if not math.isfinite(number):
-            _fail(f"{path}.value", f"{value!r} is not a finite number")
-        comparator = _get_str(quantity, "comparator", path)
+            _fail(f"{entry.path}.valueQuantity.value", f"{value!r} is not a finite number")
+        comparator = quantity.get("comparator")
+        if comparator is not None and type(comparator) is not str:
+            _get_str(quantity, "comparator", f"{entry.path}.valueQuantity")  # raises, naming the field
         if comparator:
             raise _Unusable("value-censored", f"the value is censored ({comparator}{value}), not exact; it was set aside.")
-        code, unit = _get_str(quantity, "code", path), _get_str(quantity, "unit", path)
+        code, unit = quantity.get("code"), quantity.get("unit")
+        if (code is not None and type(code) is not str) or (unit is not None and type(unit) is not str):
+            path = f"{entry.path}.valueQuantity"
+            _get_str(quantity, "code", path)  # one of these two raises, naming the field
+            _get_str(quantity, "unit", path)
         chosen = code if code and quantity.get("system") == _UCUM_URI else unit
         return number, chosen or None
 
@@ -606,14 +755,16 @@ class _Mapper:
             return
         if _status_code(resource, "verificationStatus", path) in _EXCLUDED_VERIFICATION:
             return
-        codes = _codes(resource.get("code"), f"{path}.code")
+        codes = _codes(resource.get("code"), path, "code")
         if not codes:
             return self._uncoded(entry, "AllergyIntolerance")
         rank, severity = 0, None
         for k, reaction in enumerate(_get_list(resource, "reaction", path)):
             if type(reaction) is not dict:
                 _fail(f"{path}.reaction[{k}]", f"expected a reaction object, found {_json_type(reaction)}")
-            level = _get_str(reaction, "severity", f"{path}.reaction[{k}]")
+            level = reaction.get("severity")
+            if level is not None and type(level) is not str:
+                _get_str(reaction, "severity", f"{path}.reaction[{k}]")  # raises, naming the field
             if _SEVERITY_RANK.get(level, 0) > rank:
                 rank, severity = _SEVERITY_RANK[level], level
         criticality = _get_str(resource, "criticality", path)
@@ -632,7 +783,7 @@ class _Mapper:
         resource, path = entry.resource, entry.path
         if _get_str(resource, "status", path) != "completed":
             return
-        codes = _codes(resource.get("code"), f"{path}.code")
+        codes = _codes(resource.get("code"), path, "code")
         if not codes:
             return self._uncoded(entry, "Procedure")
         by_cpt = _has_code(codes, "cpt", _INJECTION_CPT)
@@ -640,12 +791,12 @@ class _Mapper:
             return
         site = self._site(entry, order=False)
         agents = self._agents(entry) if by_cpt or site.target else []
-        snomed_coded = any(code.system == "snomed" for code in codes)
-        if not (by_cpt or site.declared or (snomed_coded and site.target and agents)):
+        # (the SNOMED test last: it matters only when neither the CPT code nor the target decides)
+        if not (by_cpt or site.declared or (site.target and agents and any(c.system == "snomed" for c in codes))):
             return
-        _, performed = self._instant(entry, _PROCEDURE_TIMES, str(codes[0]))
+        _, performed = self._instant(entry, _PROCEDURE_TIMES, codes)
         self.record.prior_injections.append(
-            PriorInjection(codes, performed, target=site.target, side=site.side, agents=agents, source=entry.source)
+            PriorInjection(codes, performed, site.target, site.side, agents, entry.source)
         )
 
     def _agents(self, entry: _Entry) -> list[Code]:
@@ -655,7 +806,7 @@ class _Mapper:
         for k, ref in enumerate(_get_list(resource, "usedReference", path)):
             used = self._follow(entry, ref, f"{path}.usedReference[{k}]", "usedReference")
             if used is not None and used.type in ("Medication", "Substance"):
-                agents.extend(_codes(used.resource.get("code"), f"{used.path}.code"))
+                agents.extend(_codes(used.resource.get("code"), used.path, "code"))
         return _distinct(agents)
 
     def _site(self, entry: _Entry, *, order: bool) -> _Site:
@@ -668,45 +819,47 @@ class _Mapper:
         sides: set[str] = set()
         hip_joint = False
         for j, concept in enumerate(_get_list(resource, "bodySite", path)):
-            where = f"{path}.bodySite[{j}]"
-            codes = _codes(concept, where)
-            if order and not codes:
-                _fail(where, "the injection target has no coding; text alone cannot be read")
-            for k, extension in enumerate(_get_list(concept, "extension", where) if concept else ()):
-                if type(extension) is dict:
-                    value = extension.get("valueCodeableConcept")
-                    codes += _codes(value, f"{where}.extension[{k}].valueCodeableConcept")
-                    coding = extension.get("valueCoding")
-                    if type(coding) is dict and (code := _code(coding, f"{where}.extension[{k}].valueCoding")):
-                        codes.append(code)
-            for code in codes:
-                if code.system == "np-target":
-                    targets.add(code.code)
-                elif code.system == "snomed":
-                    hip_joint = hip_joint or code.code == _HIP_JOINT_SNOMED
-                    if code.code in _LATERALITY_SNOMED:
-                        sides.add(_LATERALITY_SNOMED[code.code])
+            keys = _code_keys(concept, path, "bodySite", j)
+            if order and not keys:
+                _fail(f"{path}.bodySite[{j}]", "the injection target has no coding; text alone cannot be read")
+            if concept and concept.get("extension") is not None:  # (a truthy concept is an object here)
+                where = f"{path}.bodySite[{j}]"
+                for k, extension in enumerate(_get_list(concept, "extension", where)):
+                    if type(extension) is dict:
+                        value = extension.get("valueCodeableConcept")
+                        keys += _code_keys(value, f"{where}.extension[{k}].valueCodeableConcept")
+                        coding = extension.get("valueCoding")
+                        if type(coding) is dict and (code := _code(coding, f"{where}.extension[{k}].valueCoding")):
+                            keys.append((code.system, code.code))
+            for system, code in keys:
+                if system == "np-target":
+                    targets.add(code)
+                elif system == "snomed":
+                    hip_joint = hip_joint or code == _HIP_JOINT_SNOMED
+                    if code in _LATERALITY_SNOMED:
+                        sides.add(_LATERALITY_SNOMED[code])
         if len(targets) > 1:
             _fail(f"{path}.bodySite", f"names several injection targets ({', '.join(sorted(targets))})")
-        site = _Site(declared=bool(targets))
-        site.target = targets.pop() if targets else (_HIP_JOINT_TARGET if hip_joint else None)
+        declared = bool(targets)
+        target = targets.pop() if targets else (_HIP_JOINT_TARGET if hip_joint else None)
+        side = None
         if len(sides) == 1:
-            site.side = sides.pop()
+            side = sides.pop()
         elif sides:
             detail = f"bodySite gives conflicting laterality ({', '.join(sorted(sides))}); the side is unknown."
             self._issue("conflicting-laterality", entry.type, detail, entry.source)
-        return site
+        return _Site(target, side, declared)
 
     def _service_request(self, entry: _Entry) -> None:
         self.service_requests.append(entry)  # sorted into order / planned surgery once all are seen
 
     def _planned_surgery(self, entry: _Entry) -> None:
-        codes = _codes(entry.resource.get("code"), f"{entry.path}.code")
+        codes = _codes(entry.resource.get("code"), entry.path, "code")
         if not codes:
             return self._uncoded(entry, "ServiceRequest")
-        _, date = self._instant(entry, _OCCURRENCE_TIMES, str(codes[0]))
+        _, date = self._instant(entry, _OCCURRENCE_TIMES, codes)
         side = self._site(entry, order=False).side
-        self.record.planned_surgeries.append(PlannedSurgery(codes, date, side=side, source=entry.source))
+        self.record.planned_surgeries.append(PlannedSurgery(codes, date, side, entry.source))
 
     def _operation_outcome(self, entry: _Entry) -> None:
         """Errors a FHIR server or CDS client reported instead of data."""
@@ -746,23 +899,23 @@ class _Mapper:
         site = self._site(entry, order=True)
         intents: list[str] = []
         for j, detail in enumerate(_get_list(resource, "orderDetail", path)):
-            for code in _codes(detail, f"{path}.orderDetail[{j}]"):
-                if code.system == "np-intent" and code.code not in intents:
-                    intents.append(code.code)
-                elif code.system == "np-flag" and code.code not in self.record.flags:
-                    self.record.flags.append(code.code)
+            for system, code in _code_keys(detail, path, "orderDetail", j):
+                if system == "np-intent" and code not in intents:
+                    intents.append(code)
+                elif system == "np-flag" and code not in self.record.flags:
+                    self.record.flags.append(code)
         if len(intents) > 1:
             _fail(f"{path}.orderDetail", f"names several injection intents ({', '.join(intents)})")
         reasons = _list_codes(resource, "reasonCode", path)
         for k, ref in enumerate(_get_list(resource, "reasonReference", path)):
             reason = self._follow(entry, ref, f"{path}.reasonReference[{k}]", "reasonReference")
             if reason is not None:
-                reasons.extend(_codes(reason.resource.get("code"), f"{reason.path}.code"))
+                reasons.extend(_codes(reason.resource.get("code"), reason.path, "code"))
         return InjectionOrder(
             target=site.target,
             side=site.side,
             intent=intents[0] if intents else None,
-            codes=_codes(resource.get("code"), f"{path}.code"),
+            codes=_codes(resource.get("code"), path, "code"),
             reasons=_distinct(reasons),
             source=entry.source,
         )
@@ -771,7 +924,7 @@ class _Mapper:
 def _is_injection_request(entry: _Entry) -> bool:
     """Whether a ServiceRequest looks like an injection order (CPT code, target or intent)."""
     resource, path = entry.resource, entry.path
-    if _has_code(_codes(resource.get("code"), f"{path}.code"), "cpt", _INJECTION_CPT):
+    if _has_code(_codes(resource.get("code"), path, "code"), "cpt", _INJECTION_CPT):
         return True
     if any(code.system == "np-target" for code in _list_codes(resource, "bodySite", path)):
         return True
