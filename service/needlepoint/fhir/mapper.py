@@ -178,36 +178,43 @@ def _codes(concept: Any, path: str, key: str | None = None, j: int | None = None
     Codings without system or code cannot be matched and are left out; a code outside the
     vocabulary of one of Needlepoint's own code systems raises.
     """
-    # Fast path for the usual shape: every coding an object with string system and code, and
-    # any code of an own system in its vocabulary. On anything else the loop breaks off and
-    # _checked_codes starts over, skipping or naming the odd coding exactly as it always has.
     if type(concept) is dict:
-        codings = concept.get("coding")
-        if codings is None:
-            return []
-        if type(codings) is list:
-            codes: list[Code] = []
-            for coding in codings:
-                if type(coding) is not dict:
-                    break
-                system, code = coding.get("system"), coding.get("code")
-                if type(system) is not str or type(code) is not str or not system or not code:
-                    break
-                known = _KNOWN_SYSTEMS.get(system)
-                if known is None:
-                    short = system_short_name(system)
-                    vocabulary = _OWN_VOCABULARIES.get(short)
-                else:
-                    short, vocabulary = known
-                if vocabulary is not None and code not in vocabulary:
-                    break
-                display = coding.get("display")
-                codes.append(Code(short, code, display if type(display) is str else None))
-            else:
-                return codes
+        usual = _usual_codings(concept)
+        if usual is not None:
+            return [Code(short, code, d if type(d := coding.get("display")) is str else None) for short, code, coding in usual]
     elif concept is None:
         return []
     return _checked_codes(concept, _at(path, key, j))
+
+
+def _usual_codings(concept: JSON) -> list[tuple[str, str, JSON]] | None:
+    """The fast path of :func:`_codes` and :func:`_code_keys`: ``(short system, code, coding)``
+    for every coding when the concept has the usual shape (each coding an object with string
+    system and code, any code of an own system in its vocabulary); None when anything is unusual,
+    and the caller starts over with :func:`_checked_codes`, which skips or names the odd coding
+    exactly as it always has."""
+    codings = concept.get("coding")
+    if codings is None:
+        return []
+    if type(codings) is not list:
+        return None
+    usual: list[tuple[str, str, JSON]] = []
+    for coding in codings:
+        if type(coding) is not dict:
+            return None
+        system, code = coding.get("system"), coding.get("code")
+        if type(system) is not str or type(code) is not str or not system or not code:
+            return None
+        known = _KNOWN_SYSTEMS.get(system)
+        if known is None:
+            short = system_short_name(system)
+            vocabulary = _OWN_VOCABULARIES.get(short)
+        else:
+            short, vocabulary = known
+        if vocabulary is not None and code not in vocabulary:
+            return None
+        usual.append((short, code, coding))
+    return usual
 
 
 def _checked_codes(concept: Any, path: str) -> list[Code]:
@@ -251,28 +258,9 @@ def _code_keys(
     """``(system, code)`` of every usable coding, found and checked exactly as :func:`_codes` does,
     for callers that only look at what a concept says (body sites, order details) and keep no Code."""
     if type(concept) is dict:
-        codings = concept.get("coding")
-        if codings is None:
-            return []
-        if type(codings) is list:
-            keys: list[tuple[str, str]] = []
-            for coding in codings:  # the fast path of _codes, keeping (system, code) instead of a Code
-                if type(coding) is not dict:
-                    break
-                system, code = coding.get("system"), coding.get("code")
-                if type(system) is not str or type(code) is not str or not system or not code:
-                    break
-                known = _KNOWN_SYSTEMS.get(system)
-                if known is None:
-                    short = system_short_name(system)
-                    vocabulary = _OWN_VOCABULARIES.get(short)
-                else:
-                    short, vocabulary = known
-                if vocabulary is not None and code not in vocabulary:
-                    break
-                keys.append((short, code))
-            else:
-                return keys
+        usual = _usual_codings(concept)
+        if usual is not None:
+            return [(short, code) for short, code, _ in usual]
     elif concept is None:
         return []
     return [(code.system, code.code) for code in _checked_codes(concept, _at(path, key, j))]
