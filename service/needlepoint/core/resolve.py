@@ -60,39 +60,11 @@ def field_value(fact: dict, info: FactInfo, fld: str) -> str:
     value = fact[fld]
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = f"{value:g}" if isinstance(value, float) else str(value)  # _fmt_number, inlined
+    text = _fmt_number(value)
     unit = info.units.get(fld)
     if unit:
         text = f"{text} {unit}"
     return f"{text} ({info.notes[fld]})" if fld in info.notes else text
-
-
-def render_message(template: str, firing: Firing, prepared: PreparedFacts, ruleset: RuleSet, pick: dict[str, int] | None = None) -> str:
-    """Fill ``{alias.field}`` and ``{$param}`` placeholders. ``pick`` chooses the fact of an alias
-    (default: the first fact it matched)."""
-    alternative = min(firing.matched)
-    aliases = firing.matched[alternative]
-
-    def substitute(m: re.Match) -> str:
-        ref = m.group(1)
-        if ref.startswith("$"):
-            return _param_text(ruleset, ref[1:])
-        alias, _, fld = ref.partition(".")
-        if alias not in aliases:
-            return "(not matched)"
-        fid = (pick or {}).get(alias, aliases[alias][0])
-        fact, info = prepared.facts[fid], prepared.info[fid]
-        if fld in ("", "display"):
-            return info.label
-        return field_value(fact, info, fld)
-
-    return _TEMPLATE.sub(substitute, template)
-
-
-def per_fact_renderings(template: str, firing: Firing) -> list[dict[str, int]]:
-    """One ``pick`` per fact of the first alias a template names, so that a rule matching several
-    facts (e.g. several set-aside values) yields one entry each; ``[{}]`` if it names none."""
-    return _picks(_named_aliases(template), firing)
 
 
 def _named_aliases(template: str) -> tuple[str, ...]:
@@ -108,16 +80,16 @@ def _picks(named: tuple[str, ...], firing: Firing) -> list[dict[str, int]]:
     return [{}]
 
 
-def _compile_template(template: str, ruleset: RuleSet) -> tuple[str | tuple[str, str], ...] | None:
+def _compile_template(template: str, ruleset: RuleSet) -> tuple[str | tuple[str, str], ...] | str:
     """``template`` as runs of fixed text (``{$param}`` filled in: parameters are fixed for a rule
-    set) and ``(alias, field)`` references, or None if it names an unknown parameter."""
+    set) and ``(alias, field)`` references; or, if it names an unknown parameter, that name."""
     parts: list[str | tuple[str, str]] = []
     for i, piece in enumerate(_TEMPLATE.split(template)):  # text, placeholder, text, ..., text
         if i % 2 == 0:
             text = piece
         elif piece.startswith("$"):
             if piece[1:] not in ruleset.params:
-                return None
+                return piece[1:]
             text = _param_text(ruleset, piece[1:])
         else:
             alias, _, fld = piece.partition(".")
@@ -131,26 +103,27 @@ def _compile_template(template: str, ruleset: RuleSet) -> tuple[str | tuple[str,
 
 
 class _Template:
-    """A message template compiled once per rule set; ``render`` gives what
-    :func:`render_message` gives, without parsing the template on every call."""
+    """A message template, compiled once per rule set. ``render`` fills ``{alias.field}`` with the
+    facts the rule matched (``pick`` chooses the fact of an alias; default: the first it matched)."""
 
-    __slots__ = ("text", "ruleset", "parts", "constant", "aliases")
+    __slots__ = ("parts", "unknown_param", "constant", "aliases")
 
     def __init__(self, template: str, ruleset: RuleSet):
-        self.text, self.ruleset = template, ruleset
         self.aliases = _named_aliases(template)  # for _picks
-        # None for a template naming an unknown parameter (missing-data codes are not checked at
-        # load): it is left to render_message, which fails on it when the rule fires, as always
-        self.parts = _compile_template(template, ruleset)
+        compiled = _compile_template(template, ruleset)
+        # Missing-data templates are not checked at load: one naming an unknown parameter fails
+        # when its rule fires, not before.
+        self.unknown_param = compiled if isinstance(compiled, str) else None
+        self.parts = () if isinstance(compiled, str) else compiled
         # a template that names no fact is the same text every time
-        fixed = self.parts is not None and all(isinstance(part, str) for part in self.parts)
-        self.constant = "".join(self.parts) if fixed else None
+        fixed = self.unknown_param is None and all(isinstance(part, str) for part in self.parts)
+        self.constant = "".join(self.parts) if fixed else None  # type: ignore[arg-type]
 
     def render(self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None) -> str:
         if self.constant is not None:
             return self.constant
-        if self.parts is None:
-            return render_message(self.text, firing, prepared, self.ruleset, pick)
+        if self.unknown_param is not None:
+            raise KeyError(self.unknown_param)
         aliases = firing.matched[min(firing.matched)]
         out = []
         for part in self.parts:
