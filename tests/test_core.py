@@ -117,7 +117,6 @@ def test_an_instant_without_a_time_zone_is_refused(hip_evaluator) -> None:
     [
         (PatientRecord(birth_date=dt.date(1960, 1, 1)), "order"),
         (PatientRecord(order=InjectionOrder(None, "left", "therapeutic")), "order.target"),
-        (PatientRecord(birth_date=dt.date(2030, 1, 1), order=ORDER), "patient.birthDate"),
         (patient(obs("6301-6", -1.2, "{INR}")), "obs 6301-6"),
     ],
 )
@@ -125,6 +124,13 @@ def test_bad_input_names_the_field(hip_evaluator, record: PatientRecord, path: s
     with pytest.raises(RecordError) as caught:
         hip_evaluator.evaluate(record, AS_OF)
     assert caught.value.path == path
+
+
+def test_a_birth_date_after_the_instant_is_named_not_fatal(hip_evaluator) -> None:
+    decision = hip_evaluator.evaluate(PatientRecord(birth_date=dt.date(2030, 1, 1), order=ORDER), AS_OF)
+    missing = {m["code"]: m["message"] for m in decision["missingData"]}
+    assert "impossible-date:patient.birthDate" in missing
+    assert "2030-01-01 is after the evaluation instant" in missing["impossible-date:patient.birthDate"]
 
 
 # --- the contract's invariants -----------------------------------------------------------------
@@ -184,10 +190,11 @@ def test_an_overlay_with_an_unknown_parameter_is_refused(tmp_path: Path) -> None
 
 def _with_rule_change(change) -> dict:
     docs = read_documents(HIP)
-    source, rule = docs["rules"][1]
+    index = next(i for i, (_, rule) in enumerate(docs["rules"]) if rule["id"] == "DEF-INR-HIGH")
+    source, rule = docs["rules"][index]
     rule = copy.deepcopy(rule)
     change(rule)
-    docs["rules"][1] = (source, rule)
+    docs["rules"][index] = (source, rule)
     return docs
 
 

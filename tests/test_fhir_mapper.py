@@ -94,7 +94,7 @@ def test_synthea_bundle_maps(path: Path) -> None:
     assert all((o.value is None) != (o.value_code is None) for o in record.observations)
 
 
-def test_mafalda_warfarin_and_hip_oa_and_no_resolved_conditions() -> None:
+def test_mafalda_warfarin_and_hip_oa_and_resolved_conditions_end_when_they_abated() -> None:
     data = synthea("Mafalda_Turcotte")
     record = record_from_bundle(data)
     assert "rxnorm#855332" in codes_of(record.medications)
@@ -107,8 +107,11 @@ def test_mafalda_warfarin_and_hip_oa_and_no_resolved_conditions() -> None:
         for c in e["resource"]["code"]["coding"]
     }
     assert "snomed#444814009" in resolved  # viral sinusitis, resolved several times
-    assert not resolved & codes_of(record.conditions)
-    assert len(record.conditions) == 4
+    # a resolved condition is kept with its abatement date: it was current before then
+    ended = [c for c in record.conditions if c.ended is not None]
+    assert resolved == codes_of(ended)
+    assert all(c.begun is not None and c.since is not None and c.since <= c.ended for c in ended)
+    assert len(record.conditions) - len(ended) == 4  # the four still active
     stopped = [e for e in data["entry"] if e["resource"].get("status") == "stopped"]
     assert stopped and len(record.medications) == 4  # the stopped requests are not medications
 
@@ -316,11 +319,21 @@ def test_unreadable_procedure_date_keeps_the_injection(bundle: dict) -> None:
     assert ("unparseable-date", "cpt#20610") in {(i.kind, i.concept) for i in record.data_issues}
 
 
-def test_imprecise_birth_date(bundle: dict) -> None:
+def test_partial_birth_date_is_the_range_it_allows(bundle: dict) -> None:
     resource(bundle, "pat-1")["birthDate"] = "1958"
     record = record_from_bundle(bundle)
     assert record.birth_date is None
-    assert ("imprecise-date", "Patient.birthDate") in {(i.kind, i.concept) for i in record.data_issues}
+    assert record.birth_range == (dt.date(1958, 1, 1), dt.date(1958, 12, 31))
+    assert not record.data_issues
+    resource(bundle, "pat-1")["birthDate"] = "2016-02"
+    assert record_from_bundle(bundle).birth_range == (dt.date(2016, 2, 1), dt.date(2016, 2, 29))
+
+
+def test_unreadable_birth_date_is_named(bundle: dict) -> None:
+    resource(bundle, "pat-1")["birthDate"] = "1958-13"
+    record = record_from_bundle(bundle)
+    assert record.birth_date is None and record.birth_range is None
+    assert ("unparseable-date", "Patient.birthDate") in {(i.kind, i.concept) for i in record.data_issues}
 
 
 def test_future_birth_date_is_parsed_not_judged(bundle: dict) -> None:

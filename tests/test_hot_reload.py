@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from needlepoint.rulesets import bundled_rulesets_dir
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc
@@ -45,6 +46,9 @@ def test_reload_under_load(tmp_path: Path, server_process) -> None:
     rulesets = tmp_path / "rulesets"
     shutil.copytree(bundled_rulesets_dir() / "hip-injection", rulesets / "hip-injection")
     hip = rulesets / "hip-injection"
+    base = yaml.safe_load((hip / "ruleset.yaml").read_text(encoding="utf-8"))["version"]
+    major, minor, patch = map(int, base.split("."))
+    v1, v2 = f"{major}.{minor}.{patch + 1}", f"{major}.{minor}.{patch + 2}"
     server = server_process(1, "--rulesets", str(rulesets), "--watch", "--watch-interval", "0.2")
     try:
         server.wait_for(r"serving with 1 worker\(s\)", timeout=60)
@@ -74,34 +78,34 @@ def test_reload_under_load(tmp_path: Path, server_process) -> None:
             t.start()
         try:
             # 1. a change that passes lint and the rule set's own cases is swapped in
-            _edit(hip / "ruleset.yaml", "version: 1.0.0", "version: 1.0.1")
+            _edit(hip / "ruleset.yaml", f"version: {base}", f"version: {v1}")
             _edit(hip / "ruleset.yaml", "title: Image-guided hip injection", "title: Image-guided hip injection (site copy)")
-            _wait(lambda: serving() == ("1.0.1", "accepted"))
-            _wait(lambda: "1.0.1" in versions_seen)
+            _wait(lambda: serving() == (v1, "accepted"))
+            _wait(lambda: v1 in versions_seen)
 
-            # 2. a threshold change that its own test cases catch is rejected; 1.0.1 keeps serving
-            _edit(hip / "ruleset.yaml", "version: 1.0.1", "version: 1.0.2")
+            # 2. a threshold change that its own test cases catch is rejected; v1 keeps serving
+            _edit(hip / "ruleset.yaml", f"version: {v1}", f"version: {v2}")
             _edit(hip / "parameters.yaml", "inr_defer_above:\n  value: 3.0", "inr_defer_above:\n  value: 2.5")
             _wait(lambda: serving()[1] == "rejected")
             rs = stub.GetRuleset(decision_service_pb2.GetRulesetRequest(id="hip-injection"), timeout=5)
-            assert rs.version == "1.0.1" and rs.serving
-            assert rs.last_reload.version == "1.0.2" and "test case(s) fail" in rs.last_reload.message
+            assert rs.version == v1 and rs.serving
+            assert rs.last_reload.version == v2 and "test case(s) fail" in rs.last_reload.message
 
             # 3. a rule set that does not even load is rejected too
             (hip / "rules" / "10-bleeding.yaml").write_text("- id: [not, a, rule\n")
             _wait(lambda: "does not load" in stub.GetRuleset(decision_service_pb2.GetRulesetRequest(id="hip-injection"), timeout=5).last_reload.message)
-            time.sleep(0.5)  # requests keep flowing against 1.0.1 meanwhile
+            time.sleep(0.5)  # requests keep flowing against v1 meanwhile
         finally:
             stop.set()
             for t in threads:
                 t.join()
 
         assert failures == [], failures[:3]
-        assert answered > 20 and versions_seen <= {"1.0.0", "1.0.1"}
+        assert answered > 20 and versions_seen <= {base, v1}
         # both versions stay loaded side by side and can be pinned
         listed = stub.ListRulesets(decision_service_pb2.ListRulesetsRequest(), timeout=5).rulesets
-        assert [(r.version, r.serving) for r in listed] == [("1.0.1", True), ("1.0.0", False)]
-        assert stub.Evaluate(_request("1.0.0"), timeout=10).ruleset.version == "1.0.0"
+        assert [(r.version, r.serving) for r in listed] == [(v1, True), (base, False)]
+        assert stub.Evaluate(_request(base), timeout=10).ruleset.version == base
         with pytest.raises(grpc.RpcError) as caught:
             stub.Evaluate(_request("0.9.0"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND

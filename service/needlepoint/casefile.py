@@ -20,7 +20,12 @@ decision must (and must not) contain::
         injectates: {CORTICOSTEROID: SUGGESTED}
 
 Codes are ``system#code`` with the short system names of :mod:`needlepoint.core.record`. Dates
-are ISO dates or instants, or ``days_before`` / ``days_after`` relative to ``as_of``.
+are ISO dates or instants, or ``days_before`` / ``days_after`` relative to ``as_of``. A condition
+or medication may be a plain code or a mapping with its times: ``{code: snomed#72892002,
+onset_days_before: 400}`` (``started_days_before`` for a medication), ``recorded`` /
+``recorded_days_before``, ``ended`` / ``ended_days_before`` (each also ``..._days_after``); an allergy or planned surgery takes ``recorded_days_before`` /
+``ordered_days_before``. The patient may be ``deceased: true`` or ``deceased_days_before: N``,
+and ``birth_date`` may be partial (``2014-03``).
 ``deferrals`` lists ``REASON`` or ``REASON/SCOPE`` and must match the decision's deferrals
 exactly; ``cautions`` and ``missing`` likewise (use ``*_include`` keys for a subset check).
 ``severities`` maps a deferral (same key form) to HARD or SOFT; ``messages_include`` lists texts
@@ -30,6 +35,7 @@ that some message of the decision must contain.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +107,39 @@ def _when(item: dict, key: str, as_of: dt.datetime, where: str) -> dt.datetime |
     return None
 
 
+def _prefixed(item: Any, prefix: str, as_of: dt.datetime, where: str) -> dt.datetime | None:
+    """``{prefix}`` (an ISO date or instant) or ``{prefix}_days_before`` / ``{prefix}_days_after``."""
+    if not isinstance(item, dict):
+        return None
+    if f"{prefix}_days_before" in item:
+        return as_of - dt.timedelta(days=float(item[f"{prefix}_days_before"]))
+    if f"{prefix}_days_after" in item:
+        return as_of + dt.timedelta(days=float(item[f"{prefix}_days_after"]))
+    if prefix in item:
+        return _instant(item[prefix], f"{where}.{prefix}")
+    return None
+
+
+def _begun(*instants: dt.datetime | None) -> dt.datetime | None:
+    known = [t for t in instants if t is not None]
+    return min(known) if known else None
+
+
+_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
+
+
+def _birth(record: PatientRecord, value: Any, where: str) -> None:
+    """An exact birth date, or a partial one (``2014``, ``2014-03``) as the range it allows."""
+    match = _PARTIAL_DATE.fullmatch(str(value))
+    if match is None:
+        record.birth_date = _instant(value, where).date()
+        return
+    year, month = int(match.group(1)), match.group(2)
+    first = dt.date(year, int(month or 1), 1)
+    following = dt.date(year + 1, 1, 1) if month is None or first.month == 12 else dt.date(year, first.month + 1, 1)
+    record.birth_range = (first, following - dt.timedelta(days=1))
+
+
 def parse_code(text: Any, where: str) -> Code:
     system, sep, code = str(text).partition("#")
     if not sep or not system or not code:
@@ -121,21 +160,34 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
     """Build a PatientRecord from the test-case shorthand."""
     allowed = {
         "birth_date", "age", "sex", "conditions", "medications", "observations", "allergies",
-        "prior_injections", "planned_surgeries", "order", "injectates", "flags",
+        "prior_injections", "planned_surgeries", "order", "injectates", "flags", "deceased",
+        "deceased_days_before", "deceased_at",
     }  # fmt: skip
     unknown = set(patient) - allowed
     if unknown:
         raise RecordError(where, f"unknown key(s) {', '.join(sorted(unknown))}")
     rec = PatientRecord(sex=patient.get("sex"))
+    if "deceased_days_before" in patient:
+        rec.deceased_at = as_of - dt.timedelta(days=float(patient["deceased_days_before"]))
+    elif "deceased_at" in patient:
+        rec.deceased_at = _instant(patient["deceased_at"], f"{where}.deceased_at")
+    rec.deceased = bool(patient.get("deceased")) or rec.deceased_at is not None
     if "birth_date" in patient:
-        rec.birth_date = _instant(patient["birth_date"], f"{where}.birth_date").date()
+        _birth(rec, patient["birth_date"], f"{where}.birth_date")
     elif "age" in patient:  # the birthday is half a year away from as_of, so the age is exact
         born = as_of - dt.timedelta(days=365.25 * float(patient["age"]) + 182)
         rec.birth_date = born.date()
     for i, c in enumerate(patient.get("conditions", [])):
-        rec.conditions.append(Condition(_codes(c, f"{where}.conditions[{i}]"), source=f"{where}.conditions[{i}]"))
+        path = f"{where}.conditions[{i}]"
+        onset = _prefixed(c, "onset", as_of, path)
+        recorded = _prefixed(c, "recorded", as_of, path)
+        rec.conditions.append(
+            Condition(_codes(c, path), source=path, begun=_begun(onset, recorded), since=onset or recorded, ended=_prefixed(c, "ended", as_of, path))
+        )
     for i, m in enumerate(patient.get("medications", [])):
-        rec.medications.append(Medication(_codes(m, f"{where}.medications[{i}]"), source=f"{where}.medications[{i}]"))
+        path = f"{where}.medications[{i}]"
+        started = _prefixed(m, "started", as_of, path)
+        rec.medications.append(Medication(_codes(m, path), source=path, begun=started, ended=_prefixed(m, "ended", as_of, path)))
     for i, o in enumerate(patient.get("observations", [])):
         path = f"{where}.observations[{i}]"
         rec.observations.append(
@@ -151,7 +203,9 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
     for i, a in enumerate(patient.get("allergies", [])):
         path = f"{where}.allergies[{i}]"
         a = a if isinstance(a, dict) else {"code": a}
-        rec.allergies.append(Allergy(_codes(a, path), severity=a.get("severity"), criticality=a.get("criticality"), source=path))
+        rec.allergies.append(
+            Allergy(_codes(a, path), severity=a.get("severity"), criticality=a.get("criticality"), source=path, begun=_prefixed(a, "recorded", as_of, path))
+        )
     for i, p in enumerate(patient.get("prior_injections", [])):
         path = f"{where}.prior_injections[{i}]"
         rec.prior_injections.append(
@@ -166,7 +220,9 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
         )
     for i, s in enumerate(patient.get("planned_surgeries", [])):
         path = f"{where}.planned_surgeries[{i}]"
-        rec.planned_surgeries.append(PlannedSurgery(_codes(s, path), date=_when(s, "at", as_of, path), side=s.get("side"), source=path))
+        rec.planned_surgeries.append(
+            PlannedSurgery(_codes(s, path), date=_when(s, "at", as_of, path), side=s.get("side"), source=path, begun=_prefixed(s, "ordered", as_of, path))
+        )
     if "order" in patient:
         o = patient["order"] or {}
         rec.order = InjectionOrder(

@@ -173,6 +173,7 @@ REASONS = {
     "TARGET_MISMATCH": "The injection site does not fit the diagnosis or purpose",
     "CONSERVATIVE_CARE_INCOMPLETE": "Treatment without injections not yet tried long enough",
     "PENDING_DATA": "Waiting for missing or out-of-date results",
+    "PATIENT_DECEASED": "The record says the patient has died",
 }
 MODALITIES = {"FLUOROSCOPY": "Fluoroscopy (X-ray)", "ULTRASOUND": "Ultrasound", "LANDMARK": "Landmark (no imaging)"}
 INJECTATES = {

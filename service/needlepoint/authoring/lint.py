@@ -619,7 +619,7 @@ _PARAM_KEYS = ("value", "unit", "provenance", "source", "description", "allowed"
 _VS_KEYS = ("title", "codes", "groups", "source", "note")
 _OBS_KEYS = ("title", "codes", "unit", "units", "plausible")
 _AGG_KEYS = ("count", "where", "criteria", "distinct_groups_of", "description")
-_RULE_KEYS = ("id", "version", "title", "category", "precedence", "when", "when_any", "then", "rationale", "evidence")
+_RULE_KEYS = ("id", "version", "title", "category", "precedence", "exclusive", "when", "when_any", "then", "rationale", "evidence")
 _THEN_KEYS = ("modality", "injectates", "deferral", "caution", "missing_data", "message")
 _OUTCOMES = ("modality", "injectates", "deferral", "caution", "missing_data")
 _KNOWN_FILES = ("ruleset.yaml", "parameters.yaml", "observations.yaml", "aggregates.yaml")
@@ -1265,6 +1265,8 @@ class _Linter:
         if isinstance(precedence, bool) or not isinstance(precedence, int):
             self.error("NP002", doc, path + ("precedence",), f"{what}: precedence is a whole number (higher wins); got {_describe(precedence)}", key=False)
             precedence, valid = 0, False
+        if "exclusive" in raw and not isinstance(raw["exclusive"], bool):
+            self.error("NP002", doc, path + ("exclusive",), f"{what}: exclusive is true or false; got {_describe(raw['exclusive'])}", key=False)
         self.check_rationale(doc, path, raw, what)
         alts = self.check_conditions(doc, path, raw, what)
         outcome = self.check_then(doc, path + ("then",), raw.get("then"), what) if "then" in raw else None
@@ -2276,6 +2278,7 @@ def _rules_schema() -> dict:
                     "title": _NONBLANK,
                     "category": {"type": "string", "enum": list(CATEGORIES)},
                     "precedence": {"type": "integer", "description": "Modality resolution: the higher wins (default 0)."},
+                    "exclusive": {"type": "boolean", "description": "When this rule fires its outcome is the whole decision: no other rule's outcome is added (default false)."},
                     "when": {"$ref": "#/$defs/alternative"},
                     "when_any": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/alternative"}, "description": "Alternatives; the rule fires once per alternative that holds."},
                     "then": {"$ref": "#/$defs/then"},

@@ -20,9 +20,10 @@ from typing import Any
 # The fact kinds the core asserts and the fields each carries. "codes" fields hold coded
 # concepts and can only be tested for value-set membership; rules never name raw codes.
 FACT_FIELDS: dict[str, dict[str, str]] = {
-    "patient": {"age_years": "number", "sex": "string"},
-    "condition": {"code": "codes"},
-    "medication": {"code": "codes"},
+    "patient": {"age_years": "number", "sex": "string", "deceased": "bool"},
+    # days_ago: since the onset (else the recording) of a condition, since a medication began
+    "condition": {"code": "codes", "days_ago": "number"},
+    "medication": {"code": "codes", "days_ago": "number"},
     "observation": {"concept": "string", "value": "number", "age_days": "number", "value_code": "codes"},
     "allergy": {"code": "codes", "severity": "string", "criticality": "string"},
     "prior_injection": {

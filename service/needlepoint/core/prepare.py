@@ -10,6 +10,12 @@ unknown unit, an implausible number, no date) becomes a ``data_issue`` fact that
 data rules turn into ``missingData``; the value itself is not asserted, so no threshold is ever
 applied to it. Where an unknown side could hide a same-side risk, the same side is assumed and
 the gap is named.
+
+Time is applied here, once, for every kind of record alike (:func:`in_force`): at the instant a
+record exists only if it had begun or been written by then, and is current only if it had not
+ended by then. Nothing dated after the instant reaches a fact, a data issue or an aggregate, so
+evaluating a record at T gives the same decision as evaluating it with every later item
+removed. Records that cannot be true (begun before the patient was born) are named and not used.
 """
 
 from __future__ import annotations
@@ -20,12 +26,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .compiler import negated_patterns
-from .conditions import Pattern, compile_matcher, resolve_operand, tag
+from .conditions import Pattern, compile_matcher, resolve_operand, tag, test_holds
 from .record import Code, DataIssue, PatientRecord, RecordError
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet
 
-FUTURE_TOLERANCE = dt.timedelta(minutes=10)  # clock skew between an EHR and us
-INJECTATE_SYSTEM = "np-injectate"
 
 
 @dataclass(slots=True)
@@ -37,6 +41,8 @@ class FactInfo:
     units: dict[str, str] = field(default_factory=dict)  # field -> unit, for display
     codes: dict[str, list[Code]] = field(default_factory=dict)  # coded field -> codes
     notes: dict[str, str] = field(default_factory=dict)  # field -> how a derived value came about
+    what: str = ""  # what it is, for people: "Warfarin Sodium 5 MG Oral Tablet", "INR"
+    when: dt.datetime | None = None  # its clinical instant: taken, performed, began, planned for
 
 
 @dataclass(slots=True)
@@ -170,6 +176,22 @@ class _AggregatePlan:
     group_index: _CodeIndex | None = None  # distinct_groups: codes -> the groups holding them
 
 
+def in_force(item, as_of: dt.datetime) -> bool:
+    """Whether a record item exists and is current at ``as_of`` (UTC): it had begun or been
+    written by then, and had not ended by then. An undated item keeps its status-based meaning
+    (the adapter left out items whose status says they ended), so it is taken as in force.
+    The one test of time for every kind of record, and for the data issues about them."""
+    begun = item.begun
+    if begun is not None and _utc(begun) > as_of:
+        return False
+    ended = item.ended
+    return ended is None or _utc(ended) > as_of
+
+
+def _days_between(earlier: dt.datetime, later: dt.datetime) -> float:
+    return (later - earlier).total_seconds() / 86400.0
+
+
 class Preparer:
     """Prepares records for one rule set. Build once; ``prepare`` is pure and thread-safe."""
 
@@ -180,12 +202,16 @@ class Preparer:
         self.concept_of_code = {tuple(code.split("#", 1)): c for c in ruleset.observations.values() for code in c.codes}
         self.negations = [(prop, _scope(p, self.params), compile_matcher(p, self.params)) for prop, p in negated_patterns(ruleset).items()]
         self.aggregates = [_aggregate_plan(agg, ruleset, self.params) for agg in ruleset.aggregates]
+        patterns = _all_patterns(ruleset)
+        self.usable_days = _usable_days(patterns, ruleset, self.params)
+        self.age_tests = [t for p in patterns if p.kind == "patient" for t in p.tests if t.field == "age_years" and t.op in _COMPARISONS]
 
     def prepare(self, record: PatientRecord, as_of: dt.datetime) -> PreparedFacts:
         as_of = _utc(as_of)
         today = as_of.date()
         out = PreparedFacts([], [])
-        issues: list[DataIssue] = list(record.data_issues)
+        # what the adapter had to set aside, about records that exist and are current at the instant
+        issues: list[DataIssue] = [issue for issue in record.data_issues if in_force(issue, as_of)]
         tags_of = self.index.tags
         order = record.order
         if order is None:
@@ -202,13 +228,26 @@ class Preparer:
 
         # patient
         patient: dict = {"t": "patient", "sex": record.sex or "unknown"}
-        if record.birth_date is not None:
-            if record.birth_date > today:
-                raise RecordError("patient.birthDate", f"{record.birth_date} is after the evaluation instant {as_of:%Y-%m-%d}")
-            patient["age_years"] = completed_years(record.birth_date, today)
+        born = self._age(record, as_of, patient, issues)  # the earliest day the patient can have been born
+        notes = {"age_years": patient.pop("_age_note")} if "_age_note" in patient else {}
+        if record.deceased and (record.deceased_at is None or _utc(record.deceased_at) <= as_of):
+            patient["deceased"] = True
+            when = f" on {_day(_utc(record.deceased_at))}" if record.deceased_at is not None else ""
+            notes["deceased"] = f"the record says the patient died{when}"
         else:
-            issues.append(DataIssue("value-missing", "patient.birthDate", "The patient's birth date is not recorded, so age-based rules cannot apply.", "patient"))
-        add(patient, FactInfo("patient", "patient", {"age_years": "years"}))
+            patient["deceased"] = False
+        add(patient, FactInfo("patient", "patient", {"age_years": "years"}, notes=notes, what="the patient"))
+
+        def exists(item, what: str) -> bool:
+            """In force at the instant, and possible: a record that began before the patient
+            was born is named and not used."""
+            if not in_force(item, as_of):
+                return False
+            begun = item.begun
+            if born is not None and begun is not None and _utc(begun).date() < born:
+                issues.append(DataIssue("impossible-date", what, f"A {what} record is dated {_day(_utc(begun))}, before the patient was born ({born}); it was not used.", item.source))
+                return False
+            return True
 
         # the order
         order_fact: dict = {"t": "order", "target": order.target, "intra_articular": order.target == "hip-intra-articular"}
@@ -219,31 +258,50 @@ class Preparer:
         tags = tags_of("order", "code", order.codes) + tags_of("order", "reason", order.reasons)
         if tags:
             order_fact["_tags"] = tags
-        add(order_fact, FactInfo(f"order {order.target} {order.side or '(side?)'} {order.intent or '(intent?)'}", order.source or "order", codes={"code": order.codes, "reason": order.reasons}))
+        add(order_fact, FactInfo(f"order {order.target} {order.side or '(side?)'} {order.intent or '(intent?)'}", order.source or "order", codes={"code": order.codes, "reason": order.reasons}, what="the injection order"))
 
-        for kind, items in (("condition", record.conditions), ("medication", record.medications)):
-            for item in items:
-                tags = tags_of(kind, "code", item.codes)
-                if tags:
-                    add({"t": kind, "_tags": tags}, FactInfo(f"{kind} {_codes_label(item.codes)}", item.source, codes={"code": item.codes}))
+        for condition in record.conditions:
+            tags = tags_of("condition", "code", condition.codes)
+            if not tags or not exists(condition, "condition"):
+                continue
+            fact = {"t": "condition", "_tags": tags}
+            since = condition.since  # an episode is timed from its onset (else its recording)
+            label = f"condition {_codes_label(condition.codes)}"
+            if since is not None:
+                since = _utc(since)
+                fact["days_ago"] = round(_days_between(since, as_of), 4)
+                label += f" since {_day(since)}"
+            add(fact, FactInfo(label, condition.source, {"days_ago": "days"}, codes={"code": condition.codes}, what=_plain(condition.codes), when=since))
+
+        for medication in record.medications:
+            tags = tags_of("medication", "code", medication.codes)
+            if not tags or not exists(medication, "medication"):
+                continue
+            fact = {"t": "medication", "_tags": tags}
+            begun = _utc(medication.begun) if medication.begun is not None else None
+            label = f"medication {_codes_label(medication.codes)}"
+            if begun is not None:
+                fact["days_ago"] = round(_days_between(begun, as_of), 4)
+                label += f" since {_day(begun)}"
+            add(fact, FactInfo(label, medication.source, {"days_ago": "days"}, codes={"code": medication.codes}, what=_plain(medication.codes), when=begun))
 
         for allergy in record.allergies:
             tags = tags_of("allergy", "code", allergy.codes)
-            if tags:
+            if tags and exists(allergy, "allergy"):
                 fact = {"t": "allergy", "_tags": tags, "severity": allergy.severity or "unknown"}
                 if allergy.criticality:
                     fact["criticality"] = allergy.criticality
-                add(fact, FactInfo(f"allergy {_codes_label(allergy.codes)}", allergy.source, codes={"code": allergy.codes}))
+                add(fact, FactInfo(f"allergy {_codes_label(allergy.codes)}", allergy.source, codes={"code": allergy.codes}, what=_plain(allergy.codes)))
 
-        self._observations(record, as_of, add, issues)
+        self._observations(record, as_of, add, issues, exists)
 
         for inj in record.prior_injections:
             if inj.performed is None:
                 issues.append(DataIssue("date-missing", f"prior injection {_codes_label(inj.codes)}", "A prior injection has no date, so intervals cannot be measured.", inj.source))
                 continue
+            if not exists(inj, "prior injection"):
+                continue  # not yet done at the evaluation instant
             performed = _utc(inj.performed)
-            if performed > as_of + FUTURE_TOLERANCE:
-                continue  # not yet known at the evaluation instant
             day = _day(performed)
             fact = {"t": "prior_injection", "days_ago": (today - performed.date()).days}
             if inj.target:
@@ -258,10 +316,12 @@ class Preparer:
             tags = tags_of("prior_injection", "code", inj.codes) + tags_of("prior_injection", "agents", inj.agents)
             if tags:
                 fact["_tags"] = tags
-            add(fact, FactInfo(f"prior injection {inj.target or '(target?)'} {inj.side or '(side?)'} on {day}", inj.source, {"days_ago": "days"}, {"code": inj.codes, "agents": inj.agents}))
+            add(fact, FactInfo(f"prior injection {inj.target or '(target?)'} {inj.side or '(side?)'} on {day}", inj.source, {"days_ago": "days"}, {"code": inj.codes, "agents": inj.agents}, what=_plain(inj.agents or inj.codes), when=performed))
 
         for surgery in record.planned_surgeries:
             tags = tags_of("planned_surgery", "code", surgery.codes)
+            if not exists(surgery, "planned surgery"):
+                continue  # not yet ordered at the evaluation instant
             if surgery.date is None:
                 if tags:  # an undated surgery matters only if a rule could be about it
                     issues.append(DataIssue("date-missing", f"planned surgery {_codes_label(surgery.codes)}", "A planned surgery has no date, so the interval to it cannot be measured.", surgery.source))
@@ -270,21 +330,54 @@ class Preparer:
             fact = {"t": "planned_surgery", "days_until": (planned.date() - today).days, "ipsilateral": _sides_overlap(surgery.side, order.side)}
             if tags:
                 fact["_tags"] = tags
-            add(fact, FactInfo(f"planned surgery {_codes_label(surgery.codes)} on {_day(planned)} ({surgery.side or 'side?'})", surgery.source, {"days_until": "days"}, {"code": surgery.codes}))
+            add(fact, FactInfo(f"planned surgery {_codes_label(surgery.codes)} on {_day(planned)} ({surgery.side or 'side?'})", surgery.source, {"days_until": "days"}, {"code": surgery.codes}, what=_plain(surgery.codes), when=planned))
 
         for injectate in record.planned_injectates:
             tags = tags_of("injectate", "code", injectate.codes)
             if tags:
-                add({"t": "injectate", "_tags": tags}, FactInfo(f"planned injectate {_codes_label(injectate.codes)}", injectate.source, codes={"code": injectate.codes}))
+                add({"t": "injectate", "_tags": tags}, FactInfo(f"planned injectate {_codes_label(injectate.codes)}", injectate.source, codes={"code": injectate.codes}, what=_plain(injectate.codes)))
 
         for flag in dict.fromkeys(record.flags):
-            add({"t": "flag", "name": flag}, FactInfo(f"clinician flag {flag}", "flags"))
+            add({"t": "flag", "name": flag}, FactInfo(f"clinician flag {flag}", "flags", what=flag.replace("-", " ")))
 
         for issue in issues:
-            add({"t": "data_issue", "kind": issue.kind, "concept": issue.concept, "detail": issue.detail}, FactInfo(f"data issue ({issue.kind}) {issue.concept}", issue.source))
+            add({"t": "data_issue", "kind": issue.kind, "concept": issue.concept, "detail": issue.detail}, FactInfo(f"data issue ({issue.kind}) {issue.concept}", issue.source, what=issue.concept))
 
         self.derive(out)
         return out
+
+    def _age(self, record: PatientRecord, as_of: dt.datetime, patient: dict, issues: list[DataIssue]) -> dt.date | None:
+        """Set ``age_years`` on the patient fact, and return the earliest possible birth day.
+
+        A partial birth date (``2014-03``) allows a range of ages. Every age test of the rule set
+        is a comparison with a threshold, so if each gives the same answer at both ends of the
+        range, it gives that answer for every age in it: the youngest age then stands for the
+        range. If a threshold falls inside the range, the age is unknown for this rule set; it
+        is named, never guessed."""
+        today = as_of.date()
+        if record.birth_date is not None:
+            earliest = latest = record.birth_date
+        elif record.birth_range is not None:
+            earliest, latest = record.birth_range
+        else:
+            issues.append(DataIssue("value-missing", "patient.birthDate", "The patient's birth date is not recorded, so age-based rules cannot apply.", "patient"))
+            return None
+        shown = str(record.birth_date) if record.birth_date is not None else _partial_date(earliest, latest)
+        if earliest > today:
+            issues.append(DataIssue("impossible-date", "patient.birthDate", f"The birth date {shown} is after the evaluation instant {today}; age-based rules cannot apply.", "patient"))
+            return None
+        youngest, oldest = completed_years(latest, today), completed_years(earliest, today)
+        if youngest == oldest:
+            patient["age_years"] = youngest
+            return earliest
+        straddled = sorted({f"{t.describe()}" for t in self.age_tests if test_holds(t, {"age_years": youngest}, self.params) != test_holds(t, {"age_years": oldest}, self.params) or _inside(t, youngest, oldest, self.params)})
+        if straddled:
+            tests = "; ".join(s.replace("age_years", "age") for s in straddled)
+            issues.append(DataIssue("age-uncertain", "patient.birthDate", f"The birth date is given only as {shown}, so the patient is {youngest} or {oldest} years old, and the rules' age limits ({tests}) fall in between; record the full birth date.", "patient"))
+            return earliest
+        patient["age_years"] = youngest
+        patient["_age_note"] = f"born {shown}: {youngest} to {oldest}, the same for every age limit of the rules"
+        return earliest
 
     def derive(self, out: PreparedFacts) -> None:
         """Append the derived facts, the ``summary`` (aggregates) and the ``absent`` fact
@@ -329,8 +422,14 @@ class Preparer:
                 absent[prop] = True
         add(absent, FactInfo("absences", "derived from the record"))
 
-    def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue]) -> None:
+    def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue], exists) -> None:
+        """The newest result of each concept at the instant, in its canonical unit.
+
+        A problem with a result older than the longest window any rule puts on its concept
+        (``usable_days``) is not reported: no rule would use the value whatever its unit. A
+        readable old result is still asserted, so that an explanation can show it is too old."""
         concept_of_code = self.concept_of_code
+        usable_days = self.usable_days
         newest: dict[str, tuple[dt.datetime, object, ObservationConcept]] = {}
         for obs in record.observations:
             concept = None
@@ -338,24 +437,29 @@ class Preparer:
                 concept = concept_of_code.get((c.system, c.code))
                 if concept is not None:
                     break
-            if concept is None:
-                continue
+            if concept is None or (usable := usable_days.get(concept.id)) is not None and usable < 0:
+                continue  # a concept no rule reads
             if obs.value is not None and not math.isfinite(obs.value):
                 raise RecordError(obs.source or "observation", f"{concept.title} value is not a finite number")
             if obs.effective is None:
                 kind, why = obs.problem or ("date-missing", "it has no date, so its age cannot be judged")
                 issues.append(DataIssue(kind, concept.id, f"A {concept.title} result was set aside: {why}", obs.source))
                 continue
-            when = _utc(obs.effective)
-            if when > as_of + FUTURE_TOLERANCE:
+            if not exists(obs, f"{concept.title} result"):
                 continue
+            when = _utc(obs.effective)
             held = newest.get(concept.id)
             if held is None or when > held[0]:
                 newest[concept.id] = (when, obs, concept)
         for cid in sorted(newest):
             when, obs, concept = newest[cid]
+            age_days = max(0.0, _days_between(when, as_of))
+            limit = usable_days.get(cid)
+            too_old = limit is not None and age_days > limit  # for every rule: a problem is not worth naming
             # a result that is set aside becomes a data issue; its fact and label are never built
             if obs.problem is not None:
+                if too_old:
+                    continue
                 issues.append(DataIssue(obs.problem[0], cid, f"The newest {concept.title} result was set aside: {obs.problem[1]}", obs.source))
                 continue
             if concept.unit is None:  # a coded result, e.g. pregnancy status
@@ -365,18 +469,19 @@ class Preparer:
             else:
                 value, problem = self._canonical_value(obs, concept)
                 if problem:
-                    issues.append(DataIssue(problem[0], cid, problem[1], obs.source))
+                    if not too_old:
+                        issues.append(DataIssue(problem[0], cid, problem[1], obs.source))
                     continue
             label = f"observation {cid} ({_codes_label(obs.codes)}, {_minute(when)}Z)"
-            fact: dict = {"t": "observation", "concept": cid, "age_days": round(max(0.0, (as_of - when).total_seconds() / 86400.0), 4)}
+            fact: dict = {"t": "observation", "concept": cid, "age_days": round(age_days, 4)}
             if concept.unit is None:
                 tags = self.index.tags("observation", "value_code", [obs.value_code])
                 if tags:
                     fact["_tags"] = tags
-                info = FactInfo(label, obs.source, {"age_days": "days"}, {"value_code": [obs.value_code]})
+                info = FactInfo(label, obs.source, {"age_days": "days"}, {"value_code": [obs.value_code]}, what=concept.title, when=when)
             else:
                 fact["value"] = round(value, 4)
-                info = FactInfo(label, obs.source, {"age_days": "days", "value": concept.unit})
+                info = FactInfo(label, obs.source, {"age_days": "days", "value": concept.unit}, what=concept.title, when=when)
             add(fact, info)
 
     @staticmethod
@@ -412,6 +517,55 @@ def _aggregate_plan(agg: Aggregate, ruleset: RuleSet, params: dict) -> _Aggregat
     return _AggregatePlan(agg.name, agg.mode, matchers)
 
 
+_COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte")
+
+
+def _all_patterns(ruleset: RuleSet) -> list[Pattern]:
+    """Every pattern of the rule set: of its rules (negated ones included) and its aggregates."""
+    return [p for r in ruleset.rules for alt in r.alternatives for p in alt] + [p for a in ruleset.aggregates for p in a.patterns]
+
+
+def _usable_days(patterns: list[Pattern], ruleset: RuleSet, params: dict) -> dict[str, float | None]:
+    """Per observation concept, the age in days beyond which no pattern can match a result:
+    the widest ``age_days`` bound among the patterns on that concept; None when one of them
+    has no bound (any age can matter); -1 for a concept no pattern names."""
+    usable: dict[str, float | None] = {cid: -1.0 for cid in ruleset.observations}
+    for pattern in patterns:
+        if pattern.kind != "observation":
+            continue
+        concepts = [resolve_operand(t.operand, params) for t in pattern.tests if t.field == "concept" and t.op == "eq"]
+        bounds = [float(resolve_operand(t.operand, params)) for t in pattern.tests if t.field == "age_days" and t.op in ("lt", "lte")]
+        bound = min(bounds) if bounds else None
+        for cid in concepts or list(usable):  # a pattern that names no concept may match any
+            held = usable.get(cid, -1.0)
+            if held is not None:
+                usable[cid] = None if bound is None else max(held, bound)
+    return usable
+
+
+def _inside(test, low: int, high: int, params: dict) -> bool:
+    """Whether an eq/ne test's value lies strictly inside the range (ends agree, middle differs)."""
+    if test.op not in ("eq", "ne"):
+        return False
+    value = resolve_operand(test.operand, params)
+    return isinstance(value, (int, float)) and low < value < high
+
+
+def _partial_date(earliest: dt.date, latest: dt.date) -> str:
+    """A partial date as it was written: ``2014`` or ``2014-03``."""
+    if earliest.month == 1 and earliest.day == 1 and latest.month == 12 and latest.day == 31:
+        return f"{earliest.year:04d}"
+    return f"{earliest.year:04d}-{earliest.month:02d}"
+
+
+def _plain(codes: list[Code]) -> str:
+    """What a coded item is, in words: the first display, else the first code."""
+    for code in codes:
+        if code.display:
+            return code.display
+    return str(codes[0]) if codes else "(uncoded)"
+
+
 def _codes_label(codes: list[Code]) -> str:
     if not codes:
         return "(uncoded)"
@@ -419,4 +573,4 @@ def _codes_label(codes: list[Code]) -> str:
     return f"{first.system}#{first.code}" + (f" {first.display}" if first.display else "")
 
 
-__all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "completed_years"]
+__all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "completed_years", "in_force"]

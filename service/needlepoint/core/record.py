@@ -6,6 +6,13 @@ arrived with; unit normalisation and everything that depends on the evaluation i
 (ages, intervals) happens later, in :mod:`needlepoint.core.prepare`, so that one record can be
 evaluated at any ``as_of``.
 
+Time is kept, not applied: each item carries when it began (``begun``: the earliest instant it
+had started or been written) and, where the source says so, when it ended (``ended``). Whether
+an item exists and is current at the evaluation instant is decided in one place, the core's
+:func:`needlepoint.core.prepare.in_force`, for every kind alike (contract, "Time"). An item whose
+status says it ended at an unknown time is not in the record at all: undated, it keeps its
+status-based meaning.
+
 ``source`` on each item is a human-readable locator of where the item came from (for FHIR:
 ``Bundle.entry[12].resource``); it is carried into explanations and error messages so that a
 reader can find the original data.
@@ -76,16 +83,28 @@ class Code:
 
 @dataclass(slots=True)
 class Condition:
+    """A diagnosis or problem. ``begun``: the earliest instant it may have existed (its onset or
+    its recording, whichever came first); ``since``: the exact instant an episode is timed from
+    (the onset, else the recording), None when neither is known to the day; ``ended``: its
+    abatement, if recorded."""
+
     codes: list[Code]
     source: str = ""
+    begun: dt.datetime | None = None
+    since: dt.datetime | None = None
+    ended: dt.datetime | None = None
 
 
 @dataclass(slots=True)
 class Medication:
-    """An active medication (MedicationRequest/MedicationStatement with status active)."""
+    """A medication the patient takes: a MedicationRequest or MedicationStatement that is active,
+    or that ended at a known instant (then current only before it). ``begun``: authored,
+    started or asserted, whichever came first."""
 
     codes: list[Code]
     source: str = ""
+    begun: dt.datetime | None = None
+    ended: dt.datetime | None = None
 
 
 @dataclass(slots=True)
@@ -106,6 +125,12 @@ class Observation:
     source: str = ""
     problem: tuple[str, str] | None = None
 
+    @property
+    def begun(self) -> dt.datetime | None:
+        return self.effective
+
+    ended = None  # a result does not end; it ages
+
 
 @dataclass(slots=True)
 class Allergy:
@@ -113,6 +138,9 @@ class Allergy:
     severity: str | None = None  # mild | moderate | severe (the worst reaction), or None if unknown
     criticality: str | None = None  # low | high | unable-to-assess
     source: str = ""
+    begun: dt.datetime | None = None  # recorded or began, whichever came first
+
+    ended = None  # an allergy does not end by date; a resolved one is not in the record
 
 
 @dataclass(slots=True)
@@ -126,13 +154,24 @@ class PriorInjection:
     agents: list[Code] = field(default_factory=list)
     source: str = ""
 
+    @property
+    def begun(self) -> dt.datetime | None:
+        return self.performed
+
+    ended = None
+
 
 @dataclass(slots=True)
 class PlannedSurgery:
+    """A planned operation: ``date`` is when it is planned for, ``begun`` when it was ordered."""
+
     codes: list[Code]
     date: dt.datetime | None
     side: str | None = None
     source: str = ""
+    begun: dt.datetime | None = None
+
+    ended = None
 
 
 @dataclass(slots=True)
@@ -164,12 +203,22 @@ class DataIssue:
     concept: str  # what the value was meant to be, e.g. "loinc#6301-6"
     detail: str
     source: str = ""
+    begun: dt.datetime | None = None  # when the record it is about began; unknown: always shown
+    ended: dt.datetime | None = None  # when that record ended, if it did
 
 
 @dataclass(slots=True)
 class PatientRecord:
+    """Everything known about one patient. ``birth_date`` is exact; a partial birth date
+    (``2014-03``) is kept as the range of days it allows, ``birth_range``, with ``birth_date``
+    None. ``deceased`` is True when the record says the patient died; ``deceased_at`` is when,
+    if it says."""
+
     birth_date: dt.date | None = None
     sex: str | None = None
+    birth_range: tuple[dt.date, dt.date] | None = None
+    deceased: bool = False
+    deceased_at: dt.datetime | None = None
     conditions: list[Condition] = field(default_factory=list)
     medications: list[Medication] = field(default_factory=list)
     observations: list[Observation] = field(default_factory=list)

@@ -12,6 +12,8 @@
   modality instead and names the rules behind it.
 * **Injectates**: per category the most restrictive recommendation wins
   (AVOID > NOT_SUGGESTED > CAUTION > SUGGESTED); every rule that spoke about it is listed.
+* **An exclusive rule** that fires (a deceased patient) is the whole decision: the other rules'
+  outcomes are not added, so nothing else is asked of such a record.
 
 The output is the contract's decision JSON (lowerCamelCase, empty lists omitted).
 """
@@ -316,6 +318,9 @@ class _Injectate:
 
 def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, as_of_text: str) -> dict:
     ruleset, order, plans = resolver.ruleset, resolver.order, resolver.plans
+    exclusive = [f for f in firings if f.rule.exclusive]
+    if exclusive:  # e.g. a deceased patient: that is the whole answer, and nothing else is asked
+        firings = exclusive
     firings = sorted(firings, key=lambda f: order[f.rule.id])
 
     # One pass over the firings, in rule order, collects what each one says and explains it.

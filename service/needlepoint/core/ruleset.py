@@ -42,6 +42,7 @@ DEFERRAL_REASONS = (
     "TARGET_MISMATCH",
     "CONSERVATIVE_CARE_INCOMPLETE",
     "PENDING_DATA",
+    "PATIENT_DECEASED",
 )
 SEVERITIES = ("HARD", "SOFT")
 SCOPES = ("PROCEDURE",) + INJECTATE_CATEGORIES
@@ -144,6 +145,7 @@ class Rule:
     evidence: tuple[Evidence, ...]
     params: tuple[str, ...]  # parameter names the rule uses (conditions and message)
     source: str  # file:line where the rule is defined
+    exclusive: bool = False  # when it fires, its outcome is the whole decision (e.g. a deceased patient)
 
 
 @dataclass(frozen=True)
@@ -479,7 +481,10 @@ def _build_rule(raw: Any, source: str, summary_fields: set[str], params: dict[st
         raise RuleSetError(source, "a rule is a mapping")
     rid = _need(raw, "id", source)
     where = f"{source} {rid}"
-    _only(raw, {"id", "version", "title", "category", "precedence", "when", "when_any", "then", "rationale", "evidence"}, where)
+    _only(raw, {"id", "version", "title", "category", "precedence", "exclusive", "when", "when_any", "then", "rationale", "evidence"}, where)
+    exclusive = raw.get("exclusive", False)
+    if not isinstance(exclusive, bool):
+        raise RuleSetError(f"{where}.exclusive", f"exclusive is true or false; got {exclusive!r}")
     if not _RULE_ID.match(rid):
         raise RuleSetError(f"{where}.id", "rule ids are upper-case words joined by hyphens, e.g. DEF-INR-HIGH")
     version = _need(raw, "version", where)
@@ -541,4 +546,5 @@ def _build_rule(raw: Any, source: str, summary_fields: set[str], params: dict[st
         evidence=tuple(evidence),
         params=tuple(dict.fromkeys(used + used_in_outcome)),
         source=source,
+        exclusive=exclusive,
     )

@@ -76,6 +76,8 @@ _HIP_JOINT_TARGET = "hip-intra-articular"
 _LATERALITY_SNOMED = {"7771000": "left", "24028007": "right", "51440002": "both"}
 
 _INACTIVE_CLINICAL = frozenset({"inactive", "remission", "resolved"})
+# abatement[x] forms that say a condition ended without saying when
+_UNDATED_ABATEMENT = ("abatementString", "abatementAge", "abatementRange")
 _EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 _OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
 _SEVERITY_RANK = {"mild": 1, "moderate": 2, "severe": 3}
@@ -405,6 +407,80 @@ def _parse_date(text: Any) -> dt.date:
         raise _DateProblem("unparseable-date", "is not a valid calendar date") from None
 
 
+def _partial_range(text: Any) -> tuple[dt.date, dt.date] | None:
+    """A partial FHIR date (``2014`` or ``2014-03``) as the first and last day it allows; None
+    for anything else."""
+    match = _DATE.fullmatch(text) if type(text) is str else None
+    if match is None or match.group(3) is not None:
+        return None
+    year, month = int(match.group(1)), match.group(2)
+    try:
+        if month is None:
+            return dt.date(year, 1, 1), dt.date(year, 12, 31)
+        first = dt.date(year, int(month), 1)
+    except ValueError:
+        return None
+    following = dt.date(year + 1, 1, 1) if first.month == 12 else dt.date(year, first.month + 1, 1)
+    return first, following - dt.timedelta(days=1)
+
+
+def _earliest_instant(value: Any) -> dt.datetime | None:
+    """The earliest instant a FHIR date/dateTime allows (a partial date: its first day), or None
+    when it cannot be read. For deciding whether a record may have existed yet, never for an
+    interval a rule measures."""
+    try:
+        return _parse_datetime(value)
+    except _DateProblem:
+        pass
+    allowed = _partial_range(value)
+    if allowed is None or allowed[0].year < 1:
+        return None
+    return dt.datetime.combine(allowed[0], _MIDNIGHT_UTC)
+
+
+# Where each resource type says when it began or was written, for the core's test of time
+# (contract, "Time"): the earliest of these that can be read.
+_BEGUN_FIELDS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "Condition": (("onsetDateTime", None), ("onsetPeriod", "start"), ("recordedDate", None)),
+    "MedicationRequest": (("authoredOn", None),),
+    "MedicationStatement": (("effectiveDateTime", None), ("effectivePeriod", "start"), ("dateAsserted", None)),
+    "AllergyIntolerance": (("onsetDateTime", None), ("onsetPeriod", "start"), ("recordedDate", None)),
+    "Procedure": (("performedDateTime", None), ("performedPeriod", "start")),
+    "ServiceRequest": (("authoredOn", None),),
+    "Observation": (("effectiveDateTime", None), ("effectivePeriod", "start"), ("effectiveInstant", None), ("issued", None)),
+}
+
+
+def _begun(resource: JSON, rtype: str) -> dt.datetime | None:
+    """When a resource began or was written: the earliest readable instant among its type's
+    ``_BEGUN_FIELDS``; None when it has none (an undated record)."""
+    found: dt.datetime | None = None
+    for key, sub in _BEGUN_FIELDS.get(rtype, ()):
+        value = resource.get(key)
+        if sub is not None:
+            value = value.get(sub) if type(value) is dict else None
+        if value is None:
+            continue
+        instant = _earliest_instant(value)
+        if instant is not None and (found is None or instant < found):
+            found = instant
+    return found
+
+
+def _exact_instant(resource: JSON, key: str, sub: str | None = None) -> dt.datetime | None:
+    """``resource[key]`` (or its ``sub`` field: ``effectivePeriod.end``) as an instant precise to the
+    day at least, else None (absent, partial or unreadable)."""
+    value = resource.get(key)
+    if sub is not None:
+        value = value.get(sub) if type(value) is dict else None
+    if value is None:
+        return None
+    try:
+        return _parse_datetime(value)
+    except _DateProblem:
+        return None
+
+
 # --- bundle entries and references --------------------------------------------------------------
 
 
@@ -551,15 +627,18 @@ class _Mapper:
 
     # -- bookkeeping
 
-    def _issue(self, kind: str, concept: str, detail: str, source: str) -> None:
-        self.record.data_issues.append(DataIssue(kind=kind, concept=concept, detail=detail, source=source))
+    def _issue(self, kind: str, concept: str, detail: str, source: str, entry: _Entry | None = None) -> None:
+        """Record a DataIssue; about a resource (``entry``), it carries when that resource began,
+        so that an evaluation before then does not report it."""
+        begun = _begun(entry.resource, entry.type) if entry is not None else None
+        self.record.data_issues.append(DataIssue(kind=kind, concept=concept, detail=detail, source=source, begun=begun))
 
     def _uncoded(self, entry: _Entry, what: str, key: str = "code") -> None:
         """Report a resource whose ``key`` concept has no usable coding: text alone is never enough."""
         concept = entry.resource.get(key)
         text = concept.get("text") if type(concept) is dict else None
         shown = f" ({text!r})" if type(text) is str else ""
-        self._issue("uncoded", entry.type, f"{what}{shown} has no usable coding and was set aside.", entry.source)
+        self._issue("uncoded", entry.type, f"{what}{shown} has no usable coding and was set aside.", entry.source, entry)
 
     def _first_instant(self, entry: _Entry, fields: Sequence[tuple[str, str | None]]) -> dt.datetime | None:
         """The first present instant among ``fields`` (None if there is none). Raises
@@ -587,7 +666,7 @@ class _Mapper:
         try:
             return True, self._first_instant(entry, fields)
         except _Unusable as problem:
-            self._issue(problem.kind, str(codes[0]), problem.detail, entry.source)
+            self._issue(problem.kind, str(codes[0]), problem.detail, entry.source, entry)
             return False, None
 
     # -- resources
@@ -604,8 +683,13 @@ class _Mapper:
             try:
                 self.record.birth_date = _parse_date(birth)
             except _DateProblem as problem:
-                detail = f"birthDate {birth!r} {problem.reason}; age is unknown."
-                self._issue(problem.kind, "Patient.birthDate", detail, entry.source)
+                allowed = _partial_range(birth) if problem.kind == "imprecise-date" else None
+                if allowed is not None:  # a valid partial date: the core works with the range
+                    self.record.birth_range = allowed
+                else:
+                    detail = f"birthDate {birth!r} is not a valid FHIR date; age is unknown."
+                    self._issue("unparseable-date", "Patient.birthDate", detail, entry.source)
+        self._deceased(entry)
         gender = _get_str(resource, "gender", path)
         if gender in _SEXES:
             self.record.sex = gender
@@ -613,16 +697,47 @@ class _Mapper:
             detail = f"gender {gender!r} is not a FHIR administrative gender; sex is unknown."
             self._issue("unknown-code", "Patient.gender", detail, entry.source)
 
-    def _condition(self, entry: _Entry) -> None:
-        resource, path = entry.resource, entry.path
-        if _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL:
+    def _deceased(self, entry: _Entry) -> None:
+        """``deceasedBoolean`` / ``deceasedDateTime``. A death whose date cannot be read is still a
+        death: the patient is taken as deceased, and the unreadable date is named."""
+        resource = entry.resource
+        flag = resource.get("deceasedBoolean")
+        if flag is not None and type(flag) is not bool:
+            _fail(f"{entry.path}.deceasedBoolean", f"expected true or false, found {_json_type(flag)}")
+        when = resource.get("deceasedDateTime")
+        if when is None:
+            self.record.deceased = flag is True
             return
+        self.record.deceased = True
+        try:
+            self.record.deceased_at = _parse_datetime(when)
+        except _DateProblem as problem:
+            earliest = _earliest_instant(when)  # a partial date: deceased from the first day it allows,
+            if earliest is not None:  # so that no one who may have died is given a go-ahead
+                self.record.deceased_at = earliest
+            else:
+                detail = f"deceasedDateTime {when!r} {problem.reason}; the patient is taken as deceased."
+                self._issue(problem.kind, "Patient.deceasedDateTime", detail, entry.source)
+
+    def _condition(self, entry: _Entry) -> None:
+        """A Condition, with its onset, recording and abatement. One that is resolved or inactive
+        is kept only when its abatement is dated (it was current before then); undated, its
+        status says it is over."""
+        resource, path = entry.resource, entry.path
+        ended = _exact_instant(resource, "abatementDateTime") or _exact_instant(resource, "abatementPeriod", "end") or _exact_instant(resource, "abatementPeriod", "start")
+        if _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL and ended is None:
+            return
+        if ended is None and (resource.get("abatementBoolean") is True or any(k in resource for k in _UNDATED_ABATEMENT)):
+            return  # it abated at a time that is not given
         if _status_code(resource, "verificationStatus", path) in _EXCLUDED_VERIFICATION:
             return
         codes = _codes(resource.get("code"), path, "code")
         if not codes:
             return self._uncoded(entry, "Condition")
-        self.record.conditions.append(Condition(codes, entry.source))
+        # an episode is timed from an exact onset, else an exact recording date; a partial date
+        # gives no interval (never guessed), though it does say the condition may exist already
+        since = _exact_instant(resource, "onsetDateTime") or _exact_instant(resource, "onsetPeriod", "start") or _exact_instant(resource, "recordedDate")
+        self.record.conditions.append(Condition(codes, entry.source, begun=_begun(resource, entry.type), since=since, ended=ended))
 
     def _medication_request(self, entry: _Entry) -> None:
         status = _get_str(entry.resource, "status", entry.path)
@@ -632,16 +747,20 @@ class _Mapper:
         if not codes:
             return
         if status == "active":
-            self.record.medications.append(Medication(codes, entry.source))
+            self.record.medications.append(Medication(codes, entry.source, begun=_begun(entry.resource, entry.type)))
         else:
             self.record.planned_injectates.append(PlannedInjectate(codes, entry.source))
 
     def _medication_statement(self, entry: _Entry) -> None:
-        if _get_str(entry.resource, "status", entry.path) != "active":
+        """An active statement, or a finished one whose end is dated (current before then)."""
+        resource = entry.resource
+        status = _get_str(resource, "status", entry.path)
+        ended = _exact_instant(resource, "effectivePeriod", "end")
+        if status != "active" and not (status in ("completed", "stopped") and ended is not None):
             return
         codes = self._medication_codes(entry)
         if codes:
-            self.record.medications.append(Medication(codes, entry.source))
+            self.record.medications.append(Medication(codes, entry.source, begun=_begun(resource, entry.type), ended=ended))
 
     def _medication_codes(self, entry: _Entry) -> list[Code]:
         """medicationCodeableConcept, or the code of the Medication that medicationReference names."""
@@ -669,7 +788,7 @@ class _Mapper:
         if target is None:
             shown = repr(reference) if reference else "without a reference string"
             detail = f"the {what} reference {shown} resolves to no resource in the request; it was set aside."
-            self._issue("unresolved-reference", entry.type, detail, entry.source)
+            self._issue("unresolved-reference", entry.type, detail, entry.source, entry)
         return target
 
     def _observation(self, entry: _Entry) -> None:
@@ -762,6 +881,7 @@ class _Mapper:
                 severity=severity,
                 criticality=criticality if criticality in _CRITICALITIES else None,
                 source=entry.source,
+                begun=_begun(resource, entry.type),
             )
         )
 
@@ -835,7 +955,7 @@ class _Mapper:
             side = sides.pop()
         elif sides:
             detail = f"bodySite gives conflicting laterality ({', '.join(sorted(sides))}); the side is unknown."
-            self._issue("conflicting-laterality", entry.type, detail, entry.source)
+            self._issue("conflicting-laterality", entry.type, detail, entry.source, entry)
         return _Site(target, side, declared)
 
     def _service_request(self, entry: _Entry) -> None:
@@ -847,7 +967,7 @@ class _Mapper:
             return self._uncoded(entry, "ServiceRequest")
         _, date = self._instant(entry, _OCCURRENCE_TIMES, codes)
         side = self._site(entry, order=False).side
-        self.record.planned_surgeries.append(PlannedSurgery(codes, date, side, entry.source))
+        self.record.planned_surgeries.append(PlannedSurgery(codes, date, side, entry.source, begun=_begun(entry.resource, entry.type)))
 
     def _operation_outcome(self, entry: _Entry) -> None:
         """Errors a FHIR server or CDS client reported instead of data."""

@@ -37,6 +37,7 @@ OWN_VOCABULARIES: dict[str, Sequence[str]] = {
 ALLERGY_SEVERITIES = ("mild", "moderate", "severe")
 ALLERGY_CRITICALITIES = ("low", "high", "unable-to-assess")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
 
 
 # -- time ---------------------------------------------------------------------------------------
@@ -95,15 +96,22 @@ def _term(value: str, allowed: Sequence[str], path: str) -> str:
     return value
 
 
-def _birth_date(value: str, path: str) -> dt.date | None:
+def _birth_date(value: str, path: str) -> tuple[dt.date | None, tuple[dt.date, dt.date] | None]:
+    """An exact birth date, or a partial one (``YYYY-MM``, ``YYYY``) as the range it allows."""
     if not value:
-        return None
+        return None, None
     try:
-        if not _DATE.fullmatch(value):
+        if _DATE.fullmatch(value):
+            return dt.date.fromisoformat(value), None
+        match = _PARTIAL_DATE.fullmatch(value)
+        if match is None:
             raise ValueError
-        return dt.date.fromisoformat(value)
+        year, month = int(match.group(1)), match.group(2)
+        first = dt.date(year, int(month or 1), 1)
+        following = dt.date(year + 1, 1, 1) if month is None or first.month == 12 else dt.date(year, first.month + 1, 1)
+        return None, (first, following - dt.timedelta(days=1))
     except ValueError:
-        raise rec.RecordError(path, f"not a date YYYY-MM-DD: {value!r}") from None
+        raise rec.RecordError(path, f"not a date YYYY-MM-DD (or a partial YYYY-MM, YYYY): {value!r}") from None
 
 
 def order_from_proto(order: patient_pb2.InjectionOrder, path: str) -> rec.InjectionOrder:
@@ -124,14 +132,26 @@ def record_from_context(ctx: patient_pb2.PatientContext, path: str = "context") 
     def each(items: Iterable[Any], name: str) -> Iterable[tuple[str, Any]]:
         return ((f"{path}.{name}[{i}]", item) for i, item in enumerate(items))
 
+    birth_date, birth_range = _birth_date(ctx.birth_date, f"{path}.birth_date")
     return rec.PatientRecord(
-        birth_date=_birth_date(ctx.birth_date, f"{path}.birth_date"),
+        birth_date=birth_date,
+        birth_range=birth_range,
         sex=_vocabulary(ctx.sex, rec.SEXES, f"{path}.sex"),
+        deceased=ctx.deceased or ctx.HasField("deceased_at"),
+        deceased_at=_optional_time(ctx, "deceased_at", path),
         conditions=[
-            rec.Condition(_codes(c.codes, f"{p}.codes"), source=p) for p, c in each(ctx.conditions, "conditions")
+            rec.Condition(
+                _codes(c.codes, f"{p}.codes"),
+                source=p,
+                begun=_optional_time(c, "begun", p),
+                since=_optional_time(c, "since", p),
+                ended=_optional_time(c, "ended", p),
+            )
+            for p, c in each(ctx.conditions, "conditions")
         ],
         medications=[
-            rec.Medication(_codes(m.codes, f"{p}.codes"), source=p) for p, m in each(ctx.medications, "medications")
+            rec.Medication(_codes(m.codes, f"{p}.codes"), source=p, begun=_optional_time(m, "begun", p), ended=_optional_time(m, "ended", p))
+            for p, m in each(ctx.medications, "medications")
         ],
         observations=[
             rec.Observation(
@@ -150,6 +170,7 @@ def record_from_context(ctx: patient_pb2.PatientContext, path: str = "context") 
                 severity=_vocabulary(a.severity, ALLERGY_SEVERITIES, f"{p}.severity"),
                 criticality=_vocabulary(a.criticality, ALLERGY_CRITICALITIES, f"{p}.criticality"),
                 source=p,
+                begun=_optional_time(a, "begun", p),
             )
             for p, a in each(ctx.allergies, "allergies")
         ],
@@ -170,6 +191,7 @@ def record_from_context(ctx: patient_pb2.PatientContext, path: str = "context") 
                 date=_optional_time(s, "date", p),
                 side=_vocabulary(s.side, rec.SIDES, f"{p}.side"),
                 source=p,
+                begun=_optional_time(s, "begun", p),
             )
             for p, s in each(ctx.planned_surgeries, "planned_surgeries")
         ],
@@ -233,15 +255,32 @@ def _order_to_proto(order: rec.InjectionOrder) -> patient_pb2.InjectionOrder:
     )
 
 
+def _birth_text(record: rec.PatientRecord) -> str:
+    """The birth date as the context carries it: exact, or the partial date its range stands for."""
+    if record.birth_date is not None:
+        return record.birth_date.isoformat()
+    if record.birth_range is None:
+        return ""
+    first, last = record.birth_range
+    return f"{first.year:04d}" if (first.month, last.month) == (1, 12) else f"{first.year:04d}-{first.month:02d}"
+
+
 def context_from_record(record: rec.PatientRecord) -> patient_pb2.PatientContext:
     """A PatientRecord as a PatientContext: the inverse of :func:`record_from_context` up to
     ``source`` locators. ``data_issues`` have no place in a context and are dropped: a context
     carries only values that could be read."""
     return patient_pb2.PatientContext(
-        birth_date=record.birth_date.isoformat() if record.birth_date else "",
+        birth_date=_birth_text(record),
         sex=record.sex or "",
-        conditions=[patient_pb2.Condition(codes=_codings(c.codes)) for c in record.conditions],
-        medications=[patient_pb2.Medication(codes=_codings(m.codes)) for m in record.medications],
+        deceased=record.deceased,
+        deceased_at=_timestamp(record.deceased_at),
+        conditions=[
+            patient_pb2.Condition(codes=_codings(c.codes), begun=_timestamp(c.begun), since=_timestamp(c.since), ended=_timestamp(c.ended))
+            for c in record.conditions
+        ],
+        medications=[
+            patient_pb2.Medication(codes=_codings(m.codes), begun=_timestamp(m.begun), ended=_timestamp(m.ended)) for m in record.medications
+        ],
         observations=[
             patient_pb2.Observation(
                 codes=_codings(o.codes),
@@ -253,7 +292,7 @@ def context_from_record(record: rec.PatientRecord) -> patient_pb2.PatientContext
             for o in record.observations
         ],
         allergies=[
-            patient_pb2.Allergy(codes=_codings(a.codes), severity=a.severity or "", criticality=a.criticality or "")
+            patient_pb2.Allergy(codes=_codings(a.codes), severity=a.severity or "", criticality=a.criticality or "", begun=_timestamp(a.begun))
             for a in record.allergies
         ],
         prior_injections=[
@@ -267,7 +306,7 @@ def context_from_record(record: rec.PatientRecord) -> patient_pb2.PatientContext
             for j in record.prior_injections
         ],
         planned_surgeries=[
-            patient_pb2.PlannedSurgery(codes=_codings(s.codes), date=_timestamp(s.date), side=s.side or "")
+            patient_pb2.PlannedSurgery(codes=_codings(s.codes), date=_timestamp(s.date), side=s.side or "", begun=_timestamp(s.begun))
             for s in record.planned_surgeries
         ],
         order=_order_to_proto(record.order) if record.order else None,
