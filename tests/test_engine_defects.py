@@ -107,6 +107,68 @@ def test_sentinel_rule_makes_sessions_where_nothing_fires_safe() -> None:
     assert "survived" in proc.stdout
 
 
+# The adapter's failure path: a session where nothing fired is deleted because its retraction
+# failed. The sentinel rule is what makes that delete safe; without it the same code crashes.
+_FAILED_RETRACTION = """
+    import needlepoint.core.engine as engine_module
+    from needlepoint.core.engine import CompiledRules
+    engine = CompiledRules({"r": {"all": [{"m": {"$and": [{"t": "x"}, {"v": 1}]}}]}}, pool_size=1, sentinel=SENTINEL)
+    engine_module._dre.retract_facts = lambda handle, payload: (5, 0)  # every retraction fails
+    for i in range(300):
+        assert engine.run([{"t": "y", "v": 2, "_fid": 0}]) == []  # nothing fires; the session is deleted
+    print("survived")
+"""
+
+
+def test_without_the_sentinel_the_failure_path_crashes() -> None:
+    proc = _run_python(_FAILED_RETRACTION.replace("SENTINEL", "False"), _PERTURB)
+    assert proc.returncode != 0 and "survived" not in proc.stdout
+
+
+def test_with_the_sentinel_the_failure_path_is_safe() -> None:
+    proc = _run_python(_FAILED_RETRACTION.replace("SENTINEL", "True"), _PERTURB)
+    assert proc.returncode == 0, proc.stderr
+    assert "survived" in proc.stdout
+
+
+# --- reserved fields, and no session id is ever lost ---------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["id", "sid"])
+def test_a_fact_with_a_reserved_field_is_refused_before_the_engine_sees_it(field: str) -> None:
+    engine = CompiledRules({"r": {"all": [{"m": {"k": "good"}}]}}, pool_size=1)
+    with pytest.raises(EngineError, match="reserved field"):
+        engine.run([{"k": "good", field: "x", "_fid": 0}])
+    assert [n for n, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]
+
+
+def test_a_fact_the_engine_cannot_be_sent_does_not_leak_its_session() -> None:
+    engine = CompiledRules({"r": {"all": [{"m": {"k": "good"}}]}}, pool_size=1, )
+    for _ in range(engine.pool.limit + 5):  # more failures than there are sessions to lose
+        with pytest.raises(EngineError):
+            engine.run([{"k": object(), "_fid": 0}])  # orjson cannot encode it
+    assert [n for n, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]
+
+
+def test_the_pool_never_waits_and_refuses_past_its_limit() -> None:
+    pool = SidPool(1, limit=2)
+    first, second = pool.acquire(), pool.acquire()  # the second is minted on demand
+    assert fnv1a_32(first) != fnv1a_32(second)
+    with pytest.raises(EngineError, match="in use"):
+        pool.acquire()  # at once, not after a timeout
+    pool.release(first)
+    assert pool.acquire() == first
+
+
+@pytest.mark.parametrize("name", ["t", "id", "sid"])
+def test_an_aggregate_named_after_a_reserved_field_is_refused(name: str) -> None:
+    docs = _documents([_rule("CAU-PROBE", {"s": {"summary": {}}})])
+    docs["aggregates"] = {name: {"count": "condition", "description": "probe"}}
+    with pytest.raises(RuleSetError, match="reserved by the engine") as caught:
+        build_ruleset(docs)
+    assert caught.value.where == f"aggregates.yaml.{name}"
+
+
 # --- B5: large value sets and long equality lists hang the engine -----------------------------
 
 

@@ -508,7 +508,7 @@ def test_a_finding_prints_as_file_line_column_code() -> None:
 _KEYWORDS = {
     "$schema", "$defs", "$ref", "title", "description", "type", "enum", "const", "pattern", "minLength",
     "properties", "additionalProperties", "propertyNames", "required", "minProperties", "maxProperties",
-    "items", "minItems", "maxItems", "anyOf", "oneOf", "allOf", "if", "then", "exclusiveMinimum",
+    "items", "minItems", "maxItems", "anyOf", "oneOf", "allOf", "if", "then", "exclusiveMinimum", "not",
 }  # fmt: skip
 
 
@@ -687,3 +687,11 @@ def test_the_other_schemas_reject_broken_files() -> None:
     assert schema_errors({"n": {"description": "d", "count": "medication", "criteria": [{"flag": {}}]}}, "aggregates.schema.json") != []
     assert schema_errors({"id": "x", "version": "1", "title": "t", "validation": "v"}, "ruleset.schema.json") != []
     assert schema_errors({"site": "s", "parameters": {"bad-name": 1}}, "overlay.schema.json") != []
+
+
+@pytest.mark.parametrize("name", ["t", "id", "sid"])
+def test_an_aggregate_named_after_an_engine_reserved_field_is_refused_at_its_line(tmp_path: Path, name: str) -> None:
+    agg = f"kocher:\n  description: Kocher criteria met.\n  criteria:\n    - {{flag: {{name: non-weight-bearing}}}}\n{name}:\n  description: x\n  count: condition\n"
+    root = make(tmp_path, "    k: {summary: {kocher: {gte: 1}}}", files={"aggregates.yaml": agg})
+    reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
+    assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "aggregates.yaml", 5, 1)]

@@ -75,7 +75,7 @@ from typing import Any, Iterable
 import click
 import yaml
 
-from needlepoint.core.conditions import FACT_FIELDS, OPERATORS, ORDERING_OPERATORS, FieldTest, ParamRef, Pattern, RuleSetError, parse_pattern
+from needlepoint.core.conditions import FACT_FIELDS, OPERATORS, RESERVED_FIELDS, ORDERING_OPERATORS, FieldTest, ParamRef, Pattern, RuleSetError, parse_pattern
 from needlepoint.core.record import FLAGS, INTENTS, SEXES, SIDES, TARGETS
 from needlepoint.core.record import INJECTATE_CATEGORIES as INJECTATE_CODES
 from needlepoint.core.ruleset import (
@@ -1013,6 +1013,8 @@ class _Linter:
             what = f"aggregate {name}"
             if not isinstance(name, str) or not _ALIAS.match(name):
                 self.error("NP002", doc, path, f"{what}: summary field names are lower-case identifiers")
+            elif name in RESERVED_FIELDS:
+                self.error("NP002", doc, path, f"{what}: {name!r} is reserved by the engine ({', '.join(RESERVED_FIELDS)}); choose another name")
             agg = _Aggregate(str(name), doc, path, "count", 0)
             self.aggregates[name] = agg
             if not self.mapping(doc, path, spec, _AGG_KEYS, ("description",), what):
@@ -2405,7 +2407,7 @@ def _aggregates_schema() -> dict:
         "$schema": _SCHEMA,
         "title": "Needlepoint aggregates (rulesets/<id>/aggregates.yaml)",
         "type": ["object", "null"],
-        "propertyNames": {"pattern": _ALIAS.pattern},
+        "propertyNames": {"pattern": _ALIAS.pattern, "not": {"enum": list(RESERVED_FIELDS)}},
         "additionalProperties": {"$ref": "#/$defs/aggregate"},
         "$defs": {**defs, "aggregate": aggregate},
     }

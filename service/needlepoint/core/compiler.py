@@ -16,12 +16,11 @@ property names whose 32-bit hashes collide.
 
 from __future__ import annotations
 
-from .conditions import FACT_FIELDS, Pattern, durable_pattern
+from .conditions import FACT_FIELDS, RESERVED_FIELDS, Pattern, durable_pattern
 from .engine import fnv1a_32
 from .ruleset import RuleSet, RuleSetError
 
 MAX_EQUALITY_TESTS = 400
-RESERVED_PROPERTIES = ("t", "sid", "_tags", "_fid")
 
 
 def engine_rule_name(rule_id: str, alternative: int) -> str:
@@ -102,7 +101,7 @@ def compile_ruleset(ruleset: RuleSet) -> dict:
             "Move long code lists into value sets (tested as tags).",
         )
 
-    properties = set(RESERVED_PROPERTIES) | {f for fields in FACT_FIELDS.values() for f in fields}
+    properties = set(RESERVED_FIELDS) | {f for fields in FACT_FIELDS.values() for f in fields}
     properties |= {a.name for a in ruleset.aggregates} | set(negations)
     seen: dict[int, str] = {}
     for prop in sorted(properties):

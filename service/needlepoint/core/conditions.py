@@ -49,6 +49,11 @@ FACT_FIELDS: dict[str, dict[str, str]] = {
     "summary": {},  # one field per aggregate the rule set declares
 }
 
+# Property names a fact never uses for its own fields: the kind (t), the engine's identity and
+# session (id, sid), value-set tags and the fact's index. An aggregate named after one of them
+# would break every evaluation (id, sid) or silently disable every summary rule (t).
+RESERVED_FIELDS = ("t", "id", "sid", "_tags", "_fid")
+
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "exists")
 ORDERING_OPERATORS = ("gt", "gte", "lt", "lte")
 _DURABLE_OP = {"ne": "$neq", "gt": "$gt", "gte": "$gte", "lt": "$lt", "lte": "$lte"}

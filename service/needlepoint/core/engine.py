@@ -39,7 +39,9 @@ import orjson
 
 SENTINEL_RULE = "__session"
 MAX_FACT_PROPERTIES = 240  # the engine silently truncates a batch past 254 flattened properties
-DEFAULT_POOL_SIZE = 64  # well under the engine's 1,024 live sessions per rule set
+DEFAULT_POOL_SIZE = 64  # sessions made up front, reused between evaluations
+MAX_SESSIONS = 960  # sids a pool may ever hand out at once: under the engine's 1,024 live sessions
+RESERVED_FIELDS = ("id", "sid")  # the engine's identity and session fields: a fact never carries them
 
 _names = itertools.count()
 
@@ -57,14 +59,21 @@ def fnv1a_32(text: str) -> int:
 
 
 class SidPool:
-    """A bounded pool of session ids whose FNV-1a hashes are pairwise distinct."""
+    """A pool of session ids whose FNV-1a hashes are pairwise distinct.
 
-    def __init__(self, size: int = DEFAULT_POOL_SIZE, prefix: str = "np", candidates: Iterable[str] | None = None):
+    ``size`` sids are made up front. ``acquire`` never waits: with none free it mints another,
+    up to ``limit`` sids out at once, and past that it fails at once (a caller blocked on the
+    pool would block its event loop). Evaluation is synchronous, so a process that evaluates on
+    its event loop holds at most one sid at a time; only threads can hold more."""
+
+    def __init__(self, size: int = DEFAULT_POOL_SIZE, prefix: str = "np", candidates: Iterable[str] | None = None, limit: int = MAX_SESSIONS):
         self._candidates = iter(candidates) if candidates is not None else (f"{prefix}-{i}" for i in itertools.count())
         self._hashes: set[int] = set()
         self._free: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self.size = size
+        self.limit = max(limit, size)
+        self._out = 0  # sids handed out and not yet released or retired
         for _ in range(size):
             self._free.put(self._fresh())
 
@@ -77,17 +86,31 @@ class SidPool:
                     return sid
         raise EngineError("session id candidates exhausted")
 
-    def acquire(self, timeout: float | None = 30.0) -> str:
+    def acquire(self) -> str:
+        """A free sid, at once; EngineError when ``limit`` sids are already out."""
+        with self._lock:
+            if self._out >= self.limit:
+                raise EngineError(f"all {self.limit} engine sessions are in use")
+            self._out += 1
         try:
-            return self._free.get(timeout=timeout)
+            return self._free.get_nowait()
         except queue.Empty:
-            raise EngineError(f"no free engine session within {timeout}s (pool of {self.size})") from None
+            try:
+                return self._fresh()
+            except EngineError:
+                with self._lock:
+                    self._out -= 1
+                raise
 
     def release(self, sid: str) -> None:
+        with self._lock:
+            self._out -= 1
         self._free.put(sid)
 
     def retire(self, sid: str) -> None:
         """Never hand ``sid`` out again (its session may hold facts); replace it."""
+        with self._lock:
+            self._out -= 1
         self._free.put(self._fresh())
 
 
@@ -107,10 +130,12 @@ def sentinel_rule() -> dict:
 class CompiledRules:
     """One durable-rules rule set, loaded once. ``run`` is safe to call from many threads."""
 
-    def __init__(self, definition: dict, *, name: str = "needlepoint", pool_size: int = DEFAULT_POOL_SIZE):
+    def __init__(self, definition: dict, *, name: str = "needlepoint", pool_size: int = DEFAULT_POOL_SIZE, sentinel: bool = True):
+        # ``sentinel=False`` exists only so that a test can show what the sentinel prevents.
         self.name = f"{name}#{next(_names)}"
         body = dict(definition)
-        body.update(sentinel_rule())
+        if sentinel:
+            body.update(sentinel_rule())
         try:
             self._handle = _dre.create_ruleset(self.name, orjson.dumps(body).decode())
         except Exception as exc:  # the engine reports malformed rules as bare codes
@@ -123,17 +148,19 @@ class CompiledRules:
         """Assert ``facts`` in a fresh session; return every (rule name, {alias: fact}) that fired."""
         for i, fact in enumerate(facts):
             if "id" in fact or "sid" in fact:
-                raise EngineError(f"fact {i} carries a reserved field (id/sid)")
+                raise EngineError(f"fact {i} carries a reserved field ({'/'.join(RESERVED_FIELDS)})")
             n = count_properties(fact)
             if n > MAX_FACT_PROPERTIES:
                 raise EngineError(f"fact {i} has {n} properties; the engine's limit is {MAX_FACT_PROPERTIES}")
         if self._closed:
             raise EngineError("rule set is closed")
         sid = self.pool.acquire()
-        payload = orjson.dumps([{**fact, "sid": sid} for fact in facts]).decode()
         firings: list[tuple[str, dict[str, dict]]] = []
         clean = False
-        try:
+        asserted = False  # whether the engine may hold facts of this session
+        try:  # from here on every way out either returns the sid clean or retires it
+            payload = orjson.dumps([{**fact, "sid": sid} for fact in facts]).decode()
+            asserted = True
             _rc, offset = _dre.assert_facts(self._handle, payload)
             for rule_name, matched in self._drain(offset):
                 if rule_name != SENTINEL_RULE:
@@ -144,7 +171,7 @@ class CompiledRules:
         except Exception as exc:
             raise EngineError(f"engine failure during evaluation: {exc}") from exc
         finally:
-            if clean:
+            if clean or not asserted:  # nothing reached the engine: the session is as it was
                 self.pool.release(sid)
             else:
                 self._discard(sid)

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .conditions import FACT_FIELDS, ParamRef, Pattern, RuleSetError, parse_pattern
+from .conditions import FACT_FIELDS, RESERVED_FIELDS, ParamRef, Pattern, RuleSetError, parse_pattern
 
 CATEGORIES = ("modality", "injectate", "deferral", "caution", "data")
 MODALITIES = ("FLUOROSCOPY", "ULTRASOUND", "LANDMARK")
@@ -374,6 +374,8 @@ def _build_aggregates(raw: dict, value_sets: dict[str, ValueSet], params: dict[s
     aggregates = []
     for name, spec in raw.items():
         where = f"aggregates.yaml.{name}"
+        if name in RESERVED_FIELDS:
+            raise RuleSetError(where, f"{name!r} is reserved by the engine ({', '.join(RESERVED_FIELDS)}); choose another summary field name")
         if not isinstance(spec, dict):
             raise RuleSetError(where, "an aggregate is a mapping with count/where or criteria")
         _only(spec, {"count", "where", "criteria", "distinct_groups_of", "description"}, where)
