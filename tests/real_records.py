@@ -22,6 +22,7 @@ import datetime as dt
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -919,10 +920,12 @@ def bundle_paths() -> list[Path]:
 
 
 def bundle_id(path: Path) -> str:
-    """A short, unique test id: the first name and the first block of the patient's uuid."""
-    stem = path.stem
+    """A short, unique test id: the folder, the first name and the first block of the patient's
+    uuid (three patients are in both folders, as identical files)."""
+    stem = unicodedata.normalize("NFKD", path.stem).encode("ascii", "ignore").decode()  # "Ángela" -> "Angela"
     name, _, uuid = stem.rpartition("_")
-    return f"{name.split('_')[0]}-{uuid[:8]}" if uuid else stem
+    folder = "r4" if path.parent.name == "synthea-r4-sample" else path.parent.name
+    return f"{folder}:{name.split('_')[0]}-{uuid[:8]}" if uuid else f"{folder}:{stem}"
 
 
 def default_order():
