@@ -977,6 +977,8 @@ class BundleStudy:
 
     path: Path
     instants: dict[str, InstantStudy]
+    born: str | None = None  # Patient.birthDate as written
+    died: str | None = None  # Patient.deceasedDateTime as written, or "true" for deceasedBoolean
 
     @property
     def id(self) -> str:
@@ -1033,7 +1035,9 @@ def study_bundle(path: Path, evaluator, labels: Iterable[str] = TRUNCATION_INSTA
             for bullet in ("pregnancy", "deceased", "stale-missing-data", "invariants"):
                 study.findings[bullet] = []
         out[label] = study
-    return BundleStudy(path, out)
+    patient = patient_of(bundle)
+    died = patient.get("deceasedDateTime") or ("true" if patient.get("deceasedBoolean") is True else None)
+    return BundleStudy(path, out, born=patient.get("birthDate"), died=died)
 
 
 class Corpus:
