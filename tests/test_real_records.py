@@ -402,6 +402,21 @@ def test_the_measuring_stick_sees_the_corpus(corpus) -> None:
     assert sum(s.instants["midpoint"].removed > 0 for s in studies) == len(studies)
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if b'"34552-0"' in p.read_bytes()], ids=bundle_id)
+def test_a_record_with_a_loinc_code_filed_under_snomed_evaluates(hip_evaluator, path) -> None:
+    """Several Synthea bundles code an echocardiogram Procedure as SNOMED CT ``34552-0`` (a LOINC
+    code). Such a code is malformed data to lint, never a reason for the mapper or core to fail."""
+    from needlepoint.fhir.mapper import record_from_bundle
+
+    from .real_records import default_order, last_encounter_start
+
+    data = orjson.loads(path.read_bytes())
+    record = record_from_bundle(data).with_order(default_order())
+    for instant in (dt.datetime(2025, 6, 2, 9, tzinfo=UTC), last_encounter_start(data)):
+        decision = hip_evaluator.evaluate(record, instant)
+        assert decision["asOf"] and decision["ruleset"]["id"] == "hip-injection"
+
+
 # --- generated patients --------------------------------------------------------------------------------------
 
 
