@@ -224,6 +224,7 @@ def resources(bundle: dict, resource_type: str | None = None) -> Iterator[dict]:
 
 
 def patient_of(bundle: dict) -> dict:
+    """The bundle's Patient resource (an empty mapping when there is none)."""
     return next(resources(bundle, "Patient"), {})
 
 
@@ -306,6 +307,7 @@ def _in_value_set(value_set, system: str, code: str) -> bool:
 
 
 def _status(resource: dict, key: str) -> set[str]:
+    """The codes of a status element, whether a CodeableConcept or a plain code."""
     concept = resource.get(key)
     if isinstance(concept, str):  # R4 MedicationStatement-style plain codes
         return {concept}
@@ -313,6 +315,7 @@ def _status(resource: dict, key: str) -> set[str]:
 
 
 def _label(resource: dict) -> str:
+    """``Type/id system#code`` of a resource, to name it in a finding."""
     first = next(_codings(resource.get("code")), ("?", "?"))
     return f"{resource.get('resourceType')}/{resource.get('id', '?')} {first[0]}#{first[1]}"
 
@@ -436,6 +439,7 @@ def observation_ages(bundle: dict, ruleset, instant: dt.datetime) -> dict[str, l
 
 
 def _deferrals(decision: dict) -> list[dict]:
+    """A decision's deferrals (empty lists may be omitted in the contract's JSON)."""
     return decision.get("deferrals") or []
 
 
@@ -587,6 +591,7 @@ def unrendered(text: Any, annotations: frozenset[str] = frozenset()) -> list[str
 
 
 def _preferred(rule, params: dict) -> str | None:
+    """The modality a rule prefers, with a ``$parameter`` resolved to the value in force."""
     pref = (rule.then.modality or {}).get("preferred")
     if isinstance(pref, str) and pref.startswith("$"):
         return params.get(pref[1:])
@@ -657,6 +662,7 @@ def _code_pattern(template: str) -> re.Pattern:
 
 
 def _rule_ids(item: dict) -> list:
+    """An entry's ``ruleIds``, or an empty list when it has none (or not a list)."""
     ids = item.get("ruleIds")
     return ids if isinstance(ids, list) else []
 
@@ -717,11 +723,13 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
                 v.append(f"explanation {exp.get('ruleId')} is overridden by {other}, which has no explanation")
 
     def rule_of(rid: str, where: str):
+        """The rule a ``ruleIds`` entry names (None if unknown); notes one that is not explained."""
         if rid not in explained:
             v.append(f"{where} lists {rid}, which has no explanation")
         return rules.get(rid)
 
     def text_ok(text: Any, where: str) -> None:
+        """Notes a people-facing text that keeps a placeholder or a fill-in marker."""
         if bad := unrendered(text, annotations):
             v.append(f"{where} keeps {', '.join(bad)}: {text!r}")
 
@@ -944,6 +952,7 @@ def _map(bundle: dict, order):
 
 
 def _error_text(error: BaseException) -> str:
+    """An exception as ``Type: message``, the form errors are compared and reported in."""
     return f"{type(error).__name__}: {error}"
 
 
@@ -982,10 +991,12 @@ class BundleStudy:
 
     @property
     def id(self) -> str:
+        """The bundle's short test id (see :func:`bundle_id`)."""
         return bundle_id(self.path)
 
     @property
     def folder(self) -> str:
+        """Which shared folder the bundle came from."""
         return self.path.parent.name
 
 
@@ -1049,9 +1060,11 @@ class Corpus:
         self._studies: dict[Path, BundleStudy] = {}
 
     def study(self, path: Path) -> BundleStudy:
+        """The study of one bundle, computed on first use."""
         if path not in self._studies:
             self._studies[path] = study_bundle(path, self.evaluator, self.labels)
         return self._studies[path]
 
     def at(self, path: Path, label: str) -> InstantStudy:
+        """One bundle at one labelled instant."""
         return self.study(path).instants[label]

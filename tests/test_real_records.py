@@ -61,6 +61,7 @@ def bundle(*resources: dict) -> dict:
 
 
 def kept_ids(b: dict, instant=T) -> list[str]:
+    """The ids of the resources that survive truncation at ``instant``."""
     return [e["resource"].get("id") for e in truncate_bundle(b, instant)["entry"]]
 
 
@@ -194,7 +195,12 @@ def test_a_consistent_decision_has_no_violation(valid_decision, hip_ruleset) -> 
 
 
 def _explanation(decision: dict, rule_id: str) -> dict:
+    """The explanation of ``rule_id`` in a hand-written decision."""
     return next(e for e in decision["explanations"] if e["ruleId"] == rule_id)
+
+
+# Each _break_* function makes one kind of inconsistency in a copy of the valid decision; BROKEN
+# pairs it with the words its violation must contain.
 
 
 def _break_rule_ids(d):
@@ -345,6 +351,7 @@ def corpus(hip_evaluator) -> Corpus:
 
 
 def _assert_clean(corpus: Corpus, path, label: str, bullet: str) -> None:
+    """Fail naming the bundle, the instant and every problem one check found there."""
     study = corpus.at(path, label)
     problems = study.findings[bullet]
     assert not problems, f"{bundle_id(path)} at {label} ({study.instant:%Y-%m-%dT%H:%M:%SZ}): " + " | ".join(problems)
