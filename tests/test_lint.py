@@ -6,6 +6,7 @@ every bundled file and reject broken ones."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -28,7 +29,8 @@ FIXTURES = REPO / "tests" / "data" / "rulesets"
 MINIMAL = FIXTURES / "minimal"
 OVERLAYS = FIXTURES / "overlays"
 SCHEMAS = REPO / "rulesets" / "schema"
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+# ../shared beside the repository; NEEDLEPOINT_SHARED overrides it for a checkout elsewhere.
+SHARED_FIXTURES = Path(os.environ.get("NEEDLEPOINT_SHARED") or REPO.parent / "shared") / "fixtures"
 
 
 def found(path: Path, overlay: Path | None = None) -> list[tuple[str, str, str, int, int]]:
@@ -412,8 +414,11 @@ def test_code_shapes(system: str, code: str, prefix: bool, severity: str | None)
 
 
 def test_verhoeff_accepts_every_sctid_in_the_shared_fixtures() -> None:
+    """Real data carries malformed codes: several Synthea bundles file the LOINC echocardiogram
+    code 34552-0 under SNOMED CT. Every SCTID-shaped code in the fixtures passes the Verhoeff
+    check; every other one is rejected, as a finding and without an exception."""
     if not SHARED_FIXTURES.is_dir():
-        pytest.skip("../shared/fixtures is not beside the repository")
+        pytest.skip("../shared/fixtures is not beside the repository (set NEEDLEPOINT_SHARED)")
     codes: set[str] = set()
 
     def walk(node: Any) -> None:
@@ -428,13 +433,58 @@ def test_verhoeff_accepts_every_sctid_in_the_shared_fixtures() -> None:
 
     for path in SHARED_FIXTURES.rglob("*.json"):
         walk(json.loads(path.read_text(encoding="utf-8")))
-    assert len(codes) > 20
-    assert [c for c in sorted(codes) if not verhoeff_valid(c)] == []
+    shaped = {c for c in codes if re.fullmatch(r"[1-9][0-9]{5,17}", c)}
+    malformed = codes - shaped
+    assert len(shaped) > 20
+    assert [c for c in sorted(shaped) if not verhoeff_valid(c)] == []
+    assert "34552-0" in malformed
+    for code in sorted(malformed):
+        assert verhoeff_valid(code) is False, code
+        problem = check_code("snomed", code)
+        assert problem is not None and problem[0] == "error", (code, problem)
     assert not verhoeff_valid("239872003") and not verhoeff_valid("2364") and verhoeff_valid("2363")
+
+
+@pytest.mark.parametrize("text", ["34552-0", "", "23987200\n", " 239872002", "２３９８７２００２", "٢٣٩٨٧٢٠٠٢", "2398720O2", "²"])
+def test_verhoeff_answers_false_for_anything_but_ascii_digits(text: str) -> None:
+    assert verhoeff_valid(text) is False
+
+
+def test_verhoeff_answers_false_for_a_value_that_is_not_text() -> None:
+    assert [verhoeff_valid(value) for value in (None, 239872002, b"239872002")] == [False, False, False]  # type: ignore[arg-type]
 
 
 def test_loinc_check_digits() -> None:
     assert [loinc_check_digit(n) for n in ("6301", "777", "34714", "2339", "82810")] == [6, 3, 6, 0, 3]
+    assert [loinc_check_digit(n) for n in ("", "63O1", "６３０１", "6301\n", None)] == [None] * 5  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("system", "code"),
+    [("snomed", "23987200\n"), ("snomed", "239872002\n"), ("loinc", "6301-6\n"), ("loinc", "6301-٦"), ("rxnorm", "855332\n"), ("snomed", "２３９８７２００２")],
+)
+def test_a_code_with_a_trailing_newline_or_non_ascii_digits_is_malformed(system: str, code: str) -> None:
+    problem = check_code(system, code)
+    assert problem is not None and problem[0] == "error" and "not a" in problem[1], problem
+
+
+def test_a_malformed_code_in_a_rule_set_is_np006_not_a_crash(tmp_path: Path) -> None:
+    """Codes that once crashed lint (a trailing newline reached the Verhoeff check) or that real
+    records carry (34552-0 under SNOMED CT) are NP006 errors at their own line and column."""
+    root = tmp_path / "rs"
+    shutil.copytree(FIXTURES / "np006-malformed-code", root)
+    (root / "valuesets" / "conditions.yaml").write_text(
+        "hip-osteoarthritis:\n"
+        "  title: Osteoarthritis of the hip\n"
+        "  codes:\n"
+        "    icd10cm: {prefixes: [M16]}\n"
+        '    snomed: ["34552-0", "23987200\\n", "２３９８７２００２", 239872002]\n'
+    )
+    findings = [(f.code, f.severity, f.line, f.column) for f in lint(root) if f.file.endswith("conditions.yaml")]
+    assert findings == [("NP006", "error", 5, 14), ("NP006", "error", 5, 25), ("NP006", "error", 5, 39)]
+    result = run(str(root))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "snomed code '34552-0': not an snomed code" in result.output
 
 
 # --- the command ------------------------------------------------------------------------------------

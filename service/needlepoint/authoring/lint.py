@@ -213,19 +213,32 @@ def _verhoeff_tables() -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ..
 _VERHOEFF_D, _VERHOEFF_P = _verhoeff_tables()
 
 
+_ASCII_DIGITS = frozenset("0123456789")
+
+
 def verhoeff_valid(digits: str) -> bool:
-    """Does ``digits`` end in a correct Verhoeff check digit (the SNOMED CT SCTID check)?"""
+    """Does ``digits`` end in a correct Verhoeff check digit (the SNOMED CT SCTID check)?
+
+    Only a non-empty string of ASCII digits can: anything else (``34552-0``, a LOINC-shaped code
+    under the SNOMED system, a trailing newline, full-width digits, None) answers False and never
+    raises. Real records carry such codes; a malformed code is a finding, not a crash.
+    """
+    if not isinstance(digits, str) or not digits or not _ASCII_DIGITS.issuperset(digits):
+        return False
     check = 0
     for i, ch in enumerate(reversed(digits)):
-        check = _VERHOEFF_D[check][_VERHOEFF_P[i % 8][int(ch)]]
+        check = _VERHOEFF_D[check][_VERHOEFF_P[i % 8][ord(ch) - 48]]
     return check == 0
 
 
-def loinc_check_digit(number: str) -> int:
-    """The LOINC mod-10 check digit of the part before the hyphen (the Luhn algorithm)."""
+def loinc_check_digit(number: str) -> int | None:
+    """The LOINC mod-10 check digit of the part before the hyphen (the Luhn algorithm), or None
+    when ``number`` is not a non-empty string of ASCII digits (it then has no check digit)."""
+    if not isinstance(number, str) or not number or not _ASCII_DIGITS.issuperset(number):
+        return None
     total = 0
     for i, ch in enumerate(reversed(number)):
-        d = int(ch) * (2 if i % 2 == 0 else 1)
+        d = (ord(ch) - 48) * (2 if i % 2 == 0 else 1)
         total += d - 9 if d > 9 else d
     return (10 - total % 10) % 10
 
@@ -240,7 +253,7 @@ def check_code(system: str, code: str, *, prefix: bool = False) -> tuple[str, st
     pattern = (PREFIX_PATTERNS if prefix else CODE_PATTERNS).get(system)
     if pattern is None:
         return None
-    if not re.match(pattern, code):
+    if not re.fullmatch(pattern, code):
         hint = ""
         if system == "icd10cm" and re.match(r"^[A-Z][0-9][0-9AB][0-9A-Z]{1,4}$", code):
             hint = f"; write ICD-10-CM codes with the dot ({code[:3]}.{code[3:]})"
@@ -255,7 +268,9 @@ def check_code(system: str, code: str, *, prefix: bool = False) -> tuple[str, st
     if system == "loinc":
         number, _, check = code.partition("-")
         expected = loinc_check_digit(number)
-        if int(check) != expected:
+        if expected is None:  # (the pattern above already rules this out)
+            return ERROR, f"not a loinc code: expected {_CODE_SHAPES['loinc']}"
+        if check != str(expected):
             return WARNING, f"the mod-10 check digit should be {expected} ({number}-{expected}); verify the code"
     return None
 
