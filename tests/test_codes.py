@@ -127,9 +127,11 @@ def test_gayla_clopidogrel_is_an_antithrombotic_but_not_a_vka(hip_evaluator) -> 
 
 def test_parker_two_agents_and_snomed_only_diabetes(hip_evaluator) -> None:
     """Synthea sample: warfarin 855332 and clopidogrel 309362 are two agents; neuropathy due to
-    type 2 diabetes (368581000119106) and metformin ER 500 (860975) are two kinds of evidence."""
+    type 2 diabetes (368581000119106) and metformin ER 500 (860975) are two kinds of evidence.
+    Evaluated in mid-2020: every one of them is on record by then, and the patient (who died in
+    2021) is alive and under 75, so only the two agents can raise the bleeding risk."""
     record = record_from_bundle(fixture_bundle("synthea-r4-sample", "Parker")).with_order(ORDER)
-    prepared, decision = hip_evaluator.evaluate_with_facts(record, AS_OF)
+    prepared, decision = hip_evaluator.evaluate_with_facts(record, dt.datetime(2020, 6, 1, 9, 0, tzinfo=dt.timezone.utc))
     (summary,) = [f for f in prepared.facts if f["t"] == "summary"]
     assert summary["antithrombotic_agents"] == 2
     assert summary["diabetes_evidence"] == 2
