@@ -92,6 +92,7 @@ from needlepoint.core.ruleset import (
     STATUSES,
     UNIT_CONVERSIONS,
     build_ruleset,
+    match_key,
 )
 
 # The loader's own patterns, so that lint and loader agree on what a rule id, version and
@@ -161,10 +162,12 @@ _NONBLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}
 
 # --- code shapes ---------------------------------------------------------------------------------
 
-# ICD-10-CM: a letter, two digits (the third may be A or B: C4A, M1A, Z3A), then a dot and up
-# to four characters. U is allowed as the first letter for U07.1 and U09.9.
+# ICD-10-CM: a letter, two digits (the third may be A or B: C4A, M1A, Z3A), then up to four
+# characters, with or without the dot EHRs often leave out (L03.115 and L03115 are the same code
+# and match the same records; see core.ruleset.match_key). U is allowed as the first letter for
+# U07.1 and U09.9. A trailing dot with nothing after it (M16.) is neither spelling.
 CODE_PATTERNS: dict[str, str] = {
-    "icd10cm": r"^[A-Z][0-9][0-9AB](\.[0-9A-TV-Z]{1,4})?$",
+    "icd10cm": r"^[A-Z][0-9][0-9AB](\.?[0-9A-TV-Z]{1,4})?$",
     "loinc": r"^[0-9]{1,5}-[0-9]$",
     "rxnorm": r"^[1-9][0-9]*$",
     "atc": r"^[A-Z]([0-9]{2}([A-Z]([A-Z]([0-9]{2})?)?)?)?$",
@@ -173,7 +176,7 @@ CODE_PATTERNS: dict[str, str] = {
     "np-obs": r"^[a-z0-9]+(-[a-z0-9]+)*$",
 }
 PREFIX_PATTERNS: dict[str, str] = {
-    "icd10cm": r"^[A-Z]([0-9]([0-9AB](\.[0-9A-TV-Z]{1,4})?)?)?$",
+    "icd10cm": r"^[A-Z]([0-9]([0-9AB](\.?[0-9A-TV-Z]{1,4})?)?)?$",
     "atc": CODE_PATTERNS["atc"],
 }
 CODE_VOCABULARIES: dict[str, tuple[str, ...]] = {
@@ -183,7 +186,7 @@ CODE_VOCABULARIES: dict[str, tuple[str, ...]] = {
     "np-flag": FLAGS,
 }
 _CODE_SHAPES = {
-    "icd10cm": "a letter, two characters and optionally a dot and 1-4 more (M16.11; prefixes may be shorter: M16, M25.55)",
+    "icd10cm": "a letter, two characters and optionally 1-4 more, with or without the dot (M16.11 or M1611; prefixes may be shorter: M16, M25.55)",
     "loinc": "digits, a hyphen and a check digit (6301-6)",
     "rxnorm": "an RxCUI: digits only (855332)",
     "atc": "an ATC level: B, B01, B01A, B01AA or B01AA03",
@@ -254,10 +257,7 @@ def check_code(system: str, code: str, *, prefix: bool = False) -> tuple[str, st
     if pattern is None:
         return None
     if not re.fullmatch(pattern, code):
-        hint = ""
-        if system == "icd10cm" and re.match(r"^[A-Z][0-9][0-9AB][0-9A-Z]{1,4}$", code):
-            hint = f"; write ICD-10-CM codes with the dot ({code[:3]}.{code[3:]})"
-        return ERROR, f"not {_a(system)} {'prefix' if prefix else 'code'}: expected {_CODE_SHAPES[system]}{hint}"
+        return ERROR, f"not {_a(system)} {'prefix' if prefix else 'code'}: expected {_CODE_SHAPES[system]}"
     if system == "snomed":
         partition = code[-3:-1]
         if partition not in ("00", "10"):
@@ -932,6 +932,7 @@ class _Linter:
                 for i, item in enumerate(items):
                     code = self.check_code_item(doc, lpath + (i,), item, system, prefix, what)
                     if code is not None:
+                        code = match_key(system, code)  # as the loader keys it, so L03.115 covers L03115
                         (vs.prefixes.setdefault(system, []).append(code) if prefix else vs.codes.setdefault(system, set()).add(code))
 
     def check_code_item(self, doc: _Doc, path: tuple, raw: Any, system: str, prefix: bool, what: str) -> str | None:

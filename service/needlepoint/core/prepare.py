@@ -28,7 +28,7 @@ from typing import Callable
 from .compiler import negated_patterns
 from .conditions import Pattern, compile_matcher, resolve_operand, tag, test_holds
 from .record import Code, DataIssue, PatientRecord, RecordError
-from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet
+from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
 
 
@@ -57,6 +57,10 @@ class _CodeIndex:
     Exact codes map straight to their labels; hierarchical codes (ICD-10-CM, ATC) are matched by
     looking up each prefix length that occurs in the sets, which is what ``ValueSet.contains``
     does one set at a time. Labels come out in first-found order, each once.
+
+    Value sets hold their codes already keyed by :func:`match_key` (dotless ICD-10-CM); a record's
+    code is keyed the same way here, once per lookup, so ``L03.115`` and ``L03115`` find the same
+    labels, exactly and by prefix.
     """
 
     def __init__(self, members: list[tuple[str, ValueSet]]):
@@ -77,12 +81,14 @@ class _CodeIndex:
         exact, prefix = self._exact, self._prefix
         found: list[str] = []
         for c in codes:
-            found += exact.get((c.system, c.code), ())
+            # only ICD-10-CM has more than one spelling; the test keeps other codes off that path
+            code = match_key("icd10cm", c.code) if c.system == "icd10cm" else c.code
+            found += exact.get((c.system, code), ())
             by_prefix = prefix.get(c.system)
             if by_prefix is not None:
                 lengths, labels_of = by_prefix
                 for n in lengths:
-                    found += labels_of.get(c.code[:n], ())
+                    found += labels_of.get(code[:n], ())
         # one hit (the common case) needs no de-duplication; several may repeat a label
         return list(dict.fromkeys(found)) if len(found) > 1 else found
 

@@ -75,15 +75,31 @@ class Evidence:
     strength: str
 
 
+def match_key(system: str, code: str) -> str:
+    """The one spelling under which a code is matched against value sets.
+
+    ICD-10-CM is written with a dot after the category (``L03.115``), but many EHRs, claims feeds
+    and FHIR servers send the same code without it (``L03115``), and some in lower case. The dot
+    always follows the third character, so dropping it loses nothing: the dotless upper-case form
+    is the key. Value sets are keyed this way once, when they are built, and a record's codes once,
+    when they are looked up; no rule ever sees the difference. Every other system is matched
+    exactly as written (RxNorm, SNOMED CT and LOINC codes have one spelling; ATC is upper case).
+    """
+    if system == "icd10cm":
+        return code.replace(".", "").upper()
+    return code
+
+
 @dataclass(frozen=True, slots=True)
 class ValueSet:
     id: str
     title: str
-    codes: dict[str, frozenset[str]]  # system -> exact codes
-    prefixes: dict[str, tuple[str, ...]]  # system -> code prefixes
+    codes: dict[str, frozenset[str]]  # system -> exact codes, each spelled as match_key gives it
+    prefixes: dict[str, tuple[str, ...]]  # system -> code prefixes, spelled as match_key gives them
     groups: dict[str, "ValueSet"] = field(default_factory=dict)  # named members (e.g. one per agent)
 
     def contains(self, system: str, code: str) -> bool:
+        code = match_key(system, code)  # a record's code, as sent: L03.115 and L03115 are one code
         if code in self.codes.get(system, ()):
             return True
         return any(code.startswith(p) for p in self.prefixes.get(system, ()))
@@ -308,8 +324,10 @@ def _code_lists(spec: dict, where: str) -> tuple[dict[str, frozenset[str]], dict
         if not isinstance(entry, dict):
             raise RuleSetError(path, "a list of codes, or {codes: [...], prefixes: [...]}")
         _only(entry, {"codes", "prefixes"}, path)
-        exact = [str(c) for c in entry.get("codes", [])]
-        pre = [str(c) for c in entry.get("prefixes", [])]
+        # keyed as records are looked up (match_key), so a dotted or dotless ICD-10-CM code or
+        # prefix in the file matches either spelling in a record
+        exact = [match_key(system, str(c)) for c in entry.get("codes", [])]
+        pre = [match_key(system, str(c)) for c in entry.get("prefixes", [])]
         if pre and system not in PREFIX_SYSTEMS:
             raise RuleSetError(path, f"prefix matching is only meaningful for {', '.join(PREFIX_SYSTEMS)}")
         codes[system] = frozenset(exact)
