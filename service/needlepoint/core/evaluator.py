@@ -42,18 +42,19 @@ class Evaluator:
     def run_prepared(self, prepared) -> list[Firing]:
         """Every rule that fires on already prepared facts, with the facts each alias matched."""
         by_rule: dict[str, Firing] = {}
-        for engine_name, matched in self.engine.run(prepared.facts):
+        seen: dict[tuple[str, int, str], dict[int, None]] = {}  # (rule, alternative, alias) -> fact ids
+        for engine_name, matched in self.engine.run(self.preparer.distinct(prepared)):
             rule_id, alternative = rule_id_of(engine_name)
             firing = by_rule.setdefault(rule_id, Firing(self._rules[rule_id], {}))
             aliases = firing.matched.setdefault(alternative, {})
             for alias, fact in matched.items():
-                ids = aliases.setdefault(alias, [])
-                if fact["_fid"] not in ids:
-                    ids.append(fact["_fid"])
-        for firing in by_rule.values():
-            for aliases in firing.matched.values():
-                for ids in aliases.values():
-                    ids.sort()
+                ids = seen.get((rule_id, alternative, alias))
+                if ids is None:
+                    ids = seen[(rule_id, alternative, alias)] = {}
+                    aliases[alias] = []
+                ids[fact["_fid"]] = None
+        for (rule_id, alternative, alias), ids in seen.items():
+            by_rule[rule_id].matched[alternative][alias] = sorted(ids)
         return list(by_rule.values())
 
     def evaluate(self, record: PatientRecord, as_of: dt.datetime) -> dict:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .compiler import negated_patterns
-from .conditions import Pattern, compile_matcher, resolve_operand, tag, test_holds
+from .conditions import FACT_FIELDS, Pattern, compile_matcher, resolve_operand, tag, test_holds
 from .record import Code, DataIssue, PatientRecord, RecordError
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
@@ -43,6 +44,7 @@ class FactInfo:
     notes: dict[str, str] = field(default_factory=dict)  # field -> how a derived value came about
     what: str = ""  # what it is, for people: "Warfarin Sodium 5 MG Oral Tablet", "INR"
     when: dt.datetime | None = None  # its clinical instant: taken, performed, began, planned for
+    alike: int = 0  # how many other facts every rule treats exactly like this one (see Preparer.distinct)
 
 
 @dataclass(slots=True)
@@ -211,6 +213,44 @@ class Preparer:
         patterns = _all_patterns(ruleset)
         self.usable_days = _usable_days(patterns, ruleset, self.params)
         self.age_tests = [t for p in patterns if p.kind == "patient" for t in p.tests if t.field == "age_years" and t.op in _COMPARISONS]
+        self.signatures = _signature_plans(ruleset, self.params)
+
+    def distinct(self, out: PreparedFacts) -> list[dict]:
+        """The facts the engine needs: one of each class of facts that every rule treats alike.
+
+        Two facts of a kind are alike when they carry the same value-set tags, give the same
+        answer to every other test any rule makes of that kind, and show the same values in
+        every message. No rule can tell them apart, so the engine sees one of them, the most
+        recent, and its explanation says how many more there are (``FactInfo.alike``). This
+        keeps the engine's work, and the decision's size, bounded by what the rules can
+        distinguish rather than by the length of the record: 20,000 copies of a prescription
+        cost what one does. Aggregates and absences were derived from every fact beforehand."""
+        signatures = self.signatures
+        kept: dict[tuple, list] = {}  # signature -> [representative, how many alike]
+        facts: list[dict | tuple] = []
+        for fact in out.facts:
+            signature = signatures.get(fact["t"])
+            if signature is None:
+                facts.append(fact)
+                continue
+            key = (fact["t"], signature(fact))
+            held = kept.get(key)
+            if held is None:
+                kept[key] = [fact, 0]
+                facts.append(key)
+                continue
+            held[1] += 1
+            if _recency(fact) < _recency(held[0]):
+                held[0] = fact
+        result = []
+        for item in facts:
+            if type(item) is tuple:
+                fact, alike = kept[item]
+                out.info[fact["_fid"]].alike = alike
+                result.append(fact)
+            else:
+                result.append(item)
+        return result
 
     def prepare(self, record: PatientRecord, as_of: dt.datetime) -> PreparedFacts:
         as_of = _utc(as_of)
@@ -346,7 +386,7 @@ class Preparer:
         for flag in dict.fromkeys(record.flags):
             add({"t": "flag", "name": flag}, FactInfo(f"clinician flag {flag}", "flags", what=flag.replace("-", " ")))
 
-        for issue in issues:
+        for issue in _bounded_issues(issues):
             add({"t": "data_issue", "kind": issue.kind, "concept": issue.concept, "detail": issue.detail}, FactInfo(f"data issue ({issue.kind}) {issue.concept}", issue.source, what=issue.concept))
 
         self.derive(out)
@@ -418,7 +458,7 @@ class Preparer:
                 notes[agg.name] = ", ".join(met_groups) or "none"
             else:
                 summary[agg.name] = len(hits)
-                notes[agg.name] = "; ".join(out.info[f["_fid"]].label for f in hits) or "none"
+                notes[agg.name] = _listed([out.info[f["_fid"]].label for f in hits]) or "none"
         add(summary, FactInfo("summary", "derived from the record", notes=notes))
 
         by_scope["summary"] = [summary]
@@ -524,6 +564,85 @@ def _aggregate_plan(agg: Aggregate, ruleset: RuleSet, params: dict) -> _Aggregat
 
 
 _COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte")
+_SINGLETONS = ("patient", "order", "summary", "absent", "observation")  # one each (observations: per concept)
+_TEMPLATE_FIELD = re.compile(r"\{([a-z][a-z0-9_]*)\.?([a-z_]*)\}")
+
+
+MAX_ISSUES_PER_CONCEPT = 5  # data issues of one kind about one concept named one by one; the rest counted
+MAX_NOTE_ITEMS = 10  # facts named in an aggregate's note; the rest counted
+MAX_DISPLAY = 160  # characters of a code's display shown in a label
+
+
+def _bounded_issues(issues: list[DataIssue]) -> list[DataIssue]:
+    """The data issues, at most ``MAX_ISSUES_PER_CONCEPT`` of each (kind, concept), then one
+    that counts the rest: a record with 60,000 uncoded problems is named, not recited."""
+    counts: dict[tuple[str, str], int] = {}
+    kept: list[DataIssue] = []
+    for issue in issues:
+        key = (issue.kind, issue.concept)
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] <= MAX_ISSUES_PER_CONCEPT:
+            kept.append(issue)
+    for (kind, concept), n in counts.items():
+        if n > MAX_ISSUES_PER_CONCEPT:
+            more = n - MAX_ISSUES_PER_CONCEPT
+            kept.append(DataIssue(kind, concept, f"{more:,} more {concept} values were set aside for the same reason ({kind}).", "the record"))
+    return kept
+
+
+def _listed(labels: list[str]) -> str:
+    """Labels joined for a note, the first ``MAX_NOTE_ITEMS`` by name and the rest counted."""
+    if len(labels) <= MAX_NOTE_ITEMS:
+        return "; ".join(labels)
+    return "; ".join(labels[:MAX_NOTE_ITEMS]) + f"; and {len(labels) - MAX_NOTE_ITEMS:,} more"
+
+
+def _recency(fact: dict) -> float:
+    """How far from the instant a fact lies (smaller is more recent): the representative of
+    facts that are alike is the most recent, which is what a message should name."""
+    for field_name in ("days_ago", "age_days", "days_until"):
+        value = fact.get(field_name)
+        if value is not None:
+            return abs(value)
+    return math.inf
+
+
+def _signature_plans(ruleset: RuleSet, params: dict) -> dict[str, Callable[[dict], tuple]]:
+    """Per fact kind, a function giving what the rules can see of a fact: its tags, the answer to
+    every test a rule's positive pattern makes on another field, and the values of the
+    non-numeric fields its messages show. Kinds that occur once per evaluation have none."""
+    tests: dict[str, list[Callable[[dict], bool]]] = {}
+    shown: dict[str, set[str]] = {}
+    for rule in ruleset.rules:
+        templates = rule.then.message + (rule.then.missing_data or "")
+        for alternative in rule.alternatives:
+            kinds = {p.alias: p.kind for p in alternative}
+            for pattern in alternative:
+                if pattern.negated:
+                    continue  # absences are derived in Python from every fact
+                for test in pattern.tests:
+                    if not (test.op == "in" and isinstance(test.operand, str)):  # a tag test is answered by the tags
+                        tests.setdefault(pattern.kind, []).append(compile_matcher(Pattern(pattern.alias, pattern.kind, (test,)), params))
+            for alias, field_name in _TEMPLATE_FIELD.findall(templates):
+                if alias in kinds and field_name not in ("", "display"):
+                    shown.setdefault(kinds[alias], set()).add(field_name)
+    plans: dict[str, Callable[[dict], tuple]] = {}
+    for kind, kind_fields in FACT_FIELDS.items():
+        if kind in _SINGLETONS:
+            continue
+        # a number a message shows (days ago, a value) is the representative's: the most recent
+        predicates = tuple(tests.get(kind, ()))
+        fields = tuple(sorted(f for f in shown.get(kind, ()) if kind_fields.get(f) != "number"))
+        plans[kind] = _signature(predicates, fields)
+    plans["data_issue"] = lambda f: (f["kind"], f["concept"], f["detail"])
+    return plans
+
+
+def _signature(predicates: tuple, fields: tuple) -> Callable[[dict], tuple]:
+    def signature(fact: dict) -> tuple:
+        return (tuple(fact.get("_tags", ())), tuple(p(fact) for p in predicates), tuple(fact.get(f) for f in fields))
+
+    return signature
 
 
 def _all_patterns(ruleset: RuleSet) -> list[Pattern]:
@@ -568,7 +687,7 @@ def _plain(codes: list[Code]) -> str:
     """What a coded item is, in words: the first display, else the first code."""
     for code in codes:
         if code.display:
-            return code.display
+            return _capped(code.display)
     return str(codes[0]) if codes else "(uncoded)"
 
 
@@ -576,7 +695,12 @@ def _codes_label(codes: list[Code]) -> str:
     if not codes:
         return "(uncoded)"
     first = codes[0]
-    return f"{first.system}#{first.code}" + (f" {first.display}" if first.display else "")
+    return f"{first.system}#{first.code}" + (f" {_capped(first.display)}" if first.display else "")
+
+
+def _capped(text: str) -> str:
+    """A display as shown in labels: at most ``MAX_DISPLAY`` characters."""
+    return text if len(text) <= MAX_DISPLAY else text[: MAX_DISPLAY - 1] + "…"
 
 
 __all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "completed_years", "in_force"]

@@ -170,10 +170,11 @@ def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> list[dict
                 continue
             for fid in aliases.get(alias, ()):
                 fact, info = facts[fid], infos[fid]
+                label = info.label if not info.alike else f"{info.label} (and {info.alike:,} more alike)"
                 if not fields:
-                    entries.append({"fact": info.label, "value": "present"})
+                    entries.append({"fact": label, "value": "present"})
                 for fld in fields:
-                    entries.append({"fact": f"{info.label}.{fld}", "value": field_value(fact, info, fld)})
+                    entries.append({"fact": f"{label}.{fld}", "value": field_value(fact, info, fld)})
     return entries
 
 
