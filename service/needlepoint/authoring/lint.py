@@ -989,7 +989,7 @@ class _Linter:
                     self.error("NP002", doc, path + ("display_units", u), f"{what}: display unit {u!r}: display text is matched with surrounding spaces removed, so write it without them")
                 if units and u in units:
                     if units[u] != conv:
-                        self.error("NP002", doc, path + ("display_units", u), f"{what}: display unit {u!r} is also a UCUM code of this concept converting by {_describe(units[u])}; one text cannot mean two things")
+                        self.error("NP002", doc, path + ("display_units", u), f"{what}: display unit {u!r} is also a UCUM code of this concept converting by {units[u]!r}; one text cannot mean two things")
                     else:
                         self.warn("NP015", doc, path + ("display_units", u), f"{what}: display unit {u!r} is already accepted as a UCUM code written as text; drop it here")
             if display_units and unit is None:
