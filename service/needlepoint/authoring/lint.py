@@ -91,6 +91,7 @@ from needlepoint.core.ruleset import (
     SCOPES,
     SEVERITIES,
     STATUSES,
+    UCUM_TEXT,
     UNIT_CONVERSIONS,
     build_ruleset,
 )
@@ -619,7 +620,6 @@ _META_KEYS = ("id", "version", "title", "status", "validation", "description", "
 _PARAM_KEYS = ("value", "unit", "provenance", "source", "description", "allowed")
 _VS_KEYS = ("title", "codes", "groups", "source", "note")
 _OBS_KEYS = ("title", "codes", "unit", "units", "display_units", "plausible")
-_UCUM_TEXT = re.compile(r"[!-~]+")  # UCUM codes are printable ASCII without spaces
 _AGG_KEYS = ("count", "where", "criteria", "distinct_groups_of", "description")
 _RULE_KEYS = ("id", "version", "title", "category", "precedence", "when", "when_any", "then", "rationale", "evidence")
 _THEN_KEYS = ("modality", "injectates", "deferral", "caution", "missing_data", "message")
@@ -980,7 +980,7 @@ class _Linter:
             units = self.unit_conversions(doc, path, spec, "units", unit, what)
             display_units = self.unit_conversions(doc, path, spec, "display_units", unit, what)
             for u in units or {}:
-                if isinstance(u, str) and not _UCUM_TEXT.fullmatch(u):
+                if isinstance(u, str) and not UCUM_TEXT.fullmatch(u):
                     self.error("NP002", doc, path + ("units", u), f"{what}: {u!r} is not a UCUM code (those are ASCII without spaces); list it under display_units")
             for u, conv in (display_units or {}).items():
                 if not isinstance(u, str):

@@ -50,7 +50,7 @@ STATUSES = ("draft", "active", "retired")
 CODE_SYSTEMS = ("icd10cm", "snomed", "rxnorm", "atc", "loinc", "cpt", "np-target", "np-intent", "np-injectate", "np-flag", "np-obs")
 PREFIX_SYSTEMS = ("icd10cm", "atc")  # hierarchical codes that value sets may match by prefix
 UNIT_CONVERSIONS = ("fahrenheit_to_celsius", "ifcc_to_ngsp")  # named non-linear conversions
-_UCUM_TEXT = re.compile(r"^[!-~]+$")  # UCUM codes are printable ASCII without spaces
+UCUM_TEXT = re.compile(r"[!-~]+")  # UCUM codes are printable ASCII without spaces (use fullmatch)
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")
 _RULE_ID = re.compile(r"^[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)+$")
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -362,7 +362,7 @@ def _build_observations(raw: dict) -> dict[str, ObservationConcept]:
         units = _unit_conversions(spec, "units", where)
         display_units = _unit_conversions(spec, "display_units", where)
         for text in units:
-            if not _UCUM_TEXT.match(text):
+            if not UCUM_TEXT.fullmatch(text):
                 raise RuleSetError(f"{where}.units.{text}", "not a UCUM code (UCUM codes are ASCII without spaces); list display text under display_units")
         for text, conv in display_units.items():
             if text != text.strip():
