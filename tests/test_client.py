@@ -257,6 +257,12 @@ def full_context() -> PatientContext:
                 codes=[Coding(system=LOINC, code="82810-3")],
                 value_code=Coding(system="http://snomed.info/sct", code="60001007"),
             ),
+            patient_pb2.Observation(
+                codes=[Coding(system=LOINC, code="777-3")],
+                effective=ts(dt.datetime(2025, 5, 30, 8, tzinfo=UTC)),
+                value=25.0,
+                unit_display="K/uL",
+            ),
         ],
         allergies=[
             patient_pb2.Allergy(codes=[Coding(system="http://snomed.info/sct", code="294505008")], severity="severe")
@@ -288,8 +294,9 @@ def test_record_from_context_maps_every_field() -> None:
     assert record.birth_date == dt.date(1950, 3, 4) and record.sex == "female"
     assert record.conditions[0].codes == [rec.Code("icd10cm", "M16.11")]
     assert record.conditions[0].source == "context.conditions[0]"
-    inr, pregnancy = record.observations
+    inr, pregnancy, platelets = record.observations
     assert (inr.value, inr.unit, inr.effective) == (0.0, "{INR}", dt.datetime(2025, 5, 30, 8, tzinfo=UTC))
+    assert (platelets.value, platelets.unit, platelets.unit_display) == (25.0, None, "K/uL")
     assert inr.codes == [rec.Code("loinc", "6301-6", "INR")]
     assert (pregnancy.value, pregnancy.unit, pregnancy.effective) == (None, None, None)
     assert pregnancy.value_code == rec.Code("snomed", "60001007")

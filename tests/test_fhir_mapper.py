@@ -162,7 +162,7 @@ def test_active_medication_through_type_id_reference(bundle: dict) -> None:
 def test_inr_and_unitless_platelets(bundle: dict) -> None:
     record = record_from_bundle(bundle)
     inr, platelets = record.observations
-    assert (inr.value, inr.unit) == (2.4, "{INR}")  # the UCUM code wins over the display unit
+    assert (inr.value, inr.unit, inr.unit_display) == (2.4, "{INR}", "INR")  # the code and the display, apart
     assert inr.effective == dt.datetime(2025, 5, 30, 6, 15, tzinfo=dt.timezone.utc)
     # The unitless count is kept as it is: only the core knows whether a rule needs platelets.
     assert (platelets.value, platelets.unit, platelets.problem) == (180.0, None, None)
@@ -285,11 +285,28 @@ def test_untrustworthy_observation_values_are_kept_with_their_problem(bundle: di
     assert record.data_issues == []
 
 
-def test_unit_falls_back_to_unit_text_outside_ucum(bundle: dict) -> None:
+def test_unit_text_outside_ucum_is_kept_only_as_display(bundle: dict) -> None:
     quantity = {"value": 5.5, "unit": "mmol/l", "code": "mmol"}  # a code, but not in UCUM
     record = record_from_bundle(with_observation(bundle, valueQuantity=quantity))
     (glucose,) = [o for o in record.observations if o.codes[0].code == "2339-0"]
-    assert (glucose.value, glucose.unit) == (5.5, "mmol/l")
+    assert (glucose.value, glucose.unit, glucose.unit_display) == (5.5, None, "mmol/l")
+
+
+@pytest.mark.parametrize(
+    "quantity, unit, display",
+    [
+        ({"value": 25, "unit": "K/uL", "system": UCUM, "code": "10*3/uL"}, "10*3/uL", "K/uL"),  # both kept
+        ({"value": 25, "system": UCUM, "code": "10*3/uL"}, "10*3/uL", None),
+        ({"value": 25, "unit": "K/uL"}, None, "K/uL"),  # display only: the core decides if it is safe
+        ({"value": 25, "unit": "K/uL", "system": UCUM, "code": "K/uL"}, "K/uL", "K/uL"),  # kelvin: kept as sent
+        ({"value": 25, "unit": "K/uL", "system": "http://example.org/units", "code": "thou"}, None, "K/uL"),
+        ({"value": 25, "unit": "", "system": UCUM, "code": ""}, None, None),
+    ],
+)
+def test_ucum_code_and_display_unit_are_kept_apart(bundle: dict, quantity: dict, unit: str | None, display: str | None) -> None:
+    record = record_from_bundle(with_observation(bundle, valueQuantity=quantity))
+    (obs,) = [o for o in record.observations if o.codes[0].code == "2339-0"]
+    assert (obs.value, obs.unit, obs.unit_display) == (25.0, unit, display)
 
 
 def test_coded_observation_value(bundle: dict) -> None:

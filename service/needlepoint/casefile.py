@@ -30,6 +30,11 @@ and ``birth_date`` may be partial (``2014-03``).
 exactly; ``cautions`` and ``missing`` likewise (use ``*_include`` keys for a subset check).
 ``severities`` maps a deferral (same key form) to HARD or SOFT; ``messages_include`` lists texts
 that some message of the decision must contain.
+
+An observation's ``unit`` is its UCUM code, matched exactly; ``unit_display`` is a free-text unit
+as a lab report shows it (FHIR ``Quantity.unit``), for a result that carries no UCUM code::
+
+    - {code: loinc#777-3, value: 25, unit_display: K/uL, days_before: 1}
 """
 
 from __future__ import annotations
@@ -196,6 +201,7 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
                 effective=_when(o, "at", as_of, path),
                 value=o.get("value"),
                 unit=o.get("unit"),
+                unit_display=o.get("unit_display"),
                 value_code=parse_code(o["value_code"], f"{path}.value_code") if "value_code" in o else None,
                 source=path,
             )

@@ -48,7 +48,8 @@ NP014  error     A site overlay sets an unknown parameter, or a value of the wro
                  outside the allowed values.
 NP015  error     A duplicate: a YAML key twice in one mapping, a rule id, value set id,
                  injectate category in one outcome, or an observation code claimed by two
-                 concepts.
+                 concepts. A warning for a display unit that repeats one of the concept's
+                 UCUM codes (already accepted as text).
 =====  ========  ==============================================================================
 
 Injectate and deferral rules cannot conflict with each other. The resolver lists every
@@ -90,6 +91,7 @@ from needlepoint.core.ruleset import (
     SCOPES,
     SEVERITIES,
     STATUSES,
+    UCUM_TEXT,
     UNIT_CONVERSIONS,
     build_ruleset,
     match_key,
@@ -632,7 +634,7 @@ class _Rule:
 _META_KEYS = ("id", "version", "title", "status", "validation", "description", "requested_modality")
 _PARAM_KEYS = ("value", "unit", "provenance", "source", "description", "allowed")
 _VS_KEYS = ("title", "codes", "groups", "source", "note")
-_OBS_KEYS = ("title", "codes", "unit", "units", "plausible")
+_OBS_KEYS = ("title", "codes", "unit", "units", "display_units", "plausible")
 _AGG_KEYS = ("count", "where", "criteria", "distinct_groups_of", "description")
 _RULE_KEYS = ("id", "version", "title", "category", "precedence", "exclusive", "when", "when_any", "then", "rationale", "evidence")
 _THEN_KEYS = ("modality", "injectates", "deferral", "caution", "missing_data", "message")
@@ -991,16 +993,23 @@ class _Linter:
             if unit is not None and not isinstance(unit, str):
                 self.error("NP002", doc, path + ("unit",), f"{what}: unit must be text (UCUM); got {_describe(unit)}", key=False)
                 unit = None
-            units = spec.get("units")
-            if units is not None and not isinstance(units, dict):
-                self.error("NP002", doc, path + ("units",), f"{what}: units is a mapping of accepted unit to a factor or a named conversion", key=False)
-                units = None
-            for u, conv in (units or {}).items():
-                if isinstance(conv, str):
-                    if conv not in UNIT_CONVERSIONS:
-                        self.error("NP002", doc, path + ("units", u), f"{what}: unknown conversion {conv!r}{_suggest(conv, UNIT_CONVERSIONS)}; known: {', '.join(UNIT_CONVERSIONS)}", key=False)
-                elif not _number(conv) or conv <= 0:
-                    self.error("NP002", doc, path + ("units", u), f"{what}: unit {u}: a positive factor to {unit or 'the canonical unit'} or a named conversion; got {_describe(conv)}", key=False)
+            units = self.unit_conversions(doc, path, spec, "units", unit, what)
+            display_units = self.unit_conversions(doc, path, spec, "display_units", unit, what)
+            for u in units or {}:
+                if isinstance(u, str) and not UCUM_TEXT.fullmatch(u):
+                    self.error("NP002", doc, path + ("units", u), f"{what}: {u!r} is not a UCUM code (those are ASCII without spaces); list it under display_units")
+            for u, conv in (display_units or {}).items():
+                if not isinstance(u, str):
+                    continue
+                if u != u.strip():
+                    self.error("NP002", doc, path + ("display_units", u), f"{what}: display unit {u!r}: display text is matched with surrounding spaces removed, so write it without them")
+                if units and u in units:
+                    if units[u] != conv:
+                        self.error("NP002", doc, path + ("display_units", u), f"{what}: display unit {u!r} is also a UCUM code of this concept converting by {units[u]!r}; one text cannot mean two things")
+                    else:
+                        self.warn("NP015", doc, path + ("display_units", u), f"{what}: display unit {u!r} is already accepted as a UCUM code written as text; drop it here")
+            if display_units and unit is None:
+                self.error("NP002", doc, path + ("display_units",), f"{what}: display units without a canonical unit; without unit: the concept is read as coded and numeric values are set aside")
             if unit is not None:
                 if not units or unit not in units:
                     self.error("NP002", doc, path + ("unit",), f"{what}: the canonical unit {unit!r} is not among the accepted units, so every value in it would be set aside as unit-unknown", key=False)
@@ -1016,6 +1025,25 @@ class _Linter:
                 else:
                     self.error("NP002", doc, path + ("plausible",), f"{what}: plausible is [low, high] with low < high, in the canonical unit; got {plausible!r}", key=False)
             self.concepts[cid] = _Concept(str(cid), doc, path, unit, pl)
+
+    def unit_conversions(self, doc: _Doc, path: tuple, spec: dict, key: str, unit: str | None, what: str) -> dict | None:
+        """A concept's ``units`` or ``display_units``: a mapping of unit text to a positive factor
+        or a named conversion. Reports what is wrong; returns the mapping, or None if it is not one."""
+        conversions = spec.get(key)
+        if conversions is None:
+            return None
+        if not isinstance(conversions, dict):
+            self.error("NP002", doc, path + (key,), f"{what}: {key} is a mapping of accepted unit to a factor or a named conversion", key=False)
+            return None
+        for u, conv in conversions.items():
+            if not isinstance(u, str) or not u:
+                self.error("NP002", doc, path + (key, u), f"{what}: a unit in {key} is non-empty text; got {_describe(u)}")
+            if isinstance(conv, str):
+                if conv not in UNIT_CONVERSIONS:
+                    self.error("NP002", doc, path + (key, u), f"{what}: unknown conversion {conv!r}{_suggest(conv, UNIT_CONVERSIONS)}; known: {', '.join(UNIT_CONVERSIONS)}", key=False)
+            elif not _number(conv) or not 0 < conv < math.inf:
+                self.error("NP002", doc, path + (key, u), f"{what}: unit {u}: a positive factor to {unit or 'the canonical unit'} or a named conversion; got {_describe(conv)}", key=False)
+        return conversions
 
     # -- aggregates.yaml --
 
@@ -2383,6 +2411,7 @@ def _parameters_schema() -> dict:
 def _observations_schema() -> dict:
     assert all(re.fullmatch(r"[a-z0-9-]+", s) for s in CODE_SYSTEMS)  # nothing to escape (JS regexes reject needless escapes)
     systems = "|".join(CODE_SYSTEMS)
+    conversion = {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "enum": list(UNIT_CONVERSIONS)}]}
     return {
         "$schema": _SCHEMA,
         "title": "Needlepoint observation concepts (rulesets/<id>/observations.yaml)",
@@ -2395,7 +2424,18 @@ def _observations_schema() -> dict:
                 "title": _NONBLANK,
                 "codes": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": f"^({systems})#\\S+$"}, "description": "system#code, e.g. loinc#6301-6"},
                 "unit": {"type": "string", "description": "Canonical unit that rules compare in; omit for coded results."},
-                "units": {"type": "object", "additionalProperties": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "enum": list(UNIT_CONVERSIONS)}]}},
+                "units": {
+                    "type": "object",
+                    "propertyNames": {"pattern": "^[!-~]+$"},
+                    "additionalProperties": conversion,
+                    "description": "Accepted UCUM codes, matched exactly (case-sensitive), each with its factor to the canonical unit or a named conversion.",
+                },
+                "display_units": {
+                    "type": "object",
+                    "propertyNames": {"minLength": 1, "pattern": "^\\S(.*\\S)?$"},
+                    "additionalProperties": conversion,
+                    "description": "Free-text units as lab reports show them (FHIR Quantity.unit, e.g. K/uL), read only for a value without a UCUM code; list only text that cannot mean anything else for the concept.",
+                },
                 "plausible": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number"}, "description": "[low, high] in the canonical unit; values outside are set aside."},
             },
         },

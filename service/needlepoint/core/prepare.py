@@ -146,16 +146,39 @@ def _sides_overlap(a: str | None, b: str | None) -> bool:
     return a is None or b is None or a == b or "both" in (a, b)
 
 
-def convert(value: float, unit: str, concept: ObservationConcept) -> float | None:
-    """``value`` in ``unit`` expressed in the concept's canonical unit, or None if not accepted."""
-    conversion = concept.units.get(unit)
-    if conversion is None:
+def unit_conversion(unit: str | None, display: str | None, concept: ObservationConcept) -> float | str | None:
+    """How a value with UCUM code ``unit`` and display text ``display`` converts to the concept's
+    canonical unit (a factor or a named conversion), or None if its unit is not accepted.
+
+    A UCUM code decides alone and must be one of the concept's ``units`` exactly: UCUM is
+    case-sensitive, and a code that is not listed (``K/uL``, kelvin per microlitre) is refused
+    even when its display text would pass. Without a UCUM code, the display text (spaces around
+    it ignored) is accepted if the concept lists it under ``display_units``, or if it is exactly
+    one of its UCUM codes written as text."""
+    if unit:
+        return concept.units.get(unit)
+    text = display.strip() if display else ""
+    if not text:
         return None
+    conversion = concept.display_units.get(text)
+    return conversion if conversion is not None else concept.units.get(text)
+
+
+def apply_conversion(value: float, conversion: float | str) -> float:
+    """``value`` converted by a factor or a named conversion (see ``UNIT_CONVERSIONS``)."""
     if conversion == "fahrenheit_to_celsius":
         return (value - 32.0) * 5.0 / 9.0
     if conversion == "ifcc_to_ngsp":  # HbA1c mmol/mol -> %, the IFCC-NGSP master equation
         return 0.09148 * value + 2.152
     return value * float(conversion)
+
+
+def convert(value: float, unit: str | None, concept: ObservationConcept, display: str | None = None) -> float | None:
+    """``value`` expressed in the concept's canonical unit, or None if its unit is not accepted.
+    ``unit`` is the UCUM code (None when the sender gave none) and ``display`` the free-text unit;
+    see :func:`unit_conversion` for which is trusted when."""
+    conversion = unit_conversion(unit, display, concept)
+    return None if conversion is None else apply_conversion(value, conversion)
 
 
 # Which facts a pattern of an aggregate or a negation can match at all: those of its kind, or for an
@@ -538,20 +561,28 @@ class Preparer:
             return None, ("value-missing", f"The newest {concept.title} result has no numeric value; it was set aside.")
         if obs.value < 0:
             raise RecordError(obs.source or "observation", f"{concept.title} value {obs.value} is negative")
-        if not obs.unit:
+        display = obs.unit_display.strip() if obs.unit_display else ""
+        shown = obs.unit or display  # the unit as the sender gave it, for messages
+        if not shown:
             return None, ("unit-missing", f"The newest {concept.title} result ({obs.value:g}) has no unit; no threshold was applied to it.")
-        converted = convert(obs.value, obs.unit, concept)
-        if converted is None:
+        conversion = unit_conversion(obs.unit, display, concept)
+        if conversion is None:
             accepted = ", ".join(concept.units)
-            return None, ("unit-unknown", f"The newest {concept.title} result is in {obs.unit!r}, which is not an accepted unit ({accepted}); no threshold was applied to it.")
+            if obs.unit:
+                # the display text is never a fallback for a wrong code, but saying so helps the sender
+                hint = f" Its display text {display!r} would be accepted without the code; please send the right UCUM code." if unit_conversion(None, display, concept) is not None else ""
+                return None, ("unit-unknown", f"The newest {concept.title} result is in {obs.unit!r}, which is not an accepted unit ({accepted}); no threshold was applied to it.{hint}")
+            also = f"; as display text also {', '.join(concept.display_units)}" if concept.display_units else ""
+            return None, ("unit-unknown", f"The newest {concept.title} result is in {display!r} (display text, no UCUM code), which is not an accepted unit ({accepted}{also}); no threshold was applied to it.")
+        converted = apply_conversion(obs.value, conversion)
         if concept.plausible and not concept.plausible[0] <= converted <= concept.plausible[1]:
             hint = ""
-            for unit in concept.units:
-                alt = convert(obs.value, unit, concept)
-                if unit != obs.unit and alt is not None and concept.plausible[0] <= alt <= concept.plausible[1]:
+            for unit, other in concept.units.items():
+                alt = apply_conversion(obs.value, other)
+                if unit != shown and concept.plausible[0] <= alt <= concept.plausible[1]:
                     hint = f" It would be plausible in {unit} ({alt:.1f} {concept.unit}); please confirm the unit."
                     break
-            return None, ("implausible", f"The newest {concept.title} result, {obs.value:g} {obs.unit}, is outside the plausible range {concept.plausible[0]:g}–{concept.plausible[1]:g} {concept.unit}; it was set aside.{hint}")
+            return None, ("implausible", f"The newest {concept.title} result, {obs.value:g} {shown}, is outside the plausible range {concept.plausible[0]:g}–{concept.plausible[1]:g} {concept.unit}; it was set aside.{hint}")
         return converted, None
 
 
@@ -703,4 +734,4 @@ def _capped(text: str) -> str:
     return text if len(text) <= MAX_DISPLAY else text[: MAX_DISPLAY - 1] + "…"
 
 
-__all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "completed_years", "in_force"]
+__all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "unit_conversion", "apply_conversion", "completed_years", "in_force"]

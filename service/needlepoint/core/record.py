@@ -109,8 +109,14 @@ class Medication:
 
 @dataclass(slots=True)
 class Observation:
-    """A lab or vital sign. ``value`` is numeric with ``unit`` as received (UCUM where possible),
-    or ``value_code`` for coded results (e.g. pregnancy status).
+    """A lab or vital sign. ``value`` is numeric, or ``value_code`` for coded results (e.g.
+    pregnancy status).
+
+    A numeric value's unit comes in two parts, both as received. ``unit`` is the UCUM code, and
+    only that: it is None when the sender gave no code in the UCUM system. ``unit_display`` is
+    the free-text unit the sender showed (FHIR ``Quantity.unit``), e.g. ``K/uL``; it may be
+    anything, so the core trusts it only where the rule set lists it as unambiguous, and only
+    when there is no UCUM code (a UCUM code, when present, decides alone).
 
     ``problem`` is ``(kind, detail)`` when an adapter could not read the value or its date (a
     censored ``<20``, a string value, an unparseable date). The adapter does not know which
@@ -124,6 +130,7 @@ class Observation:
     value_code: Code | None = None
     source: str = ""
     problem: tuple[str, str] | None = None
+    unit_display: str | None = None
 
     @property
     def begun(self) -> dt.datetime | None:

@@ -51,6 +51,7 @@ STATUSES = ("draft", "active", "retired")
 CODE_SYSTEMS = ("icd10cm", "snomed", "rxnorm", "atc", "loinc", "cpt", "np-target", "np-intent", "np-injectate", "np-flag", "np-obs")
 PREFIX_SYSTEMS = ("icd10cm", "atc")  # hierarchical codes that value sets may match by prefix
 UNIT_CONVERSIONS = ("fahrenheit_to_celsius", "ifcc_to_ngsp")  # named non-linear conversions
+UCUM_TEXT = re.compile(r"[!-~]+")  # UCUM codes are printable ASCII without spaces (use fullmatch)
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")
 _RULE_ID = re.compile(r"^[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)+$")
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -110,14 +111,19 @@ class ValueSet:
 
 @dataclass(frozen=True, slots=True)
 class ObservationConcept:
-    """A lab or vital concept: which LOINC codes carry it, its canonical unit, how to convert."""
+    """A lab or vital concept: which LOINC codes carry it, its canonical unit, how to convert.
+
+    ``units`` are UCUM codes, matched exactly (UCUM is case-sensitive). ``display_units`` are
+    free-text units as lab reports show them (``K/uL``), accepted only for a value that carries
+    no UCUM code, and only where the text cannot mean anything else."""
 
     id: str
     title: str
     codes: frozenset[str]  # "system#code"
     unit: str | None  # canonical unit; None for coded results
-    units: dict[str, float | str]  # accepted unit -> factor to canonical, or a named conversion
+    units: dict[str, float | str]  # accepted UCUM code -> factor to canonical, or a named conversion
     plausible: tuple[float, float] | None
+    display_units: dict[str, float | str] = field(default_factory=dict)  # display text -> the same
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,26 +372,65 @@ def _build_observations(raw: dict) -> dict[str, ObservationConcept]:
         where = f"observations.yaml.{cid}"
         if not isinstance(spec, dict):
             raise RuleSetError(where, "an observation concept is a mapping")
-        _only(spec, {"title", "codes", "unit", "units", "plausible"}, where)
+        _only(spec, {"title", "codes", "unit", "units", "display_units", "plausible"}, where)
         codes = _need(spec, "codes", where, list)
         for code in codes:
             if code in claimed:
                 raise RuleSetError(f"{where}.codes", f"{code} already belongs to concept {claimed[code]}")
             claimed[code] = cid
-        units = spec.get("units") or {}
-        for unit, conv in units.items():
-            if isinstance(conv, str) and conv not in UNIT_CONVERSIONS:
-                raise RuleSetError(f"{where}.units.{unit}", f"unknown conversion {conv!r}; known: {', '.join(UNIT_CONVERSIONS)}")
+        unit = spec.get("unit")
+        units = _unit_conversions(spec, "units", where)
+        display_units = _unit_conversions(spec, "display_units", where)
+        for text in units:
+            if not UCUM_TEXT.fullmatch(text):
+                raise RuleSetError(f"{where}.units.{text}", "not a UCUM code (UCUM codes are ASCII without spaces); list display text under display_units")
+        for text, conv in display_units.items():
+            if text != text.strip():
+                raise RuleSetError(f"{where}.display_units.{text}", "display text is matched with surrounding spaces removed, so write it without them")
+            if text in units and units[text] != conv:
+                raise RuleSetError(f"{where}.display_units.{text}", f"also a UCUM code of this concept converting by {units[text]!r}; one text cannot mean two things")
+        if unit is None:
+            if units or display_units:
+                raise RuleSetError(f"{where}.unit", "accepted units need a canonical unit to convert to")
+        elif units.get(unit) != 1:
+            raise RuleSetError(f"{where}.units", f"the canonical unit {unit!r} must be an accepted UCUM code with factor 1")
         plausible = spec.get("plausible")
+        if plausible is not None:
+            ok = isinstance(plausible, list) and len(plausible) == 2 and all(_is_number(x) for x in plausible)
+            if not ok or plausible[0] >= plausible[1]:
+                raise RuleSetError(f"{where}.plausible", f"[low, high] in the canonical unit with low < high; got {plausible!r}")
         concepts[cid] = ObservationConcept(
             id=cid,
             title=_need(spec, "title", where),
             codes=frozenset(codes),
-            unit=spec.get("unit"),
-            units=dict(units),
+            unit=unit,
+            units=units,
             plausible=tuple(plausible) if plausible else None,
+            display_units=display_units,
         )
     return concepts
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _unit_conversions(spec: dict, key: str, where: str) -> dict[str, float | str]:
+    """``units`` or ``display_units`` of a concept: unit text -> a positive factor to the
+    canonical unit, or the name of a non-linear conversion."""
+    raw = spec.get(key) or {}
+    if not isinstance(raw, dict):
+        raise RuleSetError(f"{where}.{key}", "a mapping of unit to a factor or a named conversion")
+    for text, conv in raw.items():
+        path = f"{where}.{key}.{text}"
+        if not isinstance(text, str) or not text:
+            raise RuleSetError(path, "a unit is non-empty text")
+        if isinstance(conv, str):
+            if conv not in UNIT_CONVERSIONS:
+                raise RuleSetError(path, f"unknown conversion {conv!r}; known: {', '.join(UNIT_CONVERSIONS)}")
+        elif not _is_number(conv) or not 0 < conv < float("inf"):
+            raise RuleSetError(path, f"a positive factor to the canonical unit, or a named conversion; got {conv!r}")
+    return dict(raw)
 
 
 def _build_aggregates(raw: dict, value_sets: dict[str, ValueSet], params: dict[str, Param]) -> list[Aggregate]:

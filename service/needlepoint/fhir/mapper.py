@@ -806,11 +806,11 @@ class _Mapper:
             return
         if "valueQuantity" in resource:
             try:
-                value, unit = self._quantity(entry)
+                value, unit, display = self._quantity(entry)
             except _Unusable as problem:
                 observations.append(Observation(codes, effective, source=source, problem=(problem.kind, problem.detail)))
             else:
-                observations.append(Observation(codes, effective, value, unit, source=source))
+                observations.append(Observation(codes, effective, value, unit, source=source, unit_display=display))
         elif "valueCodeableConcept" in resource:
             values = _codes(resource["valueCodeableConcept"], path, "valueCodeableConcept")
             if values:
@@ -831,9 +831,16 @@ class _Mapper:
             problem = ("value-missing", f"the {concept} Observation carries no value{why}.")
             observations.append(Observation(codes, effective, source=source, problem=problem))
 
-    def _quantity(self, entry: _Entry) -> tuple[float, str | None]:
-        """valueQuantity as (value, unit). Raises _Unusable for a value that cannot be used. A
-        missing unit or a negative value is not judged here: the core does that per concept."""
+    def _quantity(self, entry: _Entry) -> tuple[float, str | None, str | None]:
+        """valueQuantity as (value, UCUM code, display unit). Raises _Unusable for a value that
+        cannot be used. A missing or unknown unit or a negative value is not judged here: the core
+        does that per concept.
+
+        Both units are kept as received, because they are trusted differently: ``code`` is a UCUM
+        code only when ``system`` says so (UCUM is case-sensitive, so it is never altered), while
+        ``unit`` is free text for people (``K/uL`` is kelvin per microlitre in UCUM, but a
+        thousand per microlitre on a lab report). A ``code`` without the UCUM system is neither
+        (FHIR requires a system beside a code), so it is not kept."""
         quantity = _get_obj(entry.resource, "valueQuantity", entry.path) or {}
         value = quantity.get("value")
         if value is None:
@@ -853,8 +860,8 @@ class _Mapper:
             path = f"{entry.path}.valueQuantity"
             _get_str(quantity, "code", path)  # one of these two raises, naming the field
             _get_str(quantity, "unit", path)
-        chosen = code if code and quantity.get("system") == _UCUM_URI else unit
-        return number, chosen or None
+        ucum = code if code and quantity.get("system") == _UCUM_URI else None
+        return number, ucum, unit or None
 
     def _allergy(self, entry: _Entry) -> None:
         resource, path = entry.resource, entry.path

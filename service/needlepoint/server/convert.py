@@ -161,6 +161,7 @@ def record_from_context(ctx: patient_pb2.PatientContext, path: str = "context") 
                 unit=o.unit or None,
                 value_code=_code(o.value_code, f"{p}.value_code") if o.HasField("value_code") else None,
                 source=p,
+                unit_display=o.unit_display or None,
             )
             for p, o in each(ctx.observations, "observations")
         ],
@@ -288,6 +289,7 @@ def context_from_record(record: rec.PatientRecord) -> patient_pb2.PatientContext
                 value=o.value,
                 unit=o.unit or "",
                 value_code=_coding(o.value_code) if o.value_code else None,
+                unit_display=o.unit_display or "",
             )
             for o in record.observations
         ],
