@@ -465,7 +465,7 @@ def test_tls_and_a_valid_token_get_a_decision(secured_server: ServerProcess, pki
         decision = client.evaluate_bundle(mafalda.bundle, as_of=AS_OF, order=InjectionOrder(**mafalda.order))
         assert "PENDING_DATA" in {d["reason"] for d in decision_to_dict(decision)["deferrals"]}
         assert [r.id for r in client.list_rulesets()] and client.health() == "SERVING"
-    assert any("transport TLS; caller authentication: bearer tokens" in line for line in secured_server.lines)
+    secured_server.wait_for("transport TLS; caller authentication: bearer tokens", timeout=10)
 
 
 TOKEN_MATRIX = {
@@ -561,7 +561,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(server_process: ty
     server = _start(server_process, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
                     "--client-ca", str(pki.ca_file))
     try:
-        assert any("TLS with client certificates; caller authentication: client certificates" in line for line in server.lines)
+        server.wait_for("transport TLS with client certificates; caller authentication: client certificates", timeout=10)
         with NeedlepointClient(server.target, tls_ca=pki.ca_file, tls_cert=pki.client_cert, tls_key=pki.client_key) as client:
             assert client.list_rulesets()
         for cert, key in ((None, None), (pki.other_cert, pki.other_key)):
