@@ -315,6 +315,11 @@ class _JwksHandler(http.server.BaseHTTPRequestHandler):
     """Serves the JWK Set in ``server.jwks`` and counts the fetches."""
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.path.endswith("/moved"):
+            self.send_response(302)
+            self.send_header("Location", "/.well-known/jwks.json")
+            self.end_headers()
+            return
         body = json.dumps(self.server.jwks).encode()  # type: ignore[attr-defined]
         self.server.fetches += 1  # type: ignore[attr-defined]
         self.send_response(200)
@@ -351,6 +356,9 @@ def test_keys_from_an_allowed_jku_are_fetched_once_and_cached(authority: Authori
     assert server.fetches == 1
     assert rejection(validator, authority.token()) == "unknown key"  # no jku, and no JWKS file
     assert rejection(validator, authority.token(header={"jku": url + "?other"})) == "jku not allowed"
+    moved = url.replace("/.well-known/jwks.json", "/moved")
+    redirected = TokenValidator(TokenPolicy(audience=AUDIENCE, issuers=(ISSUER,), jku_allowlist=(moved,)))
+    assert rejection(redirected, authority.token(header={"jku": moved})) == "unknown key"  # redirects not followed
 
 
 def test_validation_is_fast(authority: Authority) -> None:

@@ -210,6 +210,16 @@ class _JwksFile:
         return True
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: the allow-list names the URL keys come from, not a first hop."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class _RemoteKeySets:
     """JWK Sets fetched from allow-listed ``jku`` URLs, each cached for a while."""
 
@@ -245,7 +255,7 @@ class _RemoteKeySets:
                 return entry[0] if entry else None
             self._last_attempt[url] = now
         try:
-            with urllib.request.urlopen(url, timeout=self._timeout) as response:  # noqa: S310 (allow-listed)
+            with _OPENER.open(url, timeout=self._timeout) as response:  # allow-listed URL, no redirects
                 document = response.read(MAX_JWKS_BYTES + 1)
             if len(document) > MAX_JWKS_BYTES:
                 raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
