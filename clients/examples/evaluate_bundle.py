@@ -4,6 +4,9 @@
     python clients/examples/evaluate_bundle.py patient.json \\
         --target hip-intra-articular --side right --intent therapeutic
 
+Against a server with TLS and token authentication, add ``--tls-ca ca.pem`` and put the bearer
+token in ``$NEEDLEPOINT_TOKEN``.
+
 Exit codes: 0 a decision, 2 the server could not evaluate the bundle (each offending field is
 printed), 1 the call failed (server unreachable, deadline).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 
@@ -33,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", default="", help="left, right or both")
     parser.add_argument("--intent", default="", help="e.g. therapeutic")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    parser.add_argument("--tls-ca", type=Path, help="connect over TLS, trusting this PEM CA bundle")
     args = parser.parse_args(argv)
+    token = os.environ.get("NEEDLEPOINT_TOKEN")  # a bearer token; never on the command line
 
     order = None
     if args.target or args.side or args.intent:
         order = InjectionOrder(target=args.target, side=args.side, intent=args.intent)
-    with NeedlepointClient(args.server, timeout=args.timeout) as client:
+    with NeedlepointClient(args.server, timeout=args.timeout, tls_ca=args.tls_ca, token=token) as client:
         try:
             decision = client.evaluate_bundle(args.bundle.read_bytes(), as_of=args.as_of, order=order)
         except EvaluationError as error:

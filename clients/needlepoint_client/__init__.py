@@ -8,6 +8,9 @@
             order=InjectionOrder(target="hip-intra-articular", side="right", intent="therapeutic"),
         )
         print(decision_to_json(decision))
+
+Over TLS with a bearer token: ``NeedlepointClient(target, tls_ca="ca.pem", token=jwt)``
+(``tls_cert``/``tls_key`` for mutual TLS; ``token`` may be a function, called for every call).
 """
 
 from needlepoint.v1.decision_pb2 import Decision
@@ -21,6 +24,7 @@ from .client import (
     decision_to_dict,
     decision_to_json,
     make_request,
+    tls_credentials,
 )
 from .errors import EvaluationError, FieldViolation, NeedlepointError
 
@@ -39,4 +43,5 @@ __all__ = [
     "decision_to_dict",
     "decision_to_json",
     "make_request",
+    "tls_credentials",
 ]

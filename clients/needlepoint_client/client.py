@@ -1,6 +1,8 @@
 """A typed, blocking client for ``needlepoint.v1.DecisionService``.
 
-Every call has a deadline. Calls that fail with UNAVAILABLE (server starting, restarting a
+TLS (``tls_ca``, and ``tls_cert``/``tls_key`` for mutual TLS) and a bearer token (``token``: a
+string, or a function called for every call, e.g. one that mints a single-use JWT) are options of
+the client. Every call has a deadline. Calls that fail with UNAVAILABLE (server starting, restarting a
 worker, draining) are retried with exponential back-off by the channel's retry policy; nothing
 else is retried, and every method of the service is free of side effects, so a retry is safe.
 """
@@ -9,10 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import grpc
 import orjson
@@ -29,6 +32,7 @@ DEFAULT_STREAM_TIMEOUT = 300.0  # seconds, for a whole EvaluateStream batch
 MAX_RETRY_ATTEMPTS = 5  # gRPC's own ceiling on retryPolicy.maxAttempts
 
 T = TypeVar("T")
+PemSource = Union[str, "os.PathLike[str]", bytes]  # a PEM file's path, or its bytes
 
 
 def make_request(
@@ -106,7 +110,15 @@ class NeedlepointClient:
 
     ``timeout`` is the deadline of each unary call in seconds, ``stream_timeout`` that of a whole
     batch; ``retries`` is how often a call failing with UNAVAILABLE is tried again (at most 4, the
-    ceiling of gRPC's retry policy). Use as a context manager, or call :meth:`close`. Failed calls
+    ceiling of gRPC's retry policy).
+
+    Security: ``tls_ca`` (a PEM file's path, or PEM bytes) makes the connection TLS and trusts that
+    CA; ``tls_cert`` and ``tls_key`` add a client certificate (mutual TLS). For TLS trusting the
+    system's CAs pass ``credentials=grpc.ssl_channel_credentials()``. ``token`` is sent as
+    ``authorization: Bearer <token>`` with every call: a string, or a function returning one, called
+    per call (a server that checks ``jti`` accepts each token once). A server that refuses the
+    token answers UNAUTHENTICATED (a NeedlepointError). Use as a context manager, or call
+    :meth:`close`. Failed calls
     raise :class:`~needlepoint_client.errors.EvaluationError` for input the server cannot evaluate
     and :class:`~needlepoint_client.errors.NeedlepointError` for everything else.
     """
@@ -120,10 +132,19 @@ class NeedlepointClient:
         retries: int = 3,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | Callable[[], str] | None = None,
     ) -> None:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
+        self._token = token
         channel_options = [("grpc.enable_retries", 1), ("grpc.service_config", _service_config(retries)), *options]
+        if tls_ca is not None or tls_cert is not None or tls_key is not None:
+            if credentials is not None:
+                raise ValueError("give credentials or tls_ca/tls_cert/tls_key, not both")
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
@@ -142,11 +163,18 @@ class NeedlepointClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of one call: the bearer token, if any (a token function is called now)."""
+        if self._token is None:
+            return ()
+        token = self._token() if callable(self._token) else self._token
+        return (("authorization", f"Bearer {token}"),)
+
     def evaluate(
         self, request: decision_service_pb2.EvaluateRequest, *, timeout: float | None = None
     ) -> decision_pb2.Decision:
         """The decision for a prepared request (see :func:`make_request`)."""
-        return _call(lambda: self._stub.Evaluate(request, timeout=timeout or self.timeout))
+        return _call(lambda: self._stub.Evaluate(request, timeout=timeout or self.timeout, metadata=self._metadata()))
 
     def evaluate_bundle(
         self,
@@ -185,7 +213,9 @@ class NeedlepointClient:
     ) -> Iterator[StreamResult]:
         """One result per request, in request order. A request that cannot be evaluated yields a
         result with ``error`` set; only a failure of the whole call (deadline, server gone) raises."""
-        responses = self._stub.EvaluateStream(iter(requests), timeout=timeout or self.stream_timeout)
+        responses = self._stub.EvaluateStream(
+            iter(requests), timeout=timeout or self.stream_timeout, metadata=self._metadata()
+        )
         try:
             for response in responses:
                 if response.WhichOneof("outcome") == "decision":
@@ -200,27 +230,47 @@ class NeedlepointClient:
     def list_rulesets(self, *, timeout: float | None = None) -> list[ruleset_pb2.Ruleset]:
         """The loaded rule sets (header fields only)."""
         request = decision_service_pb2.ListRulesetsRequest()
-        return list(_call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout)).rulesets)
+        return list(_call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout, metadata=self._metadata())).rulesets)
 
     def get_ruleset(self, ruleset_id: str, *, version: str = "", timeout: float | None = None) -> ruleset_pb2.Ruleset:
         """One rule set (the version serving, or ``version``) with its rules, evidence, parameters
         in force, and the outcome of its last hot reload."""
         request = decision_service_pb2.GetRulesetRequest(id=ruleset_id, version=version)
-        return _call(lambda: self._stub.GetRuleset(request, timeout=timeout or self.timeout))
+        return _call(lambda: self._stub.GetRuleset(request, timeout=timeout or self.timeout, metadata=self._metadata()))
 
     def explain(
         self, request: decision_service_pb2.EvaluateRequest, *, rule_id: str = "", timeout: float | None = None
     ) -> decision_service_pb2.ExplainResponse:
         """Why ``rule_id`` did or did not fire for this evaluation, and what would change each deferral."""
         explain_request = decision_service_pb2.ExplainRequest(request=request, rule_id=rule_id)
-        return _call(lambda: self._stub.Explain(explain_request, timeout=timeout or self.timeout))
+        return _call(lambda: self._stub.Explain(explain_request, timeout=timeout or self.timeout, metadata=self._metadata()))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's health status name, e.g. ``SERVING`` (``service`` "" is the server as a
         whole; ``needlepoint.v1.DecisionService`` the decision service)."""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = _call(lambda: self._health.Check(request, timeout=timeout or self.timeout))
+        response = _call(lambda: self._health.Check(request, timeout=timeout or self.timeout, metadata=self._metadata()))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def tls_credentials(
+    ca: PemSource | None = None, cert: PemSource | None = None, key: PemSource | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials for TLS: trust ``ca`` (None: the system's CAs) and, for mutual TLS,
+    present ``cert`` with ``key`` (both or neither). Each is a PEM file's path or PEM bytes."""
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
+    )
+
+
+def _pem(source: PemSource | None) -> bytes | None:
+    """PEM bytes from bytes or from a file's path."""
+    if source is None or isinstance(source, bytes):
+        return source
+    with open(source, "rb") as handle:
+        return handle.read()
 
 
 def _call(invoke: Callable[[], T]) -> T:

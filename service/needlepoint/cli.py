@@ -22,8 +22,10 @@ from needlepoint.authoring.explain import command as explain_command
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_rules import rules
 from needlepoint.rulesets import DEFAULT_RULESET
+from needlepoint.security.options import client_connection_options, server_security_options
 
 if TYPE_CHECKING:
+    from needlepoint.security.transport import SecurityConfig
     from needlepoint.v1.decision_pb2 import Decision
     from needlepoint.v1.decision_service_pb2 import EvaluateRequest
 
@@ -49,7 +51,7 @@ main.add_command(explain_command)
 
 
 @main.command()
-@click.option("--host", default="[::]", show_default=True, help="Address to bind (all interfaces by default).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default; others need TLS and auth, or --insecure).")
 @click.option("--port", type=click.IntRange(1, 65535), default=50051, show_default=True)
 @click.option(
     "--workers",
@@ -65,7 +67,8 @@ main.add_command(explain_command)
 )
 @click.option("--watch", is_flag=True, help="Hot-reload rule sets that change on disk (validated, tested, then swapped in).")
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
-def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float) -> None:
+@server_security_options
+def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float, security: SecurityConfig) -> None:
     """Serve the gRPC API until SIGTERM.
 
     A supervisor runs WORKERS processes that share the port; each serves needlepoint.v1.DecisionService,
@@ -73,13 +76,21 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
     With --watch, a rule set that changes on disk is linted and run against its own test cases in a
     separate process; only then is it loaded and swapped in, and a rule set that fails keeps the
     previous version serving (GetRuleset reports why). Earlier versions stay loaded for pinning.
+    TLS (--tls-cert/--tls-key, mutual with --client-ca) and bearer tokens (--auth-jwks, --auth-issuer)
+    are described in the README's Security section; an address other than loopback needs both, or --insecure.
     """
+    from needlepoint.security.transport import enforce_exposure
     from needlepoint.server.supervisor import Supervisor
     from needlepoint.server.worker import WorkerConfig, setup_logging
 
     setup_logging(log_level)
+    try:
+        enforce_exposure(host, security)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     config = WorkerConfig(
-        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval
+        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
+        security=security,
     )
     sys.exit(Supervisor(config, workers).run())
 
@@ -94,6 +105,7 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
 @_RULESETS_OPTION
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
               help="Deadline in seconds for --server.")
+@client_connection_options
 def evaluate(
     file: BinaryIO,
     as_of: dt.datetime | None,
@@ -105,6 +117,7 @@ def evaluate(
     ruleset_id: str,
     rulesets_dir: Path | None,
     timeout: float,
+    connection: dict[str, Any],
 ) -> None:
     """Evaluate the FHIR R4 Bundle in FILE ('-' for standard input).
 
@@ -117,17 +130,17 @@ def evaluate(
     if target or side or intent:
         order = InjectionOrder(target=target or "", side=side or "", intent=intent or "")
     request = make_request(fhir_bundle=file.read(), as_of=as_of, order=order, ruleset_id=ruleset_id)
-    decision = _remote(server, request, timeout) if server else _in_process(rulesets_dir, request)
+    decision = _remote(server, request, timeout, connection) if server else _in_process(rulesets_dir, request)
     if as_json:
         click.echo(decision_to_json(decision))
     else:
         print_summary(decision_to_dict(decision))
 
 
-def _remote(server: str, request: EvaluateRequest, timeout: float) -> Decision:
+def _remote(server: str, request: EvaluateRequest, timeout: float, connection: dict[str, Any]) -> Decision:
     from needlepoint_client import EvaluationError, NeedlepointClient, NeedlepointError
 
-    with NeedlepointClient(server, timeout=timeout) as client:
+    with NeedlepointClient(server, timeout=timeout, **connection) as client:
         try:
             return client.evaluate(request)
         except EvaluationError as exc:

@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from needlepoint.security.logsafe import correlation_ref
+from needlepoint.security.transport import SecurityConfig, bind, interceptors
 from needlepoint.server.engine import MAX_MESSAGE_BYTES, Engine
 from needlepoint.server.errors import ServiceError
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, ruleset_pb2
@@ -93,7 +95,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         """One evaluation, inline, unless the caller's deadline has already passed."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            log.info("%s DEADLINE_EXCEEDED correlation_id=%r", method, request.correlation_id)
+            log.info("%s DEADLINE_EXCEEDED correlation=%s", method, correlation_ref(request.correlation_id))
             return ServiceError.deadline_exceeded()
         return _guard(method, request.correlation_id, lambda: self._engine.evaluate(request))
 
@@ -104,10 +106,10 @@ def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | Servi
         return call()
     except ServiceError as exc:
         fields = ",".join(v.field for v in exc.violations) or "-"
-        log.info("%s %s correlation_id=%r fields=%s", method, exc.code.name, correlation_id, fields)
+        log.info("%s %s correlation=%s fields=%s", method, exc.code.name, correlation_ref(correlation_id), fields)
         return exc
     except Exception:
-        log.exception("%s failed with an unexpected error, correlation_id=%r", method, correlation_id)
+        log.exception("%s failed with an unexpected error, correlation=%s", method, correlation_ref(correlation_id))
         return ServiceError.internal()
 
 
@@ -134,10 +136,13 @@ def server_options(*, reuse_port: bool) -> list[tuple[str, int]]:
     ]
 
 
-async def start_server(engine: Engine, address: str, *, reuse_port: bool = True) -> RunningServer:
+async def start_server(
+    engine: Engine, address: str, *, reuse_port: bool = True, security: SecurityConfig | None = None
+) -> RunningServer:
     """Bind ``address`` (``host:port``; port 0 picks one), start serving the decision service,
-    health and reflection, and report SERVING. Raises RuntimeError if the address cannot be bound."""
-    server = grpc.aio.server(options=server_options(reuse_port=reuse_port))
+    health and reflection, and report SERVING. ``security`` adds TLS and the bearer-token check.
+    Raises RuntimeError if the address cannot be bound."""
+    server = grpc.aio.server(options=server_options(reuse_port=reuse_port), interceptors=interceptors(security))
     decision_service_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -145,7 +150,7 @@ async def start_server(engine: Engine, address: str, *, reuse_port: bool = True)
     reflection.enable_server_reflection(services, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(address)
+    port = bind(server, address, security)
     if port == 0:
         raise RuntimeError(f"cannot bind {address}")
     await server.start()

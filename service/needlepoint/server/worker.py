@@ -17,6 +17,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from needlepoint.rulesets import bundled_rulesets_dir
+from needlepoint.security import logsafe
+from needlepoint.security.transport import SecurityConfig
 from needlepoint.server.engine import Engine
 from needlepoint.server.reload import Watcher
 from needlepoint.server.servicer import start_server
@@ -27,21 +29,23 @@ LOG_FORMAT = "%(asctime)s %(levelname)s needlepoint[%(process)d] %(name)s: %(mes
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """One line per event, to stderr."""
+    """One line per event, to stderr; tracebacks without exception messages (no patient data)."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logsafe.install(LOG_FORMAT)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """How a worker serves. Picklable: it crosses the process boundary."""
 
-    host: str = "[::]"
+    host: str = "127.0.0.1"
     port: int = 50051
     rulesets_dir: Path | None = None
     grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
     log_level: str = "INFO"
     watch: bool = False  # hot-reload rule sets that change on disk
     watch_interval: float = 2.0  # seconds between looks at the rule-sets directory
+    security: SecurityConfig | None = None  # TLS and token authentication (none: plaintext, open)
 
     @property
     def address(self) -> str:
@@ -70,7 +74,7 @@ def run_worker(config: WorkerConfig, control: Connection | None = None) -> None:
 async def serve(config: WorkerConfig, control: Connection | None = None) -> None:
     """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s."""
     engine = Engine.load(config.rulesets_dir)
-    running = await start_server(engine, config.address)
+    running = await start_server(engine, config.address, security=config.security)
     watcher_task = None
     if config.watch:
         directory = config.rulesets_dir or bundled_rulesets_dir()
@@ -84,6 +88,7 @@ async def serve(config: WorkerConfig, control: Connection | None = None) -> None
         control.send(("ready", os.getpid(), running.port))
     address = format_address(config.host, running.port)
     log.info("serving on %s (rule sets: %s)", address, ", ".join(engine.ruleset_ids))
+    log.info("%s", (config.security or SecurityConfig()).describe())
     await stop.wait()
     if watcher_task is not None:
         watcher_task.cancel()
