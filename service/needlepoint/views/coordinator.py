@@ -183,6 +183,8 @@ def coordinator_view(decision: dict[str, Any]) -> CoordinatorView:
     for inj in decision.get("injectates", []):
         advice = words(RECOMMENDATIONS, inj.get("recommendation", "")).lower()
         message = said.new(inj.get("message"))
+        if message is None and inj.get("message") and inj.get("recommendation") != "SUGGESTED":
+            message = "The reason is given above."  # said once, but a held-back medicine still points to why
         medicines.append(Item(f"{words(INJECTATES, inj.get('category', ''))}: {advice}.", (message,) if message else ()))
     if medicines:
         sections.append(Section("Medicines to inject", tuple(medicines)))
