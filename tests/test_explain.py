@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -69,7 +70,7 @@ def test_the_command_prints_the_rule_and_the_changes(tmp_path: Path) -> None:
     path.write_text(json.dumps(bundle))
     result = CliRunner().invoke(command, [str(path), "--rule", "DEF-INR-HIGH", "--as-of", "2025-06-02T09:00:00Z"])
     assert result.exit_code == 0, result.output
-    assert "DEF-INR-HIGH 1.0.0: INR above the procedural limit on a vitamin K antagonist: FIRED" in result.output
+    assert re.search(r"DEF-INR-HIGH \d+\.\d+\.\d+: INR above the procedural limit on a vitamin K antagonist: FIRED", result.output)
     assert "✓ value > $inr_defer_above (threshold 3.0): saw 3.4 {INR}" in result.output
     assert "DEF-INR-HIGH would not apply at ≤ 3 {INR}; the deferral would lift." in result.output
     result = CliRunner().invoke(command, [str(path), "--rule", "NO-SUCH-RULE", "--as-of", "2025-06-02T09:00:00Z"])
