@@ -63,17 +63,61 @@ def test_json_is_byte_identical_in_process_and_remote(
 
 
 def test_summary_speaks_plainly(mafalda: Sample, local_json: str) -> None:
+    """The text gives the verdict, the reason in plain words with its specifics, and no rule ids,
+    missing-data codes or raw codes; the INR request is said once although the decision holds it
+    twice (the PENDING_DATA deferral and the INR missing-data entry)."""
     decision = json.loads(local_json)
-    inr_rule = next(d["ruleIds"][0] for d in decision["deferrals"] if d["reason"] == "PENDING_DATA")
-    title = next(e["title"] for e in decision["explanations"] if e["ruleId"] == inr_rule)
+    pending = next(d for d in decision["deferrals"] if d["reason"] == "PENDING_DATA")
     result = run(str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args)
     assert result.exit_code == 0, result.stderr
-    text = " ".join(result.stdout.split())
-    assert "NOT NOW" in text
-    assert "Waiting for missing or out-of-date results" in text
-    assert title in text
-    assert "Missing data - INR:" in text
+    text = result.stdout
+    assert "NOT NOW" in text and "A result or detail is missing: not now." in text
+    assert pending["message"] in text and text.count(pending["message"]) == 1
+    assert "obtain an INR taken no earlier than" in pending["message"]
+    rule_ids = {e["ruleId"] for e in decision["explanations"]}
+    codes = {m["code"] for m in decision.get("missingData", [])} | {c["code"] for c in decision.get("cautions", [])}
+    codes = {code for code in codes if not code.isalpha()}  # internal codes, not words such as INR
+    assert codes and not [token for token in rule_ids | codes if token in text]
+    assert "#" not in text and "{" not in text
     assert "Corticosteroid" in text
+
+
+def test_piped_summary_is_neither_padded_wrapped_nor_coloured(mafalda: Sample, local_json: str) -> None:
+    decision = json.loads(local_json)
+    result = run(str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args)
+    lines = result.stdout.splitlines()
+    assert "\x1b" not in result.stdout
+    assert all(line == line.rstrip() for line in lines)
+    # every message is one whole line, however long
+    messages = [i["message"] for i in decision.get("injectates", []) + decision.get("cautions", []) if len(i["message"]) > 100]
+    assert messages and all(any(line.strip() == m or line.strip() == "- " + m for line in lines) for m in messages)
+
+
+def test_width_wraps_between_words_with_hanging_lines(mafalda: Sample) -> None:
+    result = run(str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args, "--width", "60")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines if " " in line.strip()) <= 60
+    words = result.stdout.split()
+    unwrapped = run(str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args).stdout.split()
+    assert words == unwrapped  # the same words in the same order: nothing cut inside a word
+    bullet = next(i for i, line in enumerate(lines) if line.startswith("- ") and i + 1 < len(lines) and lines[i + 1].startswith("  ") and len(line) > 50)
+    assert lines[bullet + 1].startswith("  ") and not lines[bullet + 1].startswith("  -")
+
+
+def test_a_terminal_gets_colour_and_its_width(mafalda: Sample) -> None:
+    args = ["evaluate", str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args]
+    result = CliRunner(env={"FORCE_COLOR": "1", "COLUMNS": "50", "NO_COLOR": None, "TTY_COMPATIBLE": None}).invoke(main, args)
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b[" in result.stdout
+    plain = [line for line in _strip_ansi(result.stdout).splitlines() if " " in line.strip()]
+    assert max(map(len, plain)) <= 50
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -69,8 +70,44 @@ def test_the_command_prints_the_rule_and_the_changes(tmp_path: Path) -> None:
     path.write_text(json.dumps(bundle))
     result = CliRunner().invoke(command, [str(path), "--rule", "DEF-INR-HIGH", "--as-of", "2025-06-02T09:00:00Z"])
     assert result.exit_code == 0, result.output
-    assert "DEF-INR-HIGH 1.0.0: INR above the procedural limit on a vitamin K antagonist: FIRED" in result.output
+    assert re.search(r"DEF-INR-HIGH \d+\.\d+\.\d+: INR above the procedural limit on a vitamin K antagonist: FIRED", result.output)
     assert "✓ value > $inr_defer_above (threshold 3.0): saw 3.4 {INR}" in result.output
     assert "DEF-INR-HIGH would not apply at ≤ 3 {INR}; the deferral would lift." in result.output
     result = CliRunner().invoke(command, [str(path), "--rule", "NO-SUCH-RULE", "--as-of", "2025-06-02T09:00:00Z"])
     assert result.exit_code == 2 and "no rule 'NO-SUCH-RULE'" in result.output
+
+
+def test_a_condition_is_judged_only_against_facts_of_its_own_pattern(hip_evaluator) -> None:
+    """A BMI of 30.3 is not an INR: it is no candidate for the INR pattern, so it is never shown
+    as meeting (✓) or failing (✗) the INR threshold."""
+    bmi = Observation([Code("loinc", "39156-5")], AS_OF - dt.timedelta(days=2), value=30.3, unit="kg/m2")
+    record = PatientRecord(medications=[WARFARIN], observations=[bmi, inr(2.5)], order=ORDER)
+    report = explain_rule(hip_evaluator, record, AS_OF, "DEF-INR-HIGH")
+    inr_pattern = next(p for p in report["alternatives"][0]["patterns"] if p["alias"] == "inr")
+    assert [c["fact"].split(" (")[0] for c in inr_pattern["candidates"]] == ["observation inr"]
+    saw = [t["saw"] for c in inr_pattern["candidates"] for t in c["conditions"]]
+    assert not any("kg/m2" in s for s in saw)
+    # without any INR, the pattern has no candidate at all, and the text says which facts are missing
+    report = explain_rule(hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[bmi], order=ORDER), AS_OF, "DEF-INR-HIGH")
+    inr_pattern = next(p for p in report["alternatives"][0]["patterns"] if p["alias"] == "inr")
+    assert inr_pattern["candidates"] == [] and inr_pattern["holds"] is False
+
+
+def test_the_command_shows_no_other_concept_against_a_threshold(tmp_path: Path) -> None:
+    """The printed report of a rule never lists a result of another concept under a pattern."""
+    bundle = json.loads((Path(__file__).parent / "data" / "fhir" / "hip_injection_order.json").read_text())
+    bundle["entry"] = [e for e in bundle["entry"] if not (e["resource"]["resourceType"] == "Observation" and e["resource"]["code"]["coding"][0]["code"] == "6301-6")]
+    bundle["entry"].append({"resource": {
+        "resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "39156-5", "display": "BMI"}]},
+        "effectiveDateTime": "2025-05-30T09:00:00Z", "valueQuantity": {"value": 30.3, "unit": "kg/m2", "system": "http://unitsofmeasure.org", "code": "kg/m2"}}})
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle))
+    result = CliRunner().invoke(command, [str(path), "--rule", "DEF-INR-HIGH", "--as-of", "2025-06-02T09:00:00Z"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    inr: observation with"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("      "))
+    inr_block = "\n".join(lines[start:end])
+    assert "bmi" not in inr_block and "30.3" not in inr_block
+    assert "(no observation inr facts in the record)" in inr_block

@@ -100,6 +100,7 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
 @click.option("--as-of", callback=parse_instant, help="Evaluation instant, ISO 8601 (default: now; UTC if no zone).")
 @order_options("supplies or overrides the order's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision JSON, nothing else.")
+@click.option("--width", type=click.IntRange(20), help="Wrap the summary at this many columns (default: the terminal's width; no wrapping when piped).")
 @click.option("--server", metavar="HOST:PORT", help="Evaluate on a running server instead of in-process.")
 @click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id.")
 @_RULESETS_OPTION
@@ -113,6 +114,7 @@ def evaluate(
     side: str | None,
     intent: str | None,
     as_json: bool,
+    width: int | None,
     server: str | None,
     ruleset_id: str,
     rulesets_dir: Path | None,
@@ -122,7 +124,11 @@ def evaluate(
     """Evaluate the FHIR R4 Bundle in FILE ('-' for standard input).
 
     In-process by default, or on a running server with --server; both print the same decision.
-    Exit code 2 when the bundle cannot be evaluated, with the reason on standard error.
+    Without --json it prints the referral coordinator's view: the verdict, each reason to wait
+    with what to do about it, guidance, medicines, cautions and records to complete, in plain
+    words. On a terminal it wraps at the terminal's width and uses colour; piped, it is neither
+    padded, wrapped nor coloured (--width N wraps at N). Exit code 2 when the bundle cannot be
+    evaluated, with the reason on standard error.
     """
     from needlepoint_client import InjectionOrder, decision_to_dict, decision_to_json, make_request
 
@@ -134,7 +140,7 @@ def evaluate(
     if as_json:
         click.echo(decision_to_json(decision))
     else:
-        print_summary(decision_to_dict(decision))
+        print_summary(decision_to_dict(decision), width)
 
 
 def _remote(server: str, request: EvaluateRequest, timeout: float, connection: dict[str, Any]) -> Decision:
@@ -173,118 +179,35 @@ def _fail(message: str, code: int) -> NoReturn:
 
 # -- the summary for a referral coordinator -----------------------------------------------------
 
-REASONS = {
-    "JOINT_INFECTION_SUSPECTED": "Possible infection of the hip joint",
-    "SYSTEMIC_INFECTION": "Infection elsewhere in the body, or fever",
-    "ENTRY_SITE_INFECTION": "Skin infection where the needle would go in",
-    "BLEEDING_RISK": "Bleeding risk (blood thinners or clotting results)",
-    "INJECTATE_ALLERGY": "Allergy to a planned injection medicine",
-    "RECENT_CORTICOSTEROID_INJECTION": "A steroid injection was given too recently",
-    "UPCOMING_ARTHROPLASTY": "Hip replacement surgery is planned soon",
-    "HYPERGLYCEMIA": "Blood sugar too high for a steroid injection",
-    "PREGNANCY": "Pregnancy, or pregnancy status not known",
-    "TARGET_MISMATCH": "The injection site does not fit the diagnosis or purpose",
-    "CONSERVATIVE_CARE_INCOMPLETE": "Treatment without injections not yet tried long enough",
-    "PENDING_DATA": "Waiting for missing or out-of-date results",
-    "PATIENT_DECEASED": "The record says the patient has died",
-}
-MODALITIES = {"FLUOROSCOPY": "Fluoroscopy (X-ray)", "ULTRASOUND": "Ultrasound", "LANDMARK": "Landmark (no imaging)"}
-INJECTATES = {
-    "LOCAL_ANESTHETIC": "Local anaesthetic",
-    "CORTICOSTEROID": "Corticosteroid (steroid)",
-    "HYALURONIC_ACID": "Hyaluronic acid",
-    "PLATELET_RICH_PLASMA": "Platelet-rich plasma",
-    "IODINATED_CONTRAST": "Iodinated contrast (X-ray dye)",
-    "GADOLINIUM_CONTRAST": "Gadolinium contrast (MRI dye)",
-}
-RECOMMENDATIONS = {
-    "SUGGESTED": "[green]suggested[/]",
-    "CAUTION": "[yellow]use with caution[/]",
-    "NOT_SUGGESTED": "[yellow]not suggested[/]",
-    "AVOID": "[red]avoid[/]",
+# How a terminal shows each style of views.coordinator.Line (nothing, when output is piped).
+STYLES = {
+    "heading": "bold",
+    "not-now": "bold red",
+    "review-first": "bold yellow",
+    "go-ahead-without-some": "bold green",
+    "go-ahead": "bold green",
+    "section": "bold underline",
+    "headline": "bold",
+    "detail": "",
+    "note": "dim",
 }
 
 
-def _words(table: dict[str, str], name: str) -> str:
-    """The plain words of an enum value name (the name itself, readable, for new values)."""
-    return table.get(name, name.replace("_", " ").capitalize())
-
-
-def print_summary(decision: dict[str, Any]) -> None:
-    """A readable summary of a decision (the contract's JSON object) for a referral coordinator:
-    can the procedure go ahead now, and if not why, then guidance, injectates, cautions and
-    missing data."""
+def print_summary(decision: dict[str, Any], width: int | None = None) -> None:
+    """Print the coordinator's view of a decision (views.coordinator). On a terminal, as rich
+    detects one (NO_COLOR and FORCE_COLOR honoured), lines wrap at its width and are coloured;
+    piped, nothing is padded, wrapped or coloured. ``width`` wraps at that many columns either way."""
     from rich.console import Console
-    from rich.markup import escape
-    from rich.padding import Padding
-    from rich.table import Table
+    from rich.text import Text
 
-    console = Console(highlight=False)
-    titles = {e["ruleId"]: e.get("title", e["ruleId"]) for e in decision.get("explanations", [])}
+    from needlepoint.views.coordinator import coordinator_view, view_lines, wrap
 
-    def section(heading: str) -> None:
-        console.print(f"\n[bold]{heading}[/]")
-
-    def item(head: str, *details: str) -> None:
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(width=1)
-        grid.add_column()
-        grid.add_row("-", head)
-        for detail in filter(None, details):
-            grid.add_row("", detail)
-        console.print(Padding(grid, (0, 0, 0, 2), expand=False))
-
-    def rule_titles(entry: dict[str, Any]) -> str:
-        names = "; ".join(titles.get(r, r) for r in entry.get("ruleIds", []))
-        return f"[dim]Rule: {escape(names)}[/]" if names else ""
-
-    ruleset = decision.get("ruleset", {})
-    console.print(
-        f"Decision {escape(decision.get('decisionId', ''))} as of {decision.get('asOf', '')}"
-        f" (rule set {escape(ruleset.get('id', ''))} {escape(ruleset.get('version', ''))})"
-    )
-    deferrals = decision.get("deferrals", [])
-    whole = [d for d in deferrals if d.get("scope") == "PROCEDURE"]
-    if any(d.get("severity") == "HARD" for d in whole):
-        console.print("[bold red]NOT NOW:[/] the injection should be deferred for the reasons below.")
-    elif whole:
-        console.print("[bold yellow]ONLY AFTER CLINICIAN REVIEW:[/] a clinician must review the reasons below first.")
-    elif deferrals:
-        console.print("[bold green]CAN GO AHEAD[/], without the injectates held back below.")
-    else:
-        console.print("[bold green]CAN GO AHEAD[/] as far as the rules can tell.")
-    if deferrals:
-        section("Reasons to wait")
-        for d in deferrals:
-            scope = d.get("scope", "PROCEDURE")
-            firmness = "not now" if d.get("severity") == "HARD" else "after clinician review"
-            applies = "the whole procedure" if scope == "PROCEDURE" else _words(INJECTATES, scope).lower()
-            head = f"[bold]{_words(REASONS, d.get('reason', ''))}[/] ({firmness}; {applies})"
-            item(head, rule_titles(d), escape(d.get("message", "")))
-    modality = decision.get("modality")
-    if modality:
-        section("Image guidance")
-        line = f"{_words(MODALITIES, modality.get('preferred', ''))} preferred"
-        if modality.get("acceptable"):
-            line += "; also acceptable: " + ", ".join(_words(MODALITIES, m) for m in modality["acceptable"])
-        if modality.get("avoid"):
-            line += "; avoid: " + ", ".join(_words(MODALITIES, m) for m in modality["avoid"])
-        item(line, rule_titles(modality))
-    if decision.get("injectates"):
-        section("Injectates")
-        for i in decision["injectates"]:
-            recommendation = i.get("recommendation", "")
-            advice = RECOMMENDATIONS.get(recommendation, escape(recommendation))
-            head = f"{_words(INJECTATES, i.get('category', ''))}: {advice}"
-            item(head, escape(i.get("message", "")))
-    if decision.get("cautions"):
-        section("Cautions")
-        for caution in decision["cautions"]:
-            item(escape(caution.get("message") or caution.get("code", "")))
-    if decision.get("missingData"):
-        section("Missing data")
-        for missing in decision["missingData"]:
-            item(f"[bold]{escape(missing.get('code', ''))}[/]: {escape(missing.get('message', ''))}")
+    console = Console(highlight=False, soft_wrap=True, emoji=False)
+    if width is None and console.is_terminal:
+        width = console.width
+    for line in view_lines(coordinator_view(decision)):
+        for text in wrap(line, width):
+            console.print(Text(text, style=STYLES.get(line.style, "")))
 
 
 if __name__ == "__main__":

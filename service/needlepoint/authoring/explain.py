@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import orjson
 
 from needlepoint.core.conditions import ORDERING_OPERATORS, Pattern, resolve_operand, test_holds
 from needlepoint.core.evaluator import Evaluator, format_instant
-from needlepoint.core.prepare import PreparedFacts
+from needlepoint.core.prepare import PreparedFacts, _scope  # noqa: PLC2701 (the same scoping as matching)
 from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
 from needlepoint.core.resolve import field_value
 from needlepoint.fhir.mapper import record_from_bundle
@@ -55,11 +56,25 @@ def explain_rule(evaluator: Evaluator, record: PatientRecord, as_of: dt.datetime
     }
 
 
-def _explain_pattern(pattern: Pattern, prepared: PreparedFacts, params: dict) -> dict:
-    candidates = []
+def _candidates(pattern: Pattern, prepared: PreparedFacts, params: dict):
+    """The facts a pattern is about, as (fact, info) pairs: those of its kind, and for a pattern
+    that pins an observation concept (``concept: inr``), only results of that concept.
+
+    A condition is judged only against facts of its own pattern: a BMI of 30.3 is not an INR, so
+    it must never be shown as passing or failing ``value > 3`` for the INR. Matching scopes the
+    same way (prepare's ``_scope``), so what is shown is what the engine compared."""
+    scope = _scope(pattern, params)
     for fact, info in zip(prepared.facts, prepared.info, strict=True):
         if fact["t"] != pattern.kind:
             continue
+        if isinstance(scope, tuple) and fact.get("concept") != scope[1]:
+            continue
+        yield fact, info
+
+
+def _explain_pattern(pattern: Pattern, prepared: PreparedFacts, params: dict) -> dict:
+    candidates = []
+    for fact, info in _candidates(pattern, prepared, params):
         tests = []
         for t in pattern.tests:
             threshold = resolve_operand(t.operand, params) if t.op not in ("in", "exists") else t.operand
@@ -143,6 +158,13 @@ def _try_change(evaluator, base: PreparedFacts, fid: int, test, params: dict, de
     }
 
 
+def _facts_of(pattern_text: str) -> str:
+    """The facts a pattern is about, from its description: ``observation inr facts``."""
+    kind = pattern_text.split(" with ")[0].removeprefix("no ")
+    concept = re.search(r"\bconcept = ([\w-]+)", pattern_text)
+    return f"{kind} {concept.group(1)} facts" if concept else f"{kind} facts"
+
+
 def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
     lines = []
     if rule_report is not None:
@@ -152,7 +174,7 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
             for p in alt["patterns"]:
                 lines.append(f"    {p['alias']}: {p['pattern']}: {'holds' if p['holds'] else 'does not hold'}")
                 if not p["candidates"]:
-                    lines.append(f"      (no {p['pattern'].split(' with ')[0].removeprefix('no ')} facts in the record)")
+                    lines.append(f"      (no {_facts_of(p['pattern'])} in the record)")
                 for c in p["candidates"]:
                     lines.append(f"      {c['fact']}")
                     for t in c["conditions"]:

@@ -99,7 +99,7 @@ from needlepoint.core.ruleset import (
 
 # The loader's own patterns, so that lint and loader agree on what a rule id, version and
 # message placeholder are.
-from needlepoint.core.ruleset import _RULE_ID, _SEMVER, _TEMPLATE  # noqa: PLC2701
+from needlepoint.core.ruleset import _RULE_ID, _SEMVER, _TEMPLATE, TEMPLATE_FIELDS, parse_placeholder  # noqa: PLC2701
 
 ERROR, WARNING = "error", "warning"
 
@@ -631,7 +631,7 @@ class _Rule:
         return f"{self.doc.rel}:{self.line}"
 
 
-_META_KEYS = ("id", "version", "title", "status", "validation", "description", "requested_modality")
+_META_KEYS = ("id", "version", "title", "status", "validation", "description", "requested_modality", "modality_bound_injectates")
 _PARAM_KEYS = ("value", "unit", "provenance", "source", "description", "allowed")
 _VS_KEYS = ("title", "codes", "groups", "source", "note")
 _OBS_KEYS = ("title", "codes", "unit", "units", "display_units", "plausible")
@@ -822,6 +822,16 @@ class _Linter:
             for modality, vs_id in requested.items():
                 if not isinstance(vs_id, str):
                     self.error("NP002", doc, ("requested_modality", modality), f"requested_modality {modality}: a value set id; got {_describe(vs_id)}", key=False)
+        bound = meta.get("modality_bound_injectates")
+        if bound is not None and self.mapping(doc, ("modality_bound_injectates",), bound, INJECTATE_CATEGORIES, (), "modality_bound_injectates"):
+            for category, modalities in bound.items():
+                listed = [modalities] if isinstance(modalities, str) else modalities
+                what = f"modality_bound_injectates {category}"
+                if not isinstance(listed, list) or not listed:
+                    self.error("NP002", doc, ("modality_bound_injectates", category), f"{what}: a modality or a non-empty list of modalities; got {_describe(modalities)}", key=False)
+                    continue
+                for i, modality in enumerate(listed):
+                    self.enum(doc, ("modality_bound_injectates", category) + ((i,) if isinstance(modalities, list) else ()), modality, MODALITIES, what)
 
     def check_requested_modality(self) -> None:
         doc = self.meta
@@ -1477,15 +1487,20 @@ class _Linter:
             kpath = tpath + (key,)
             for ref in _TEMPLATE.findall(text):
                 at = doc.find_text(kpath, "{" + ref + "}") or doc.pos(kpath, key=False)
-                if ref.startswith("$"):
-                    if ref[1:] in self.params:
-                        self.used_params.add(ref[1:])
-                    else:
-                        self._add_at("NP004", doc, kpath, at, f"{what} then.{key}: {{{ref}}} names no parameter{_suggest(ref[1:], self.params)}")
+                placeholder = parse_placeholder(ref)
+                if placeholder is None:
+                    self._add_at("NP005", doc, kpath, at, f"{what} then.{key}: {{{ref}}} is not a placeholder: {{alias}}, {{alias.field}}, {{alias.when+$param}}, {{$param}} or {{$param.since}}")
                     continue
+                if placeholder.param is not None:
+                    if placeholder.param in self.params:
+                        self.used_params.add(placeholder.param)
+                    else:
+                        self._add_at("NP004", doc, kpath, at, f"{what} then.{key}: {{{ref}}} names no parameter{_suggest(placeholder.param, self.params)}")
+                    if placeholder.alias is None:
+                        continue
                 if alts is None:
                     continue
-                alias, _, fld = ref.partition(".")
+                alias, fld = placeholder.alias, placeholder.field
                 bound = [{p.alias: p for p in alt if not p.negated} for alt in alts]
                 having = [i for i, b in enumerate(bound) if alias in b]
                 if not having:
@@ -1498,7 +1513,7 @@ class _Linter:
                     continue
                 for kind in dict.fromkeys(bound[i][alias].kind for i in having):
                     known_fields = set(self.aggregates) if kind == "summary" else set(FACT_FIELDS[kind])
-                    if fld and fld != "display" and fld not in known_fields:
+                    if fld and fld not in TEMPLATE_FIELDS and fld not in known_fields:
                         self._add_at("NP005", doc, kpath, at, f"{what} then.{key}: {{{ref}}}: {kind} has no field {fld!r}{_suggest(fld, known_fields)}")
 
     def _add_at(self, code: str, doc: _Doc, path: tuple, at: tuple[int, int], message: str) -> None:
@@ -2488,6 +2503,18 @@ def _ruleset_schema() -> dict:
                 "propertyNames": {"enum": list(MODALITIES)},
                 "additionalProperties": {"type": "string", "minLength": 1},
                 "description": "Modality -> value set of order codes that mean the clinician chose it.",
+            },
+            "modality_bound_injectates": {
+                "type": "object",
+                "propertyNames": {"enum": list(INJECTATE_CATEGORIES)},
+                "additionalProperties": {
+                    "oneOf": [
+                        {"type": "string", "enum": list(MODALITIES)},
+                        {"type": "array", "items": {"type": "string", "enum": list(MODALITIES)}, "minItems": 1},
+                    ]
+                },
+                "description": "Injectate category -> the modality (or modalities) it is only used with, e.g. IODINATED_CONTRAST: FLUOROSCOPY."
+                " A decision whose modality avoids or does not retain them does not suggest the injectate.",
             },
         },
     }

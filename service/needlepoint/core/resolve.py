@@ -12,6 +12,25 @@
   modality instead and names the rules behind it.
 * **Injectates**: per category the most restrictive recommendation wins
   (AVOID > NOT_SUGGESTED > CAUTION > SUGGESTED); every rule that spoke about it is listed.
+* **An injectate bound to a modality** (ruleset.yaml ``modality_bound_injectates``, e.g.
+  ``IODINATED_CONTRAST: FLUOROSCOPY``: contrast only serves to confirm the needle under
+  fluoroscopy) is never SUGGESTED or CAUTION in a decision whose modality avoids, or does not
+  retain, every modality it is used with: it becomes NOT_SUGGESTED, its message says why, its
+  ``ruleIds`` add the modality rules behind that (those that avoid the modality, else those that
+  chose the preferred one), and their explanations' outcomes say so.
+
+  Why a declaration and a resolver step, not more rules: the contradiction comes from combining
+  rules (a contrast rule that assumes fluoroscopy, a modality rule of higher precedence that
+  avoids it), so no single rule can see it; every rule that avoids fluoroscopy would otherwise
+  have to repeat the contrast consequence, and a new one that forgot would bring the
+  contradiction back. The binding is a fact about the injectate, stated once and validated when
+  the rule set loads. NOT_SUGGESTED rather than dropping the entry: the clinician sees why
+  contrast is not part of this plan, and an explanation names the rule behind it.
+* **Explanation outcomes** say what the rule's then-block decides in the decision's terms: a
+  missing-data code template is rendered per firing, and a modality a rule prefers or avoids is
+  not also listed as acceptable.
+* **Messages** are for people (see ``_Template``): facts by name, values with human units, dates
+  and ages; the explanations' ``matched`` keep the codes and raw units for auditors.
 * **An exclusive rule** that fires (a deceased patient) is the whole decision: the other rules'
   outcomes are not added, so nothing else is asked of such a record.
 
@@ -20,15 +39,17 @@ The output is the contract's decision JSON (lowerCamelCase, empty lists omitted)
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass
 
 import orjson
 
+from . import plain
 from .prepare import FactInfo, PreparedFacts
 from .conditions import tag
-from .ruleset import RECOMMENDATIONS, Rule, RuleSet
+from .ruleset import RECOMMENDATIONS, Rule, RuleSet, parse_placeholder
 
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
 
@@ -46,11 +67,24 @@ def _fmt_number(value: float) -> str:
 
 
 def _param_text(ruleset: RuleSet, name: str) -> str:
+    """A parameter as it reads inside a code (raw: ``3``, ``20 10*9/L``)."""
     p = ruleset.params[name]
     return f"{_fmt_number(p.value)}" + (f" {p.unit}" if p.unit and not str(p.unit).startswith("{") else "")
 
 
+def _plain_param(ruleset: RuleSet, name: str) -> str:
+    """A parameter as people read it: ``7 days``, ``20 ×10⁹/L``, ``38 °C``, ``fluoroscopy``."""
+    p = ruleset.params[name]
+    if isinstance(p.value, str):
+        return plain.words(p.value) if p.value.isupper() else p.value
+    if isinstance(p.value, bool) or not isinstance(p.value, (int, float)):
+        return str(p.value)
+    return plain.quantity(p.value, p.unit)
+
+
 def field_value(fact: dict, info: FactInfo, fld: str) -> str:
+    """A fact's field as explanations show it to auditors: codes with their systems, numbers with
+    their raw (UCUM) unit, and how a derived value came about."""
     if fld in info.codes:
         codes = info.codes[fld]
         if len(codes) == 1:  # the common case, without building a list to join
@@ -69,6 +103,49 @@ def field_value(fact: dict, info: FactInfo, fld: str) -> str:
     return f"{text} ({info.notes[fld]})" if fld in info.notes else text
 
 
+def _plain_what(info: FactInfo, fallback: str | None = None) -> str:
+    """What a fact is, in words: its display name, never a bare ``system#code``. A coded item
+    without a display is named by ``fallback`` (the title of the value set the rule matched it
+    with), else as "an unnamed entry"."""
+    what = info.what or info.label
+    if "#" in what and " " not in what:  # a code without a display
+        return fallback or "an unnamed entry"
+    return what
+
+
+def _value_set_names(rule: Rule | None, ruleset: RuleSet) -> dict[str, str]:
+    """Per alias of ``rule``, the title of the value set its pattern matches codes with (first
+    letter lower-cased unless it starts an acronym): how a message names a fact whose codes carry
+    no display."""
+    names: dict[str, str] = {}
+    if rule is None:
+        return names
+    for alternative in rule.alternatives:
+        for pattern in alternative:
+            for test in pattern.tests:
+                if pattern.alias in names or test.op != "in" or not isinstance(test.operand, str) or test.operand not in ruleset.value_sets:
+                    continue
+                title = ruleset.value_sets[test.operand].title
+                names[pattern.alias] = title[:1].lower() + title[1:] if title[1:2].islower() else title
+    return names
+
+
+def plain_field(fact: dict, info: FactInfo, fld: str) -> str:
+    """A fact's field as people read it in a message: the names of its codes, a number with a
+    human unit and without the notes on how it was derived, plain text for strings."""
+    if fld in info.codes:
+        names = [c.display or f"an item coded {c.code}" for c in info.codes[fld]]
+        return ", ".join(dict.fromkeys(names)) or "nothing recorded"
+    if fld not in fact:
+        return "not recorded"
+    value = fact[fld]
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return plain.quantity(value, info.units.get(fld))
+    return plain.units_in_text(str(value))
+
+
 def _named_aliases(template: str) -> tuple[str, ...]:
     """The aliases a template's ``{alias.field}`` placeholders name, in order."""
     return tuple(ref.partition(".")[0] for ref in _TEMPLATE.findall(template) if not ref.startswith("$"))
@@ -82,21 +159,34 @@ def _picks(named: tuple[str, ...], firing: Firing) -> list[dict[str, int]]:
     return [{}]
 
 
-def _compile_template(template: str, ruleset: RuleSet) -> tuple[str | tuple[str, str], ...] | str:
+# A compiled placeholder: ("fact", alias, field, plus-days or None) or ("since", days).
+_Part = str | tuple
+
+
+def _compile_template(template: str, ruleset: RuleSet, human: bool) -> tuple[_Part, ...] | str:
     """``template`` as runs of fixed text (``{$param}`` filled in: parameters are fixed for a rule
-    set) and ``(alias, field)`` references; or, if it names an unknown parameter, that name."""
-    parts: list[str | tuple[str, str]] = []
+    set) and placeholders that depend on the facts or the instant; or, if it names an unknown
+    parameter, that name. ``human``: parameters and fields in plain words (a message), else raw
+    (a missing-data code)."""
+    parts: list[_Part] = []
     for i, piece in enumerate(_TEMPLATE.split(template)):  # text, placeholder, text, ..., text
         if i % 2 == 0:
             text = piece
-        elif piece.startswith("$"):
-            if piece[1:] not in ruleset.params:
-                return piece[1:]
-            text = _param_text(ruleset, piece[1:])
         else:
-            alias, _, fld = piece.partition(".")
-            parts.append((alias, fld))
-            continue
+            ph = parse_placeholder(piece)
+            if ph is None:  # not a placeholder at all: keep the braces
+                text = "{" + piece + "}"
+            elif ph.param is not None and ph.param not in ruleset.params:
+                return ph.param
+            elif ph.alias is None and ph.modifier == "since":
+                parts.append(("since", float(ruleset.params[ph.param].value)))
+                continue
+            elif ph.alias is None:
+                text = _plain_param(ruleset, ph.param) if human else _param_text(ruleset, ph.param)
+            else:
+                plus = float(ruleset.params[ph.param].value) if ph.modifier == "plus" else None
+                parts.append(("fact", ph.alias, ph.field, plus))
+                continue
         if parts and isinstance(parts[-1], str):
             parts[-1] += text
         elif text:
@@ -106,22 +196,30 @@ def _compile_template(template: str, ruleset: RuleSet) -> tuple[str | tuple[str,
 
 class _Template:
     """A message template, compiled once per rule set. ``render`` fills ``{alias.field}`` with the
-    facts the rule matched (``pick`` chooses the fact of an alias; default: the first it matched)."""
+    facts the rule matched (``pick`` chooses the fact of an alias; default: the first it matched).
 
-    __slots__ = ("parts", "unknown_param", "constant", "aliases")
+    A ``human`` template is a message for people: ``{inr.value}`` reads ``3.4``, ``{vka}`` the
+    drug's name, ``{inr.when}`` ``30 May 2025``, ``{inr.age}`` ``3 days ago`` and
+    ``{$inr_max_age_days.since}`` the date a result must be no older than. Otherwise it is a code
+    (``{issue.kind}:{issue.concept}``) and renders the raw values."""
 
-    def __init__(self, template: str, ruleset: RuleSet):
+    __slots__ = ("parts", "unknown_param", "constant", "aliases", "human", "names")
+
+    def __init__(self, template: str, ruleset: RuleSet, human: bool = True, rule: Rule | None = None):
+        self.human = human
+        self.names = _value_set_names(rule, ruleset) if human else {}  # for facts without a display
         self.aliases = _named_aliases(template)  # for _picks
-        compiled = _compile_template(template, ruleset)
+        compiled = _compile_template(template, ruleset, human)
         # Missing-data templates are not checked at load: one naming an unknown parameter fails
         # when its rule fires, not before.
         self.unknown_param = compiled if isinstance(compiled, str) else None
         self.parts = () if isinstance(compiled, str) else compiled
-        # a template that names no fact is the same text every time
+        # a template that names no fact and no date is the same text every time
         fixed = self.unknown_param is None and all(isinstance(part, str) for part in self.parts)
         self.constant = "".join(self.parts) if fixed else None  # type: ignore[arg-type]
 
-    def render(self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None) -> str:
+    def render(self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None, now: dt.datetime | None = None) -> str:
+        """The text for one firing; ``now`` is the decision's instant (for ages and dates)."""
         if self.constant is not None:
             return self.constant
         if self.unknown_param is not None:
@@ -132,14 +230,27 @@ class _Template:
             if isinstance(part, str):
                 out.append(part)
                 continue
-            alias, fld = part
+            if part[0] == "since":
+                out.append(plain.day(now - dt.timedelta(days=part[1])) if now else "(unknown date)")
+                continue
+            _, alias, fld, plus = part
             if alias not in aliases:
                 out.append("(not matched)")
                 continue
             fid = pick.get(alias, aliases[alias][0]) if pick else aliases[alias][0]
             info = prepared.info[fid]
-            out.append(info.label if fld in ("", "display") else field_value(prepared.facts[fid], info, fld))
+            out.append(self._field(prepared.facts[fid], info, alias, fld, plus, now))
         return "".join(out)
+
+    def _field(self, fact: dict, info: FactInfo, alias: str, fld: str, plus: float | None, now: dt.datetime | None) -> str:
+        if fld == "when":
+            when = info.when + dt.timedelta(days=plus) if info.when is not None and plus is not None else info.when
+            return plain.day(when) if self.human else (when.isoformat() if when else "(absent)")
+        if fld == "age":
+            return plain.relative(info.when, now) if now else "(unknown)"
+        if fld in ("", "display"):
+            return _plain_what(info, self.names.get(alias)) if self.human else info.label
+        return plain_field(fact, info, fld) if self.human else field_value(fact, info, fld)
 
 
 def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[str, str | None, tuple[str, ...]], ...], ...]:
@@ -178,7 +289,10 @@ def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> list[dict
     return entries
 
 
-def _outcome_text(rule: Rule, ruleset: RuleSet) -> str:
+def _outcome_parts(rule: Rule, ruleset: RuleSet) -> list[str]:
+    """What a rule's then-block decides, in the decision's own terms, without its missing-data
+    code (which may be a template, rendered per firing). A modality the rule prefers or avoids is
+    not also called acceptable, as the resolver would not make it so."""
     then = rule.then
     parts = []
     if then.deferral:
@@ -189,20 +303,30 @@ def _outcome_text(rule: Rule, ruleset: RuleSet) -> str:
         pref = m.get("preferred")
         if isinstance(pref, str) and pref.startswith("$"):
             pref = ruleset.params[pref[1:]].value
+        avoid = list(m.get("avoid", ()))
+        acceptable = [x for x in m.get("acceptable", ()) if x != pref and x not in avoid]
         bits = []
         if pref:
             bits.append(f"prefer {pref}")
-        if m.get("acceptable"):
-            bits.append("acceptable " + "/".join(m["acceptable"]))
-        if m.get("avoid"):
-            bits.append("avoid " + "/".join(m["avoid"]))
+        if acceptable:
+            bits.append("acceptable " + "/".join(acceptable))
+        if avoid:
+            bits.append("avoid " + "/".join(avoid))
         parts.append("modality: " + ", ".join(bits))
     for inj in then.injectates:
         parts.append(f"{inj['category']}: {inj['recommendation']}")
     if then.caution:
         parts.append(f"caution: {then.caution}")
-    if then.missing_data:
-        parts.append(f"missing data: {then.missing_data}")
+    if rule.exclusive:
+        parts.append("exclusive: when it fires, no other rule's outcome is added")
+    return parts
+
+
+def _outcome_text(rule: Rule, ruleset: RuleSet) -> str:
+    """The outcome of a rule whose missing-data code, if any, is fixed text."""
+    parts = _outcome_parts(rule, ruleset)
+    if rule.then.missing_data:
+        parts.append(f"missing data: {rule.then.missing_data}")
     return "; ".join(parts)
 
 
@@ -222,7 +346,8 @@ class _RulePlan:
     patterns: tuple  # _pattern_plan, for its explanation's matched facts
     message: _Template
     quoted: bool  # whether the decision shows its message (deferral, caution and injectate rules)
-    missing_data: _Template | None  # the missing-data code it reports, if any
+    missing_data: _Template | None  # the missing-data code it reports, if any (a raw template)
+    outcome_head: str | None  # its outcome without the missing-data codes, when those vary per firing
     preferred: str | None  # its preferred modality, a parameter resolved
     injectates: tuple[tuple[str, int], ...]  # (category, level in RECOMMENDATIONS) it recommends
 
@@ -237,6 +362,8 @@ class Resolver:
         self.plans = {r.id: _rule_plan(r, ruleset, self.params) for r in ruleset.rules}
         # (modality, the tag an order requesting it carries)
         self.requested = tuple((requested, tag("code", vs_id)) for requested, vs_id in ruleset.requested_modality.items())
+        self.bound = ruleset.modality_bound_injectates
+        self.rules = {r.id: r for r in ruleset.rules}
 
     def __call__(self, firings: list[Firing], prepared: PreparedFacts, as_of_text: str) -> dict:
         return resolve(firings, prepared, self, as_of_text)
@@ -245,13 +372,18 @@ class Resolver:
 def _rule_plan(rule: Rule, ruleset: RuleSet, params: dict) -> _RulePlan:
     head, parameters = _static_explanation(rule, ruleset)
     then = rule.then
+    missing_data = _Template(then.missing_data, ruleset, human=False) if then.missing_data else None
+    outcome_head = None
+    if missing_data is not None and missing_data.constant is None:  # e.g. {issue.kind}:{issue.concept}
+        outcome_head = "; ".join(_outcome_parts(rule, ruleset) + ["missing data: "])
     return _RulePlan(
         head=head,
         parameters=parameters,
         patterns=_pattern_plan(rule),
-        message=_Template(then.message, ruleset),
+        message=_Template(then.message, ruleset, rule=rule),
         quoted=bool(then.deferral or then.caution or then.injectates),
-        missing_data=_Template(then.missing_data, ruleset) if then.missing_data else None,
+        missing_data=missing_data,
+        outcome_head=outcome_head,
         preferred=_preferred(rule, params) if then.modality else None,
         injectates=tuple((inj["category"], RECOMMENDATIONS.index(inj["recommendation"])) for inj in then.injectates),
     )
@@ -287,14 +419,17 @@ def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resol
         rules = {f.rule.id: f.rule for f in firings}  # (only needed when there is a conflict)
         behind = [rid for rid in modality.get("ruleIds", []) if requested in rules[rid].then.modality.get("avoid", ())]
         behind = behind or [rid for rid in modality.get("ruleIds", []) if resolver.plans[rid].preferred == modality.get("preferred")]
-        reasons = "; ".join(rules[rid].title for rid in behind)
-        suggestion = modality.get("preferred", "another modality")
+        reasons = "; ".join(rules[rid].title[:1].lower() + rules[rid].title[1:] for rid in behind)
+        suggestion = plain.words(modality["preferred"]) if modality.get("preferred") else "another modality"
         out.append(
             {
                 "code": "REQUESTED_MODALITY_CONFLICT",
                 "requested": requested,
                 "ruleIds": behind,
-                "message": [f"{requested} was requested; suggest {suggestion} instead because: {reasons}. This is a suggestion; the order is not blocked."],
+                "message": [
+                    f"The order asks for {plain.words(requested)} guidance; {suggestion} is suggested instead ({reasons})."
+                    " This is a suggestion: the order is not blocked."
+                ],
             }
         )
     return out
@@ -307,6 +442,7 @@ class _Injectate:
     level: int  # the most restrictive recommendation, as its place in RECOMMENDATIONS
     rule_ids: list[str]  # every rule that spoke about it, once each
     deciding: list[str]  # the rules that recommend ``level``
+    message: str | None = None  # set when the resolver, not a rule's message, says why
 
     def add(self, level: int, rule_id: str) -> None:
         if rule_id not in self.rule_ids:
@@ -317,8 +453,48 @@ class _Injectate:
             self.deciding.append(rule_id)
 
 
+_NOT_SUGGESTED = RECOMMENDATIONS.index("NOT_SUGGESTED")
+
+
+def _instant(as_of_text: str) -> dt.datetime | None:
+    """The decision's instant, for ages and dates in messages (None if it cannot be read)."""
+    try:
+        return dt.datetime.fromisoformat(as_of_text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _unbound_injectates(modality: dict, by_category: dict[str, _Injectate], resolver: Resolver) -> dict[str, tuple[list[str], str, str]]:
+    """Injectates bound to modalities (``modality_bound_injectates``) that the resolved modality
+    leaves out: per category, the rules behind that (the ones that avoid its modalities, else the
+    ones that chose the preferred modality), the note their explanations get, and the message.
+
+    Only an injectate suggested or cautioned by a rule is changed (to NOT_SUGGESTED); one already
+    held back stays as it is, and nothing changes when no modality rule fired."""
+    if not modality or not resolver.bound:
+        return {}
+    retained = {modality.get("preferred"), *modality.get("acceptable", ())}
+    avoided = set(modality.get("avoid", ()))
+    out = {}
+    for category, modalities in resolver.bound.items():
+        inj = by_category.get(category)
+        if inj is None or inj.level >= _NOT_SUGGESTED or retained.intersection(modalities):
+            continue
+        rules = [resolver.rules[rid] for rid in modality["ruleIds"]]
+        behind = [r.id for r in rules if avoided.intersection(modalities) & set(r.then.modality.get("avoid", ()))]
+        behind = behind or [r.id for r in rules if resolver.plans[r.id].preferred == modality.get("preferred")]
+        names = " or ".join(plain.words(m) for m in modalities)
+        left_out = "is to be avoided" if avoided.issuperset(modalities) else "is not among the suggested guidance"
+        what = plain.words(category)
+        message = f"{what[:1].upper()}{what[1:]} is not needed: it is only used with {names}, which {left_out} for this patient."
+        note = f"{category} NOT_SUGGESTED: it is only used with {'/'.join(modalities)}, which this decision {'avoids' if avoided.issuperset(modalities) else 'does not retain'}"
+        out[category] = (behind, note, message)
+    return out
+
+
 def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, as_of_text: str) -> dict:
     ruleset, order, plans = resolver.ruleset, resolver.order, resolver.plans
+    now = _instant(as_of_text)
     exclusive = [f for f in firings if f.rule.exclusive]
     if exclusive:  # e.g. a deceased patient: that is the whole answer, and nothing else is asked
         firings = exclusive
@@ -340,7 +516,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         rule = f.rule
         rid, then, plan = rule.id, rule.then, plans[rule.id]
         if plan.quoted:
-            messages[rid] = plan.message.render(f, prepared)
+            messages[rid] = plan.message.render(f, prepared, now=now)
         if then.modality:
             mod_rules.append(rule)
         for category, level in plan.injectates:
@@ -364,16 +540,20 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
                 c = cautions[then.caution] = {"code": then.caution, "ruleIds": [], "message": {}}
             c["ruleIds"].append(rid)
             c["message"][messages[rid]] = None
+        codes: dict[str, None] = {}
         if then.missing_data:
             for pick in _picks(plan.missing_data.aliases, f):
                 code = plan.missing_data.render(f, prepared, pick)
+                codes[code] = None
                 m = missing.get(code)
                 if m is None:
                     m = missing[code] = {"code": code, "message": {}, "ruleIds": []}
                 if rid not in m["ruleIds"]:
                     m["ruleIds"].append(rid)
-                m["message"][plan.message.render(f, prepared, pick)] = None
+                m["message"][plan.message.render(f, prepared, pick, now)] = None
         exp = dict(plan.head)
+        if plan.outcome_head is not None:  # the codes this firing reported, rendered
+            exp["outcome"] = plan.outcome_head + ", ".join(codes)
         exp["matched"] = _matched_entries(f, plan.patterns, prepared)
         if plan.parameters:
             exp["parameters"] = plan.parameters
@@ -424,6 +604,14 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             if exp["ruleId"] in overridden:
                 exp["overriddenBy"] = overridden[exp["ruleId"]]
 
+    for category, (behind, note, message) in _unbound_injectates(modality, by_category, resolver).items():
+        inj = by_category[category]
+        inj.level, inj.deciding, inj.message = _NOT_SUGGESTED, behind, message
+        inj.rule_ids += [rid for rid in behind if rid not in inj.rule_ids]
+        for exp in explanations:  # the rules behind it say so in their explanations
+            if exp["ruleId"] in behind:
+                exp["outcome"] += "; " + note
+
     for conflict in _requested_modality_conflicts(modality, prepared, resolver, firings):
         caution = {k: v for k, v in conflict.items() if k != "requested"}
         caution["message"] = dict.fromkeys(caution["message"])
@@ -436,7 +624,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             "category": category,
             "recommendation": RECOMMENDATIONS[inj.level],
             "ruleIds": inj.rule_ids,
-            "message": " ".join(dict.fromkeys([messages[rid] for rid in inj.deciding])),
+            "message": inj.message or " ".join(dict.fromkeys([messages[rid] for rid in inj.deciding])),
         }
         injectates.append((-inj.level, category, entry))
     injectates.sort()  # most restrictive first, then by category (unique, so entries never compare)

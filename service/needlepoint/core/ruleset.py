@@ -56,6 +56,41 @@ _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")
 _RULE_ID = re.compile(r"^[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)+$")
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
 
+# Message placeholders (rendered in core/resolve.py):
+#   {alias}, {alias.display}   what the matched fact is, in words ("Warfarin Sodium 5 MG Oral Tablet")
+#   {alias.field}              a field of it, with a human unit ("3.4", "25 ×10⁹/L", "45 days")
+#   {alias.when}               its clinical date ("30 May 2025")
+#   {alias.age}                how long before the decision's instant that was ("3 days ago", "in 4 weeks")
+#   {alias.when+$param}        its date plus a parameter's days ("28 August 2025")
+#   {$param}                   a parameter with its unit ("7 days", "3")
+#   {$param.since}             the date that many days before the instant ("26 May 2025")
+TEMPLATE_FIELDS = ("display", "when", "age")  # placeholder fields every matched fact has
+_PLACEHOLDER = re.compile(r"^(?:\$(?P<param>[A-Za-z_][A-Za-z0-9_]*)(?:\.(?P<pmod>since))?|(?P<alias>[a-z][a-z0-9_]*)(?:\.(?P<field>[A-Za-z_][A-Za-z0-9_]*)(?:\+\$(?P<plus>[A-Za-z_][A-Za-z0-9_]*))?)?)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Placeholder:
+    """One ``{...}`` of a message template, parsed: a parameter (``alias`` None), optionally as
+    the date ``since`` that many days before the instant; or a matched fact's ``field`` ("" for
+    the fact itself), optionally its date plus the days of parameter ``param`` (``when+$p``)."""
+
+    alias: str | None
+    field: str
+    param: str | None
+    modifier: str | None  # "since" ({$p.since}), "plus" ({a.when+$p}), or None
+
+
+def parse_placeholder(ref: str) -> Placeholder | None:
+    """``ref`` (the text between the braces) as a :class:`Placeholder`, or None if malformed."""
+    m = _PLACEHOLDER.match(ref.strip())
+    if m is None:
+        return None
+    if m["param"]:
+        return Placeholder(None, "", m["param"], m["pmod"])
+    if m["plus"] and m["field"] != "when":
+        return None  # only a date can have days added
+    return Placeholder(m["alias"], m["field"] or "", m["plus"], "plus" if m["plus"] else None)
+
 
 @dataclass(frozen=True, slots=True)
 class Param:
@@ -186,6 +221,8 @@ class RuleSet:
     digest: str
     layers: tuple[str, ...] = ()
     requested_modality: dict[str, str] = field(default_factory=dict)  # modality -> value set of order codes
+    # injectate category -> the modalities it only makes sense with (IODINATED_CONTRAST: FLUOROSCOPY)
+    modality_bound_injectates: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def rule(self, rule_id: str) -> Rule:
         for rule in self.rules:
@@ -226,7 +263,7 @@ def build_ruleset(documents: dict[str, Any], *, overlay: dict[str, Any] | None =
     """
     meta = documents["ruleset"]
     where = "ruleset.yaml"
-    _only(meta, {"id", "version", "title", "status", "validation", "description", "requested_modality"}, where)
+    _only(meta, {"id", "version", "title", "status", "validation", "description", "requested_modality", "modality_bound_injectates"}, where)
     rs_id = _need(meta, "id", where)
     version = _need(meta, "version", where)
     if not _SEMVER.match(version):
@@ -245,6 +282,7 @@ def build_ruleset(documents: dict[str, Any], *, overlay: dict[str, Any] | None =
         _enum(modality, MODALITIES, f"{where}.requested_modality")
         if vs_id not in value_sets:
             raise RuleSetError(f"{where}.requested_modality.{modality}", f"unknown value set {vs_id!r}")
+    bound = _modality_bound_injectates(meta.get("modality_bound_injectates"), f"{where}.modality_bound_injectates")
     summary_fields = {a.name for a in aggregates}
 
     rules: list[Rule] = []
@@ -277,7 +315,26 @@ def build_ruleset(documents: dict[str, Any], *, overlay: dict[str, Any] | None =
         digest=canonical_digest(digest_input),
         layers=layers,
         requested_modality=requested,
+        modality_bound_injectates=bound,
     )
+
+
+def _modality_bound_injectates(raw: Any, where: str) -> dict[str, tuple[str, ...]]:
+    """``modality_bound_injectates``: injectate categories that only make sense with some
+    modalities (``IODINATED_CONTRAST: FLUOROSCOPY``, or a list). The resolver does not suggest such
+    an injectate in a decision whose modality avoids, or does not retain, every one of them."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RuleSetError(where, "a mapping of injectate category to the modality (or list of modalities) it is used with")
+    bound = {}
+    for category, modalities in raw.items():
+        _enum(category, INJECTATE_CATEGORIES, where)
+        listed = [modalities] if isinstance(modalities, str) else modalities
+        if not isinstance(listed, list) or not listed:
+            raise RuleSetError(f"{where}.{category}", f"a modality or a non-empty list of modalities; got {modalities!r}")
+        bound[category] = tuple(_enum(m, MODALITIES, f"{where}.{category}") for m in dict.fromkeys(listed))
+    return bound
 
 
 def _build_params(raw: dict, rs_id: str, overlay: dict, overlay_name: str) -> dict[str, Param]:
@@ -524,10 +581,15 @@ def _build_outcome(raw: dict, where: str, params: dict[str, Param]) -> tuple[Out
         }
     message = _need(raw, "message", where).strip()
     for ref in _TEMPLATE.findall(message):
-        if ref.startswith("$"):
-            if ref[1:] not in params:
+        placeholder = parse_placeholder(ref)
+        if placeholder is None:
+            raise RuleSetError(f"{where}.message", f"{{{ref}}} is not a placeholder: {{alias}}, {{alias.field}}, {{alias.when+$param}}, {{$param}} or {{$param.since}}")
+        if placeholder.param is not None:
+            if placeholder.param not in params:
                 raise RuleSetError(f"{where}.message", f"unknown parameter {{{ref}}}")
-            used.append(ref[1:])
+            if placeholder.modifier and not isinstance(params[placeholder.param].value, (int, float)):
+                raise RuleSetError(f"{where}.message", f"{{{ref}}} counts days, but ${placeholder.param} is not a number")
+            used.append(placeholder.param)
     if not (modality or injectates or deferral or raw.get("caution") or raw.get("missing_data")):
         raise RuleSetError(where, "an outcome needs at least one of modality, injectates, deferral, caution, missing_data")
     outcome = Outcome(
@@ -589,10 +651,11 @@ def _build_rule(raw: Any, source: str, summary_fields: set[str], params: dict[st
         if not ref.startswith("$") and alias in aliases and missing_in:
             raise RuleSetError(f"{where}.then", f"{{{ref}}} names {alias!r}, which alternative {missing_in[0]} does not match; every alternative must bind it")
         if not ref.startswith("$"):
-            alias, _, fld = ref.partition(".")
+            placeholder = parse_placeholder(ref)
+            fld = placeholder.field if placeholder is not None else ref
             kind = aliases[alias].kind if alias in aliases else None
             known = summary_fields if kind == "summary" else set(FACT_FIELDS.get(kind, ()))
-            if kind is None or (fld and fld not in known and fld != "display"):
+            if placeholder is None or kind is None or (fld and fld not in known and fld not in TEMPLATE_FIELDS):
                 raise RuleSetError(f"{where}.then.message", f"{{{ref}}} names no matched fact field")
     evidence = []
     for i, ev in enumerate(raw.get("evidence") or []):
