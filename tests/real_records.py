@@ -616,8 +616,22 @@ def _modality_list(text: str, word: str) -> list[str]:
     return names
 
 
-def outcome_problems(outcome: Any, rule, params: dict) -> list[str]:
-    """Where an explanation's ``outcome`` text says something the rule's then-block does not."""
+def _bound_levels(rule, category: str, bound: dict) -> list[str]:
+    """What a modality rule says about an injectate bound to modalities (ruleset.yaml
+    ``modality_bound_injectates``): a rule that decides the modality may hold back an injectate
+    only used with a modality the decision leaves out, so it counts as NOT_SUGGESTED for it."""
+    modality = rule.then.modality or {}
+    if category not in bound or not modality or any(i["category"] == category for i in rule.then.injectates):
+        return []
+    avoids = set(modality.get("avoid", ())) & set(bound[category])
+    preferred = modality.get("preferred")
+    prefers_other = isinstance(preferred, str) and not preferred.startswith("$") and preferred not in bound[category]
+    return ["NOT_SUGGESTED"] if avoids or prefers_other or isinstance(preferred, str) and preferred.startswith("$") else []
+
+
+def outcome_problems(outcome: Any, rule, params: dict, bound: dict | None = None) -> list[str]:
+    """Where an explanation's ``outcome`` text says something the rule's then-block does not
+    (a modality rule may also hold back an injectate bound to a modality, see _bound_levels)."""
     if not isinstance(outcome, str) or not outcome.strip():
         return ["has no outcome text"]
     problems = []
@@ -636,6 +650,7 @@ def outcome_problems(outcome: Any, rule, params: dict) -> list[str]:
         if mod not in avoid:
             problems.append(f"outcome says avoid {mod}, but the rule does not avoid it")
     wanted = {(i["category"], i["recommendation"]) for i in rule.then.injectates}
+    wanted |= {(category, level) for category in bound or {} for level in _bound_levels(rule, category, bound or {})}
     for category, recommendation in re.findall(rf"\b({'|'.join(CATEGORIES)})\b:?\s+({'|'.join(sorted(RECOMMENDATIONS, key=len, reverse=True))})\b", outcome):
         if (category, recommendation) not in wanted:
             problems.append(f"outcome says {category} {recommendation}, which the rule does not recommend")
@@ -701,6 +716,7 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
     if not decision.get("asOf"):
         v.append("decision has no asOf")
 
+    bound = dict(getattr(ruleset, "modality_bound_injectates", {}) or {})
     # explanations
     explained: dict[str, dict] = {}
     for exp in decision.get("explanations") or []:
@@ -716,7 +732,7 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
             continue
         if exp.get("ruleVersion") != rule.version:
             v.append(f"explanation {rid} is at version {exp.get('ruleVersion')}, the rule set has {rule.version}")
-        v += [f"explanation {rid}: {p}" for p in outcome_problems(exp.get("outcome"), rule, params)]
+        v += [f"explanation {rid}: {p}" for p in outcome_problems(exp.get("outcome"), rule, params, bound)]
     for exp in explained.values():
         for other in exp.get("overriddenBy") or []:
             if other not in explained:
@@ -787,7 +803,7 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
             rule = rule_of(rid, where)
             if rule is None:
                 continue
-            said = [i["recommendation"] for i in rule.then.injectates if i["category"] == category]
+            said = [i["recommendation"] for i in rule.then.injectates if i["category"] == category] + _bound_levels(rule, category, bound)
             if not said:
                 v.append(f"{where} lists {rid}, which says nothing about {category}")
             levels += [RECOMMENDATIONS.index(s) for s in said]
