@@ -113,7 +113,9 @@ class ServiceError(Exception):
 
     @classmethod
     def not_found(cls, path: str, problem: str) -> ServiceError:
-        return cls(grpc.StatusCode.NOT_FOUND, f"{path}: {problem}")
+        """``NOT_FOUND`` for one field (an unknown rule set or version), named in a BadRequest
+        detail as for bad input."""
+        return cls(grpc.StatusCode.NOT_FOUND, f"{path}: {problem}", [FieldViolation(path, problem)])
 
     @classmethod
     def internal(cls) -> ServiceError:
