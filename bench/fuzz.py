@@ -554,9 +554,10 @@ class InProcessRunner:
 
 
 class Server:
-    """``needlepoint serve`` with one worker on a free loopback port, its log in a file."""
+    """``needlepoint serve`` (one worker by default) on a free loopback port, its log in a file."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, workers: int = 1) -> None:
+        self.workers = workers
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -564,14 +565,14 @@ class Server:
         self.log_path = log_path
         self.log = open(log_path, "w")
         command = [sys.executable, "-m", "needlepoint.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1", "--grace", "2"]
+                   "--workers", str(workers), "--grace", "2"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "service"), str(ROOT / "clients"),
                                                            os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        while "serving with 1 worker" not in self.log_path.read_text(errors="replace"):
+        while f"serving with {self.workers} worker" not in self.log_path.read_text(errors="replace"):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start:\n{self.log_path.read_text(errors='replace')}")
             time.sleep(0.1)
