@@ -177,7 +177,7 @@ def mutate_bundle(bundle: dict, rng: random.Random) -> None:
             del resource[rng.choice(list(resource))]
     elif op == 4:  # entries duplicated
         entry = rng.choice(entries)
-        bundle["entry"].extend([entry] * rng.randrange(1, 50))
+        bundle["entry"].extend([entry] * rng.randrange(1, 20))
     elif op == 5:  # a resource type swapped
         rng.choice(resources)["resourceType"] = rng.choice(RESOURCE_TYPES)
     elif op == 6:  # a coding broken
@@ -428,6 +428,10 @@ def stream_items(corpus: Corpus, rng: random.Random) -> list[tuple[str, bytes]]:
 # -- checking answers ------------------------------------------------------------------------------
 
 ACCEPTED = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"}
+# The transport's own limit (engine.MAX_TRANSPORT_BYTES): above it gRPC refuses the message before
+# the service sees it, with a bare RESOURCE_EXHAUSTED. Counted apart, as "RESOURCE_EXHAUSTED
+# (transport)", not as a failure; the generators stay below it but for a rare few.
+TRANSPORT_LIMIT = 4 * (9 * MIB)
 
 
 @dataclass
@@ -438,11 +442,14 @@ class Outcome:
     problem: str | None = None
 
 
-def check_status(code: str, message: str, violations: list[tuple[str, str]] | None) -> Outcome:
-    """The outcome of an answer with this status: a failure for a code outside ACCEPTED, for a
-    rejection without a field path, and for an overlong message or description."""
+def check_status(code: str, message: str, violations: list[tuple[str, str]] | None, size: int = 0) -> Outcome:
+    """The outcome of an answer with this status to a request of ``size`` bytes: a failure for a
+    code outside ACCEPTED, for a rejection without a field path (but a message over the
+    transport's limit), and for an overlong message or description."""
     if code == "OK":
         return Outcome(code)
+    if code == "RESOURCE_EXHAUSTED" and not violations and size > TRANSPORT_LIMIT:
+        return Outcome("RESOURCE_EXHAUSTED (transport)")
     if code not in ACCEPTED:
         return Outcome(code, f"status {code}: {message[:200]!r}")
     if not violations or not all(f for f, _ in violations):
@@ -481,7 +488,7 @@ class GrpcRunner:
     def close(self) -> None:
         self.channel.close()
 
-    def _failure(self, error: Any) -> Outcome:
+    def _failure(self, error: Any, size: int) -> Outcome:
         from grpc_status import rpc_status
 
         code = error.code().name
@@ -489,13 +496,13 @@ class GrpcRunner:
             status = rpc_status.from_call(error)
         except ValueError:
             status = None
-        return check_status(code, error.details() or "", violations_of(status) if status else None)
+        return check_status(code, error.details() or "", violations_of(status) if status else None, size)
 
     def evaluate(self, data: bytes) -> Outcome:
         try:
             self.unary(data, timeout=self.timeout)
         except self.grpc.RpcError as error:
-            return self._failure(error)
+            return self._failure(error, len(data))
         return Outcome("OK")
 
     def evaluate_stream(self, items: list[bytes]) -> tuple[Outcome, list[Outcome]]:
@@ -513,7 +520,7 @@ class GrpcRunner:
                     code = next((c.name for c in self.grpc.StatusCode if c.value[0] == error.code), "UNKNOWN")
                     answers.append(check_status(code, error.message, violations_of(error)))
         except self.grpc.RpcError as error:
-            return self._failure(error), answers
+            return self._failure(error, max(map(len, items), default=0)), answers
         if len(answers) != len(items):
             return Outcome("OK", f"stream answered {len(answers)} of {len(items)} items"), answers
         return Outcome("OK"), answers
@@ -604,6 +611,9 @@ def log_problems(text: str) -> dict[str, int]:
 # -- the run ---------------------------------------------------------------------------------------
 
 
+KEPT_PER_KIND = 20  # failing inputs kept (and saved) per kind
+
+
 @dataclass
 class Tally:
     """Counts by input kind and status code, failures kept for the report and for replay."""
@@ -616,7 +626,9 @@ class Tally:
         self.by_kind[kind][outcome.code] += 1
         if outcome.problem is not None:
             self.by_kind[kind]["FAILED"] += 1
-            self.failures.append((kind, outcome.problem, data))
+            size = len(data) if isinstance(data, bytes) else sum(map(len, data))
+            kept = self.by_kind[kind]["FAILED"] <= KEPT_PER_KIND and size <= 16 * MIB  # memory stays bounded
+            self.failures.append((kind, outcome.problem, data if kept else b""))
 
     def table(self) -> str:
         codes = sorted({c for counter in self.by_kind.values() for c in counter if c != "FAILED"})
@@ -662,7 +674,7 @@ def run(runner: Any, corpus: Corpus, *, inputs: int, seconds: float, seed: int, 
     return tally
 
 
-def save_failures(tally: Tally, directory: Path, per_kind: int = 20) -> int:
+def save_failures(tally: Tally, directory: Path, per_kind: int = KEPT_PER_KIND) -> int:
     """Write the first failures of each kind as files for replay; how many were written."""
     directory.mkdir(parents=True, exist_ok=True)
     written: collections.Counter = collections.Counter()
