@@ -50,6 +50,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -480,7 +481,10 @@ class GrpcRunner:
 
         self.grpc = grpc
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 * MIB)])
+        # A connection of its own (not the process-wide shared one), so that several runners
+        # (the soak's threads) spread over the server's workers.
+        options = [("grpc.max_receive_message_length", 64 * MIB), ("grpc.use_local_subchannel_pool", 1)]
+        self.channel = grpc.insecure_channel(target, options=options)
         grpc.channel_ready_future(self.channel).result(timeout=60)
         self.unary = self.channel.unary_unary(f"{SERVICE}/Evaluate")
         self.stream = self.channel.stream_stream(f"{SERVICE}/EvaluateStream")
@@ -712,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         target = args.target
         if target is None:
-            server = Server(Path(f"fuzz-server-{os.getpid()}.log").resolve())
+            server = Server(Path(tempfile.gettempdir()) / f"needlepoint-fuzz-server-{os.getpid()}.log")
             server.wait_serving()
             target = server.target
         runner = GrpcRunner(target)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import random
 import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     target = args.target
     if target is None:
-        server = fuzz.Server(Path(f"soak-server-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve(), workers=args.workers)
+        server = fuzz.Server(Path(tempfile.gettempdir()) / f"needlepoint-soak-server-{os.getpid()}.log", workers=args.workers)
         server.wait_serving()
         target = server.target
     stats, stop = Stats(), threading.Event()
