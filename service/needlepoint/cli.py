@@ -135,7 +135,10 @@ def evaluate(
     order = None
     if target or side or intent:
         order = InjectionOrder(target=target or "", side=side or "", intent=intent or "")
-    request = make_request(fhir_bundle=file.read(), as_of=as_of, order=order, ruleset_id=ruleset_id)
+    try:
+        request = make_request(fhir_bundle=file.read(), as_of=as_of, order=order, ruleset_id=ruleset_id)
+    except (ValueError, OverflowError):  # an --as-of a Timestamp cannot hold (year 1 at +01:00...)
+        _fail("as_of: timestamp out of range (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z)", EXIT_BAD_INPUT)
     decision = _remote(server, request, timeout, connection) if server else _in_process(rulesets_dir, request)
     if as_json:
         click.echo(decision_to_json(decision))
@@ -144,6 +147,7 @@ def evaluate(
 
 
 def _remote(server: str, request: EvaluateRequest, timeout: float, connection: dict[str, Any]) -> Decision:
+    import grpc
     from needlepoint_client import EvaluationError, NeedlepointClient, NeedlepointError
 
     with NeedlepointClient(server, timeout=timeout, **connection) as client:
@@ -152,6 +156,8 @@ def _remote(server: str, request: EvaluateRequest, timeout: float, connection: d
         except EvaluationError as exc:
             _fail(exc.message, EXIT_BAD_INPUT)
         except NeedlepointError as exc:
+            if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:  # the request is too large: bad input
+                _fail(exc.message, EXIT_BAD_INPUT)
             _fail(f"{server}: {exc.code.name}: {exc.message}", EXIT_FAILURE)
 
 
@@ -170,6 +176,8 @@ def _in_process(rulesets_dir: Path | None, request: EvaluateRequest) -> Decision
     except ServiceError as exc:
         bad_input = exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         _fail(exc.message, EXIT_BAD_INPUT if bad_input else EXIT_FAILURE)
+    except Exception as exc:  # a fault of the service: say so in one line, as the server would
+        _fail(f"internal error ({type(exc).__name__}); please report it with the input", EXIT_FAILURE)
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -137,6 +137,17 @@ def _json_type(value: Any) -> str:
     return "an object" if isinstance(value, dict) else type(value).__name__
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A JSON value as a message may quote it: a string (cut to ``limit`` characters) or a
+    scalar as its repr, an array or object by its JSON type alone. Never recursive, so a value
+    nested a thousand levels deep is named, not walked; never long, so a message stays short."""
+    if type(value) is str:
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value)} characters)"
+    if value is None or type(value) in (bool, int, float):
+        return repr(value)
+    return _json_type(value)
+
+
 def _get_list(obj: JSON, key: str, path: str) -> list[Any]:
     """``obj[key]`` as a list; absent or null is an empty list."""
     value = obj.get(key)
@@ -351,6 +362,17 @@ class _DateProblem(Exception):
         self.reason = reason
 
 
+def _in_utc_range(value: dt.datetime) -> dt.datetime:
+    """``value``, if it can be converted to UTC: a date-time in year 1 with a positive offset, or
+    in year 9999 with a negative one, would fall outside the years datetime can hold, and every
+    comparison of instants converts. Only those two years need a look (callers check the year)."""
+    try:
+        value.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise _DateProblem("unparseable-date", "is outside the range of instants that can be read") from None
+    return value
+
+
 @functools.lru_cache(maxsize=64)
 def _zone(designator: str | None) -> dt.tzinfo:
     """``Z`` / ``+hh:mm`` as a tzinfo; a missing zone is read as UTC."""
@@ -370,7 +392,8 @@ def _parse_datetime(text: Any) -> dt.datetime:
         try:
             if len(text) == 10:  # a date alone: midnight UTC
                 return dt.datetime.combine(dt.date.fromisoformat(text), _MIDNIGHT_UTC)
-            return dt.datetime.fromisoformat(text)  # (these shapes all carry a zone)
+            value = dt.datetime.fromisoformat(text)  # (these shapes all carry a zone)
+            return value if 1 < value.year < 9999 else _in_utc_range(value)
         except ValueError:  # e.g. 2025-02-30 (or "Z" before Python 3.11): the general path decides
             pass
     match = _DATE_TIME.fullmatch(text) if type(text) is str else None
@@ -381,11 +404,12 @@ def _parse_datetime(text: Any) -> dt.datetime:
         raise _DateProblem("imprecise-date", "is not precise to the day")
     try:
         micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
-        return dt.datetime(
+        value = dt.datetime(
             int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0), micro, _zone(zone)
         )
     except ValueError:
         raise _DateProblem("unparseable-date", "is not a valid calendar date-time") from None
+    return value if 1 < value.year < 9999 else _in_utc_range(value)
 
 
 def _parse_date(text: Any) -> dt.date:
@@ -420,8 +444,9 @@ def _partial_range(text: Any) -> tuple[dt.date, dt.date] | None:
         first = dt.date(year, int(month), 1)
     except ValueError:
         return None
-    following = dt.date(year + 1, 1, 1) if first.month == 12 else dt.date(year, first.month + 1, 1)
-    return first, following - dt.timedelta(days=1)
+    if first.month == 12:  # (not via the 1st of next January: there is no year 10000)
+        return first, dt.date(year, 12, 31)
+    return first, dt.date(year, first.month + 1, 1) - dt.timedelta(days=1)
 
 
 def _earliest_instant(value: Any) -> dt.datetime | None:
@@ -519,7 +544,7 @@ def _bundle_entries(bundle: Any, path: str) -> list[_Entry]:
     if type(bundle) is not dict:
         _fail(path, f"expected a Bundle object, found {_json_type(bundle)}")
     if bundle.get("resourceType") != "Bundle":
-        _fail(f"{path}.resourceType", f"expected 'Bundle', found {bundle.get('resourceType')!r}")
+        _fail(f"{path}.resourceType", f"expected 'Bundle', found {_shown(bundle.get('resourceType'))}")
     btype = _get_str(bundle, "type", path)
     if btype is not None and btype not in _BUNDLE_TYPES:
         _fail(f"{path}.type", f"a {btype!r} Bundle is not accepted; use collection, searchset or transaction")
@@ -655,7 +680,7 @@ class _Mapper:
             try:
                 return _parse_datetime(value)
             except _DateProblem as problem:
-                raise _Unusable(problem.kind, f"{name} {value!r} {problem.reason}; the value was set aside.") from None
+                raise _Unusable(problem.kind, f"{name} {_shown(value)} {problem.reason}; the value was set aside.") from None
         return None
 
     def _instant(
@@ -687,7 +712,7 @@ class _Mapper:
                 if allowed is not None:  # a valid partial date: the core works with the range
                     self.record.birth_range = allowed
                 else:
-                    detail = f"birthDate {birth!r} is not a valid FHIR date; age is unknown."
+                    detail = f"birthDate {_shown(birth)} is not a valid FHIR date; age is unknown."
                     self._issue("unparseable-date", "Patient.birthDate", detail, entry.source)
         self._deceased(entry)
         gender = _get_str(resource, "gender", path)
@@ -716,7 +741,7 @@ class _Mapper:
             if earliest is not None:  # so that no one who may have died is given a go-ahead
                 self.record.deceased_at = earliest
             else:
-                detail = f"deceasedDateTime {when!r} {problem.reason}; the patient is taken as deceased."
+                detail = f"deceasedDateTime {_shown(when)} {problem.reason}; the patient is taken as deceased."
                 self._issue(problem.kind, "Patient.deceasedDateTime", detail, entry.source)
 
     def _condition(self, entry: _Entry) -> None:
@@ -1077,9 +1102,20 @@ def record_from_bundle(bundle: JSON | bytes | str, *, order_ref: str | None = No
     looks like an injection). Raises :class:`RecordError` for unusable input.
     """
     data = _parse_json(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else bundle
-    entries = _bundle_entries(data, "Bundle")
-    refs = [("order_ref", order_ref)] if order_ref is not None else []
-    return _Mapper(entries, "Bundle").run(refs)
+    try:
+        entries = _bundle_entries(data, "Bundle")
+        refs = [("order_ref", order_ref)] if order_ref is not None else []
+        return _Mapper(entries, "Bundle").run(refs)
+    except RecursionError:  # the JSON depth guard: see _too_deep
+        _too_deep("Bundle")
+
+
+def _too_deep(path: str) -> NoReturn:
+    """The JSON depth guard. orjson reads at most 1024 levels, and the mapper itself never walks
+    a value recursively: a value it quotes goes through :func:`_shown`, which names an array or
+    object by its type. Should any step still recurse on a deeply nested value (a repr, a
+    comparison), the RecursionError is bad input, not a fault of the service."""
+    _fail(path, "a value is nested too deeply to be read")
 
 
 def record_from_cds_hooks_request(request: JSON) -> PatientRecord:

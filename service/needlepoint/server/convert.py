@@ -47,8 +47,22 @@ def timestamp_to_datetime(ts: timestamp_pb2.Timestamp, path: str) -> dt.datetime
     """A Timestamp as a timezone-aware UTC datetime (microsecond precision)."""
     try:
         return ts.ToDatetime(tzinfo=dt.timezone.utc)
-    except (ValueError, OverflowError) as exc:
-        raise rec.RecordError(path, f"timestamp out of range ({exc})") from None
+    except (ValueError, OverflowError):
+        raise rec.RecordError(path, "timestamp out of range (0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z, nanos 0 to 999,999,999)") from None
+
+
+# The evaluation instants accepted: from year 1000 (the decision's ``asOf`` is written with a
+# four-digit year) to the last instant a Timestamp can hold.
+EARLIEST_AS_OF = dt.datetime(1000, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def as_of_to_datetime(ts: timestamp_pb2.Timestamp, path: str) -> dt.datetime:
+    """An evaluation instant (``as_of``) as a UTC datetime: a valid Timestamp no earlier than
+    :data:`EARLIEST_AS_OF`. Raises RecordError naming ``path`` otherwise."""
+    instant = timestamp_to_datetime(ts, path)
+    if instant < EARLIEST_AS_OF:
+        raise rec.RecordError(path, f"the evaluation instant must not be before {EARLIEST_AS_OF:%Y-%m-%d} (UTC)")
+    return instant
 
 
 def datetime_to_timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -108,10 +122,11 @@ def _birth_date(value: str, path: str) -> tuple[dt.date | None, tuple[dt.date, d
             raise ValueError
         year, month = int(match.group(1)), match.group(2)
         first = dt.date(year, int(month or 1), 1)
-        following = dt.date(year + 1, 1, 1) if month is None or first.month == 12 else dt.date(year, first.month + 1, 1)
-        return None, (first, following - dt.timedelta(days=1))
-    except ValueError:
-        raise rec.RecordError(path, f"not a date YYYY-MM-DD (or a partial YYYY-MM, YYYY): {value!r}") from None
+        if month is None or first.month == 12:  # (not via the next January 1st: no year 10000)
+            return None, (first, dt.date(year, 12, 31))
+        return None, (first, dt.date(year, first.month + 1, 1) - dt.timedelta(days=1))
+    except ValueError:  # the value is a birth date: the message names the field, never the value
+        raise rec.RecordError(path, "not a date YYYY-MM-DD (or a partial YYYY-MM, YYYY)") from None
 
 
 def order_from_proto(order: patient_pb2.InjectionOrder, path: str) -> rec.InjectionOrder:

@@ -28,9 +28,15 @@ log = logging.getLogger(__name__)
 
 # The largest FHIR bundle accepted (INVALID_ARGUMENT beyond it).
 MAX_BUNDLE_BYTES = 8 * 1024 * 1024
-# The transport limit on one request message (RESOURCE_EXHAUSTED beyond it): a bundle at the
-# limit plus room for the rest of the request.
+# The limit on one request message (RESOURCE_EXHAUSTED beyond it, naming the message type): a
+# bundle at the limit plus room for the rest of the request. Checked by the server's request
+# deserializer (needlepoint.server.wire), so that one oversized EvaluateStream item gets its own
+# error and the stream goes on.
 MAX_MESSAGE_BYTES = MAX_BUNDLE_BYTES + 1024 * 1024
+# The transport's own limit, above which gRPC refuses a message before any of our code sees it
+# (RESOURCE_EXHAUSTED for the whole call, a stream included). Set well above MAX_MESSAGE_BYTES so
+# that the check above decides for every message of a plausible size.
+MAX_TRANSPORT_BYTES = 4 * MAX_MESSAGE_BYTES
 
 
 class EvaluatorLike(Protocol):
@@ -96,7 +102,7 @@ class Engine:
         try:
             record = self.record(request)
             has_as_of = request.HasField("as_of")
-            as_of = convert.timestamp_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
+            as_of = convert.as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
             decision = evaluator.evaluate(record, as_of)
         except RecordError as exc:
             raise ServiceError.from_record_error(exc) from None
@@ -125,7 +131,7 @@ class Engine:
         evaluator = self.evaluator(inner.ruleset_id or DEFAULT_RULESET, version=inner.ruleset_version)
         try:
             record = self.record(inner)
-            as_of = convert.timestamp_to_datetime(inner.as_of, "request.as_of") if inner.HasField("as_of") else self._clock()
+            as_of = convert.as_of_to_datetime(inner.as_of, "request.as_of") if inner.HasField("as_of") else self._clock()
             report = {"counterfactuals": counterfactuals(evaluator, record, as_of)}
             if request.rule_id:
                 report["rule"] = explain_rule(evaluator, record, as_of, request.rule_id)

@@ -5,11 +5,20 @@ message is ``<path>: <problem>`` and whose ``google.rpc.BadRequest`` detail name
 An unknown rule set is ``NOT_FOUND``. Anything unexpected is ``INTERNAL`` with a generic message;
 the caller logs the fault. The CLI prints :attr:`ServiceError.message` for in-process evaluations,
 so local and remote runs fail with the same words.
+
+Hostile input must not make the answer itself fail. Every message and field-violation
+description is capped (:data:`MAX_MESSAGE_CHARS`, with an ellipsis) and has its control
+characters escaped, and every field path is capped (:data:`MAX_FIELD_CHARS`), so the
+``grpc-status-details-bin`` trailer stays far below the 8 KiB metadata limit of gRPC-core clients
+(Python, C++, Go) whatever the input echoed. Correlation ids are validated here
+(:func:`correlation_id_problem`: at most 128 printable ASCII characters, else INVALID_ARGUMENT
+naming ``correlation_id``) and shown in logs only through :func:`loggable_id`.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +31,51 @@ from needlepoint.core.record import RecordError
 INTERNAL_MESSAGE = "internal error: the fault is logged on the server"
 # The trailer that carries the serialized google.rpc.Status (read by grpc_status.rpc_status).
 GRPC_DETAILS_METADATA_KEY = "grpc-status-details-bin"
+
+# Caps on what an error carries back: a status message or a field-violation description, and a
+# field path. A message is "<path>: <problem>", so it is capped after it is put together.
+MAX_MESSAGE_CHARS = 300
+MAX_FIELD_CHARS = 200
+ELLIPSIS = "…"
+
+# A correlation id travels in the ``correlation-id`` trailer and in log lines: it must be a valid
+# metadata value (printable ASCII) and short. Anything else is rejected, never rewritten, so the
+# id a caller gets back is always the id it sent.
+MAX_CORRELATION_ID_CHARS = 128
+_CORRELATION_ID = re.compile(r"[\x20-\x7e]{0,%d}" % MAX_CORRELATION_ID_CHARS)
+CORRELATION_ID_RULE = f"a correlation id is at most {MAX_CORRELATION_ID_CHARS} printable ASCII characters (0x20-0x7E)"
+
+
+def cap(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` made safe to send and to log: control and other unprintable characters (and lone
+    surrogates) escaped as ``\\xNN``/``\\uNNNN``, then cut to ``limit`` characters, ending in an
+    ellipsis when it was cut."""
+    if len(text) > 4 * limit:  # escaping never shortens: look only at what can survive the cut
+        text = text[: 4 * limit]
+        cut = True
+    else:
+        cut = False
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+    if cut or len(text) > limit:
+        text = text[: limit - len(ELLIPSIS)] + ELLIPSIS
+    return text
+
+
+def correlation_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a correlation id, or None if it can (the empty id is "none").
+    The reason names the rule and the length, never the value."""
+    if _CORRELATION_ID.fullmatch(value):
+        return None
+    return f"{CORRELATION_ID_RULE}; this one has {len(value)} characters"
+
+
+def loggable_id(value: str) -> str:
+    """A correlation id as a log line may show it: quoted when valid, else only its length (an
+    invalid id may carry anything, patient data included)."""
+    if _CORRELATION_ID.fullmatch(value):
+        return repr(value)
+    return f"<invalid, {len(value)} chars>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +90,11 @@ class ServiceError(Exception):
     """A failure with a gRPC status code, a message and the fields at fault."""
 
     def __init__(self, code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation] = ()) -> None:
+        message = cap(message)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.violations = tuple(violations)
+        self.violations = tuple(FieldViolation(cap(v.field, MAX_FIELD_CHARS), cap(v.description)) for v in violations)
 
     @classmethod
     def bad_input(cls, path: str, problem: str) -> ServiceError:
@@ -47,12 +102,20 @@ class ServiceError(Exception):
         return cls(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {problem}", [FieldViolation(path, problem)])
 
     @classmethod
+    def too_large(cls, path: str, problem: str) -> ServiceError:
+        """``RESOURCE_EXHAUSTED`` for one field (a message over the size limit), with the same
+        BadRequest detail as bad input, so the caller learns which message and which limit."""
+        return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{path}: {problem}", [FieldViolation(path, problem)])
+
+    @classmethod
     def from_record_error(cls, error: RecordError) -> ServiceError:
         return cls.bad_input(error.path, error.message)
 
     @classmethod
     def not_found(cls, path: str, problem: str) -> ServiceError:
-        return cls(grpc.StatusCode.NOT_FOUND, f"{path}: {problem}")
+        """``NOT_FOUND`` for one field (an unknown rule set or version), named in a BadRequest
+        detail as for bad input."""
+        return cls(grpc.StatusCode.NOT_FOUND, f"{path}: {problem}", [FieldViolation(path, problem)])
 
     @classmethod
     def internal(cls) -> ServiceError:

@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha import reflection
 
 from needlepoint.security.logsafe import correlation_ref
 from needlepoint.security.transport import SecurityConfig, bind, interceptors
-from needlepoint.server.engine import MAX_MESSAGE_BYTES, Engine
-from needlepoint.server.errors import ServiceError
+from needlepoint.server import wire
+from needlepoint.server.engine import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES, Engine
+from needlepoint.server.errors import ServiceError, correlation_id_problem
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, ruleset_pb2
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     async def Evaluate(
         self, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> decision_pb2.Decision:
-        trailer = ((CORRELATION_ID_KEY, request.correlation_id),) if request.correlation_id else ()
+        # An invalid id goes back nowhere: it is refused (INVALID_ARGUMENT) before evaluation.
+        valid = request.correlation_id and correlation_id_problem(request.correlation_id) is None
+        trailer = ((CORRELATION_ID_KEY, request.correlation_id),) if valid else ()
         outcome = self._evaluate("Evaluate", request, context)
         if isinstance(outcome, ServiceError):
             await context.abort_with_status(outcome.to_grpc_status(trailer))
@@ -53,13 +56,17 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decision_service_pb2.EvaluateStreamResponse]:
         async for request in request_iterator:
+            if isinstance(request, wire.Rejected):  # unreadable or oversized: its own error, go on
+                log.info("EvaluateStream %s unreadable item (%d bytes)", request.error.code.name, request.size)
+                yield decision_service_pb2.EvaluateStreamResponse(error=request.error.to_status_proto())
+                continue
             outcome = self._evaluate("EvaluateStream", request, context)
             if isinstance(outcome, ServiceError):
                 if outcome.code is grpc.StatusCode.DEADLINE_EXCEEDED:
                     await context.abort_with_status(outcome.to_grpc_status())
-                yield decision_service_pb2.EvaluateStreamResponse(
-                    correlation_id=request.correlation_id, error=outcome.to_status_proto()
-                )
+                # An invalid correlation id is not echoed: the answer's position identifies it.
+                echoed = "" if correlation_id_problem(request.correlation_id) else request.correlation_id
+                yield decision_service_pb2.EvaluateStreamResponse(correlation_id=echoed, error=outcome.to_status_proto())
             else:
                 yield decision_service_pb2.EvaluateStreamResponse(
                     correlation_id=request.correlation_id, decision=outcome
@@ -92,16 +99,25 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     def _evaluate(
         self, method: str, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> decision_pb2.Decision | ServiceError:
-        """One evaluation, inline, unless the caller's deadline has already passed."""
+        """One evaluation, inline, unless the caller's deadline has already passed. A correlation
+        id that cannot travel in a trailer or a log line is INVALID_ARGUMENT (``correlation_id``)."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             log.info("%s DEADLINE_EXCEEDED correlation=%s", method, correlation_ref(request.correlation_id))
             return ServiceError.deadline_exceeded()
-        return _guard(method, request.correlation_id, lambda: self._engine.evaluate(request))
+        return _guard(method, request.correlation_id, lambda: self._checked_evaluate(request))
+
+    def _checked_evaluate(self, request: decision_service_pb2.EvaluateRequest) -> decision_pb2.Decision:
+        """The engine's decision, after the correlation id has been checked."""
+        problem = correlation_id_problem(request.correlation_id)
+        if problem is not None:
+            raise ServiceError.bad_input("correlation_id", problem)
+        return self._engine.evaluate(request)
 
 
 def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | ServiceError:
-    """``call()``, or the ServiceError it raised, or INTERNAL for anything else (logged)."""
+    """``call()``, or the ServiceError it raised, or INTERNAL for anything else (logged). The
+    correlation id is logged only as a digest (:func:`correlation_ref`); field paths are capped."""
     try:
         return call()
     except ServiceError as exc:
@@ -128,10 +144,12 @@ class RunningServer:
 
 
 def server_options(*, reuse_port: bool) -> list[tuple[str, int]]:
-    """The channel options of the server: message limits and SO_REUSEPORT."""
+    """The channel options of the server: message limits and SO_REUSEPORT. The transport accepts
+    up to MAX_TRANSPORT_BYTES; the request deserializer (``wire``) enforces MAX_MESSAGE_BYTES per
+    message, so that an oversized stream item gets its own error instead of ending the stream."""
     return [
         ("grpc.so_reuseport", int(reuse_port)),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
 
@@ -143,7 +161,7 @@ async def start_server(
     health and reflection, and report SERVING. ``security`` adds TLS and the bearer-token check.
     Raises RuntimeError if the address cannot be bound."""
     server = grpc.aio.server(options=server_options(reuse_port=reuse_port), interceptors=interceptors(security))
-    decision_service_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine), server)
+    wire.add_decision_service(DecisionServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
