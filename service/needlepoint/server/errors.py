@@ -12,7 +12,8 @@ characters escaped, and every field path is capped (:data:`MAX_FIELD_CHARS`), so
 ``grpc-status-details-bin`` trailer stays far below the 8 KiB metadata limit of gRPC-core clients
 (Python, C++, Go) whatever the input echoed. Correlation ids are validated here
 (:func:`correlation_id_problem`: at most 128 printable ASCII characters, else INVALID_ARGUMENT
-naming ``correlation_id``) and shown in logs only through :func:`loggable_id`.
+naming ``correlation_id``); logs show them only as a digest
+(:func:`needlepoint.security.logsafe.correlation_ref`), since a caller may put anything in one.
 """
 
 from __future__ import annotations
@@ -68,14 +69,6 @@ def correlation_id_problem(value: str) -> str | None:
     if _CORRELATION_ID.fullmatch(value):
         return None
     return f"{CORRELATION_ID_RULE}; this one has {len(value)} characters"
-
-
-def loggable_id(value: str) -> str:
-    """A correlation id as a log line may show it: quoted when valid, else only its length (an
-    invalid id may carry anything, patient data included)."""
-    if _CORRELATION_ID.fullmatch(value):
-        return repr(value)
-    return f"<invalid, {len(value)} chars>"
 
 
 @dataclass(frozen=True, slots=True)
