@@ -10,8 +10,8 @@ What is checked:
   action type, link type, feedback outcome);
 * the JSON rule that an element is never ``null``, ``""``, ``[]`` or ``{}`` (an optional element
   without a value is omitted), except ``cards: []``;
-* ``summary`` under 140 characters; a card ``uuid`` present (this service always sends one, and the
-  spec makes it the key of feedback);
+* ``summary`` under 140 characters; with ``strict=True`` also a ``uuid`` on every card and
+  suggestion (this service always sends them: the spec makes them the keys of feedback);
 * the invariants: cds-resp-1 (``at-most-one`` allows at most one ``isRecommended`` suggestion),
   cds-resp-2 (a ``delete`` has ``resourceId`` and no ``resource``; create and update carry a
   resource), cds-resp-3 (``appContext`` only on ``smart`` links), cds-resp-4 (every
@@ -121,23 +121,24 @@ class _Checker:
 # --- responses ----------------------------------------------------------------------------------
 
 
-def validate_response(doc: Any) -> list[str]:
-    """Problems with a CDS Service response (``{"cards": [...], "systemActions": [...]}``)."""
+def validate_response(doc: Any, *, strict: bool = False) -> list[str]:
+    """Problems with a CDS Service response (``{"cards": [...], "systemActions": [...]}``);
+    ``strict`` also requires the card and suggestion uuids that feedback needs."""
     check = _Checker()
     if not isinstance(doc, dict):
         return ["$: a response must be a JSON object"]
     check.no_empties(doc, "$", allowed_empty=frozenset({"$.cards"}))
     check.field(doc, "cards", "$", list, required=True)
     for path, card in check.objects(doc, "cards", "$"):
-        _card(check, card, path)
+        _card(check, card, path, strict)
     for path, action in check.objects(doc, "systemActions", "$"):
         _action(check, action, path)
     check.extension(doc, "$")
     return check.problems
 
 
-def _card(check: _Checker, card: dict, path: str) -> None:
-    uuid = check.field(card, "uuid", path, str, required=True)
+def _card(check: _Checker, card: dict, path: str, strict: bool) -> None:
+    uuid = check.field(card, "uuid", path, str, required=strict)
     if uuid is not None and not _UUID.match(uuid):
         check.add(f"{path}.uuid", f"{uuid!r} is not a UUID")
     summary = check.field(card, "summary", path, str, required=True)
@@ -161,7 +162,7 @@ def _card(check: _Checker, card: dict, path: str) -> None:
         check.add(f"{path}.suggestions", "cds-resp-1: at-most-one allows at most one isRecommended suggestion")
     for where, suggestion in suggestions:
         check.field(suggestion, "label", where, str, required=True)
-        sid = check.field(suggestion, "uuid", where, str, required=False)
+        sid = check.field(suggestion, "uuid", where, str, required=strict)
         if sid is not None and not _UUID.match(sid):
             check.add(f"{where}.uuid", f"{sid!r} is not a UUID")
         check.field(suggestion, "isRecommended", where, bool, required=False)
