@@ -39,6 +39,7 @@ _HIP_SNOMED = frozenset({"24136001"})  # Hip joint structure
 _HIP_ONLY_CPT = frozenset({"27093", "27095"})  # injection procedure for hip arthrography
 _JOINT_CPT = frozenset({"20610", "20611"})  # major joint or bursa: hip only if the site says so
 _MAX_PAGES = 20  # pages followed per prefetch search before we call it incomplete
+_MAX_PARALLEL = 8  # requests in flight to one FHIR server for one call
 
 
 class RequestProblem(Exception):
@@ -245,12 +246,14 @@ async def fetch_missing(
     http = client or httpx.AsyncClient(follow_redirects=False)
     results: dict[str, Any] = {}
     failures: dict[str, str] = {}
+    gate = asyncio.Semaphore(_MAX_PARALLEL)
 
     async def one(key: str) -> None:
-        try:
-            results[key] = await _fetch(http, base, render_template(templates[key], call), headers)
-        except FhirFetchError as exc:
-            failures[key] = str(exc)
+        async with gate:
+            try:
+                results[key] = await _fetch(http, base, render_template(templates[key], call), headers)
+            except FhirFetchError as exc:
+                failures[key] = str(exc)
 
     tasks = [asyncio.ensure_future(one(key)) for key in keys]
     try:
