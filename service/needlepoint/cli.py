@@ -19,6 +19,7 @@ import click
 
 from needlepoint import __version__
 from needlepoint.authoring.explain import command as explain_command
+from needlepoint.cli_cds import cds as cds_command
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_rules import rules
 from needlepoint.rulesets import DEFAULT_RULESET
@@ -48,6 +49,7 @@ def main() -> None:
 
 main.add_command(rules)
 main.add_command(explain_command)
+main.add_command(cds_command)
 
 
 @main.command()
@@ -67,8 +69,11 @@ main.add_command(explain_command)
 )
 @click.option("--watch", is_flag=True, help="Hot-reload rule sets that change on disk (validated, tested, then swapped in).")
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
+@click.option("--http-port", type=click.IntRange(1, 65535), help="Also serve CDS Hooks 2.0 over HTTP on this port (/cds-services).")
+@click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication: development only (required with --http-port until JWT validation lands).")
 @server_security_options
-def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float, security: SecurityConfig) -> None:
+def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
+          http_port: int | None, insecure_dev: bool, security: SecurityConfig) -> None:
     """Serve the gRPC API until SIGTERM.
 
     A supervisor runs WORKERS processes that share the port; each serves needlepoint.v1.DecisionService,
@@ -83,6 +88,8 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
     from needlepoint.server.supervisor import Supervisor
     from needlepoint.server.worker import WorkerConfig, setup_logging
 
+    if http_port is not None and not insecure_dev:
+        raise click.UsageError("--http-port needs --insecure-dev: CDS Hooks client authentication (JWT) is not available yet")
     setup_logging(log_level)
     try:
         enforce_exposure(host, security)
@@ -90,7 +97,7 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
         raise click.UsageError(str(exc)) from None
     config = WorkerConfig(
         host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
-        security=security,
+        security=security, http_port=http_port, insecure_dev=insecure_dev,
     )
     sys.exit(Supervisor(config, workers).run())
 

@@ -46,6 +46,8 @@ class WorkerConfig:
     watch: bool = False  # hot-reload rule sets that change on disk
     watch_interval: float = 2.0  # seconds between looks at the rule-sets directory
     security: SecurityConfig | None = None  # TLS and token authentication (none: plaintext, open)
+    http_port: int | None = None  # also serve CDS Hooks over HTTP on this port (needlepoint.cdshooks)
+    insecure_dev: bool = False  # CDS Hooks without client authentication (until JWT validation lands)
 
     @property
     def address(self) -> str:
@@ -75,6 +77,11 @@ async def serve(config: WorkerConfig, control: Connection | None = None) -> None
     """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s."""
     engine = Engine.load(config.rulesets_dir)
     running = await start_server(engine, config.address, security=config.security)
+    http = None
+    if config.http_port is not None:
+        from needlepoint.cdshooks.server import start_http
+
+        http = await start_http(engine, config.host, config.http_port, grace=config.grace, insecure_dev=config.insecure_dev)
     watcher_task = None
     if config.watch:
         directory = config.rulesets_dir or bundled_rulesets_dir()
@@ -93,7 +100,7 @@ async def serve(config: WorkerConfig, control: Connection | None = None) -> None
     if watcher_task is not None:
         watcher_task.cancel()
     log.info("draining, grace %.1fs", config.grace)
-    await running.stop(config.grace)
+    await asyncio.gather(running.stop(config.grace), *([http.stop(config.grace)] if http is not None else []))
     log.info("stopped")
 
 
