@@ -72,7 +72,7 @@ def test_no_decision_suggests_contrast_its_modality_leaves_out(hip_evaluator, hi
 
 
 def test_every_outcome_is_rendered_and_names_no_contradiction(hip_evaluator, hip_ruleset) -> None:
-    issue = Observation([Code("loinc", "33914-3")], AS_OF - dt.timedelta(days=3), value=55, unit="mL/min", source="egfr")
+    issue = Observation([Code("loinc", "33914-3")], AS_OF - dt.timedelta(days=3), value=55, unit="mL/s", source="egfr")
     record = PatientRecord(birth_date=dt.date(1950, 1, 1), sex="female", medications=[Medication([Code("rxnorm", "309362")])], observations=[issue], order=ORDER)
     decision = hip_evaluator.evaluate(record, AS_OF)
     aside = next(e for e in decision["explanations"] if e["ruleId"] == "DATA-VALUE-SET-ASIDE")

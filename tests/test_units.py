@@ -119,7 +119,7 @@ def _platelets(value: float, unit: str | None = None, display: str | None = None
 
 def test_messages_say_which_unit_was_refused_and_why(hip_evaluator) -> None:
     by_code = _missing(hip_evaluator.evaluate(_record(_platelets(15, "K/uL", "K/uL")), AS_OF))
-    assert "'K/uL', which is not an accepted unit (10*9/L, " in by_code["unit-unknown:platelets"]
+    assert "'K/uL', which is not an accepted unit (×10⁹/L, " in by_code["unit-unknown:platelets"]  # units read as people write them
     assert "Its display text 'K/uL' would be accepted without the code" in by_code["unit-unknown:platelets"]
     by_code = _missing(hip_evaluator.evaluate(_record(_platelets(15, None, "thou/uL")), AS_OF))
     assert "'thou/uL' (display text, no UCUM code)" in by_code["unit-unknown:platelets"]
@@ -128,7 +128,7 @@ def test_messages_say_which_unit_was_refused_and_why(hip_evaluator) -> None:
     assert "unit-missing:platelets" in by_code
     by_code = _missing(hip_evaluator.evaluate(_record(_platelets(9000, None, "K/uL")), AS_OF))
     assert "9000 K/uL, is outside the plausible range" in by_code["implausible:platelets"]
-    assert "It would be plausible in /uL (9.0 10*9/L)" in by_code["implausible:platelets"]
+    assert "It would be plausible in /uL (9.0 ×10⁹/L)" in by_code["implausible:platelets"]
 
 
 # --- the three roads read units alike -----------------------------------------------------------------
