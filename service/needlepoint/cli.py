@@ -65,23 +65,36 @@ main.add_command(explain_command)
 )
 @click.option("--watch", is_flag=True, help="Hot-reload rule sets that change on disk (validated, tested, then swapped in).")
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
-def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float) -> None:
+@click.option("--max-connection-age", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
+@click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds the calls on an aged connection get to finish.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port (off by default).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics endpoint binds.")
+def serve(
+    host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
+    max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None, metrics_host: str,
+) -> None:
     """Serve the gRPC API until SIGTERM.
 
     A supervisor runs WORKERS processes that share the port; each serves needlepoint.v1.DecisionService,
-    grpc.health.v1 and server reflection. On SIGTERM or Ctrl-C in-flight calls get --grace seconds.
+    grpc.health.v1 and server reflection. On SIGTERM or Ctrl-C in-flight calls get --grace seconds;
+    calls that cannot finish are answered UNAVAILABLE, which clients retry.
     With --watch, a rule set that changes on disk is linted and run against its own test cases in a
     separate process; only then is it loaded and swapped in, and a rule set that fails keeps the
     previous version serving (GetRuleset reports why). Earlier versions stay loaded for pinning.
+    With --metrics-port, Prometheus metrics are served at http://METRICS_HOST:METRICS_PORT/metrics.
     """
     from needlepoint.server.supervisor import Supervisor
     from needlepoint.server.worker import WorkerConfig, setup_logging
 
     setup_logging(log_level)
     config = WorkerConfig(
-        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval
+        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
+        max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
     )
-    sys.exit(Supervisor(config, workers).run())
+    metrics_address = (metrics_host, metrics_port) if metrics_port is not None else None
+    sys.exit(Supervisor(config, workers, metrics_address=metrics_address).run())
 
 
 @main.command()
