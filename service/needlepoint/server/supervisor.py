@@ -21,9 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing
+import pickle
 import queue
 import signal
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,6 +54,26 @@ class _Worker:
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     generation: int = 0  # the catalog generation the worker has (or was started with)
+    outbox: queue.SimpleQueue[bytes | None] = field(default_factory=queue.SimpleQueue)
+
+    def start_sender(self) -> None:
+        """Send the outbox's messages from a thread of their own: a worker stuck in the C engine
+        (it can hang holding the GIL) must not block the supervisor's loop on a full pipe."""
+        threading.Thread(target=self._send_all, name=f"needlepoint-send-{self.slot}", daemon=True).start()
+
+    def close_control(self) -> None:
+        """Close the control pipe and end the sender thread."""
+        self.outbox.put(None)
+        if self.control is not None:
+            self.control.close()
+
+    def _send_all(self) -> None:
+        control = self.control
+        while control is not None and (data := self.outbox.get()) is not None:
+            try:
+                control.send_bytes(data)
+            except (OSError, ValueError):  # the worker is gone; its sentinel will tell
+                return
 
 
 class Supervisor:
@@ -174,11 +196,8 @@ class Supervisor:
         """Send the current catalog to a worker that lacks it."""
         if worker.control is None or worker.generation == self._catalog.generation:
             return
-        try:
-            worker.control.send(("catalog", self._catalog))
-            worker.generation = self._catalog.generation
-        except (OSError, ValueError):  # the worker is exiting; its sentinel will tell
-            pass
+        worker.outbox.put(pickle.dumps(("catalog", self._catalog)))  # pickled now: the catalog changes later
+        worker.generation = self._catalog.generation
 
     def _spawn(self, slot: int) -> None:
         parent_end, child_end = self._ctx.Pipe()
@@ -187,7 +206,8 @@ class Supervisor:
         )
         process.start()
         child_end.close()
-        self._workers[slot] = _Worker(slot, process, parent_end, generation=self._catalog.generation)
+        self._workers[slot] = worker = _Worker(slot, process, parent_end, generation=self._catalog.generation)
+        worker.start_sender()
         log.info("worker %d pid %d started", slot, process.pid)
 
     def _watch(self, wake: socket.socket) -> int:
@@ -222,7 +242,7 @@ class Supervisor:
         try:
             message = worker.control.recv()
         except (EOFError, OSError):  # the worker is exiting; its sentinel will tell
-            worker.control.close()
+            worker.close_control()
             worker.control = None
             return
         if message[0] == "ready":
@@ -242,8 +262,7 @@ class Supervisor:
     def _reap(self, worker: _Worker) -> bool:
         """Forget an exited worker and schedule its replacement. False if start-up failed."""
         worker.process.join()
-        if worker.control is not None:
-            worker.control.close()
+        worker.close_control()
         del self._workers[worker.slot]
         metrics.process_gone(worker.process.pid)
         metrics.workers_serving(sum(w.ready for w in self._workers.values()))
@@ -286,8 +305,7 @@ class Supervisor:
             else:
                 how = _exit_description(worker.process.exitcode)
                 log.info("worker %d pid %d stopped (%s)", worker.slot, worker.process.pid, how)
-            if worker.control is not None:
-                worker.control.close()
+            worker.close_control()
         self._workers.clear()
 
 
