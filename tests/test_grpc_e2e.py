@@ -377,8 +377,10 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(grpc_server: ServerP
     replaced = re.compile(rf"worker {slot} pid \d+ serving")
     deadline = time.monotonic() + 30
     while True:
-        # Every new connection lands on a live listener: the survivor answers throughout.
-        with grpc.insecure_channel(grpc_server.target) as channel:
+        # Every new connection lands on a live listener: the survivor answers throughout. (A local
+        # subchannel pool makes each channel open its own connection instead of reusing, from
+        # gRPC's global pool, one to the killed worker that the client has not yet seen close.)
+        with grpc.insecure_channel(grpc_server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
         if any(replaced.search(line) for line in grpc_server.lines[mark:]):

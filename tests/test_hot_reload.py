@@ -113,3 +113,70 @@ def test_reload_under_load(tmp_path: Path, server_process) -> None:
         channel.close()
     finally:
         assert server.stop() == 0, "\n".join(server.lines)
+
+
+def test_a_file_saved_during_validation_is_never_served_unvalidated(tmp_path: Path, server_process) -> None:
+    """The finding behind issue 8, item 6: a change (v1) is being validated when a second save
+    lands (the INR limit raised to 9.0 under the same version, which 12 of the rule set's own cases
+    refute). What is served must always be a validated snapshot: the base, then v1 as validated,
+    never v1 with 9.0; the second save is judged on its own and rejected."""
+    from needlepoint.rulesets import load_ruleset
+
+    hip = tmp_path / "rulesets" / "hip-injection"
+    shutil.copytree(bundled_rulesets_dir() / "hip-injection", hip)
+    base = yaml.safe_load((hip / "ruleset.yaml").read_text(encoding="utf-8"))["version"]
+    major, minor, patch = map(int, base.split("."))
+    v1 = f"{major}.{minor}.{patch + 1}"
+    expected = tmp_path / "expected" / "hip-injection"  # v1 as it is when validation starts
+    shutil.copytree(hip, expected)
+    _edit(expected / "ruleset.yaml", f"version: {base}", f"version: {v1}")
+    validated = {load_ruleset(hip).digest, load_ruleset(expected).digest}
+
+    server = server_process(1, "--rulesets", str(hip.parent), "--watch", "--watch-interval", "0.2")
+    try:
+        server.wait_for(r"serving with 1 worker\(s\)", timeout=60)
+        channel = grpc.insecure_channel(server.target)
+        stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
+        served: dict[str, int] = {}
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    digest = stub.Evaluate(_request(), timeout=10).ruleset.digest
+                    served[digest] = served.get(digest, 0) + 1
+                except grpc.RpcError as exc:
+                    failures.append(exc)
+
+        def last_reload():
+            return stub.GetRuleset(decision_service_pb2.GetRulesetRequest(id="hip-injection"), timeout=5).last_reload
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            mark = len(server.lines)
+            _edit(hip / "ruleset.yaml", f"version: {base}", f"version: {v1}")
+            server.wait_for(r"rule set changed on disk: .*; validating", start=mark, timeout=30)
+            time.sleep(0.2)  # the validation is running: its subprocess is starting or checking
+            _edit(hip / "parameters.yaml", "inr_defer_above:\n  value: 3.0", "inr_defer_above:\n  value: 9.0")
+            saved_during_validation = not any("now serving" in line or "rejected" in line for line in server.lines[mark:])
+            server.wait_for(r"rule set hip-injection .*(now serving|rejected)", start=mark, timeout=60)
+            _wait(lambda: last_reload().outcome == "rejected" and last_reload().version == v1)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert saved_during_validation, "the second save landed after the first verdict; the test proves nothing"
+        assert failures == [], failures[:3]
+        assert set(served) <= validated, served
+        rs = stub.GetRuleset(decision_service_pb2.GetRulesetRequest(id="hip-injection"), timeout=5)
+        assert rs.version == v1 and rs.digest == load_ruleset(expected).digest
+        assert {p.name: p.value for p in rs.parameters}["inr_defer_above"] == "3.0"
+        assert rs.last_reload.version == v1 and rs.last_reload.outcome == "rejected"
+        assert "test case(s) fail" in rs.last_reload.message
+        channel.close()
+    finally:
+        assert server.stop() == 0, "\n".join(server.lines)

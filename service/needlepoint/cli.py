@@ -71,18 +71,29 @@ main.add_command(cds_command)
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
 @click.option("--http-port", type=click.IntRange(1, 65535), help="Also serve CDS Hooks 2.0 over HTTP on this port (/cds-services).")
 @click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication: development only (required with --http-port until JWT validation lands).")
+@click.option("--max-connection-age", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
+@click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds the calls on an aged connection get to finish.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port (off by default).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics endpoint binds.")
 @server_security_options
-def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
-          http_port: int | None, insecure_dev: bool, security: SecurityConfig) -> None:
+def serve(
+    host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
+    http_port: int | None, insecure_dev: bool, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
+    metrics_host: str, security: SecurityConfig,
+) -> None:
     """Serve the gRPC API until SIGTERM.
 
     A supervisor runs WORKERS processes that share the port; each serves needlepoint.v1.DecisionService,
-    grpc.health.v1 and server reflection. On SIGTERM or Ctrl-C in-flight calls get --grace seconds.
+    grpc.health.v1 and server reflection. On SIGTERM or Ctrl-C in-flight calls get --grace seconds;
+    calls that cannot finish are answered UNAVAILABLE, which clients retry.
     With --watch, a rule set that changes on disk is linted and run against its own test cases in a
     separate process; only then is it loaded and swapped in, and a rule set that fails keeps the
     previous version serving (GetRuleset reports why). Earlier versions stay loaded for pinning.
     TLS (--tls-cert/--tls-key, mutual with --client-ca) and bearer tokens (--auth-jwks, --auth-issuer)
     are described in the README's Security section; an address other than loopback needs both, or --insecure.
+    With --metrics-port, Prometheus metrics are served at http://METRICS_HOST:METRICS_PORT/metrics.
     """
     from needlepoint.security.transport import enforce_exposure
     from needlepoint.server.supervisor import Supervisor
@@ -98,8 +109,10 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
     config = WorkerConfig(
         host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
         security=security, http_port=http_port, insecure_dev=insecure_dev,
+        max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
     )
-    sys.exit(Supervisor(config, workers).run())
+    metrics_address = (metrics_host, metrics_port) if metrics_port is not None else None
+    sys.exit(Supervisor(config, workers, metrics_address=metrics_address).run())
 
 
 @main.command()

@@ -9,7 +9,7 @@ while the fault is logged and the server keeps serving.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from needlepoint.security.logsafe import correlation_ref
-from needlepoint.security.transport import SecurityConfig, bind, interceptors
+from needlepoint.security.transport import SecurityConfig, bind
+from needlepoint.security.transport import interceptors as security_interceptors
 from needlepoint.server import wire
 from needlepoint.server.engine import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES, Engine
 from needlepoint.server.errors import ServiceError, correlation_id_problem
@@ -143,29 +144,86 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-def server_options(*, reuse_port: bool) -> list[tuple[str, int]]:
-    """The channel options of the server: message limits and SO_REUSEPORT. The transport accepts
-    up to MAX_TRANSPORT_BYTES; the request deserializer (``wire``) enforces MAX_MESSAGE_BYTES per
-    message, so that an oversized stream item gets its own error instead of ending the stream."""
-    return [
+MAX_CONNECTION_AGE = 10.0  # seconds a client connection lives before a GOAWAY makes it reconnect
+MAX_CONNECTION_AGE_GRACE = 30.0  # seconds the calls on an aged connection get to finish
+
+
+def server_options(
+    *, reuse_port: bool, max_connection_age: float = MAX_CONNECTION_AGE, max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
+) -> list[tuple[str, int]]:
+    """The channel options of the server: message limits, SO_REUSEPORT, and a maximum connection
+    age, so that clients reconnect now and then and the kernel spreads them again across the
+    workers, a replaced one included (0 turns the age limit off)."""
+    options = [
         ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_receive_message_length", MAX_TRANSPORT_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
+    if max_connection_age > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace * 1000)),
+        ]
+    return options
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Server reflection as ``grpc.reflection.v1`` and ``v1alpha``. grpcio-reflection ships only
+    v1alpha; v1 is the same protocol under another package name, so the v1 service is the v1alpha
+    servicer behind the v1 method name (and the v1 file is added to the descriptor pool, so that it
+    can be described too)."""
+    from grpc_reflection.v1alpha import reflection_pb2
+    from grpc_reflection.v1alpha._async import ReflectionServicer
+
+    _add_reflection_v1_descriptor()
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
+
+
+def _add_reflection_v1_descriptor() -> None:
+    """Add ``grpc/reflection/v1/reflection.proto`` (v1alpha's file renamed) to the default pool once."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    proto.ClearField("options")
+    pool.AddSerializedFile(proto.SerializeToString())
 
 
 async def start_server(
-    engine: Engine, address: str, *, reuse_port: bool = True, security: SecurityConfig | None = None
+    engine: Engine, address: str, *, reuse_port: bool = True, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, int]] | None = None, security: SecurityConfig | None = None,
 ) -> RunningServer:
     """Bind ``address`` (``host:port``; port 0 picks one), start serving the decision service,
-    health and reflection, and report SERVING. ``security`` adds TLS and the bearer-token check.
-    Raises RuntimeError if the address cannot be bound."""
-    server = grpc.aio.server(options=server_options(reuse_port=reuse_port), interceptors=interceptors(security))
+    health and reflection (v1 and v1alpha), and report SERVING. Raises RuntimeError if the address
+    cannot be bound. ``options`` replace :func:`server_options`' defaults; ``security`` adds TLS and
+    the bearer-token check, which runs before the other ``interceptors``."""
+    server = grpc.aio.server(
+        options=list(options) if options is not None else server_options(reuse_port=reuse_port),
+        interceptors=[*security_interceptors(security), *interceptors],
+    )
     wire.add_decision_service(DecisionServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(services, server)
+    _enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = bind(server, address, security)

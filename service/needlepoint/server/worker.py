@@ -1,8 +1,20 @@
-"""One server process: load the rule sets, serve until told to stop, then drain.
+"""One server process: serve the rule sets the supervisor hands over, until told to stop, then drain.
 
-A worker stops on SIGTERM, or when its supervisor goes away (end of file on the control
-pipe), so that a killed supervisor never leaves orphans bound to the port. It tells the
-supervisor ``("ready", pid, port)`` once it serves.
+A worker never reads rule sets from disk. It starts from the supervisor's :class:`Catalog` (the
+versions accepted so far, the serving one first, and the last reload outcomes) and installs every
+newer catalog the supervisor sends on the control pipe: it builds the versions it lacks in a
+thread (parsing happened in the supervisor and the validation subprocess) and swaps them in on the
+event loop in one step, between requests.
+
+A worker stops on SIGTERM, or when its supervisor goes away (end of file on the control pipe), so
+that a killed supervisor never leaves orphans bound to the port. Stopping: health reports
+NOT_SERVING, decision-service calls dispatched from then on are answered UNAVAILABLE (clients
+retry), the calls already dispatched get up to ``grace`` seconds to finish, and then the process
+exits without the gRPC core's shutdown, which would end the calls still queued in the core
+CANCELLED (a status clients do not retry); its closing sockets end them UNAVAILABLE instead.
+
+Messages: the worker sends ``("ready", pid, port)`` once it serves and ``("installed", generation,
+error)`` after each catalog; the supervisor sends ``("catalog", Catalog)`` or ``("stop",)``.
 """
 
 from __future__ import annotations
@@ -12,20 +24,25 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from needlepoint.rulesets import bundled_rulesets_dir
+from needlepoint.core.evaluator import Evaluator
+from needlepoint.core.ruleset import RuleSet
 from needlepoint.security import logsafe
 from needlepoint.security.transport import SecurityConfig
+from needlepoint.server import metrics
+from needlepoint.server.calls import CallGate
 from needlepoint.server.engine import Engine
-from needlepoint.server.reload import Watcher
-from needlepoint.server.servicer import start_server
+from needlepoint.server.reload import Accepted, Catalog, Registry
+from needlepoint.server.servicer import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, server_options, start_server
 
 log = logging.getLogger("needlepoint.worker")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s needlepoint[%(process)d] %(name)s: %(message)s"
+FLUSH_PAUSE = 0.1  # seconds after the last call so its answer leaves the socket before the exit
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -48,6 +65,8 @@ class WorkerConfig:
     security: SecurityConfig | None = None  # TLS and token authentication (none: plaintext, open)
     http_port: int | None = None  # also serve CDS Hooks over HTTP on this port (needlepoint.cdshooks)
     insecure_dev: bool = False  # CDS Hooks without client authentication (until JWT validation lands)
+    max_connection_age: float = MAX_CONNECTION_AGE  # seconds; 0 = connections live for ever
+    max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
 
     @property
     def address(self) -> str:
@@ -61,54 +80,142 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def run_worker(config: WorkerConfig, control: Connection | None = None) -> None:
-    """Process entry point. Exits 1 if the worker cannot start."""
+def run_worker(config: WorkerConfig, control: Connection | None = None, catalog: Catalog | None = None) -> None:
+    """Process entry point. Exits 1 if the worker cannot start, 0 once drained."""
     # A terminal's Ctrl-C reaches the whole process group; the supervisor answers it for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(config.log_level)
+    metrics.setup()
     try:
-        asyncio.run(serve(config, control))
+        asyncio.run(serve(config, control, catalog))  # returns only if it cannot start
     except Exception as exc:  # start-up failure: bad rule set, address in use...
         log.error("worker cannot serve: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
         sys.exit(1)
 
 
-async def serve(config: WorkerConfig, control: Connection | None = None) -> None:
-    """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s."""
-    engine = Engine.load(config.rulesets_dir)
-    running = await start_server(engine, config.address, security=config.security)
+def _exit_now() -> None:
+    """Leave the process at once, with the server and every call task as they are: no gRPC core
+    shutdown (it would end queued calls CANCELLED), no cancelling of the event loop's tasks (a
+    cancelled call task answers CANCELLED too). The kernel closes the sockets; clients see
+    UNAVAILABLE for whatever was still queued."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class Installer:
+    """Turns catalogs into the registry's evaluators, reusing those already compiled."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._built: dict[tuple[str, str, str], Evaluator] = {}
+
+    def build(self, catalog: Catalog) -> dict[str, list[Evaluator]]:
+        """Every version of the catalog as an evaluator, newest first, compiling only what is new.
+        May run in a thread: it reads nothing the event loop changes (installs are sequential)."""
+        versions: dict[str, list[Evaluator]] = {}
+        for ruleset_id, accepted in catalog.versions.items():
+            versions[ruleset_id] = [self._built.get(_key(a)) or a.evaluator() for a in accepted]
+        return versions
+
+    def install(self, catalog: Catalog, versions: dict[str, list[Evaluator]]) -> None:
+        """Swap the built versions in (on the event loop, between requests); the registry closes
+        the evaluators it no longer holds."""
+        self.registry.install(versions, catalog.last_reload)
+        self._built = {_key(e.ruleset): e for evaluators in versions.values() for e in evaluators}
+
+
+def _key(item: Accepted | RuleSet) -> tuple[str, str, str]:
+    """A version's identity: id, version and rule-set digest."""
+    if isinstance(item, Accepted):
+        return item.ruleset_id, item.version, item.digest
+    return item.id, item.version, item.digest
+
+
+async def serve(config: WorkerConfig, control: Connection | None = None, catalog: Catalog | None = None) -> None:
+    """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s. Without a
+    catalog (a worker run on its own) the rule sets are loaded from ``config.rulesets_dir``."""
+    if catalog is None:
+        from needlepoint.server.reload import load_catalog
+        from needlepoint.rulesets import bundled_rulesets_dir
+
+        catalog, _ = load_catalog(config.rulesets_dir or bundled_rulesets_dir())
+    registry = Registry()
+    installer = Installer(registry)
+    installer.install(catalog, installer.build(catalog))
+    engine = Engine(registry)
+    gate = CallGate()
+    options = server_options(
+        reuse_port=True, max_connection_age=config.max_connection_age, max_connection_age_grace=config.max_connection_age_grace
+    )
+    running = await start_server(engine, config.address, interceptors=[gate], options=options, security=config.security)
     http = None
     if config.http_port is not None:
         from needlepoint.cdshooks.server import start_http
 
         http = await start_http(engine, config.host, config.http_port, grace=config.grace, insecure_dev=config.insecure_dev)
-    watcher_task = None
-    if config.watch:
-        directory = config.rulesets_dir or bundled_rulesets_dir()
-        watcher_task = asyncio.create_task(Watcher(directory, engine.registry, config.watch_interval).run())
-        log.info("watching %s for rule-set changes every %.1fs", directory, config.watch_interval)
     stop = asyncio.Event()
+    catalogs: asyncio.Queue[Catalog] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    installing = None
     if control is not None:
-        loop.add_reader(control.fileno(), _on_control, loop, control, stop)
+        loop.add_reader(control.fileno(), _on_control, loop, control, stop, catalogs)
+        installing = asyncio.create_task(_install_catalogs(catalogs, installer, control))
         control.send(("ready", os.getpid(), running.port))
     address = format_address(config.host, running.port)
-    log.info("serving on %s (rule sets: %s)", address, ", ".join(engine.ruleset_ids))
+    log.info("serving on %s (rule sets: %s)", address, ", ".join(f"{i} {registry.serving(i)}" for i in engine.ruleset_ids))
     log.info("%s", (config.security or SecurityConfig()).describe())
     await stop.wait()
-    if watcher_task is not None:
-        watcher_task.cancel()
-    log.info("draining, grace %.1fs", config.grace)
-    await asyncio.gather(running.stop(config.grace), *([http.stop(config.grace)] if http is not None else []))
-    log.info("stopped")
+    if installing is not None:
+        installing.cancel()
+    log.info("draining, grace %.1fs (%d call(s) in flight)", config.grace, gate.in_flight)
+    await running.health.enter_graceful_shutdown()
+    gate.drain()
+    if http is not None:  # CDS Hooks: stop taking requests, let those in flight finish within the grace
+        await http.stop(config.grace)
+    if await gate.idle(config.grace):
+        await asyncio.sleep(FLUSH_PAUSE)
+        log.info("stopped")
+    else:
+        log.warning("stopped with %d call(s) still in flight after %.1fs; they end UNAVAILABLE", gate.in_flight, config.grace)
+    _exit_now()
 
 
-def _on_control(loop: asyncio.AbstractEventLoop, control: Connection, stop: asyncio.Event) -> None:
-    """Any message, or the supervisor's end of the pipe closing, means stop."""
+async def _install_catalogs(catalogs: asyncio.Queue[Catalog], installer: Installer, control: Connection) -> None:
+    """Install each catalog the supervisor sends, in order: compile in a thread, swap on the loop."""
+    while True:
+        catalog = await catalogs.get()
+        error = ""
+        try:
+            started = time.perf_counter()
+            versions = await asyncio.to_thread(installer.build, catalog)
+            built = time.perf_counter()
+            installer.install(catalog, versions)
+            swapped = time.perf_counter()
+            serving = ", ".join(f"{i} {installer.registry.serving(i)}" for i in installer.registry.ids)
+            log.info("installed rule sets generation %d (serving %s; built in %.0f ms off the loop, swapped in %.1f ms)",
+                     catalog.generation, serving, (built - started) * 1000, (swapped - built) * 1000)
+        except Exception as exc:  # the previous versions keep serving
+            error = str(exc)
+            log.exception("cannot install rule sets generation %d; the previous ones keep serving", catalog.generation)
+        try:
+            control.send(("installed", catalog.generation, error))
+        except (OSError, ValueError):
+            pass
+
+
+def _on_control(
+    loop: asyncio.AbstractEventLoop, control: Connection, stop: asyncio.Event, catalogs: asyncio.Queue[Catalog]
+) -> None:
+    """A catalog to install; ``("stop",)`` or the supervisor's end of the pipe closing means stop."""
     try:
-        control.recv()
+        message = control.recv()
     except (EOFError, OSError):
         log.warning("supervisor gone; stopping")
+        message = ("stop",)
+    if message[0] == "catalog":
+        catalogs.put_nowait(message[1])
+        return
     loop.remove_reader(control.fileno())
     stop.set()
