@@ -143,6 +143,9 @@ class CompiledRules:
         self.pool = SidPool(pool_size, prefix=f"np{self.name.rsplit('#', 1)[1]}")
         self._started: set[str] = set()  # sessions known to have started an action (safe to delete)
         self._closed = False
+        self._running = 0  # evaluations in flight (threads may evaluate while the loop retires a version)
+        self._deleted = False
+        self._guard = threading.Lock()
 
     def run(self, facts: list[dict]) -> list[tuple[str, dict[str, dict]]]:
         """Assert ``facts`` in a fresh session; return every (rule name, {alias: fact}) that fired."""
@@ -152,8 +155,22 @@ class CompiledRules:
             n = count_properties(fact)
             if n > MAX_FACT_PROPERTIES:
                 raise EngineError(f"fact {i} has {n} properties; the engine's limit is {MAX_FACT_PROPERTIES}")
-        if self._closed:
-            raise EngineError("rule set is closed")
+        with self._guard:
+            if self._closed:
+                raise EngineError("rule set is closed")
+            self._running += 1
+        try:
+            return self._run(facts)
+        finally:
+            with self._guard:
+                self._running -= 1
+                delete = self._closed and self._running == 0 and not self._deleted
+                self._deleted = self._deleted or delete
+            if delete:  # closed while this evaluation ran: the last one out deletes the rule set
+                _dre.delete_ruleset(self._handle)
+
+    def _run(self, facts: list[dict]) -> list[tuple[str, dict[str, dict]]]:
+        """:meth:`run` once the rule set is known to stay alive until it returns."""
         sid = self.pool.acquire()
         firings: list[tuple[str, dict[str, dict]]] = []
         clean = False
@@ -204,7 +221,13 @@ class CompiledRules:
         return orjson.loads(_dre.get_facts(self._handle, sid))
 
     def close(self) -> None:
-        """Delete the engine rule set. Call only when no evaluation is in flight on it."""
-        if not self._closed:
+        """Delete the engine rule set: now, or when the evaluations still in flight on it (on
+        other threads) have finished. New evaluations are refused from now on."""
+        with self._guard:
+            if self._closed:
+                return
             self._closed = True
+            delete = self._running == 0
+            self._deleted = delete
+        if delete:
             _dre.delete_ruleset(self._handle)

@@ -8,6 +8,7 @@ threads at once (each call holds its own engine session).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from .compiler import compile_ruleset, rule_id_of
 from .engine import CompiledRules
@@ -34,9 +35,13 @@ class Evaluator:
         self.resolver = Resolver(ruleset)
         self._rules = {r.id: r for r in ruleset.rules}
 
-    def firings(self, record: PatientRecord, as_of: dt.datetime):
-        """The prepared facts and every rule that fired, before conflict resolution."""
+    def firings(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
+        """The prepared facts and every rule that fired, before conflict resolution.
+        ``checkpoint`` is called between the stages; it may raise to stop the evaluation (a caller
+        whose deadline has passed)."""
         prepared = self.preparer.prepare(record, as_of)
+        if checkpoint is not None:
+            checkpoint()
         return prepared, self.run_prepared(prepared)
 
     def run_prepared(self, prepared) -> list[Firing]:
@@ -57,14 +62,17 @@ class Evaluator:
             by_rule[rule_id].matched[alternative][alias] = sorted(ids)
         return list(by_rule.values())
 
-    def evaluate(self, record: PatientRecord, as_of: dt.datetime) -> dict:
-        return self.evaluate_with_facts(record, as_of)[1]
+    def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict:
+        return self.evaluate_with_facts(record, as_of, checkpoint)[1]
 
-    def evaluate_with_facts(self, record: PatientRecord, as_of: dt.datetime):
-        """The prepared facts and the decision (for tools that also inspect the facts)."""
+    def evaluate_with_facts(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
+        """The prepared facts and the decision (for tools that also inspect the facts).
+        ``checkpoint``, if given, is called between the stages (see :meth:`firings`)."""
         if as_of.tzinfo is None:
             raise RecordError("asOf", "the evaluation instant needs a time zone (use UTC)")
-        prepared, firings = self.firings(record, as_of)
+        prepared, firings = self.firings(record, as_of, checkpoint)
+        if checkpoint is not None:
+            checkpoint()
         return prepared, self.resolver(firings, prepared, format_instant(as_of))
 
     def close(self) -> None:

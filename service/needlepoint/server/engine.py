@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,6 +65,18 @@ def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike
     return evaluators
 
 
+def _deadline_check(deadline: float | None) -> Callable[[], None] | None:
+    """A checkpoint that raises DEADLINE_EXCEEDED once ``deadline`` (monotonic seconds) has passed."""
+    if deadline is None:
+        return None
+
+    def check() -> None:
+        if time.monotonic() >= deadline:
+            raise ServiceError.deadline_exceeded("during")
+
+    return check
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -95,15 +108,20 @@ class Engine:
         except UnknownVersion as exc:
             raise ServiceError.not_found(path if not version else "ruleset_version", str(exc)) from None
 
-    def evaluate(self, request: decision_service_pb2.EvaluateRequest) -> decision_pb2.Decision:
+    def evaluate(self, request: decision_service_pb2.EvaluateRequest, *, deadline: float | None = None) -> decision_pb2.Decision:
         """The decision for one request. Bad input raises ServiceError; any other exception is a
-        fault of the service and propagates."""
+        fault of the service and propagates. ``deadline`` (``time.monotonic()`` seconds): past
+        it, the evaluation stops at the next stage boundary with DEADLINE_EXCEEDED, so a caller
+        who has given up stops costing CPU."""
         evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
+        checkpoint = _deadline_check(deadline)
         try:
             record = self.record(request)
+            if checkpoint is not None:
+                checkpoint()
             has_as_of = request.HasField("as_of")
             as_of = convert.as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
-            decision = evaluator.evaluate(record, as_of)
+            decision = evaluator.evaluate(record, as_of, checkpoint) if checkpoint is not None else evaluator.evaluate(record, as_of)
         except RecordError as exc:
             raise ServiceError.from_record_error(exc) from None
         return convert.decision_to_proto(decision)

@@ -115,8 +115,10 @@ class ServiceError(Exception):
         return cls(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     @classmethod
-    def deadline_exceeded(cls) -> ServiceError:
-        return cls(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before evaluation")
+    def deadline_exceeded(cls, when: str = "before") -> ServiceError:
+        """The caller's deadline passed ``before`` the evaluation started, or ``during`` it (then
+        it was stopped at the next stage)."""
+        return cls(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded {when} evaluation")
 
     def to_status_proto(self) -> status_pb2.Status:
         """The ``google.rpc.Status``, with a BadRequest detail when fields are at fault."""

@@ -1,14 +1,21 @@
 """The gRPC servicer (``grpc.aio``) and the server that hosts it with health and reflection.
 
-Evaluation is pure CPU (tens to hundreds of microseconds), so it runs inline in the coroutine:
-handing it to an executor would cost more than it saves. Every RPC ends in a decision, a
+Evaluation is pure CPU. A common request takes about a millisecond, so it runs inline in the
+coroutine: handing it to an executor would cost more than it saves. A large one (over
+``HEAVY_REQUEST_BYTES``) runs on a heavy lane, one thread per worker, so that health checks and
+small requests keep their latency while it runs; and every evaluation stops at the next stage
+boundary once the caller's deadline has passed. Every RPC ends in a decision, a
 :class:`ServiceError` status, or, for a fault of the service, ``INTERNAL`` with a generic message
 while the fault is logged and the server keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,11 +40,21 @@ CORRELATION_ID_KEY = "correlation-id"
 T = TypeVar("T")
 
 
+# A request larger than this is evaluated on the heavy lane, a thread of its own, so that the event
+# loop keeps answering health checks and small requests while it runs (Python switches threads
+# every few milliseconds; the engine's C calls, short because alike facts are asserted once, are
+# the only stretches that hold the loop). Smaller requests run inline: a thread hop would cost them
+# more than the whole evaluation. One lane per worker: heavy requests queue behind each other, and
+# one whose deadline passes while it waits costs nothing.
+HEAVY_REQUEST_BYTES = 256 * 1024
+
+
 class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     """``needlepoint.v1.DecisionService`` over an :class:`Engine`."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._heavy_lane = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="needlepoint-heavy")
 
     async def Evaluate(
         self, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
@@ -45,7 +62,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         # An invalid id goes back nowhere: it is refused (INVALID_ARGUMENT) before evaluation.
         valid = request.correlation_id and correlation_id_problem(request.correlation_id) is None
         trailer = ((CORRELATION_ID_KEY, request.correlation_id),) if valid else ()
-        outcome = self._evaluate("Evaluate", request, context)
+        outcome = await self._evaluate("Evaluate", request, context)
         if isinstance(outcome, ServiceError):
             await context.abort_with_status(outcome.to_grpc_status(trailer))
         context.set_trailing_metadata(trailer)
@@ -61,7 +78,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
                 log.info("EvaluateStream %s unreadable item (%d bytes)", request.error.code.name, request.size)
                 yield decision_service_pb2.EvaluateStreamResponse(error=request.error.to_status_proto())
                 continue
-            outcome = self._evaluate("EvaluateStream", request, context)
+            outcome = await self._evaluate("EvaluateStream", request, context)
             if isinstance(outcome, ServiceError):
                 if outcome.code is grpc.StatusCode.DEADLINE_EXCEEDED:
                     await context.abort_with_status(outcome.to_grpc_status())
@@ -92,28 +109,48 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     async def Explain(
         self, request: decision_service_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> decision_service_pb2.ExplainResponse:
-        outcome = _guard("Explain", request.request.correlation_id, lambda: self._engine.explain(request))
+        call = functools.partial(_guard, "Explain", request.request.correlation_id, lambda: self._engine.explain(request))
+        outcome = await self._run(call, heavy=_size(request.request) > HEAVY_REQUEST_BYTES)
         if isinstance(outcome, ServiceError):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome
 
-    def _evaluate(
+    async def _evaluate(
         self, method: str, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> decision_pb2.Decision | ServiceError:
-        """One evaluation, inline, unless the caller's deadline has already passed. A correlation
-        id that cannot travel in a trailer or a log line is INVALID_ARGUMENT (``correlation_id``)."""
+        """One evaluation, unless the caller's deadline has already passed: inline when small, on
+        the heavy lane when large; either way it stops at the next stage once the deadline passes.
+        A correlation id that cannot travel in a trailer or a log line is INVALID_ARGUMENT
+        (``correlation_id``)."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             log.info("%s DEADLINE_EXCEEDED correlation=%s", method, correlation_ref(request.correlation_id))
             return ServiceError.deadline_exceeded()
-        return _guard(method, request.correlation_id, lambda: self._checked_evaluate(request))
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        call = functools.partial(_guard, method, request.correlation_id, lambda: self._checked_evaluate(request, deadline))
+        return await self._run(call, heavy=_size(request) > HEAVY_REQUEST_BYTES)
 
-    def _checked_evaluate(self, request: decision_service_pb2.EvaluateRequest) -> decision_pb2.Decision:
+    async def _run(self, call: Callable[[], T], *, heavy: bool) -> T:
+        """``call()`` inline, or on the heavy lane while the event loop goes on serving."""
+        if not heavy:
+            return call()
+        return await asyncio.get_running_loop().run_in_executor(self._heavy_lane, call)
+
+    def _checked_evaluate(self, request: decision_service_pb2.EvaluateRequest, deadline: float | None) -> decision_pb2.Decision:
         """The engine's decision, after the correlation id has been checked."""
         problem = correlation_id_problem(request.correlation_id)
         if problem is not None:
             raise ServiceError.bad_input("correlation_id", problem)
-        return self._engine.evaluate(request)
+        if deadline is not None and time.monotonic() >= deadline:  # it waited on the heavy lane too long
+            raise ServiceError.deadline_exceeded()
+        return self._engine.evaluate(request, deadline=deadline)
+
+
+def _size(request: decision_service_pb2.EvaluateRequest) -> int:
+    """How large a request is, cheaply: the bundle's bytes, or the typed context's encoded size."""
+    if request.WhichOneof("patient") == "fhir_bundle":
+        return len(request.fhir_bundle)
+    return request.ByteSize()
 
 
 def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | ServiceError:
