@@ -1,7 +1,8 @@
 """The Spark engine: the same evaluation, on Apache Spark (PySpark), local or on a cluster.
 
-A Bulk Data export is read as text, one RDD per NDJSON file (``textFile`` as bytes, then
-``zipWithIndex`` for the line numbers, which costs one extra pass over each file); each line is
+A Bulk Data export is read as text, one RDD per NDJSON file (``textFile`` as bytes, one partition per
+Hadoop split, then ``zipWithIndex`` for the line numbers, which costs one extra pass over a file of
+several splits); each line is
 read by :func:`needlepoint.batch.bulk.read_line`, exactly as the local engine reads it, and keyed
 by patient. A shuffle groups the lines by patient (``groupByKey``, or ``cogroup`` with a CSV's
 referrals), and ``mapPartitions`` evaluates each patient with one
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from functools import partial
 from typing import Any
 
@@ -33,15 +35,27 @@ from needlepoint.batch.evaluate import Options, ReferralEvaluator, error_row
 from needlepoint.batch.local import Outcome
 from needlepoint.batch.referrals import Plan, Referral
 
-# Per executor Python process: broadcast id -> its evaluator (built once, reused by every task).
-_EVALUATORS: dict[int, ReferralEvaluator] = {}
+# Per executor Python process: run token -> its evaluator (built once, reused by every task).
+_EVALUATORS: dict[str, ReferralEvaluator] = {}
 
 
-def _evaluator(broadcast: Any) -> ReferralEvaluator:
-    """This process's evaluator for the run's broadcast options, built on first use."""
-    evaluator = _EVALUATORS.get(broadcast.id)
+class Shared:
+    """The run's options as executors see them: a broadcast, and a token naming the run (so that
+    a process that served an earlier run in the same application builds a fresh evaluator)."""
+
+    def __init__(self, token: str, broadcast: Any):
+        self.token, self.broadcast = token, broadcast
+
+    @property
+    def options(self) -> Options:
+        return self.broadcast.value
+
+
+def _evaluator(shared: Shared) -> ReferralEvaluator:
+    """This process's evaluator for the run, built on first use and cached."""
+    evaluator = _EVALUATORS.get(shared.token)
     if evaluator is None:
-        evaluator = _EVALUATORS[broadcast.id] = ReferralEvaluator(broadcast.value)
+        evaluator = _EVALUATORS[shared.token] = ReferralEvaluator(shared.options)
     return evaluator
 
 
@@ -63,7 +77,7 @@ def _patients(broadcast: Any, groups):
 
 def _orphans(broadcast: Any, items):
     """Error rows for lines that cannot be tied to a patient."""
-    options = broadcast.value
+    options = broadcast.options
     for _, line in items:
         yield error_row(options, Referral(line.where, line.where), line.problem or "")
 
@@ -109,6 +123,7 @@ def session(master: str | None, partitions: int):
         .config("spark.sql.shuffle.partitions", str(partitions))
         .config("spark.default.parallelism", str(partitions))
         .config("spark.python.worker.reuse", "true")
+        .config("spark.ui.showConsoleProgress", "false")
     )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
@@ -127,14 +142,15 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
     try:
         sc = spark.sparkContext
         n = partitions or max(2, 2 * sc.defaultParallelism)
-        broadcast = sc.broadcast(options)
+        handle = sc.broadcast(options)
+        broadcast = Shared(uuid.uuid4().hex, handle)
         parts = []
         if plan.referrals:
             parts.append(sc.parallelize(plan.referrals, max(1, min(n, len(plan.referrals)))).mapPartitions(partial(_bundles, broadcast)))
         if plan.export is not None:
             files = export_files(sc, str(plan.export))
             if files:
-                lines = sc.union([sc.textFile(uri, use_unicode=False).zipWithIndex().mapPartitions(partial(_read_lines, name)) for uri, name in files])
+                lines = sc.union([sc.textFile(uri, minPartitions=1, use_unicode=False).zipWithIndex().mapPartitions(partial(_read_lines, name)) for uri, name in files])
                 parts.append(lines.filter(lambda kv: kv[0] is None).mapPartitions(partial(_orphans, broadcast)))
                 keyed = lines.filter(lambda kv: kv[0] is not None)
                 if plan.by_patient is not None:
@@ -162,7 +178,7 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
             counts = {r["status"]: r["count"] for r in df.groupBy("status").count().collect()}
         finally:
             df.unpersist()
-        broadcast.unpersist()
+        handle.unpersist()
         return Outcome(rows=sum(counts.values()), statuses=counts, seconds=time.perf_counter() - started, processes=sc.defaultParallelism)
     finally:
         if own:
