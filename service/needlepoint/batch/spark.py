@@ -109,10 +109,11 @@ def export_files(sc: Any, export: str) -> list[tuple[str, str]]:
 
 def session(master: str | None, partitions: int):
     """A SparkSession: ``master`` if given (``local[2]``, ``spark://host:7077``, ``yarn``…),
-    else whatever spark-submit says, else ``local[*]``. No UI; the executors' Python is this one
-    unless PYSPARK_PYTHON says otherwise."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    else whatever spark-submit says, else ``local[*]``. No UI; in local mode the executors' Python
+    is this one unless PYSPARK_PYTHON says otherwise."""
+    if not master or master.startswith("local"):  # on a cluster, the executors' Python is the cluster's to say
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName("needlepoint-batch")
