@@ -20,6 +20,7 @@ import click
 from needlepoint import __version__
 from needlepoint.authoring.explain import command as explain_command
 from needlepoint.cli_cds import cds as cds_command
+from needlepoint.cli_batch import command as batch_command
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_rules import rules
 from needlepoint.rulesets import DEFAULT_RULESET
@@ -50,6 +51,7 @@ def main() -> None:
 main.add_command(rules)
 main.add_command(explain_command)
 main.add_command(cds_command)
+main.add_command(batch_command)
 
 
 @main.command()

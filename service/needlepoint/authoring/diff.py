@@ -65,14 +65,11 @@ import dataclasses
 import datetime as dt
 import html
 import os
-import pickle
 import re
-import tempfile
 import sys
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,10 +82,14 @@ from needlepoint.casefile import load_cases
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.core.conditions import RuleSetError
 from needlepoint.core.evaluator import Evaluator, format_instant
-from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
+from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
+from needlepoint.corpus import input_files as _input_files
+from needlepoint.corpus import request_kind as _request_kind
+from needlepoint.corpus import with_order_defaults as _with_order_defaults
 from needlepoint.fhir.mapper import record_from_bundle, record_from_cds_hooks_request
 from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
+from needlepoint.workpool import ProgressBar, can_spawn as _can_spawn, run_pool
 
 FIELDS = ("modality", "injectates", "deferrals", "cautions", "missingData")
 JSON_SUFFIXES = frozenset({".json"})
@@ -103,8 +104,6 @@ EXIT_CANNOT_RUN = 2
 IN_PROCESS_BYTES = 128 * 1024
 # A progress bar is worth drawing (on a terminal) from this much input on.
 PROGRESS_BYTES = 512 * 1024
-# Restarts of the worker pool after a worker died, before the rest of the run is given up.
-MAX_POOL_RESTARTS = 3
 
 
 class DiffError(Exception):
@@ -277,17 +276,6 @@ class WorkItem:
         if self.kind != "ndjson":
             return self.rel
         return f"{self.rel}:{self.first_line}-{self.first_line + self.lines - 1}"
-
-
-def _input_files(root: Path) -> Iterator[tuple[Path, str]]:
-    if root.is_file():
-        yield root, root.name
-        return
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        yield path, rel.as_posix()
 
 
 def _ndjson_pieces(path: Path, rel: str, target: int) -> Iterator[WorkItem]:
@@ -506,30 +494,6 @@ class Options:
     affected: frozenset[str]
 
 
-def _with_order_defaults(record: PatientRecord, defaults: tuple[str | None, str | None, str | None] | None) -> PatientRecord:
-    if not defaults:
-        return record
-    target, side, intent = defaults
-    base = record.order
-    if base is None:
-        return record.with_order(InjectionOrder(target=target, side=side, intent=intent, source="--target/--side/--intent"))
-    filled = dataclasses.replace(base, target=base.target or target, side=base.side or side, intent=base.intent or intent)
-    return record if filled == base else record.with_order(filled)
-
-
-def _request_kind(obj: Any) -> str | None:
-    """What a parsed JSON value is: ``bundle``, ``cds-hooks``, ``request`` or None."""
-    if type(obj) is not dict:
-        return None
-    if obj.get("resourceType") == "Bundle":
-        return "bundle"
-    if "hook" in obj and "context" in obj:
-        return "cds-hooks"
-    if "fhirBundle" in obj or "context" in obj:
-        return "request"
-    return None
-
-
 def _from_request(obj: dict) -> tuple[PatientRecord, dt.datetime | None, str]:
     """An exported EvaluateRequest (protobuf JSON mapping; ``fhirBundle`` may also be a Bundle
     object or its JSON text): the record with the request's order override, its asOf and
@@ -705,22 +669,16 @@ def _looks_like_cases(path: Path) -> bool:
     return isinstance(content, list) and any(isinstance(c, dict) and "name" in c and ("patient" in c or "expect" in c) for c in content)
 
 
-_worker: Comparer | None = None
+def _comparer(state: tuple) -> Comparer:
+    """A worker process's Comparer, from the parent's (old, new, options)."""
+    old, new, options = state
+    return Comparer(old, new, options)
 
 
-def _init_worker(state_file: str) -> None:
-    """Load both versions in a worker, from the parent's pickle of (old, new, options): reading a
-    file is ~100 times faster than loading the YAML again, and keeps the spawn message small (a
-    child that dies before reading a large one leaves its parent blocked on the pipe)."""
-    global _worker
-    with open(state_file, "rb") as fh:
-        old, new, options = pickle.load(fh)
-    _worker = Comparer(old, new, options)
-
-
-def _work(chunk: list[WorkItem]) -> ChunkResult:
-    assert _worker is not None, "the worker was not initialised"
-    return _worker.run(chunk)
+def _run_pool(chunks: list[list[WorkItem]], jobs: int, state: tuple, on_result) -> None:
+    """Evaluate the chunks on ``jobs`` spawned workers (:func:`needlepoint.workpool.run_pool`):
+    a worker that dies costs the chunks in flight, reported as error cases."""
+    run_pool(chunks, jobs, state, _comparer, on_result, lambda chunk, why: on_result(_crashed(chunk, why)))
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -823,63 +781,6 @@ def _crashed(chunk: list[WorkItem], why: str) -> ChunkResult:
     return ChunkResult(outcomes, 0, [], sum(item.size for item in chunk))
 
 
-def _can_spawn() -> bool:
-    """Whether a spawned child can re-create ``__main__`` (not when it was read from standard
-    input, for instance): otherwise every worker would die at start-up."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    return getattr(main, "__spec__", None) is not None or path is None or os.path.isfile(path)
-
-
-def _run_pool(chunks: list[list[WorkItem]], jobs: int, state: tuple, on_result: Callable[[ChunkResult], None]) -> None:
-    """Evaluate the chunks on ``jobs`` spawned workers, a few chunks in flight per worker. A
-    worker that dies (a fault in the C engine) costs the chunks in flight, reported as errors;
-    the pool is replaced and the run goes on."""
-    with tempfile.NamedTemporaryFile(prefix="needlepoint-diff-", suffix=".pickle", delete=False) as fh:
-        pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    try:
-        _run_pool_with(chunks, jobs, (fh.name,), on_result)
-    finally:
-        os.unlink(fh.name)
-
-
-def _run_pool_with(chunks: list[list[WorkItem]], jobs: int, initargs: tuple, on_result: Callable[[ChunkResult], None]) -> None:
-    import multiprocessing
-    from concurrent.futures.process import BrokenProcessPool
-
-    pending = deque(chunks)
-    restarts = 0
-    context = multiprocessing.get_context("spawn")  # no fork: the parent may hold threads (gRPC, the progress bar)
-    while pending:
-        if restarts > MAX_POOL_RESTARTS:
-            while pending:
-                on_result(_crashed(pending.popleft(), "not evaluated: worker processes kept dying"))
-            return
-        inflight: dict[Future, list[WorkItem]] = {}
-        broken = False
-        executor = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=initargs)
-        try:
-            while (pending or inflight) and not broken:
-                while pending and len(inflight) < jobs * 3:
-                    chunk = pending.popleft()
-                    inflight[executor.submit(_work, chunk)] = chunk
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    chunk = inflight.pop(future)
-                    try:
-                        on_result(future.result())
-                    except BrokenProcessPool:
-                        broken = True
-                        on_result(_crashed(chunk, "not evaluated: the worker process died"))
-                    except Exception as exc:  # noqa: BLE001 - e.g. a result that does not pickle
-                        on_result(_crashed(chunk, f"not evaluated: {type(exc).__name__}: {exc}"))
-            for chunk in inflight.values():  # a broken pool fails everything in flight
-                on_result(_crashed(chunk, "not evaluated: a worker process died while this was in flight"))
-        finally:
-            executor.shutdown(wait=True, cancel_futures=True)
-        restarts += broken
-
-
 def run_diff(
     old: Version,
     new: Version,
@@ -906,7 +807,7 @@ def run_diff(
     outcomes: list[CaseOutcome] = []
     totals = {"same": 0, "old": 0.0, "new": 0.0, "cases": 0, "changed": 0}
     show = progress if progress is not None else (sys.stderr.isatty() and total_bytes >= PROGRESS_BYTES)
-    bar = _ProgressBar(total_bytes) if show else None
+    bar = ProgressBar("rules diff", total_bytes, "{task.fields[cases]:,} cases, {task.fields[changed]:,} changed", cases=0, changed=0) if show else None
 
     def collect(result: ChunkResult) -> None:
         outcomes.extend(result.outcomes)
@@ -917,7 +818,7 @@ def run_diff(
         totals["cases"] += result.same + len(result.outcomes)
         totals["changed"] += sum(1 for o in result.outcomes if o.status == "changed")
         if bar:
-            bar.advance(result.size, totals["cases"], totals["changed"])
+            bar.advance(result.size, cases=totals["cases"], changed=totals["changed"])
 
     in_process = jobs == 1 or len(chunks) <= 1 or total_bytes < IN_PROCESS_BYTES or not _can_spawn()
     try:
@@ -955,34 +856,6 @@ def run_diff(
         old_seconds=totals["old"],
         new_seconds=totals["new"],
     )
-
-
-class _ProgressBar:
-    """A rich progress bar on standard error, measured in bytes of input."""
-
-    def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("rules diff"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[cases]:,} cases, {task.fields[changed]:,} changed"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self.task = self.progress.add_task("diff", total=max(total, 1), cases=0, changed=0)
-
-    def start(self) -> None:
-        self.progress.start()
-
-    def advance(self, size: int, cases: int, changed: int) -> None:
-        self.progress.update(self.task, advance=size, cases=cases, changed=changed)
-
-    def stop(self) -> None:
-        self.progress.stop()
 
 
 # -- rendering --------------------------------------------------------------------------------------
