@@ -329,30 +329,29 @@ class Preparer:
             order_fact["_tags"] = tags
         add(order_fact, FactInfo(f"order {order.target} {order.side or '(side?)'} {order.intent or '(intent?)'}", order.source or "order", codes={"code": order.codes, "reason": order.reasons}, what="the injection order"))
 
-        for condition in record.conditions:
-            tags = tags_of("condition", "code", condition.codes)
-            if not tags or not exists(condition, "condition"):
-                continue
-            fact = {"t": "condition", "_tags": tags}
-            since = condition.since  # an episode is timed from its onset (else its recording)
-            label = f"condition {_codes_label(condition.codes)}"
-            if since is not None:
-                since = _utc(since)
-                fact["days_ago"] = round(_days_between(since, as_of), 4)
-                label += f" since {_day(since)}"
-            add(fact, FactInfo(label, condition.source, {"days_ago": "days"}, codes={"code": condition.codes}, what=_plain(condition.codes), when=since))
+        # A long record repeats the same codes: their tags, label and name are worked out once.
+        coded: dict[tuple, tuple[list[str], str, str]] = {}
 
-        for medication in record.medications:
-            tags = tags_of("medication", "code", medication.codes)
-            if not tags or not exists(medication, "medication"):
-                continue
-            fact = {"t": "medication", "_tags": tags}
-            begun = _utc(medication.begun) if medication.begun is not None else None
-            label = f"medication {_codes_label(medication.codes)}"
-            if begun is not None:
-                fact["days_ago"] = round(_days_between(begun, as_of), 4)
-                label += f" since {_day(begun)}"
-            add(fact, FactInfo(label, medication.source, {"days_ago": "days"}, codes={"code": medication.codes}, what=_plain(medication.codes), when=begun))
+        def described(kind: str, codes: list[Code]) -> tuple[list[str], str, str]:
+            key = (kind, *[(c.system, c.code, c.display) for c in codes])
+            found = coded.get(key)
+            if found is None:
+                found = coded[key] = (tags_of(kind, "code", codes), f"{kind} {_codes_label(codes)}", _plain(codes))
+            return found
+
+        for kind, items in (("condition", record.conditions), ("medication", record.medications)):
+            for item in items:
+                tags, label, what = described(kind, item.codes)
+                if not tags or not exists(item, kind):
+                    continue
+                fact = {"t": kind, "_tags": tags}
+                # an episode is timed from its onset (else its recording); a medication from its start
+                since = item.since if kind == "condition" else item.begun
+                if since is not None:
+                    since = _utc(since)
+                    fact["days_ago"] = round(_days_between(since, as_of), 4)
+                    label += f" since {_day(since)}"
+                add(fact, FactInfo(label, item.source, _IN_DAYS, codes={"code": item.codes}, what=what, when=since))
 
         for allergy in record.allergies:
             tags = tags_of("allergy", "code", allergy.codes)
@@ -595,6 +594,7 @@ def _aggregate_plan(agg: Aggregate, ruleset: RuleSet, params: dict) -> _Aggregat
 
 
 _COMPARISONS = ("eq", "ne", "gt", "gte", "lt", "lte")
+_IN_DAYS = {"days_ago": "days"}  # FactInfo.units of dated conditions and medications (shared, never changed)
 _SINGLETONS = ("patient", "order", "summary", "absent", "observation")  # one each (observations: per concept)
 _TEMPLATE_FIELD = re.compile(r"\{([a-z][a-z0-9_]*)\.?([a-z_]*)\}")
 

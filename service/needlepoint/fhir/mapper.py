@@ -78,6 +78,7 @@ _LATERALITY_SNOMED = {"7771000": "left", "24028007": "right", "51440002": "both"
 _INACTIVE_CLINICAL = frozenset({"inactive", "remission", "resolved"})
 # abatement[x] forms that say a condition ended without saying when
 _UNDATED_ABATEMENT = ("abatementString", "abatementAge", "abatementRange")
+_ABATEMENT_KEYS = frozenset({"abatementDateTime", "abatementPeriod", "abatementBoolean", *_UNDATED_ABATEMENT})
 _EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 _OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
 _SEVERITY_RANK = {"mild": 1, "moderate": 2, "severe": 3}
@@ -749,11 +750,13 @@ class _Mapper:
         is kept only when its abatement is dated (it was current before then); undated, its
         status says it is over."""
         resource, path = entry.resource, entry.path
-        ended = _exact_instant(resource, "abatementDateTime") or _exact_instant(resource, "abatementPeriod", "end") or _exact_instant(resource, "abatementPeriod", "start")
-        if _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL and ended is None:
+        ended = None
+        if not _ABATEMENT_KEYS.isdisjoint(resource):  # (most conditions have no abatement: one C-level check)
+            ended = _exact_instant(resource, "abatementDateTime") or _exact_instant(resource, "abatementPeriod", "end") or _exact_instant(resource, "abatementPeriod", "start")
+            if ended is None and (resource.get("abatementBoolean") is True or any(k in resource for k in _UNDATED_ABATEMENT)):
+                return  # it abated at a time that is not given
+        if ended is None and _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL:
             return
-        if ended is None and (resource.get("abatementBoolean") is True or any(k in resource for k in _UNDATED_ABATEMENT)):
-            return  # it abated at a time that is not given
         if _status_code(resource, "verificationStatus", path) in _EXCLUDED_VERIFICATION:
             return
         codes = _codes(resource.get("code"), path, "code")

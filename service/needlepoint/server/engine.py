@@ -8,10 +8,13 @@ same error text. Evaluation is pure CPU and synchronous; callers run it inline.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +68,43 @@ def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike
     return evaluators
 
 
+# A request larger than this is evaluated with the cyclic garbage collector paused. Reading a
+# large record creates hundreds of thousands of dicts and lists that all survive until the
+# decision is made, and each survivor brings the next full collection closer: on an 8 MiB bundle
+# the collector took about half the time (1.3 s with it, 0.7 s without). Nothing a request builds
+# is cyclic, so reference counting frees it all the same; the collector resumes afterwards.
+LARGE_REQUEST_BYTES = 256 * 1024
+_paused = 0  # requests being evaluated with the collector paused (threads: the heavy lane and the loop)
+_paused_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _collector_paused(pause: bool) -> Iterator[None]:
+    """Pause the cyclic garbage collector for a large request (see ``LARGE_REQUEST_BYTES``)."""
+    global _paused
+    if not pause:
+        yield
+        return
+    with _paused_lock:
+        _paused += 1
+        if _paused == 1:
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _paused -= 1
+            if _paused == 0:
+                gc.enable()
+
+
+def request_size(request: decision_service_pb2.EvaluateRequest) -> int:
+    """How large a request is, cheaply: the bundle's bytes, or the typed context's encoded size."""
+    if request.WhichOneof("patient") == "fhir_bundle":
+        return len(request.fhir_bundle)
+    return request.ByteSize()
+
+
 def _deadline_check(deadline: float | None) -> Callable[[], None] | None:
     """A checkpoint that raises DEADLINE_EXCEEDED once ``deadline`` (monotonic seconds) has passed."""
     if deadline is None:
@@ -115,16 +155,17 @@ class Engine:
         who has given up stops costing CPU."""
         evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
         checkpoint = _deadline_check(deadline)
-        try:
-            record = self.record(request)
-            if checkpoint is not None:
-                checkpoint()
-            has_as_of = request.HasField("as_of")
-            as_of = convert.as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
-            decision = evaluator.evaluate(record, as_of, checkpoint) if checkpoint is not None else evaluator.evaluate(record, as_of)
-        except RecordError as exc:
-            raise ServiceError.from_record_error(exc) from None
-        return convert.decision_to_proto(decision)
+        with _collector_paused(request_size(request) > LARGE_REQUEST_BYTES):
+            try:
+                record = self.record(request)
+                if checkpoint is not None:
+                    checkpoint()
+                has_as_of = request.HasField("as_of")
+                as_of = convert.as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
+                decision = evaluator.evaluate(record, as_of, checkpoint) if checkpoint is not None else evaluator.evaluate(record, as_of)
+            except RecordError as exc:
+                raise ServiceError.from_record_error(exc) from None
+            return convert.decision_to_proto(decision)
 
     def record(self, request: decision_service_pb2.EvaluateRequest) -> PatientRecord:
         """The patient record of a request, with its order override applied. Raises RecordError."""

@@ -28,7 +28,7 @@ from needlepoint.security.logsafe import correlation_ref
 from needlepoint.security.transport import SecurityConfig, bind
 from needlepoint.security.transport import interceptors as security_interceptors
 from needlepoint.server import wire
-from needlepoint.server.engine import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES, Engine
+from needlepoint.server.engine import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES, Engine, request_size
 from needlepoint.server.errors import ServiceError, correlation_id_problem
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, ruleset_pb2
 
@@ -146,11 +146,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         return self._engine.evaluate(request, deadline=deadline)
 
 
-def _size(request: decision_service_pb2.EvaluateRequest) -> int:
-    """How large a request is, cheaply: the bundle's bytes, or the typed context's encoded size."""
-    if request.WhichOneof("patient") == "fhir_bundle":
-        return len(request.fhir_bundle)
-    return request.ByteSize()
+_size = request_size
 
 
 def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | ServiceError:
