@@ -73,7 +73,7 @@ main.add_command(batch_command)
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
 @click.option("--http-port", type=click.IntRange(1, 65535), help="Also serve CDS Hooks 2.0 over HTTP on this port (/cds-services).")
 @click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication: development only (required with --http-port until JWT validation lands).")
-@click.option("--max-connection-age", type=click.FloatRange(0), default=10.0, show_default=True,
+@click.option("--max-connection-age", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
 @click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds the calls on an aged connection get to finish.")

@@ -177,7 +177,7 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-MAX_CONNECTION_AGE = 10.0  # seconds a client connection lives before a GOAWAY makes it reconnect
+MAX_CONNECTION_AGE = 5.0  # seconds a client connection lives before a GOAWAY makes it reconnect
 MAX_CONNECTION_AGE_GRACE = 30.0  # seconds the calls on an aged connection get to finish
 
 

@@ -1,0 +1,76 @@
+"""Does a worker's memory come back after large requests? Not a test; prints figures.
+
+    python bench/memory.py [--requests 10000] [--large-every 50]
+
+Starts ``needlepoint serve`` with one worker on a loopback port and sends REQUESTS evaluations
+from one client: the order-time bundle, and every LARGE_EVERY-th request an 8 MiB record (65,000
+conditions, or 20,000 warfarin prescriptions with long displays, in turn). Prints the worker's
+resident memory after the first 1,000 requests and at the end, and their ratio (issue 8: within
+10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from isolation import ORDER_BUNDLE, _request, compact_bundle  # noqa: E402
+
+from needlepoint.v1 import decision_service_pb2_grpc  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--large-every", type=int, default=50)
+    args = parser.parse_args()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "needlepoint.cli", "serve", "--port", str(port), "--workers", "1"],
+                              stderr=subprocess.PIPE, text=True)
+    worker = 0
+    try:
+        for line in server.stderr:
+            if match := re.search(r"worker \d+ pid (\d+) serving", line):
+                worker = int(match[1])
+            if "serving with" in line:
+                break
+        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        large = [_request(compact_bundle("conditions", 65000)), _request(compact_bundle("warfarin", 20000))]
+        small = _request(ORDER_BUNDLE.read_bytes())
+        marks: dict[int, float] = {}
+        started = time.monotonic()
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
+            stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
+            for i in range(1, args.requests + 1):
+                request = large[(i // args.large_every) % 2] if i % args.large_every == 0 else small
+                stub.Evaluate(request, timeout=60)
+                if i in (1000, args.requests) or i % 2000 == 0:
+                    marks[i] = rss_mib(worker)
+                    print(f"after {i:>6} requests: worker RSS {marks[i]:.1f} MiB ({time.monotonic() - started:.0f} s)", flush=True)
+        first, last = marks[1000], marks[args.requests]
+        print(f"RSS after {args.requests:,} / after 1,000: {last / first:.3f} ({(last / first - 1) * 100:+.1f} %)")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
