@@ -20,6 +20,7 @@ import click
 from needlepoint import __version__
 from needlepoint.authoring.explain import command as explain_command
 from needlepoint.cli_options import order_options, parse_instant
+from needlepoint.cli_decisions import DATABASE_OPTION, MASK_OPTION, decisions, migrate_for_serve
 from needlepoint.cli_rules import rules
 from needlepoint.rulesets import DEFAULT_RULESET
 
@@ -46,6 +47,7 @@ def main() -> None:
 
 main.add_command(rules)
 main.add_command(explain_command)
+main.add_command(decisions)
 
 
 @main.command()
@@ -65,7 +67,12 @@ main.add_command(explain_command)
 )
 @click.option("--watch", is_flag=True, help="Hot-reload rule sets that change on disk (validated, tested, then swapped in).")
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
-def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float) -> None:
+@DATABASE_OPTION
+@MASK_OPTION
+def serve(
+    host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
+    database: str | None, mask: str,
+) -> None:
     """Serve the gRPC API until SIGTERM.
 
     A supervisor runs WORKERS processes that share the port; each serves needlepoint.v1.DecisionService,
@@ -73,13 +80,17 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
     With --watch, a rule set that changes on disk is linted and run against its own test cases in a
     separate process; only then is it loaded and swapped in, and a rule set that fails keeps the
     previous version serving (GetRuleset reports why). Earlier versions stay loaded for pinning.
+    Every decision is committed to the decision log (--database; 'none' for no log) before it is
+    answered; its schema is migrated first.
     """
     from needlepoint.server.supervisor import Supervisor
     from needlepoint.server.worker import WorkerConfig, setup_logging
 
     setup_logging(log_level)
     config = WorkerConfig(
-        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval
+        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
+        database=migrate_for_serve(database, mask),
+        mask=mask,
     )
     sys.exit(Supervisor(config, workers).run())
 
@@ -94,6 +105,9 @@ def serve(host: str, port: int, workers: int, rulesets_dir: Path | None, grace: 
 @_RULESETS_OPTION
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
               help="Deadline in seconds for --server.")
+@click.option("--record", is_flag=True, help="Commit the in-process decision to the decision log (a server logs its own).")
+@DATABASE_OPTION
+@MASK_OPTION
 def evaluate(
     file: BinaryIO,
     as_of: dt.datetime | None,
@@ -105,6 +119,9 @@ def evaluate(
     ruleset_id: str,
     rulesets_dir: Path | None,
     timeout: float,
+    record: bool,
+    database: str | None,
+    mask: str,
 ) -> None:
     """Evaluate the FHIR R4 Bundle in FILE ('-' for standard input).
 
@@ -118,6 +135,10 @@ def evaluate(
         order = InjectionOrder(target=target or "", side=side or "", intent=intent or "")
     request = make_request(fhir_bundle=file.read(), as_of=as_of, order=order, ruleset_id=ruleset_id)
     decision = _remote(server, request, timeout) if server else _in_process(rulesets_dir, request)
+    if record and not server:
+        from needlepoint.cli_decisions import record_cli_decision
+
+        record_cli_decision(database, mask, request, decision)
     if as_json:
         click.echo(decision_to_json(decision))
     else:

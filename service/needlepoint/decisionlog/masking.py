@@ -8,7 +8,8 @@ every ``Patient`` resource it carries (in a FHIR Bundle, in a CDS Hooks request'
 Masked by default (:data:`DEFAULT_FIELDS`), none of which the rules read:
 
 * ``name``, ``identifier`` (MRN, SSN...), ``telecom``, ``address``, ``photo``, ``contact`` of the
-  Patient;
+  Patient, with the extensions that are a name or an address (``patient-mothersMaidenName``,
+  ``patient-birthPlace``);
 * ``narrative``: the ``text`` (generated HTML) of every resource, which repeats names;
 * ``id``: the Patient's id becomes ``masked-<12 hex>``, an HMAC of it, in the Patient, in every
   reference to it (``Patient/<id>``, ``urn:uuid:<id>``, ``fullUrl``), in CDS Hooks
@@ -35,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PATIENT_FIELDS = ("name", "identifier", "telecom", "address", "photo", "contact")
+# Patient extensions that are names or addresses, masked with the field they belong to.
+IDENTIFYING_EXTENSIONS = {"patient-mothersMaidenName": "name", "patient-birthPlace": "address"}
 DEFAULT_FIELDS = frozenset({*PATIENT_FIELDS, "narrative", "id"})
 OPTIONAL_FIELDS = frozenset({"birthDate"})
 ALL_FIELDS = DEFAULT_FIELDS | OPTIONAL_FIELDS
@@ -136,6 +139,16 @@ class Masker:
             if name in self.fields and name in resource:
                 del resource[name]
                 masked.add(f"Patient.{name}")
+        if isinstance(resource.get("extension"), list):
+            kept = []
+            for ext in resource["extension"]:
+                url = ext.get("url", "") if isinstance(ext, dict) else ""
+                field_name = next((f for suffix, f in IDENTIFYING_EXTENSIONS.items() if url.endswith(suffix)), None)
+                if field_name is not None and field_name in self.fields:
+                    masked.add(f"Patient.extension({url.rsplit('/', 1)[-1]})")
+                else:
+                    kept.append(ext)
+            resource["extension"] = kept
         if "birthDate" in self.fields and isinstance(resource.get("birthDate"), str) and len(resource["birthDate"]) > 4:
             resource["birthDate"] = resource["birthDate"][:4]
             masked.add("Patient.birthDate")

@@ -249,4 +249,4 @@ class DecisionLog:
         else:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         statement = dialect_insert(schema.feedback).values(**row).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        return connection.execute(statement).rowcount == 1
+        return connection.execute(statement.returning(schema.feedback.c.id)).first() is not None

@@ -11,15 +11,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from needlepoint.decisionlog.grpc import log_decision
 from needlepoint.server.engine import MAX_MESSAGE_BYTES, Engine
 from needlepoint.server.errors import ServiceError
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, ruleset_pb2
+
+if TYPE_CHECKING:
+    from needlepoint.decisionlog import DecisionLog
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +36,17 @@ T = TypeVar("T")
 class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     """``needlepoint.v1.DecisionService`` over an :class:`Engine`."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, decision_log: DecisionLog | None = None) -> None:
         self._engine = engine
+        self._log = decision_log  # every decision is committed to it before it is answered
 
     async def Evaluate(
         self, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> decision_pb2.Decision:
         trailer = ((CORRELATION_ID_KEY, request.correlation_id),) if request.correlation_id else ()
         outcome = self._evaluate("Evaluate", request, context)
+        if self._log is not None and not isinstance(outcome, ServiceError):
+            outcome = await log_decision(self._log, request, outcome, context)
         if isinstance(outcome, ServiceError):
             await context.abort_with_status(outcome.to_grpc_status(trailer))
         context.set_trailing_metadata(trailer)
@@ -52,6 +59,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     ) -> AsyncIterator[decision_service_pb2.EvaluateStreamResponse]:
         async for request in request_iterator:
             outcome = self._evaluate("EvaluateStream", request, context)
+            if self._log is not None and not isinstance(outcome, ServiceError):
+                outcome = await log_decision(self._log, request, outcome, context)
             if isinstance(outcome, ServiceError):
                 if outcome.code is grpc.StatusCode.DEADLINE_EXCEEDED:
                     await context.abort_with_status(outcome.to_grpc_status())
@@ -134,11 +143,11 @@ def server_options(*, reuse_port: bool) -> list[tuple[str, int]]:
     ]
 
 
-async def start_server(engine: Engine, address: str, *, reuse_port: bool = True) -> RunningServer:
+async def start_server(engine: Engine, address: str, *, reuse_port: bool = True, decision_log: DecisionLog | None = None) -> RunningServer:
     """Bind ``address`` (``host:port``; port 0 picks one), start serving the decision service,
     health and reflection, and report SERVING. Raises RuntimeError if the address cannot be bound."""
     server = grpc.aio.server(options=server_options(reuse_port=reuse_port))
-    decision_service_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine), server)
+    decision_service_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(engine, decision_log), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

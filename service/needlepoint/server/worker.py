@@ -42,6 +42,8 @@ class WorkerConfig:
     log_level: str = "INFO"
     watch: bool = False  # hot-reload rule sets that change on disk
     watch_interval: float = 2.0  # seconds between looks at the rule-sets directory
+    database: str | None = None  # decision log URL (migrated by the caller); None: no log
+    mask: str = "default"  # the decision log's masked identifiers (needlepoint.decisionlog.masking)
 
     @property
     def address(self) -> str:
@@ -70,7 +72,8 @@ def run_worker(config: WorkerConfig, control: Connection | None = None) -> None:
 async def serve(config: WorkerConfig, control: Connection | None = None) -> None:
     """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s."""
     engine = Engine.load(config.rulesets_dir)
-    running = await start_server(engine, config.address)
+    decision_log = _open_decision_log(config)
+    running = await start_server(engine, config.address, decision_log=decision_log)
     watcher_task = None
     if config.watch:
         directory = config.rulesets_dir or bundled_rulesets_dir()
@@ -89,7 +92,22 @@ async def serve(config: WorkerConfig, control: Connection | None = None) -> None
         watcher_task.cancel()
     log.info("draining, grace %.1fs", config.grace)
     await running.stop(config.grace)
+    if decision_log is not None:
+        decision_log.close()
     log.info("stopped")
+
+
+def _open_decision_log(config: WorkerConfig):
+    """The worker's decision log writer, or None when serving without one."""
+    if not config.database:
+        return None
+    from needlepoint.decisionlog import DecisionLog, Masker
+    from needlepoint.decisionlog.database import redacted
+    from needlepoint.decisionlog.masking import parse_fields
+
+    decision_log = DecisionLog(config.database, masker=Masker(parse_fields(config.mask)))
+    log.info("decision log: %s", redacted(config.database))
+    return decision_log
 
 
 def _on_control(loop: asyncio.AbstractEventLoop, control: Connection, stop: asyncio.Event) -> None:
