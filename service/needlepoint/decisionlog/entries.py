@@ -8,6 +8,10 @@ objects it already has (the request, the decision) at almost no cost; everything
 The replay input is stored in a form ``needlepoint rules diff --cases`` reads, so that
 ``decisions export`` can write it out unchanged:
 
+The decision itself is stored as the serialized ``needlepoint.v1.Decision`` (its contract JSON is
+``json_format.MessageToDict`` of it; ``decisions`` readers convert): converting every decision to
+JSON on the way in cost more server CPU than the rest of the logging together.
+
 * gRPC and CLI decisions: the ``EvaluateRequest`` in its protobuf JSON mapping, with
   ``fhirBundle`` as the (masked) Bundle object, and ``asOf`` set to the instant the decision was
   made at even when the caller left it to the server, so a replay is at the same instant;
@@ -83,22 +87,23 @@ class DecisionEntry:
             hook_instance = str(request.get("hookInstance", ""))
         return cls("cds-hooks", decision, request, caller=caller, correlation_id=hook_instance, service_id=service_id, cards=tuple(cards))
 
-    def decision_dict(self) -> dict[str, Any]:
-        """The decision as the contract's JSON object."""
-        if isinstance(self.decision, Mapping):
-            return dict(self.decision)
+    def decision_message(self):
+        """The decision as a ``needlepoint.v1.Decision`` message."""
+        from needlepoint.v1 import decision_pb2
+
+        if isinstance(self.decision, decision_pb2.Decision):
+            return self.decision
         from google.protobuf import json_format
 
-        return json_format.MessageToDict(self.decision)
+        return json_format.ParseDict(dict(self.decision), decision_pb2.Decision(), ignore_unknown_fields=True)
 
     def row(self, masker: Masker) -> dict[str, Any]:
         """The ``decisions`` row (without ``id``), plus ``fired`` and ``cards`` for the side
         tables. Raises ValueError for an entry that cannot be logged."""
         if self.road not in ROADS:
             raise ValueError(f"unknown road {self.road!r}")
-        decision = self.decision_dict()
-        ruleset = decision.get("ruleset", {})
-        as_of = decision.get("asOf", "")
+        decision = self.decision_message()
+        as_of = decision.as_of.ToJsonString() if decision.HasField("as_of") else ""  # exactly the contract's asOf
         if self.road == "cds-hooks":
             replay_kind = "cds-hooks-request"
             request_hash, replay, masked = _cds_hooks_replay(self.request, masker)
@@ -107,10 +112,10 @@ class DecisionEntry:
             request_hash, replay, masked = _evaluate_replay(self.request, as_of, masker)
         summary = summarize(decision)
         return {
-            "decision_id": decision.get("decisionId", ""),
-            "ruleset_id": ruleset.get("id", ""),
-            "ruleset_version": ruleset.get("version", ""),
-            "ruleset_digest": ruleset.get("digest", ""),
+            "decision_id": decision.decision_id,
+            "ruleset_id": decision.ruleset.id,
+            "ruleset_version": decision.ruleset.version,
+            "ruleset_digest": decision.ruleset.digest,
             "as_of": as_of,
             "created_at": utc_text(self.created_at),
             "road": self.road,
@@ -118,9 +123,9 @@ class DecisionEntry:
             "correlation_id": self.correlation_id,
             "request_hash": request_hash,
             "summary": summary,
-            "decision": decision,
+            "decision": decision.SerializeToString(),
             "replay_kind": replay_kind,
-            "replay_input": replay,
+            "replay_input": replay.decode(),
             "masked": masked,
             "fired": summary["fired"],
             "cards": [
@@ -137,61 +142,64 @@ class DecisionEntry:
         }
 
 
-def _evaluate_replay(request: Any, as_of: str, masker: Masker) -> tuple[str, dict[str, Any], list[str]]:
-    """(hash of the request as received, masked replay JSON, masked paths) of an EvaluateRequest."""
+def _evaluate_replay(request: Any, as_of: str, masker: Masker) -> tuple[str, bytes, list[str]]:
+    """(hash of the request as received, masked replay JSON bytes, masked paths) of an
+    EvaluateRequest. The bundle is spliced in as masked JSON, never re-encoded as base64."""
     from google.protobuf import json_format
 
     request_hash = "sha256:" + hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
     road = request.WhichOneof("patient")
-    replay = json_format.MessageToDict(request)
+    head = type(request)()
+    head.CopyFrom(request)
+    head.ClearField("fhir_bundle")
+    replay = json_format.MessageToDict(head)
     masked: list[str] = []
-    if road == "fhir_bundle":
-        bundle = orjson.loads(request.fhir_bundle)
-        if isinstance(bundle, dict):
-            masked = masker.bundle(bundle)
-        replay["fhirBundle"] = bundle
-    elif road == "context" and "birthDate" in masker.fields:
+    if road == "context" and "birthDate" in masker.fields:
         birth = replay.get("context", {}).get("birthDate", "")
         if len(birth) > 4:
             replay["context"]["birthDate"] = birth[:4]
             masked = ["context.birthDate"]
     if as_of:
         replay["asOf"] = as_of
-    return request_hash, replay, masked
+    text = orjson.dumps(replay)
+    if road == "fhir_bundle":
+        bundle, masked = masker.bundle(request.fhir_bundle)
+        text = text[:-1] + (b',' if len(text) > 2 else b'') + b'"fhirBundle":' + bundle + b"}"
+    return request_hash, text, masked
 
 
-def _cds_hooks_replay(request: Any, masker: Masker) -> tuple[str, dict[str, Any], list[str]]:
-    """(hash, masked replay JSON, masked paths) of a CDS Hooks request (bytes or parsed)."""
+def _cds_hooks_replay(request: Any, masker: Masker) -> tuple[str, bytes, list[str]]:
+    """(hash, masked replay JSON bytes, masked paths) of a CDS Hooks request (bytes or parsed)."""
     if isinstance(request, (bytes, bytearray, memoryview)):
         raw = bytes(request)
-        parsed = orjson.loads(raw)
     else:
-        parsed = orjson.loads(orjson.dumps(request))  # a deep copy: the caller's object is left alone
         raw = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
-    if not isinstance(parsed, dict):
-        raise ValueError("a CDS Hooks request is a JSON object")
-    masked = masker.cds_hooks_request(parsed)
-    return "sha256:" + hashlib.sha256(raw).hexdigest(), parsed, masked
+    replay, masked = masker.cds_hooks_request(request)
+    return "sha256:" + hashlib.sha256(raw).hexdigest(), replay, masked
 
 
-def summarize(decision: Mapping[str, Any]) -> dict[str, Any]:
-    """The outcome in brief: whether the procedure can go ahead (``yes``, ``review``, ``no``),
-    deferrals as ``REASON/SCOPE:SEVERITY``, the preferred modality, injectate recommendations,
-    caution and missing-data codes, and every rule that fired (each explained rule)."""
-    deferrals = decision.get("deferrals", [])
-    whole = [d for d in deferrals if d.get("scope", "PROCEDURE") == "PROCEDURE"]
-    if any(d.get("severity") == "HARD" for d in whole):
-        proceed = "no"
-    elif whole:
-        proceed = "review"
-    else:
-        proceed = "yes"
+def summarize(decision) -> dict[str, Any]:
+    """The outcome in brief, from a ``Decision`` message: whether the procedure can go ahead
+    (``yes``, ``review``, ``no``), deferrals as ``REASON/SCOPE:SEVERITY``, the preferred modality,
+    injectate recommendations, caution and missing-data codes, and every rule that fired (each
+    explained rule)."""
+    from needlepoint.v1 import decision_pb2 as pb
+
+    def name(enum, value: int) -> str:
+        return enum.Name(value) if value else ""
+
+    deferrals = [
+        (name(pb.DeferralReason, d.reason), name(pb.Deferral.Scope, d.scope) or "PROCEDURE", name(pb.Severity, d.severity))
+        for d in decision.deferrals
+    ]
+    whole = [d for d in deferrals if d[1] == "PROCEDURE"]
+    proceed = "no" if any(d[2] == "HARD" for d in whole) else "review" if whole else "yes"
     return {
         "proceed": proceed,
-        "deferrals": [f"{d.get('reason', '')}/{d.get('scope', 'PROCEDURE')}:{d.get('severity', '')}" for d in deferrals],
-        "modality": decision.get("modality", {}).get("preferred", ""),
-        "injectates": {i.get("category", ""): i.get("recommendation", "") for i in decision.get("injectates", [])},
-        "cautions": [c.get("code", "") for c in decision.get("cautions", [])],
-        "missingData": [m.get("code", "") for m in decision.get("missingData", [])],
-        "fired": sorted({e["ruleId"] for e in decision.get("explanations", []) if e.get("ruleId")}),
+        "deferrals": [f"{reason}/{scope}:{severity}" for reason, scope, severity in deferrals],
+        "modality": name(pb.Modality, decision.modality.preferred),
+        "injectates": {name(pb.InjectateCategory, i.category): name(pb.Recommendation, i.recommendation) for i in decision.injectates},
+        "cautions": [c.code for c in decision.cautions],
+        "missingData": [m.code for m in decision.missing_data],
+        "fired": sorted({e.rule_id for e in decision.explanations if e.rule_id}),
     }

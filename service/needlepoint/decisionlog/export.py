@@ -46,7 +46,8 @@ def export_lines(engine: Engine, *, since: str | None = None, until: str | None 
             return
         for row in rows:
             last = row.id
-            yield orjson.dumps(replay_line(row.replay_kind, row.replay_input, row.as_of, row.correlation_id or row.decision_id)) + b"\n"
+            replay = orjson.loads(row.replay_input)
+            yield orjson.dumps(replay_line(row.replay_kind, replay, row.as_of, row.correlation_id or row.decision_id)) + b"\n"
 
 
 def replay_line(kind: str, replay: dict, as_of: str, name: str) -> dict:

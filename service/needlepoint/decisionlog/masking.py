@@ -13,7 +13,9 @@ Masked by default (:data:`DEFAULT_FIELDS`), none of which the rules read:
 * ``narrative``: the ``text`` (generated HTML) of every resource, which repeats names;
 * ``id``: the Patient's id becomes ``masked-<12 hex>``, an HMAC of it, in the Patient, in every
   reference to it (``Patient/<id>``, ``urn:uuid:<id>``, ``fullUrl``), in CDS Hooks
-  ``context.patientId``; the ``display`` text beside such a reference is removed. The pseudonym is
+  ``context.patientId``; the ``display`` text beside such a reference is removed. Narratives
+  and Patients are looked for where requests carry them: the resources of a Bundle's entries, and
+  the prefetch values and ``draftOrders`` of a CDS Hooks request (not ``contained`` resources). The pseudonym is
   stable, so one patient's decisions stay linked; it is keyed by ``$NEEDLEPOINT_MASK_KEY`` when set
   (without the key, it is a plain hash: a pseudonym, not anonymity).
 
@@ -31,9 +33,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 PATIENT_FIELDS = ("name", "identifier", "telecom", "address", "photo", "contact")
 # Patient extensions that are names or addresses, masked with the field they belong to.
@@ -63,7 +68,7 @@ def parse_fields(text: str | None) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class Masker:
-    """Masks the chosen fields (see the module docstring) in parsed request JSON, in place."""
+    """Masks the chosen fields (see the module docstring); returns masked JSON bytes."""
 
     fields: frozenset[str] = DEFAULT_FIELDS
     key: bytes = field(default_factory=lambda: os.environ.get("NEEDLEPOINT_MASK_KEY", "").encode())
@@ -73,68 +78,50 @@ class Masker:
         digest = hmac.new(self.key, patient_id.encode(), hashlib.sha256).hexdigest()
         return f"masked-{digest[:12]}"
 
-    def bundle(self, bundle: Any) -> list[str]:
-        """Mask a FHIR Bundle (a dict) in place; the masked paths, sorted."""
+    def bundle(self, bundle: Any) -> tuple[bytes, list[str]]:
+        """A FHIR Bundle (its JSON bytes, or parsed) masked: (JSON bytes, the masked paths)."""
+        obj = orjson.loads(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else _copy(bundle)
         masked: set[str] = set()
-        patient_ids = set()
-        for resource in _resources(bundle):
-            if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
-                patient_ids.add(resource["id"])
-        self._mask(bundle, patient_ids, masked, "Bundle")
-        return sorted(masked)
+        ids = self._resources(_top_resources(obj), masked)
+        return self._references(orjson.dumps(obj), ids, masked), sorted(masked)
 
-    def cds_hooks_request(self, request: dict[str, Any]) -> list[str]:
-        """Mask a CDS Hooks request (a dict) in place: its Patients, the references to them,
-        ``context.patientId``; ``fhirAuthorization`` is always dropped. The masked paths."""
+    def cds_hooks_request(self, request: Any) -> tuple[bytes, list[str]]:
+        """A CDS Hooks request (bytes or parsed) masked: its Patients, the references to them,
+        ``context.patientId``; ``fhirAuthorization`` is always dropped. (JSON bytes, masked paths)."""
+        obj = orjson.loads(request) if isinstance(request, (bytes, bytearray, memoryview, str)) else _copy(request)
+        if not isinstance(obj, dict):
+            raise ValueError("a CDS Hooks request is a JSON object")
         masked: set[str] = set()
-        if request.pop("fhirAuthorization", None) is not None:
+        if obj.pop("fhirAuthorization", None) is not None:
             masked.add("fhirAuthorization")
-        context = request.get("context") if isinstance(request.get("context"), dict) else {}
-        patient_ids = {r["id"] for r in _resources(request) if r.get("resourceType") == "Patient" and isinstance(r.get("id"), str)}
+        context = obj.get("context") if isinstance(obj.get("context"), dict) else {}
+        resources = list(_top_resources(context.get("draftOrders")))
+        prefetch = obj.get("prefetch")
+        for value in (prefetch.values() if isinstance(prefetch, dict) else ()):
+            resources += _top_resources(value)
+        ids = self._resources(resources, masked)
         if isinstance(context.get("patientId"), str):
-            patient_ids.add(context["patientId"])
+            ids.add(context["patientId"])
             if "id" in self.fields:
                 context["patientId"] = self.pseudonym(context["patientId"])
                 masked.add("context.patientId")
-        for key in ("draftOrders",):
-            if key in context:
-                self._mask(context[key], patient_ids, masked, f"context.{key}")
-        prefetch = request.get("prefetch")
-        if isinstance(prefetch, dict):
-            for key, value in prefetch.items():
-                self._mask(value, patient_ids, masked, "prefetch")
-        return sorted(masked)
+        return self._references(orjson.dumps(obj), ids, masked), sorted(masked)
 
-    def _mask(self, node: Any, patient_ids: Iterable[str], masked: set[str], where: str) -> None:
-        """Walk parsed JSON once, masking Patients, narratives and references to the patient."""
-        ids = set(patient_ids)
-        stack = [node]
-        while stack:
-            obj = stack.pop()
-            if isinstance(obj, list):
-                stack.extend(obj)
-                continue
-            if not isinstance(obj, dict):
-                continue
-            rtype = obj.get("resourceType")
-            if rtype is not None:
-                self._resource(obj, rtype, masked)
-            if "id" in self.fields:
-                for key in ("reference", "fullUrl"):
-                    value = obj.get(key)
-                    if isinstance(value, str) and (new := self._reference(value, ids)) is not None:
-                        obj[key] = new
-                        masked.add(f"{where}.{key}" if key == "fullUrl" else "Reference(Patient)")
-                        if key == "reference" and "display" in obj:
-                            del obj["display"]
-            stack.extend(v for v in obj.values() if isinstance(v, (dict, list)))
+    def _resources(self, resources: Iterable[dict[str, Any]], masked: set[str]) -> set[str]:
+        """Mask narratives and Patients in place; the original ids of the Patients."""
+        ids: set[str] = set()
+        for resource in resources:
+            rtype = resource.get("resourceType")
+            if "narrative" in self.fields and isinstance(resource.get("text"), dict):
+                del resource["text"]
+                masked.add(f"{rtype}.text")
+            if rtype == "Patient":
+                if isinstance(resource.get("id"), str):
+                    ids.add(resource["id"])
+                self._patient(resource, masked)
+        return ids
 
-    def _resource(self, resource: dict[str, Any], rtype: str, masked: set[str]) -> None:
-        if "narrative" in self.fields and isinstance(resource.get("text"), dict):
-            del resource["text"]
-            masked.add(f"{rtype}.text")
-        if rtype != "Patient":
-            return
+    def _patient(self, resource: dict[str, Any], masked: set[str]) -> None:
         for name in PATIENT_FIELDS:
             if name in self.fields and name in resource:
                 del resource[name]
@@ -152,29 +139,46 @@ class Masker:
         if "birthDate" in self.fields and isinstance(resource.get("birthDate"), str) and len(resource["birthDate"]) > 4:
             resource["birthDate"] = resource["birthDate"][:4]
             masked.add("Patient.birthDate")
-        if "id" in self.fields and isinstance(resource.get("id"), str) and not resource["id"].startswith("masked-"):
+        if "id" in self.fields and isinstance(resource.get("id"), str):
             resource["id"] = self.pseudonym(resource["id"])
             masked.add("Patient.id")
 
-    def _reference(self, value: str, ids: set[str]) -> str | None:
-        """The reference with the patient's id replaced, or None if it names no masked patient."""
+    def _references(self, data: bytes, ids: set[str], masked: set[str]) -> bytes:
+        """Replace the patient's ids in references (``Patient/<id>``, ``.../Patient/<id>``,
+        ``urn:uuid:<id>``, as whole JSON strings) and drop the ``display`` beside such a reference.
+        Done on the serialized JSON with C string and regex operations: a Synthea bundle has tens
+        of thousands of JSON nodes, too many to walk in Python on every decision."""
+        if "id" not in self.fields or not ids:
+            return data
+        pseudonyms = []
         for pid in ids:
-            for prefix in ("urn:uuid:", "Patient/"):
-                if value == prefix + pid:
-                    return prefix + self.pseudonym(pid)
-            if value.endswith("/Patient/" + pid):
-                return value[: -len(pid)] + self.pseudonym(pid)
-        return None
+            new = self.pseudonym(pid).encode()
+            raw = orjson.dumps(pid)[1:-1]  # the id as it appears inside a JSON string
+            pseudonyms.append(re.escape(new))
+            for old_ref, new_ref in ((b'"Patient/' + raw + b'"', b'"Patient/' + new + b'"'),
+                                     (b'/Patient/' + raw + b'"', b'/Patient/' + new + b'"'),
+                                     (b'"urn:uuid:' + raw + b'"', b'"urn:uuid:' + new + b'"')):
+                if old_ref in data:
+                    data = data.replace(old_ref, new_ref)
+                    masked.add("Reference(Patient)")
+        display = re.compile(
+            rb'("reference":"[^"]*(?:' + b"|".join(pseudonyms) + rb')")((?:,"[A-Za-z]+":(?:"(?:[^"\\]|\\.)*"|\{[^{}]*\}))*?),"display":"(?:[^"\\]|\\.)*"'
+        )
+        data, count = display.subn(rb"\1\2", data)
+        if count:
+            masked.add("Reference(Patient).display")
+        return data
 
 
-def _resources(node: Any) -> Iterable[dict[str, Any]]:
-    """Every object with a ``resourceType`` anywhere in parsed JSON."""
-    stack = [node]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, list):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            if "resourceType" in obj:
-                yield obj
-            stack.extend(v for v in obj.values() if isinstance(v, (dict, list)))
+def _copy(obj: Any) -> Any:
+    """A deep copy of parsed JSON (the caller's object is never changed)."""
+    return orjson.loads(orjson.dumps(obj))
+
+
+def _top_resources(node: Any) -> Iterable[dict[str, Any]]:
+    """The resources of a Bundle's entries, or the resource itself."""
+    if not isinstance(node, dict):
+        return []
+    if node.get("resourceType") == "Bundle":
+        return [e["resource"] for e in node.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    return [node] if "resourceType" in node else []

@@ -10,7 +10,7 @@ databases; ``created_at`` is also what ``decisions export --since`` filters on.
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table, Text, UniqueConstraint
 
 metadata = MetaData()
 
@@ -32,9 +32,9 @@ decisions = Table(
     Column("correlation_id", Text, nullable=False, default=""),
     Column("request_hash", String(80), nullable=False),  # sha256 of the request as received, before masking
     Column("summary", JSON, nullable=False),  # the outcome in brief (see entries.summarize)
-    Column("decision", JSON, nullable=False),  # the decision, as the contract's JSON
+    Column("decision", LargeBinary, nullable=False),  # the serialized needlepoint.v1.Decision
     Column("replay_kind", String(20), nullable=False),  # evaluate-request | cds-hooks-request
-    Column("replay_input", JSON, nullable=False),  # the request, masked, in a form `rules diff --cases` reads
+    Column("replay_input", Text, nullable=False),  # JSON text: the request, masked, in a form `rules diff --cases` reads
     Column("masked", JSON, nullable=False),  # what masking removed or replaced (paths), so a reader knows
 )
 Index("ix_decisions_created_at", decisions.c.created_at)

@@ -35,9 +35,9 @@ def upgrade() -> None:
         sa.Column("correlation_id", sa.Text, nullable=False),
         sa.Column("request_hash", sa.String(80), nullable=False),
         sa.Column("summary", sa.JSON, nullable=False),
-        sa.Column("decision", sa.JSON, nullable=False),
+        sa.Column("decision", sa.LargeBinary, nullable=False),
         sa.Column("replay_kind", sa.String(20), nullable=False),
-        sa.Column("replay_input", sa.JSON, nullable=False),
+        sa.Column("replay_input", sa.Text, nullable=False),
         sa.Column("masked", sa.JSON, nullable=False),
     )
     op.create_index("ix_decisions_created_at", "decisions", ["created_at"])
