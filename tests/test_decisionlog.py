@@ -154,6 +154,18 @@ def test_a_bad_entry_fails_alone(database_url: str, engine: Engine) -> None:
     assert again.exception() is not None  # the card uuid is already logged
 
 
+def test_a_waiter_that_gives_up_does_not_stop_the_writer(database_url: str, engine: Engine) -> None:
+    """A gRPC call cancelled by its deadline cancels the future it awaits; the row is still
+    committed and the writer carries on."""
+    request, decision = evaluate(engine, _small_bundle(), as_of=_ts(AS_OF))
+    with DecisionLog(database_url) as log:
+        abandoned = [log.record(DecisionEntry.evaluate(request, decision)) for _ in range(50)]
+        for future in abandoned:
+            future.cancel()
+        assert log.record(DecisionEntry.evaluate(request, decision)).result(30) > 0
+    assert len(rows(database_url, schema.decisions)) == 51
+
+
 # -- masking and replay --------------------------------------------------------------------------
 
 

@@ -42,6 +42,19 @@ from needlepoint.decisionlog.masking import Masker
 log = logging.getLogger(__name__)
 
 
+def _settle(future: concurrent.futures.Future, result: Any = None, *, exc: BaseException | None = None) -> None:
+    """Resolve a future unless its waiter has given up: a gRPC call cancelled by its deadline
+    cancels the asyncio future that wraps it, and with it this one. The row is committed all the
+    same; only the answer is not delivered."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class LogUnavailable(RuntimeError):
     """The decision log could not commit an entry (database error, full queue, log closed)."""
 
@@ -139,12 +152,12 @@ class DecisionLog:
 
     def _put(self, item: _Item) -> concurrent.futures.Future:
         if self._closed:
-            item.future.set_exception(LogUnavailable("the decision log is closed"))
+            _settle(item.future, exc=LogUnavailable("the decision log is closed"))
             return item.future
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            item.future.set_exception(LogUnavailable("the decision log is behind: its queue is full"))
+            _settle(item.future, exc=LogUnavailable("the decision log is behind: its queue is full"))
         return item.future
 
     # -- the writer thread ----------------------------------------------------------------------
@@ -154,11 +167,16 @@ class DecisionLog:
             batch = self._take()
             stop = next((item for item in batch if item.kind == "stop"), None)
             work = [item for item in batch if item.kind in ("decision", "feedback")]
-            if work:
-                self._write(work)
+            try:
+                if work:
+                    self._write(work)
+            except Exception as exc:  # a fault of ours: fail this batch, keep the writer alive
+                log.exception("decision log: the writer failed on a batch")
+                for item in work:
+                    _settle(item.future, exc=LogUnavailable(f"the decision log failed: {exc.__class__.__name__}"))
             for item in batch:
                 if item.kind in ("barrier", "stop"):
-                    item.future.set_result(None)
+                    _settle(item.future, None)
             if stop is not None:
                 return
 
@@ -188,7 +206,7 @@ class DecisionLog:
                 row = item.entry.row(self.masker) if item.kind == "decision" else item.feedback
             except Exception as exc:  # a malformed entry fails alone
                 log.exception("decision log: cannot prepare an entry")
-                item.future.set_exception(LogUnavailable(f"cannot log this entry: {exc}"))
+                _settle(item.future, exc=LogUnavailable(f"cannot log this entry: {exc}"))
                 continue
             prepared.append((item, row))
         if not prepared:
@@ -206,15 +224,15 @@ class DecisionLog:
                 except SQLAlchemyError as exc_one:
                     self._fail([one], exc_one)
                 else:
-                    one[0].future.set_result(results_one[0])
+                    _settle(one[0].future, results_one[0])
             return
         for (item, _), result in zip(prepared, results):
-            item.future.set_result(result)
+            _settle(item.future, result)
 
     def _fail(self, prepared: list[tuple[_Item, dict[str, Any]]], exc: Exception) -> None:
         log.error("decision log: cannot commit %d item(s): %s", len(prepared), exc)
         for item, _ in prepared:
-            item.future.set_exception(LogUnavailable(f"the decision log cannot commit: {exc.__class__.__name__}"))
+            _settle(item.future, exc=LogUnavailable(f"the decision log cannot commit: {exc.__class__.__name__}"))
 
     def _commit(self, prepared: list[tuple[_Item, dict[str, Any]]]) -> list[Any]:
         """One transaction for the whole batch; per item, the decision's row id or, for
