@@ -53,8 +53,7 @@ def export_lines(engine: Engine, *, since: str | None = None, until: str | None 
 def replay_line(kind: str, replay: dict, as_of: str, name: str) -> dict:
     """The exported object for one stored replay input."""
     if kind == "evaluate-request":
-        line = {"correlationId": name, **replay}
-        line["correlationId"] = replay.get("correlationId") or name
+        line = {**replay, "correlationId": replay.get("correlationId") or name}
         if as_of:
             line["asOf"] = as_of
         return line
