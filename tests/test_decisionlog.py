@@ -166,6 +166,46 @@ def test_a_waiter_that_gives_up_does_not_stop_the_writer(database_url: str, engi
     assert len(rows(database_url, schema.decisions)) == 51
 
 
+def test_a_log_that_cannot_commit_fails_the_entry_and_recovers(database_url: str, engine: Engine) -> None:
+    """The database refuses (here: the table is gone): the entry fails with LogUnavailable, so
+    the road answers an error instead of an unlogged decision; once the database is back, the
+    same writer commits again."""
+    from sqlalchemy import text
+
+    from needlepoint.decisionlog import LogUnavailable
+
+    request, decision = evaluate(engine, _small_bundle(), as_of=_ts(AS_OF))
+    with DecisionLog(database_url) as log:
+        with log.engine.begin() as connection:
+            connection.execute(text("ALTER TABLE decisions RENAME TO decisions_away"))
+        with pytest.raises(LogUnavailable, match="cannot commit"):
+            log.record(DecisionEntry.evaluate(request, decision)).result(30)
+        with log.engine.begin() as connection:
+            connection.execute(text("ALTER TABLE decisions_away RENAME TO decisions"))
+        assert log.record(DecisionEntry.evaluate(request, decision)).result(30) > 0
+
+
+def test_serve_logs_to_the_state_directory_by_default(server_process, tmp_path: Path, monkeypatch) -> None:
+    """``needlepoint serve`` without --database: decisions.sqlite3 in $NEEDLEPOINT_STATE_DIR,
+    migrated at start-up, one row per answered Evaluate, with the correlation id."""
+    import grpc
+
+    from needlepoint.v1 import decision_service_pb2_grpc
+
+    monkeypatch.setenv("NEEDLEPOINT_STATE_DIR", str(tmp_path / "state"))
+    server = server_process(1)
+    try:
+        server.wait_for(r"serving with 1 worker\(s\)", timeout=60)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
+            answer = stub.Evaluate(decision_service_pb2.EvaluateRequest(fhir_bundle=_small_bundle(), order=ORDER, correlation_id="state-1"), timeout=30)
+    finally:
+        assert server.stop() == 0
+    (row,) = rows(f"sqlite:///{tmp_path / 'state' / 'decisions.sqlite3'}", schema.decisions)
+    assert (row.correlation_id, row.decision_id, row.road) == ("state-1", answer.decision_id, "grpc")
+    assert row.caller.startswith("ipv4:127.0.0.1:")
+
+
 # -- masking and replay --------------------------------------------------------------------------
 
 
