@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 import pytest
 from google.protobuf import json_format
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from needlepoint.decisionlog import CardRef, DecisionEntry, DecisionLog, FeedbackError, Masker, NotMigrated, database, migrate, schema
 from needlepoint.decisionlog.export import export_lines
