@@ -90,6 +90,7 @@ class TemporaryPostgres:
             except PostgresUnavailable as exc:
                 problems.append(f"{bindir}: {exc}")
                 self.stop(keep_root=True)
+        self.stop()
         raise PostgresUnavailable("; ".join(problems))
 
     def _run_as(self) -> dict:
