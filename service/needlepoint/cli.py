@@ -22,6 +22,7 @@ from needlepoint.authoring.explain import command as explain_command
 from needlepoint.cli_cds import cds as cds_command
 from needlepoint.cli_batch import command as batch_command
 from needlepoint.cli_options import order_options, parse_instant
+from needlepoint.cli_decisions import DATABASE_OPTION, MASK_OPTION, decisions, migrate_for_serve
 from needlepoint.cli_rules import rules
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.security.options import client_connection_options, server_security_options
@@ -52,6 +53,7 @@ main.add_command(rules)
 main.add_command(explain_command)
 main.add_command(cds_command)
 main.add_command(batch_command)
+main.add_command(decisions)
 
 
 @main.command()
@@ -80,10 +82,12 @@ main.add_command(batch_command)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port (off by default).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics endpoint binds.")
 @server_security_options
+@DATABASE_OPTION
+@MASK_OPTION
 def serve(
     host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
     http_port: int | None, insecure_dev: bool, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
-    metrics_host: str, security: SecurityConfig,
+    metrics_host: str, security: SecurityConfig, database: str | None, mask: str,
 ) -> None:
     """Serve the gRPC API until SIGTERM.
 
@@ -96,6 +100,8 @@ def serve(
     TLS (--tls-cert/--tls-key, mutual with --client-ca) and bearer tokens (--auth-jwks, --auth-issuer)
     are described in the README's Security section; an address other than loopback needs both, or --insecure.
     With --metrics-port, Prometheus metrics are served at http://METRICS_HOST:METRICS_PORT/metrics.
+    Every decision is committed to the decision log (--database; 'none' for no log) before it is
+    answered; its schema is migrated first.
     """
     from needlepoint.security.transport import enforce_exposure
     from needlepoint.server.supervisor import Supervisor
@@ -112,6 +118,7 @@ def serve(
         host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
         security=security, http_port=http_port, insecure_dev=insecure_dev,
         max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
+        database=migrate_for_serve(database, mask), mask=mask,
     )
     metrics_address = (metrics_host, metrics_port) if metrics_port is not None else None
     sys.exit(Supervisor(config, workers, metrics_address=metrics_address).run())
@@ -129,6 +136,9 @@ def serve(
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
               help="Deadline in seconds for --server.")
 @client_connection_options
+@click.option("--record", is_flag=True, help="Commit the in-process decision to the decision log (a server logs its own).")
+@DATABASE_OPTION
+@MASK_OPTION
 def evaluate(
     file: BinaryIO,
     as_of: dt.datetime | None,
@@ -142,6 +152,9 @@ def evaluate(
     rulesets_dir: Path | None,
     timeout: float,
     connection: dict[str, Any],
+    record: bool,
+    database: str | None,
+    mask: str,
 ) -> None:
     """Evaluate the FHIR R4 Bundle in FILE ('-' for standard input).
 
@@ -162,6 +175,10 @@ def evaluate(
     except (ValueError, OverflowError):  # an --as-of a Timestamp cannot hold (year 1 at +01:00...)
         _fail("as_of: timestamp out of range (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z)", EXIT_BAD_INPUT)
     decision = _remote(server, request, timeout, connection) if server else _in_process(rulesets_dir, request)
+    if record and not server:
+        from needlepoint.cli_decisions import record_cli_decision
+
+        record_cli_decision(database, mask, request, decision)
     if as_json:
         click.echo(decision_to_json(decision))
     else:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +30,11 @@ from needlepoint.security.transport import interceptors as security_interceptors
 from needlepoint.server import wire
 from needlepoint.server.engine import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES, Engine, request_size
 from needlepoint.server.errors import ServiceError, correlation_id_problem
+from needlepoint.decisionlog.grpc import log_decision
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, ruleset_pb2
+
+if TYPE_CHECKING:
+    from needlepoint.decisionlog import DecisionLog
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,10 @@ HEAVY_REQUEST_BYTES = 256 * 1024
 class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     """``needlepoint.v1.DecisionService`` over an :class:`Engine`."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, decision_log: DecisionLog | None = None) -> None:
         self._engine = engine
         self._heavy_lane = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="needlepoint-heavy")
+        self._log = decision_log  # every decision is committed to it before it is answered
 
     async def Evaluate(
         self, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
@@ -63,6 +68,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         valid = request.correlation_id and correlation_id_problem(request.correlation_id) is None
         trailer = ((CORRELATION_ID_KEY, request.correlation_id),) if valid else ()
         outcome = await self._evaluate("Evaluate", request, context)
+        if self._log is not None and not isinstance(outcome, ServiceError):
+            outcome = await log_decision(self._log, request, outcome, context)
         if isinstance(outcome, ServiceError):
             await context.abort_with_status(outcome.to_grpc_status(trailer))
         context.set_trailing_metadata(trailer)
@@ -79,6 +86,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
                 yield decision_service_pb2.EvaluateStreamResponse(error=request.error.to_status_proto())
                 continue
             outcome = await self._evaluate("EvaluateStream", request, context)
+            if self._log is not None and not isinstance(outcome, ServiceError):
+                outcome = await log_decision(self._log, request, outcome, context)
             if isinstance(outcome, ServiceError):
                 if outcome.code is grpc.StatusCode.DEADLINE_EXCEEDED:
                     await context.abort_with_status(outcome.to_grpc_status())
@@ -244,16 +253,18 @@ def _add_reflection_v1_descriptor() -> None:
 async def start_server(
     engine: Engine, address: str, *, reuse_port: bool = True, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, int]] | None = None, security: SecurityConfig | None = None,
+    decision_log: DecisionLog | None = None,
 ) -> RunningServer:
     """Bind ``address`` (``host:port``; port 0 picks one), start serving the decision service,
     health and reflection (v1 and v1alpha), and report SERVING. Raises RuntimeError if the address
     cannot be bound. ``options`` replace :func:`server_options`' defaults; ``security`` adds TLS and
-    the bearer-token check, which runs before the other ``interceptors``."""
+    the bearer-token check, which runs before the other ``interceptors``; every decision is
+    committed to ``decision_log`` before it is answered."""
     server = grpc.aio.server(
         options=list(options) if options is not None else server_options(reuse_port=reuse_port),
         interceptors=[*security_interceptors(security), *interceptors],
     )
-    wire.add_decision_service(DecisionServicer(engine), server)
+    wire.add_decision_service(DecisionServicer(engine, decision_log), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))

@@ -67,6 +67,8 @@ class WorkerConfig:
     insecure_dev: bool = False  # CDS Hooks without client authentication (until JWT validation lands)
     max_connection_age: float = MAX_CONNECTION_AGE  # seconds; 0 = connections live for ever
     max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
+    database: str | None = None  # decision log URL (migrated by the caller); None: no log
+    mask: str = "default"  # the decision log's masked identifiers (needlepoint.decisionlog.masking)
 
     @property
     def address(self) -> str:
@@ -144,11 +146,14 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
     installer = Installer(registry)
     installer.install(catalog, installer.build(catalog))
     engine = Engine(registry)
+    decision_log = _open_decision_log(config)
     gate = CallGate()
     options = server_options(
         reuse_port=True, max_connection_age=config.max_connection_age, max_connection_age_grace=config.max_connection_age_grace
     )
-    running = await start_server(engine, config.address, interceptors=[gate], options=options, security=config.security)
+    running = await start_server(
+        engine, config.address, interceptors=[gate], options=options, security=config.security, decision_log=decision_log
+    )
     http = None
     if config.http_port is not None:
         from needlepoint.cdshooks.server import start_http
@@ -179,6 +184,8 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
         log.info("stopped")
     else:
         log.warning("stopped with %d call(s) still in flight after %.1fs; they end UNAVAILABLE", gate.in_flight, config.grace)
+    if decision_log is not None:  # every record queued so far is committed before the process goes
+        decision_log.close()
     _exit_now()
 
 
@@ -209,6 +216,20 @@ def _on_control(
     loop: asyncio.AbstractEventLoop, control: Connection, stop: asyncio.Event, catalogs: asyncio.Queue[Catalog]
 ) -> None:
     """A catalog to install; ``("stop",)`` or the supervisor's end of the pipe closing means stop."""
+
+
+def _open_decision_log(config: WorkerConfig):
+    """The worker's decision log writer, or None when serving without one."""
+    if not config.database:
+        return None
+    from needlepoint.decisionlog import DecisionLog, Masker
+    from needlepoint.decisionlog.database import redacted
+    from needlepoint.decisionlog.masking import parse_fields
+
+    decision_log = DecisionLog(config.database, masker=Masker(parse_fields(config.mask)))
+    log.info("decision log: %s", redacted(config.database))
+    return decision_log
+
     try:
         message = control.recv()
     except (EOFError, OSError):
