@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -49,9 +50,15 @@ class Sample:
         return [arg for key, value in self.order.items() for arg in (f"--{key}", value)]
 
 
+# Servers started by the tests keep their default decision log in a directory of this run, not
+# in the user's state directory.
+_STATE_DIR = tempfile.mkdtemp(prefix="needlepoint-test-state-")
+
+
 def _subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CLIENTS), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("NEEDLEPOINT_STATE_DIR", _STATE_DIR)
     return env
 
 
