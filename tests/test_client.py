@@ -58,7 +58,7 @@ class FakeEvaluator:
         self.unavailable = 0
         self.records: list[rec.PatientRecord] = []
 
-    def evaluate(self, record: rec.PatientRecord, as_of: dt.datetime) -> dict[str, Any]:
+    def evaluate(self, record: rec.PatientRecord, as_of: dt.datetime, checkpoint=None) -> dict[str, Any]:
         self.calls += 1
         self.records.append(record)
         if self.unavailable:

@@ -49,7 +49,7 @@ class EvaluatorLike(Protocol):
     @property
     def ruleset(self) -> RuleSet: ...
 
-    def evaluate(self, record: PatientRecord, as_of: dt.datetime) -> dict[str, Any]: ...
+    def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict[str, Any]: ...
 
 
 def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike]:
@@ -162,7 +162,7 @@ class Engine:
                     checkpoint()
                 has_as_of = request.HasField("as_of")
                 as_of = convert.as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
-                decision = evaluator.evaluate(record, as_of, checkpoint) if checkpoint is not None else evaluator.evaluate(record, as_of)
+                decision = evaluator.evaluate(record, as_of, checkpoint)
             except RecordError as exc:
                 raise ServiceError.from_record_error(exc) from None
             return convert.decision_to_proto(decision)
