@@ -554,7 +554,7 @@ class InProcessRunner:
         if isinstance(request, self.wire.Rejected):
             outcome: Any = request.error
         else:
-            outcome = self.guard("fuzz", request.correlation_id, lambda: self.servicer._checked_evaluate(request))
+            outcome = self.guard("fuzz", request.correlation_id, lambda: self.servicer._checked_evaluate(request, None))
         if isinstance(outcome, ServiceError):
             violations = [(v.field, v.description) for v in outcome.violations]
             return check_status(outcome.code.name, outcome.message, violations)

@@ -145,7 +145,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             return call()
         return await asyncio.get_running_loop().run_in_executor(self._heavy_lane, call)
 
-    def _checked_evaluate(self, request: decision_service_pb2.EvaluateRequest, deadline: float | None) -> decision_pb2.Decision:
+    def _checked_evaluate(self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None) -> decision_pb2.Decision:
         """The engine's decision, after the correlation id has been checked."""
         problem = correlation_id_problem(request.correlation_id)
         if problem is not None:
