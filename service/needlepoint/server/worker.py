@@ -216,6 +216,16 @@ def _on_control(
     loop: asyncio.AbstractEventLoop, control: Connection, stop: asyncio.Event, catalogs: asyncio.Queue[Catalog]
 ) -> None:
     """A catalog to install; ``("stop",)`` or the supervisor's end of the pipe closing means stop."""
+    try:
+        message = control.recv()
+    except (EOFError, OSError):
+        log.warning("supervisor gone; stopping")
+        message = ("stop",)
+    if message[0] == "catalog":
+        catalogs.put_nowait(message[1])
+        return
+    loop.remove_reader(control.fileno())
+    stop.set()
 
 
 def _open_decision_log(config: WorkerConfig):
@@ -230,13 +240,3 @@ def _open_decision_log(config: WorkerConfig):
     log.info("decision log: %s", redacted(config.database))
     return decision_log
 
-    try:
-        message = control.recv()
-    except (EOFError, OSError):
-        log.warning("supervisor gone; stopping")
-        message = ("stop",)
-    if message[0] == "catalog":
-        catalogs.put_nowait(message[1])
-        return
-    loop.remove_reader(control.fileno())
-    stop.set()
