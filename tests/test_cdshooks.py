@@ -159,8 +159,9 @@ def test_deferral_cards_by_severity(hip_ruleset) -> None:
     ])
     hard, soft = render(hip_ruleset, d)
     assert hard["indicator"] == "critical" and soft["indicator"] == "warning"
-    assert hard["summary"].startswith("Defer the injection: bleeding risk. INR 3.4 is above 3.")
-    assert soft["summary"].startswith("Review before corticosteroid")
+    # the coordinator view's words: the same headline the CLI prints and the page shows
+    assert hard["summary"] == "Bleeding risk: not now. INR 3.4 is above 3."
+    assert soft["summary"] == "Blood sugar too high for a steroid injection: corticosteroid (steroid) only after a clinician's review. HbA1c 9 %."
     assert "DEF-INR-HIGH" in hard["detail"] and "\\<Warfarin\\>" in hard["detail"]  # names rule and facts, escaped
     assert hard["extension"] == {"dev.needlepoint.decisionId": "dec-0001", "dev.needlepoint.order": "ServiceRequest/inj", "dev.needlepoint.ruleIds": ["DEF-INR-HIGH"]}
     assert hard["links"][0]["url"] == "https://np.example/decisions/dec-0001#rule-DEF-INR-HIGH"
@@ -227,10 +228,10 @@ def test_injectates_cautions_and_leftover_missing_data(hip_ruleset) -> None:
         missingData=[{"code": "unit-unknown:loinc#777-3", "message": "Platelets without a unit.", "ruleIds": ["DATA-ISSUE"]}],
     )
     suggested, avoid, caution, missing = render(hip_ruleset, d)
-    assert suggested["indicator"] == "info" and "corticosteroid, local anesthetic" in suggested["summary"]
-    assert avoid["indicator"] == "critical" and avoid["summary"].startswith("Avoid: iodinated contrast")
+    assert suggested["indicator"] == "info" and suggested["summary"] == "Corticosteroid (steroid): suggested. Local anaesthetic: suggested."
+    assert avoid["indicator"] == "critical" and avoid["summary"] == "Iodinated contrast (X-ray dye): avoid. Allergy."
     assert caution["indicator"] == "info" and missing["indicator"] == "info"
-    assert "unit-unknown:loinc#777-3" in missing["summary"]
+    assert missing["summary"] == "Records to check or complete: Platelets without a unit."
 
 
 def test_cards_are_a_pure_function(hip_ruleset) -> None:
@@ -348,3 +349,70 @@ def test_page_escapes_and_anchors(hip_ruleset) -> None:
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert 'id="rule-DEF-PREG"' in html and 'href="#rule-DEF-PREG"' in html
     assert "http" not in html.split("<body>")[1]  # nothing fetched from the network
+
+
+# -- the same trace, three views: cards, the coordinator text, the explanation page ----------------
+
+_SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "synthea"
+
+
+def _visible(html_text: str) -> str:
+    """What a reader of the page sees: tags dropped, entities decoded, spaces collapsed."""
+    import html as html_module
+    import re
+
+    return " ".join(html_module.unescape(re.sub(r"<[^>]+>", " ", html_text)).split())
+
+
+def _unmarked(markdown: str) -> str:
+    """A card's Markdown as read: the escapes removed, spaces collapsed."""
+    import re
+
+    return " ".join(re.sub(r"\\(.)", r"\1", markdown).split())
+
+
+@pytest.mark.parametrize("name", ["Mafalda", "Floyd", "Tony", "Gayla", "Rufus"])
+def test_cards_text_and_page_say_the_same_things(hip_ruleset, hip_evaluator, name: str) -> None:
+    """For real Synthea decisions, every reason to wait, the guidance and every injectate is said in
+    the same words on the card (summary and detail), in the coordinator's text and on the page:
+    one wording, three views."""
+    import datetime as dt
+
+    from needlepoint.core.record import InjectionOrder
+    from needlepoint.fhir import record_from_bundle
+    from needlepoint.views.coordinator import deferral_item, injectate_item, modality_item, render as coordinator_text, titles_by_rule
+
+    paths = sorted(_SYNTHEA.glob(f"{name}_*.json"))
+    if not paths:
+        pytest.skip(f"no Synthea fixture for {name}")
+    record = record_from_bundle(paths[0].read_bytes())
+    if record.order is None:
+        record = record.with_order(InjectionOrder("hip-intra-articular", "right", "therapeutic"))
+    decision = hip_evaluator.evaluate(record, dt.datetime(2025, 6, 2, 9, tzinfo=dt.timezone.utc))
+    order = {"resourceType": "ServiceRequest", "id": "inj", "status": "draft", "intent": "order",
+             "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "20611"}]}}
+    cards = cards_from_decision(decision, hip_ruleset, OrderContext("ServiceRequest/inj", order, "p1"),
+                                hook_instance="hi-3v", explanation_url="https://np.example/decisions/x")
+    text = " ".join(coordinator_text(decision).split())
+    page = _visible(render_decision(decision))
+    card_text = [(c["summary"], _unmarked(c["detail"])) for c in cards]
+
+    said: list[str] = []
+    for deferral in decision.get("deferrals", ()):
+        item = deferral_item(deferral)
+        # the card for this deferral: its summary opens with the headline, its detail holds the message
+        assert any(summary.startswith(item.headline) and all(d in detail for d in item.details) for summary, detail in card_text), item
+        said += [item.headline, *item.details]
+    guidance = modality_item(decision.get("modality"), titles_by_rule(decision))
+    if guidance is not None:
+        assert any(guidance.headline in detail and all(d in detail for d in guidance.details) for _, detail in card_text)
+        said += [guidance.headline, *guidance.details]
+    for injectate in decision.get("injectates", ()):
+        item = injectate_item(injectate)
+        assert any(item.headline in summary or item.headline in detail for summary, detail in card_text), item
+        said.append(item.headline)
+    assert said, "a hip injection decision always says something"
+    for sentence in said:
+        plain = " ".join(sentence.split())
+        assert plain in text, f"not in the coordinator text: {plain!r}"
+        assert plain in page, f"not on the page: {plain!r}"

@@ -491,3 +491,36 @@ def test_serve_http_port_beside_grpc(server_process, unused_port, templates: dic
 def test_serve_http_port_needs_insecure_dev(cli_command: list[str], cli_env: dict) -> None:
     result = subprocess.run([*cli_command, "serve", "--http-port", "8080"], capture_output=True, text=True, env=cli_env, timeout=60)
     assert result.returncode == 2 and "--insecure-dev" in result.stderr
+
+
+def test_a_repeated_call_is_logged_twice_and_its_cards_once(servers: Servers, templates: dict, tmp_path: Path) -> None:
+    """With a decision log (in process, fixed clock): the same call twice gives the same decision and
+    card uuids; both answers are 200, both decisions are rows, each card is registered once, and the
+    explanation page is read back from the log."""
+    from sqlalchemy import create_engine, func, select
+
+    from needlepoint.decisionlog import DecisionLog, migrate, schema
+
+    url = f"sqlite:///{tmp_path / 'log.sqlite3'}"
+    migrate(url)
+    patient_id, resources = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
+    request = hook_request("order-sign", patient_id, hip_order(patient_id), full_prefetch(templates, patient_id, resources))
+    with DecisionLog(url) as decision_log:
+        app = create_app(servers.engine, insecure_dev=True, clock=lambda: AS_OF, decision_log=decision_log)
+
+        async def go() -> tuple[list[httpx.Response], httpx.Response]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://np") as http:
+                answers = [await http.post("/cds-services/hip-injection", json=request) for _ in range(2)]
+                page = await http.get(f"/decisions/{answers[0].headers[DECISION_HEADER]}")
+                return answers, page
+
+        (first, second), page = asyncio.run(go())
+    assert checked(first)["cards"] == checked(second)["cards"]
+    assert page.status_code == 200 and 'id="rule-DATA-INR-CURRENT"' in page.text
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(schema.decisions)).scalar_one() == 2
+        assert connection.execute(select(func.count()).select_from(schema.cards)).scalar_one() == len(first.json()["cards"])
+        replay = json.loads(connection.execute(select(schema.decisions.c.replay_input)).first()[0])
+    engine.dispose()
+    assert replay["prefetch"].keys() == request["prefetch"].keys() and replay["context"]["patientId"].startswith("masked-")

@@ -73,8 +73,13 @@ main.add_command(decisions)
 )
 @click.option("--watch", is_flag=True, help="Hot-reload rule sets that change on disk (validated, tested, then swapped in).")
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
-@click.option("--http-port", type=click.IntRange(1, 65535), help="Also serve CDS Hooks 2.0 over HTTP on this port (/cds-services).")
-@click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication: development only (required with --http-port until JWT validation lands).")
+@click.option("--http-port", type=click.IntRange(1, 65535),
+              help="Also serve CDS Hooks 2.0 on this port (/cds-services): TLS from --tls-cert/--tls-key, JWTs per --auth-*.")
+@click.option("--http-base-url", metavar="URL",
+              help="Public base URL of CDS Hooks, e.g. https://cds.example.org:8443 (tokens' aud; default from --host and --http-port).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A browser origin allowed to call CDS Hooks (CORS), e.g. https://ehr.example.org; repeatable; none by default.")
+@click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication and CORS open: local trials only, logged as a warning.")
 @click.option("--max-connection-age", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
 @click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
@@ -86,7 +91,7 @@ main.add_command(decisions)
 @MASK_OPTION
 def serve(
     host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
-    http_port: int | None, insecure_dev: bool, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
+    http_port: int | None, http_base_url: str | None, cors_origins: tuple[str, ...], insecure_dev: bool, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
     metrics_host: str, security: SecurityConfig, database: str | None, mask: str,
 ) -> None:
     """Serve the gRPC API until SIGTERM.
@@ -107,21 +112,59 @@ def serve(
     from needlepoint.server.supervisor import Supervisor
     from needlepoint.server.worker import WorkerConfig, setup_logging
 
-    if http_port is not None and not insecure_dev:
-        raise click.UsageError("--http-port needs --insecure-dev: CDS Hooks client authentication (JWT) is not available yet")
+    _check_cds_hooks_options(host, http_port, http_base_url, cors_origins, insecure_dev, security)
     setup_logging(log_level)
+    if http_port is not None and insecure_dev:
+        import logging
+
+        logging.getLogger("needlepoint.cdshooks").warning(
+            "INSECURE-DEV: CDS Hooks on port %d without client authentication; do not expose it beyond a test network", http_port)
     try:
         enforce_exposure(host, security)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     config = WorkerConfig(
         host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
-        security=security, http_port=http_port, insecure_dev=insecure_dev,
+        security=security, http_port=http_port, insecure_dev=insecure_dev, http_base_url=http_base_url, cors_origins=cors_origins,
         max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
         database=migrate_for_serve(database, mask), mask=mask,
     )
     metrics_address = (metrics_host, metrics_port) if metrics_port is not None else None
     sys.exit(Supervisor(config, workers, metrics_address=metrics_address).run())
+
+
+def _check_cds_hooks_options(
+    host: str, http_port: int | None, base_url: str | None, cors_origins: tuple[str, ...], insecure_dev: bool, security: SecurityConfig
+) -> None:
+    """Usage errors for CDS Hooks options that cannot be served safely or correctly: no client
+    authentication without --insecure-dev, CORS '*' outside it, a base URL that is not one, and a
+    wildcard host with tokens but no base URL (a token's aud must be the exact URL the EHR calls)."""
+    from urllib.parse import urlsplit
+
+    from needlepoint.security.transport import is_loopback
+
+    if http_port is None:
+        if base_url or cors_origins or insecure_dev:
+            raise click.UsageError("--http-base-url, --cors-origin and --insecure-dev are CDS Hooks options: they need --http-port")
+        return
+    if not insecure_dev and security.tokens is None:
+        raise click.UsageError(
+            "--http-port needs caller authentication: --auth-jwks FILE or --auth-jku URL with --auth-issuer ISS "
+            "(CDS Hooks JWTs), or --insecure-dev for a local trial")
+    if "*" in cors_origins and not insecure_dev:
+        raise click.UsageError("--cors-origin '*' lets any web page call the service: only with --insecure-dev")
+    for origin in cors_origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/")):
+            raise click.UsageError(f"--cors-origin {origin!r}: an origin is scheme://host[:port], e.g. https://ehr.example.org")
+    if base_url is not None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise click.UsageError(f"--http-base-url {base_url!r}: give an http(s) URL without query, e.g. https://cds.example.org:8443")
+    elif not insecure_dev and host.strip("[]") in ("0.0.0.0", "::", ""):
+        raise click.UsageError("--http-base-url is needed with --host 0.0.0.0 or [::]: tokens must name the exact URL the EHR calls")
+    if insecure_dev and not is_loopback(host) and not security.insecure:
+        raise click.UsageError(f"--insecure-dev on {host}, which other machines can reach: bind 127.0.0.1, or add --insecure too")
 
 
 @main.command()

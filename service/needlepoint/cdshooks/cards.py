@@ -20,6 +20,12 @@ explanation page, a ``uuid`` and, in ``extension``, the decision id, the rule id
 UUIDs are derived (uuid5) from the hook instance, the decision id and the card's role, so the
 same decision for the same call gives the same cards byte for byte, and feedback on a repeated
 call lands on the same card.
+
+The words are the coordinator view's (``needlepoint.views.coordinator``): a deferral card opens
+with the same ``Bleeding risk: not now.`` and message the CLI prints and the explanation page
+shows, the modality card with the same ``Use fluoroscopy (X-ray); ...`` and ``Because: ...``, an
+injectate card with the same ``Corticosteroid (steroid): avoid.``. What only a card has (the
+suggestions, the order it would change, the rule and its facts for the clinician) is added here.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from needlepoint.core.ruleset import RuleSet
+from needlepoint.views.coordinator import deferral_item, injectate_item, modality_item, titles_by_rule
 
 JSON = dict[str, Any]
 
@@ -255,10 +262,8 @@ class CardBuilder:
         reason, severity = deferral.get("reason", ""), deferral.get("severity", "")
         rule_ids = list(deferral.get("ruleIds", ()))
         message = deferral.get("message", "")
-        scope = deferral.get("scope", "PROCEDURE")
-        what = "the injection" if scope == "PROCEDURE" else words(scope)
-        verb = "Defer" if severity == "HARD" else "Review before"
-        summary = f"{verb} {what}: {words(reason)}. {first_sentence(message)}"
+        said = deferral_item(deferral)  # "Bleeding risk: not now." - the coordinator's words
+        summary = f"{said.headline} {first_sentence(message)}"
         suggestions: list[JSON] = []
         if reason == "PENDING_DATA":
             for i, item in enumerate(self.decision.get("missingData", ())):
@@ -271,7 +276,7 @@ class CardBuilder:
             indicator="critical" if severity == "HARD" else "warning",
             rule_ids=rule_ids,
             family=self._family(rule_ids, "deferral"),
-            lead=f"{verb} {what} ({words(reason)}, {severity.lower()}): {message}",
+            lead=" ".join([said.headline, *said.details]),
             overrides=_DEFERRAL_OVERRIDES,
             suggestions=suggestions,
             # alternatives for one rule (pregnancy status or an hCG test): one is enough;
@@ -349,11 +354,8 @@ class CardBuilder:
         avoid = list(modality.get("avoid", ()))
         rule_ids = list(modality.get("ruleIds", ()))
         requested = self._requested_modalities()
-        parts = [f"Preferred guidance: {_MODALITY_WORDS.get(preferred, preferred)}."]
-        if acceptable:
-            parts.append("Also acceptable: " + ", ".join(_MODALITY_WORDS.get(m, m) for m in acceptable) + ".")
-        if avoid:
-            parts.append("Avoid: " + ", ".join(_MODALITY_WORDS.get(m, m) for m in avoid) + ".")
+        said = modality_item(dict(modality), titles_by_rule(dict(self.decision)))  # the coordinator's words
+        parts = [said.headline, *said.details] if said is not None else []
         if preferred in requested:
             return self._card(
                 "modality",
@@ -425,12 +427,11 @@ class CardBuilder:
         suggested = [i for i in injectates if i.get("recommendation") == "SUGGESTED"]
         if suggested:
             rule_ids = list(dict.fromkeys(r for i in suggested for r in i.get("ruleIds", ())))
-            names = ", ".join(words(i.get("category", "")) for i in suggested)
-            lead = "Suggested injectates: " + " ".join(f"{words(i.get('category', ''))}: {i.get('message', '')}" for i in suggested)
+            lead = " ".join(" ".join([item.headline, *item.details]) for item in map(injectate_item, suggested))
             cards.append(
                 self._card(
                     "injectates-suggested",
-                    summary=f"Suggested injectates: {names}.",
+                    summary=" ".join(injectate_item(dict(i)).headline for i in suggested),
                     indicator="info",
                     rule_ids=rule_ids,
                     family=self._family(rule_ids, "injectate"),
@@ -441,18 +442,17 @@ class CardBuilder:
             recommendation = item.get("recommendation")
             if recommendation == "SUGGESTED":
                 continue
-            category = words(item.get("category", ""))
             rule_ids = list(item.get("ruleIds", ()))
             message = item.get("message", "")
-            label = {"AVOID": "Avoid", "NOT_SUGGESTED": "Not suggested", "CAUTION": "Caution"}.get(recommendation, str(recommendation))
+            said = injectate_item(dict(item))  # "Iodinated contrast (X-ray dye): avoid." - the coordinator's words
             cards.append(
                 self._card(
                     f"injectate-{item.get('category')}",
-                    summary=f"{label}: {category}. {first_sentence(message)}",
+                    summary=f"{said.headline} {first_sentence(message)}",
                     indicator="critical" if recommendation == "AVOID" else "warning",
                     rule_ids=rule_ids,
                     family=self._family(rule_ids, "injectate"),
-                    lead=f"{label}: {category}. {message}",
+                    lead=" ".join([said.headline, *said.details]),
                     overrides=_INJECTATE_OVERRIDES,
                 )
             )
@@ -472,11 +472,12 @@ class CardBuilder:
 
     def _missing(self, items: Sequence[Mapping[str, Any]]) -> JSON:
         rule_ids = list(dict.fromkeys(r for m in items for r in m.get("ruleIds", ())))
+        messages = [str(m.get("message", "")).strip() for m in items if m.get("message")]
+        lead = " ".join(messages)  # the coordinator's "Records to check or complete", message by message
         codes = ", ".join(str(m.get("code", "")) for m in items)
-        lead = " ".join(f"{m.get('code', '')}: {m.get('message', '')}" for m in items)
         return self._card(
             "missing-data",
-            summary=f"Data missing or set aside: {codes}.",
+            summary=f"Records to check or complete: {first_sentence(messages[0]) if messages else codes}",
             indicator="info",
             rule_ids=rule_ids,
             family=self._family(rule_ids, "data"),

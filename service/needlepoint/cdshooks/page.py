@@ -1,9 +1,11 @@
 """The human-readable explanation of a decision, served at ``/decisions/{decisionId}``.
 
-Every card links here. The page is rendered from the decision JSON alone: what the service
-suggests (deferrals, guidance, injectates, cautions, missing data) and, for every rule behind it,
-its title, outcome, the facts it matched, the parameters in force and its evidence, each rule with
-an anchor (``#rule-ID``) the card's link points to. Minimal HTML with inline CSS and no scripts,
+Every card links here. The page is rendered from the decision JSON alone: first the coordinator's
+view of it (``needlepoint.views.coordinator``: the verdict, the reasons to wait, guidance,
+injectates, cautions and records to complete, in the same words as ``needlepoint evaluate`` and
+the cards), each item linking the rules behind it; then, for every rule, its title, outcome, the
+facts it matched, the parameters in force and its evidence, each rule with an anchor
+(``#rule-ID``) the card's link points to. Minimal HTML with inline CSS and no scripts,
 fonts or images: nothing is fetched from the network. Every value is escaped.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from html import escape
 from typing import Any
+
+from needlepoint.views.coordinator import coordinator_view
 
 
 def _e(value: Any) -> str:
@@ -32,48 +36,21 @@ def render_decision(decision: Mapping[str, Any]) -> str:
         "<style>body{font-family:sans-serif;max-width:52em;margin:1em auto;padding:0 1em;line-height:1.4}"
         "h2{border-bottom:1px solid #ccc}.rule{margin:1em 0;padding:.5em 1em;border-left:4px solid #888}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
-        ".HARD{color:#a00}.SOFT{color:#a60}</style></head><body>",
+        ".not-now{color:#a00}.review-first{color:#a60}</style></head><body>",
         "<h1>Why Needlepoint suggested this</h1>",
         f"<p>Decision <code>{_e(decision.get('decisionId', ''))}</code> at {_e(decision.get('asOf', ''))}, "
         f"rule set {_e(rs.get('id', ''))} {_e(rs.get('version', ''))} (<code>{_e(rs.get('digest', ''))}</code>).</p>",
         "<p><strong>Suggestions with reasons, never orders. The rule set is not clinically validated.</strong></p>",
     ]
-    deferrals = decision.get("deferrals", ())
-    parts.append("<h2>Can the injection go ahead now?</h2>")
-    if deferrals:
-        parts.append("<ul>")
-        for d in deferrals:
-            parts.append(
-                f'<li class="{_e(d.get("severity", ""))}"><strong>{_e(d.get("severity", ""))}</strong> '
-                f"{_e(d.get('reason', ''))} (scope {_e(d.get('scope', ''))}): {_e(d.get('message', ''))} "
-                f"[{_rules(d.get('ruleIds'))}]</li>"
-            )
+    view = coordinator_view(dict(decision))  # the coordinator's words: the same as the CLI and the cards
+    parts.append(f'<p class="verdict {_e(view.status)}"><strong>{_e(view.verdict)}</strong></p>')
+    for section in view.sections:
+        parts.append(f"<h2>{_e(section.title)}</h2><ul>")
+        for item in section.items:
+            rules = f" <small>[{_rules(item.rule_ids)}]</small>" if item.rule_ids else ""
+            details = "".join(f"<br>{_e(detail)}" for detail in item.details)
+            parts.append(f"<li><strong>{_e(item.headline)}</strong>{details}{rules}</li>")
         parts.append("</ul>")
-    else:
-        parts.append("<p>No rule asks to defer it.</p>")
-    modality = decision.get("modality") or {}
-    if modality:
-        parts.append("<h2>Guidance</h2>")
-        parts.append(
-            f"<p>Preferred: <strong>{_e(modality.get('preferred', 'none'))}</strong>; acceptable: "
-            f"{_e(', '.join(modality.get('acceptable', ())) or 'none')}; avoid: {_e(', '.join(modality.get('avoid', ())) or 'none')} "
-            f"[{_rules(modality.get('ruleIds'))}]</p>"
-        )
-    injectates = decision.get("injectates", ())
-    if injectates:
-        parts.append("<h2>Injectates</h2><table><tr><th>Category</th><th>Recommendation</th><th>Why</th><th>Rules</th></tr>")
-        for i in injectates:
-            parts.append(
-                f"<tr><td>{_e(i.get('category', ''))}</td><td>{_e(i.get('recommendation', ''))}</td>"
-                f"<td>{_e(i.get('message', ''))}</td><td>{_rules(i.get('ruleIds'))}</td></tr>"
-            )
-        parts.append("</table>")
-    for title, key in (("Cautions", "cautions"), ("Missing data", "missingData")):
-        items = decision.get(key, ())
-        if items:
-            parts.append(f"<h2>{title}</h2><ul>")
-            parts.extend(f"<li>{_e(m.get('code', ''))}: {_e(m.get('message', ''))} [{_rules(m.get('ruleIds'))}]</li>" for m in items)
-            parts.append("</ul>")
     parts.append("<h2>The rules</h2>")
     for x in decision.get("explanations", ()):
         parts.append(f'<div class="rule" id="rule-{_e(x.get("ruleId", ""))}">')

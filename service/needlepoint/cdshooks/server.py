@@ -5,6 +5,9 @@
 spreads connections), runs ``uvicorn.Server.serve`` as a task on the running loop, and returns once
 it accepts connections. uvicorn's own signal handling is switched off: the worker owns SIGTERM and
 SIGINT and stops the HTTP server through :meth:`RunningHttp.stop`, draining requests in flight.
+
+TLS comes from the same :class:`~needlepoint.security.transport.TlsConfig` as gRPC's
+(``--tls-cert``/``--tls-key``; with ``--client-ca`` a client certificate is required here too).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import uvicorn
 
 from needlepoint.cdshooks.app import create_app
+from needlepoint.security.transport import TlsConfig
 from needlepoint.server.engine import Engine
 
 log = logging.getLogger("needlepoint.cdshooks")
@@ -75,12 +80,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_http(engine: Engine, host: str, port: int, *, grace: float = 10.0, **app_options: Any) -> RunningHttp:
-    """Serve the CDS Hooks app for ``engine`` on ``host:port`` from the running event loop.
+async def start_http(
+    engine: Engine, host: str, port: int, *, grace: float = 10.0, tls: TlsConfig | None = None, **app_options: Any
+) -> RunningHttp:
+    """Serve the CDS Hooks app for ``engine`` on ``host:port`` from the running event loop, over
+    TLS when ``tls`` is given.
 
     ``app_options`` go to :func:`needlepoint.cdshooks.app.create_app` (``insecure_dev``,
-    ``authenticate``, the stores, ``public_url``...). Port 0 picks a free port (see ``.port``).
-    Raises OSError if the address cannot be bound, RuntimeError if the server does not start.
+    ``authenticate``, the stores, ``public_url``, ``decision_log``, ``cors_origins``...). Port 0
+    picks a free port (see ``.port``). Raises OSError if the address cannot be bound,
+    RuntimeError if the server does not start.
     """
     app = create_app(engine, **app_options)
     sock = bind_socket(host, port)
@@ -92,6 +101,7 @@ async def start_http(engine: Engine, host: str, port: int, *, grace: float = 10.
         http="httptools",
         timeout_graceful_shutdown=int(max(grace, 1)),
         server_header=False,
+        **_tls_options(tls),
     )
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="needlepoint-http")
@@ -102,5 +112,17 @@ async def start_http(engine: Engine, host: str, port: int, *, grace: float = 10.
             raise RuntimeError("the HTTP server stopped before it started")
         await asyncio.sleep(0.01)
     bound = sock.getsockname()[1]
-    log.info("CDS Hooks on http://%s:%d/cds-services", host if ":" not in host.strip("[]") else f"[{host.strip('[]')}]", bound)
+    shown = host if ":" not in host.strip("[]") else f"[{host.strip('[]')}]"
+    log.info("CDS Hooks on %s://%s:%d/cds-services", "https" if tls is not None else "http", shown, bound)
     return RunningHttp(bound, server, task)
+
+
+def _tls_options(tls: TlsConfig | None) -> dict[str, Any]:
+    """uvicorn's TLS settings for ``tls`` (none: plaintext). TLS 1.2 at least, uvicorn's default
+    context otherwise; a client CA makes the handshake require a certificate it signed."""
+    if tls is None:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+    if tls.client_ca_file is not None:
+        options.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options

@@ -1,11 +1,14 @@
 """Where feedback and decisions are kept: two small protocols, and in-memory implementations.
 
-The service only *calls* these. The decision log (a database, built separately) will implement
-both protocols; until then the in-memory ones keep what one worker process has seen.
+The service only *calls* these. With a decision log (``needlepoint serve`` keeps one by default),
+:class:`LogFeedbackStore` and :class:`LogDecisionStore` put both in the database, so feedback is
+committed before it is acknowledged and any worker can render any decision's page; without one,
+the in-memory stores keep what one worker process has seen.
 
 * :class:`FeedbackStore` stores the clinician's response to a card (accepted, overridden and why).
   ``add`` is idempotent: the spec lets a client send the same feedback more than once, so an item
   is keyed by a digest of its content and a repeat is acknowledged without being stored twice.
+  ``add`` may be a coroutine function (a store that waits for a commit); the service awaits it.
 * :class:`DecisionStore` keeps decisions by id so that the explanation page a card links to can be
   rendered later.
 """
@@ -16,7 +19,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import orjson
@@ -35,6 +38,7 @@ class Feedback:
     override_code: str | None = None
     override_display: str | None = None
     user_comment: str | None = None
+    item: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # the item as sent
 
     @property
     def key(self) -> str:
@@ -60,6 +64,7 @@ class Feedback:
             override_code=coding.get("code"),
             override_display=coding.get("display"),
             user_comment=reason.get("userComment"),
+            item=item,
         )
 
 
@@ -68,7 +73,8 @@ class FeedbackStore(Protocol):
     """Keeps card feedback. Implementations must make ``add`` idempotent on ``Feedback.key``."""
 
     def add(self, feedback: Feedback) -> bool:
-        """Store ``feedback``; True if it is new, False if the same item was stored before."""
+        """Store ``feedback``; True if it is new, False if the same item was stored before (or an
+        awaitable of that, for a store that waits for a commit)."""
         ...
 
 
@@ -126,3 +132,26 @@ class InMemoryDecisionStore:
     def get(self, decision_id: str) -> Mapping[str, Any] | None:
         with self._lock:
             return self._items.get(decision_id)
+
+
+class LogFeedbackStore:
+    """Feedback into the decision log (``needlepoint.decisionlog.store.FeedbackStore``), where the
+    overrides report reads it. ``add`` is a coroutine: it returns once the item is committed.
+    The log checks the item again (cds-fb-1..3) and keys repeats by the item as sent."""
+
+    def __init__(self, decision_log: Any) -> None:
+        from needlepoint.decisionlog.store import FeedbackStore as LoggedFeedback
+
+        self._store = LoggedFeedback(decision_log)
+
+    async def add(self, feedback: Feedback) -> bool:
+        if feedback.item is None:
+            raise ValueError("the decision log stores feedback items as sent: build Feedback with from_json")
+        return await self._store.record_feedback_async(feedback.service_id, feedback.item)
+
+
+def LogDecisionStore(engine: Any) -> DecisionStore:  # noqa: N802 (a factory named like the class it returns)
+    """The decision log's DecisionStore (``needlepoint.decisionlog.store.LogDecisionStore``)."""
+    from needlepoint.decisionlog.store import LogDecisionStore as Store
+
+    return Store(engine)

@@ -64,7 +64,9 @@ class WorkerConfig:
     watch_interval: float = 2.0  # seconds between looks at the rule-sets directory
     security: SecurityConfig | None = None  # TLS and token authentication (none: plaintext, open)
     http_port: int | None = None  # also serve CDS Hooks over HTTP on this port (needlepoint.cdshooks)
-    insecure_dev: bool = False  # CDS Hooks without client authentication (until JWT validation lands)
+    insecure_dev: bool = False  # CDS Hooks without client authentication, CORS open: development only
+    http_base_url: str | None = None  # the CDS Hooks public base URL (token audiences, links); None: derived
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call CDS Hooks (CORS)
     max_connection_age: float = MAX_CONNECTION_AGE  # seconds; 0 = connections live for ever
     max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
     database: str | None = None  # decision log URL (migrated by the caller); None: no log
@@ -158,7 +160,10 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
     if config.http_port is not None:
         from needlepoint.cdshooks.server import start_http
 
-        http = await start_http(engine, config.host, config.http_port, grace=config.grace, insecure_dev=config.insecure_dev)
+        http = await start_http(
+            engine, config.host, config.http_port, grace=config.grace, tls=config.security.tls if config.security else None,
+            **cds_hooks_options(config, engine, decision_log),
+        )
     stop = asyncio.Event()
     catalogs: asyncio.Queue[Catalog] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -216,6 +221,51 @@ def _on_control(
     loop: asyncio.AbstractEventLoop, control: Connection, stop: asyncio.Event, catalogs: asyncio.Queue[Catalog]
 ) -> None:
     """A catalog to install; ``("stop",)`` or the supervisor's end of the pipe closing means stop."""
+    try:
+        message = control.recv()
+    except (EOFError, OSError):
+        log.warning("supervisor gone; stopping")
+        message = ("stop",)
+    if message[0] == "catalog":
+        catalogs.put_nowait(message[1])
+        return
+    loop.remove_reader(control.fileno())
+    stop.set()
+
+
+def http_base_url(config: WorkerConfig) -> str:
+    """The CDS Hooks public base URL: ``--http-base-url``, else ``http(s)://HOST:HTTP_PORT`` from
+    the bound address (https when TLS is configured)."""
+    if config.http_base_url:
+        return config.http_base_url.rstrip("/")
+    scheme = "https" if config.security is not None and config.security.tls is not None else "http"
+    return f"{scheme}://{format_address(config.host, config.http_port or 0)}"
+
+
+def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log) -> dict:
+    """``create_app`` options for this worker: the JWT check (each endpoint's exact URL as the
+    audience) when tokens are configured, or insecure development mode, said loudly at every
+    start; the decision log; CORS origins; the public base URL for token audiences and links."""
+    options: dict = {"decision_log": decision_log, "cors_origins": list(config.cors_origins) or None}
+    tokens = config.security.tokens if config.security is not None else None
+    if config.insecure_dev:
+        log.warning(
+            "INSECURE-DEV: CDS Hooks on port %d accepts every caller without a token%s; development only, never with patient data",
+            config.http_port, " and lets any web page call it (CORS *)" if not config.cors_origins or "*" in config.cors_origins else "",
+        )
+        options["insecure_dev"] = True
+        if config.http_base_url:
+            options["public_url"] = http_base_url(config)
+        return options
+    if tokens is None:
+        raise ValueError("CDS Hooks needs token authentication (--auth-jwks/--auth-jku with --auth-issuer) or --insecure-dev")
+    from needlepoint.cdshooks.auth import JwtAuthenticator
+
+    base = http_base_url(config)
+    options["authenticate"] = JwtAuthenticator(tokens, base, lambda: engine.ruleset_ids)
+    options["public_url"] = base
+    log.info("CDS Hooks: bearer tokens required, aud = the endpoint's URL under %s, %d issuer(s)", base, len(tokens.issuers))
+    return options
 
 
 def _open_decision_log(config: WorkerConfig):
@@ -229,14 +279,3 @@ def _open_decision_log(config: WorkerConfig):
     decision_log = DecisionLog(config.database, masker=Masker(parse_fields(config.mask)))
     log.info("decision log: %s", redacted(config.database))
     return decision_log
-
-    try:
-        message = control.recv()
-    except (EOFError, OSError):
-        log.warning("supervisor gone; stopping")
-        message = ("stop",)
-    if message[0] == "catalog":
-        catalogs.put_nowait(message[1])
-        return
-    loop.remove_reader(control.fileno())
-    stop.set()

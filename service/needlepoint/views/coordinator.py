@@ -4,8 +4,14 @@ do about it, in plain words.
 It reads the contract's decision JSON (a dict, whatever road it came by) and returns a
 :class:`CoordinatorView`: a verdict and sections of items, each a headline with the details a
 person acts on. :func:`view_lines` lays it out as styled lines, and :func:`render` as plain text
-at an optional width. Terminal concerns (detecting one, colours, its width) belong to the caller:
-the CLI here, and later a worklist or CDS Hooks cards, which can take the items as cards.
+at an optional width. Terminal concerns (detecting one, colours, its width) belong to the caller.
+
+The wording of each part is made once, here, and shared: :func:`deferral_item`,
+:func:`modality_item` and :func:`injectate_item` say what a deferral, the guidance and an
+injectate mean and what to do about them; the CLI text, the CDS Hooks cards and the explanation
+page (``needlepoint.cdshooks``) all use them, so the three views of one decision say the same
+thing in the same words. Each item also carries the ids of the rules behind it (``rule_ids``),
+which the text leaves out and the page links to.
 
 What it shows and what it leaves out:
 
@@ -63,10 +69,12 @@ VERDICTS = {
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to know or do: a headline and the sentences under it."""
+    """One thing to know or do: a headline and the sentences under it, and the rules behind it
+    (not shown in the text; the explanation page links them)."""
 
     headline: str
     details: tuple[str, ...] = ()
+    rule_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,10 +154,54 @@ class _Said:
         return message
 
 
+def deferral_item(deferral: dict[str, Any]) -> Item:
+    """A deferral in plain words: ``Bleeding risk: not now.`` and the rule's message under it."""
+    message = (deferral.get("message") or "").strip()
+    headline = f"{words(REASONS, deferral.get('reason', ''))}: {_firmness(deferral)}."
+    return Item(headline, (message,) if message else (), tuple(deferral.get("ruleIds", ())))
+
+
+def _lower_first(title: str) -> str:
+    """A rule title inside a sentence: first letter lowered unless it starts an acronym (INR)."""
+    return title[:1].lower() + title[1:] if title[1:2].islower() else title
+
+
+def modality_item(modality: dict[str, Any] | None, titles_by_rule: dict[str, str]) -> Item | None:
+    """The guidance in plain words: ``Use fluoroscopy (X-ray); ultrasound is also acceptable;
+    avoid ...``, and ``Because: `` the titles of the rules behind it. None when there is none."""
+    if not modality or not (modality.get("preferred") or modality.get("acceptable") or modality.get("avoid")):
+        return None
+    parts = []
+    if modality.get("preferred"):
+        parts.append(f"Use {words(MODALITIES, modality['preferred'])}")
+    if modality.get("acceptable"):
+        also = " or ".join(words(MODALITIES, m) for m in modality["acceptable"])
+        parts.append(f"{also} is also acceptable" if parts else f"Use {also}")
+    if modality.get("avoid"):
+        parts.append("avoid " + " and ".join(words(MODALITIES, m) for m in modality["avoid"]))
+    headline = "; ".join(parts)
+    rule_ids = tuple(modality.get("ruleIds", ()))
+    titles = [titles_by_rule[rid] for rid in rule_ids if rid in titles_by_rule]
+    why = ("Because: " + "; ".join(_lower_first(t) for t in titles) + ".",) if titles else ()
+    return Item(headline[:1].upper() + headline[1:] + ".", why, rule_ids)
+
+
+def injectate_item(injectate: dict[str, Any]) -> Item:
+    """An injectate in plain words: ``Corticosteroid (steroid): avoid.`` and the rule's message."""
+    advice = words(RECOMMENDATIONS, injectate.get("recommendation", "")).lower()
+    message = (injectate.get("message") or "").strip()
+    return Item(f"{words(INJECTATES, injectate.get('category', ''))}: {advice}.", (message,) if message else (),
+                tuple(injectate.get("ruleIds", ())))
+
+
+def titles_by_rule(decision: dict[str, Any]) -> dict[str, str]:
+    """Each explained rule's title, by rule id."""
+    return {e["ruleId"]: e["title"] for e in decision.get("explanations", []) if e.get("ruleId") and e.get("title")}
+
+
 def coordinator_view(decision: dict[str, Any]) -> CoordinatorView:
     """What a referral coordinator needs from ``decision`` (the contract's JSON object)."""
     said = _Said()
-    titles_by_rule = {e["ruleId"]: e["title"] for e in decision.get("explanations", []) if e.get("ruleId") and e.get("title")}
     deferrals = decision.get("deferrals", [])
     status = _status(deferrals)
     verdict = VERDICTS[status]
@@ -159,41 +211,31 @@ def coordinator_view(decision: dict[str, Any]) -> CoordinatorView:
 
     reasons = []
     for d in deferrals:
+        item = deferral_item(d)
         message = said.new(d.get("message"))
-        reasons.append(Item(f"{words(REASONS, d.get('reason', ''))}: {_firmness(d)}.", (message,) if message else ()))
+        reasons.append(Item(item.headline, (message,) if message else (), item.rule_ids))
     if reasons:
         sections.append(Section("Reasons to wait", tuple(reasons)))
 
-    modality = decision.get("modality")
-    if modality and (modality.get("preferred") or modality.get("acceptable") or modality.get("avoid")):
-        parts = []
-        if modality.get("preferred"):
-            parts.append(f"Use {words(MODALITIES, modality['preferred'])}")
-        if modality.get("acceptable"):
-            also = " or ".join(words(MODALITIES, m) for m in modality["acceptable"])
-            parts.append(f"{also} is also acceptable" if parts else f"Use {also}")
-        if modality.get("avoid"):
-            parts.append("avoid " + " and ".join(words(MODALITIES, m) for m in modality["avoid"]))
-        headline = "; ".join(parts)
-        titles = [titles_by_rule[rid] for rid in modality.get("ruleIds", []) if rid in titles_by_rule]
-        why = ("Because: " + "; ".join(t[:1].lower() + t[1:] if t[1:2].islower() else t for t in titles) + ".",) if titles else ()
-        sections.append(Section("Image guidance", (Item(headline[:1].upper() + headline[1:] + ".", why),)))
+    guidance = modality_item(decision.get("modality"), titles_by_rule(decision))
+    if guidance is not None:
+        sections.append(Section("Image guidance", (guidance,)))
 
     medicines = []
     for inj in decision.get("injectates", []):
-        advice = words(RECOMMENDATIONS, inj.get("recommendation", "")).lower()
+        item = injectate_item(inj)
         message = said.new(inj.get("message"))
         if message is None and inj.get("message") and inj.get("recommendation") != "SUGGESTED":
             message = "The reason is given above."  # said once, but a held-back medicine still points to why
-        medicines.append(Item(f"{words(INJECTATES, inj.get('category', ''))}: {advice}.", (message,) if message else ()))
+        medicines.append(Item(item.headline, (message,) if message else (), item.rule_ids))
     if medicines:
         sections.append(Section("Medicines to inject", tuple(medicines)))
 
-    cautions = [Item(message) for c in decision.get("cautions", []) if (message := said.new(c.get("message")))]
+    cautions = [Item(message, (), tuple(c.get("ruleIds", ()))) for c in decision.get("cautions", []) if (message := said.new(c.get("message")))]
     if cautions:
         sections.append(Section("Before and during the injection", tuple(cautions)))
 
-    missing = [Item(message) for m in decision.get("missingData", []) if (message := said.new(m.get("message")))]
+    missing = [Item(message, (), tuple(m.get("ruleIds", ()))) for m in decision.get("missingData", []) if (message := said.new(m.get("message")))]
     if missing:
         sections.append(Section("Records to check or complete", tuple(missing)))
 
@@ -239,4 +281,7 @@ def render(decision: dict[str, Any], width: int | None = None) -> str:
     return "\n".join(text for line in view_lines(coordinator_view(decision)) for text in wrap(line, width)) + "\n"
 
 
-__all__ = ["CoordinatorView", "Section", "Item", "Line", "coordinator_view", "view_lines", "wrap", "render", "VERDICTS"]
+__all__ = [
+    "CoordinatorView", "Section", "Item", "Line", "coordinator_view", "view_lines", "wrap", "render", "VERDICTS",
+    "deferral_item", "modality_item", "injectate_item", "titles_by_rule",
+]
