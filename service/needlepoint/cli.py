@@ -24,6 +24,7 @@ from needlepoint.cli_batch import command as batch_command
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_decisions import DATABASE_OPTION, MASK_OPTION, decisions, migrate_for_serve
 from needlepoint.cli_rules import rules
+from needlepoint.cli_worklist import command as worklist_command
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.security.options import client_connection_options, server_security_options
 
@@ -54,6 +55,7 @@ main.add_command(explain_command)
 main.add_command(cds_command)
 main.add_command(batch_command)
 main.add_command(decisions)
+main.add_command(worklist_command)
 
 
 @main.command()
