@@ -77,6 +77,7 @@ main.add_command(worklist_command)
 @click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
 @click.option("--http-port", type=click.IntRange(1, 65535), help="Also serve CDS Hooks 2.0 over HTTP on this port (/cds-services).")
 @click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication: development only (required with --http-port until JWT validation lands).")
+@click.option("--worklist-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The folder the worklist page (/worklist on --http-port) may read.")
 @click.option("--max-connection-age", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
 @click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
@@ -88,7 +89,7 @@ main.add_command(worklist_command)
 @MASK_OPTION
 def serve(
     host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
-    http_port: int | None, insecure_dev: bool, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
+    http_port: int | None, insecure_dev: bool, worklist_dir: Path | None, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
     metrics_host: str, security: SecurityConfig, database: str | None, mask: str,
 ) -> None:
     """Serve the gRPC API until SIGTERM.
@@ -118,7 +119,7 @@ def serve(
         raise click.UsageError(str(exc)) from None
     config = WorkerConfig(
         host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
-        security=security, http_port=http_port, insecure_dev=insecure_dev,
+        security=security, http_port=http_port, insecure_dev=insecure_dev, worklist_dir=worklist_dir,
         max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
         database=migrate_for_serve(database, mask), mask=mask,
     )

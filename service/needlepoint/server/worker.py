@@ -65,6 +65,7 @@ class WorkerConfig:
     security: SecurityConfig | None = None  # TLS and token authentication (none: plaintext, open)
     http_port: int | None = None  # also serve CDS Hooks over HTTP on this port (needlepoint.cdshooks)
     insecure_dev: bool = False  # CDS Hooks without client authentication (until JWT validation lands)
+    worklist_dir: Path | None = None  # the folder the worklist page (/worklist on the HTTP port) may read
     max_connection_age: float = MAX_CONNECTION_AGE  # seconds; 0 = connections live for ever
     max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
     database: str | None = None  # decision log URL (migrated by the caller); None: no log
@@ -158,7 +159,10 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
     if config.http_port is not None:
         from needlepoint.cdshooks.server import start_http
 
-        http = await start_http(engine, config.host, config.http_port, grace=config.grace, insecure_dev=config.insecure_dev)
+        from needlepoint.worklist.web import worklist_mount
+
+        http = await start_http(engine, config.host, config.http_port, grace=config.grace, insecure_dev=config.insecure_dev,
+                                mounts=[worklist_mount(engine, config.worklist_dir)])
     stop = asyncio.Event()
     catalogs: asyncio.Queue[Catalog] = asyncio.Queue()
     loop = asyncio.get_running_loop()
