@@ -178,11 +178,15 @@ def _csv_names(path: Path) -> dict[str, str]:
     if name_col is None:
         return {}
     names: dict[str, str] = {}
+    seen: set[str] = set()
     try:
         for row in reader:
+            rid = row[id_col].strip() if id_col is not None and len(row) > id_col and row[id_col].strip() else ""
+            if not rid or rid in seen:  # no id, or a repeated one: the batch reader names it by file and row
+                rid = f"{path.name}:{reader.line_num}"
+            seen.add(rid)
             if len(row) > name_col and row[name_col].strip():
-                rid = row[id_col].strip() if id_col is not None and len(row) > id_col and row[id_col].strip() else f"{path.name}:{reader.line_num}"
-                names.setdefault(rid, row[name_col].strip())
+                names[rid] = row[name_col].strip()
     except csv.Error:
         pass
     return names
