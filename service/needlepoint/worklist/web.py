@@ -360,7 +360,7 @@ class WorklistPages:
             for fmt, label in (("csv", "CSV"), ("xlsx", "Excel (XLSX)"), ("html", "HTML report"))
         )
         body = (
-            f'<h1>{html.e(title)}</h1><p>{html.e(html.summary(rows))} Evaluated in {html.e(status.get("seconds", ""))} s.</p>'
+            f'<h1>{html.e(title)}</h1><p>{html.e(html.summary(rows))}. Evaluated in {html.e(status.get("seconds", ""))} s.</p>'
             "<p><strong>Suggestions with reasons, never orders. The rule set is not clinically validated.</strong></p>"
             + html.legend()
             + html.filters(rows)
