@@ -178,4 +178,4 @@ def document(title: str, body: str, *, script: bool = True) -> str:
 def summary(rows: Sequence[WorklistRow]) -> str:
     """``100 referrals: 40 ready, 12 needs data, …``."""
     counts = [f"{sum(1 for r in rows if r.status == s)} {s}" for s in reversed(STATUSES) if any(r.status == s for r in rows)]
-    return f"{len(rows)} referrals: " + ", ".join(counts) if rows else "No referrals."
+    return f"{len(rows)} referral{'' if len(rows) == 1 else 's'}: " + ", ".join(counts) if rows else "No referrals."
