@@ -24,6 +24,7 @@ from needlepoint.cli_batch import command as batch_command
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_decisions import DATABASE_OPTION, MASK_OPTION, decisions, migrate_for_serve
 from needlepoint.cli_rules import rules
+from needlepoint.cli_worklist import command as worklist_command
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.security.options import client_connection_options, server_security_options
 
@@ -54,6 +55,7 @@ main.add_command(explain_command)
 main.add_command(cds_command)
 main.add_command(batch_command)
 main.add_command(decisions)
+main.add_command(worklist_command)
 
 
 @main.command()
@@ -80,6 +82,7 @@ main.add_command(decisions)
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="A browser origin allowed to call CDS Hooks (CORS), e.g. https://ehr.example.org; repeatable; none by default.")
 @click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication and CORS open: local trials only, logged as a warning.")
+@click.option("--worklist-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The folder the worklist page (/worklist on --http-port) may read.")
 @click.option("--max-connection-age", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
 @click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
@@ -91,7 +94,7 @@ main.add_command(decisions)
 @MASK_OPTION
 def serve(
     host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
-    http_port: int | None, http_base_url: str | None, cors_origins: tuple[str, ...], insecure_dev: bool, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
+    http_port: int | None, http_base_url: str | None, cors_origins: tuple[str, ...], insecure_dev: bool, worklist_dir: Path | None, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
     metrics_host: str, security: SecurityConfig, database: str | None, mask: str,
 ) -> None:
     """Serve the gRPC API until SIGTERM.
@@ -125,7 +128,7 @@ def serve(
         raise click.UsageError(str(exc)) from None
     config = WorkerConfig(
         host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
-        security=security, http_port=http_port, insecure_dev=insecure_dev, http_base_url=http_base_url, cors_origins=cors_origins,
+        security=security, http_port=http_port, insecure_dev=insecure_dev, http_base_url=http_base_url, cors_origins=cors_origins, worklist_dir=worklist_dir,
         max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
         database=migrate_for_serve(database, mask), mask=mask,
     )

@@ -17,11 +17,13 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from needlepoint.cdshooks.app import create_app
 from needlepoint.security.transport import TlsConfig
@@ -81,17 +83,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def start_http(
-    engine: Engine, host: str, port: int, *, grace: float = 10.0, tls: TlsConfig | None = None, **app_options: Any
+    engine: Engine, host: str, port: int, *, grace: float = 10.0, tls: TlsConfig | None = None, mounts: Sequence[Mount] = (),
+    **app_options: Any,
 ) -> RunningHttp:
     """Serve the CDS Hooks app for ``engine`` on ``host:port`` from the running event loop, over
     TLS when ``tls`` is given.
 
     ``app_options`` go to :func:`needlepoint.cdshooks.app.create_app` (``insecure_dev``,
     ``authenticate``, the stores, ``public_url``, ``decision_log``, ``cors_origins``...). Port 0
-    picks a free port (see ``.port``). Raises OSError if the address cannot be bound,
+    picks a free port (see ``.port``). ``mounts`` are other apps served beside CDS Hooks, outside
+    its middleware (the worklist page). Raises OSError if the address cannot be bound,
     RuntimeError if the server does not start.
     """
     app = create_app(engine, **app_options)
+    if mounts:
+        app = Starlette(routes=[*mounts, Mount("/", app)])
     sock = bind_socket(host, port)
     config = uvicorn.Config(
         app,

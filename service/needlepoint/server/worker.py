@@ -67,6 +67,7 @@ class WorkerConfig:
     insecure_dev: bool = False  # CDS Hooks without client authentication, CORS open: development only
     http_base_url: str | None = None  # the CDS Hooks public base URL (token audiences, links); None: derived
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call CDS Hooks (CORS)
+    worklist_dir: Path | None = None  # the folder the worklist page (/worklist on the HTTP port) may read
     max_connection_age: float = MAX_CONNECTION_AGE  # seconds; 0 = connections live for ever
     max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
     database: str | None = None  # decision log URL (migrated by the caller); None: no log
@@ -160,9 +161,11 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
     if config.http_port is not None:
         from needlepoint.cdshooks.server import start_http
 
+        from needlepoint.worklist.web import worklist_mount
+
         http = await start_http(
             engine, config.host, config.http_port, grace=config.grace, tls=config.security.tls if config.security else None,
-            **cds_hooks_options(config, engine, decision_log),
+            mounts=[worklist_mount(engine, config.worklist_dir)], **cds_hooks_options(config, engine, decision_log),
         )
     stop = asyncio.Event()
     catalogs: asyncio.Queue[Catalog] = asyncio.Queue()
