@@ -494,3 +494,17 @@ def _server_cpu(server) -> float:
 
 if __name__ == "__main__":
     _measure()
+
+
+def test_a_bundle_nested_deeper_than_json_writers_go_is_logged_with_its_deep_values_cut() -> None:
+    """orjson reads 1,024 levels but writes 254: a hostile bundle the mapper accepted must still be
+    logged (masked), its values below 200 levels replaced, never refused or left unlogged."""
+    from needlepoint.decisionlog.masking import TOO_DEEP, Masker
+
+    deep = '{"a":1}'
+    for _ in range(200):
+        deep = '{"x":[' + deep + "]}"
+    bundle = '{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","id":"p","name":[{"family":"Doe"}],"extension":[' + deep + "]}}]}"
+    text, masked = Masker().bundle(bundle.encode())
+    assert b"Doe" not in text and TOO_DEEP.encode() in text
+    assert "values nested too deeply" in masked and "Patient.name" in masked

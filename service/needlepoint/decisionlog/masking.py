@@ -66,6 +66,33 @@ def parse_fields(text: str | None) -> frozenset[str]:
     return frozenset(chosen)
 
 
+MAX_KEPT_DEPTH = 200  # levels of nesting kept in a stored request (orjson writes at most 254)
+TOO_DEEP = "(nested too deeply to keep)"
+
+
+def _flattened(obj: Any) -> Any:
+    """``obj`` with every value below ``MAX_KEPT_DEPTH`` levels replaced by ``TOO_DEEP``, built
+    without recursion (the value may be nested 1,000 levels deep). No rule reads so deep, so the
+    replay of the stored request gives the same decision."""
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any, int]] = [(obj, root, 0, 0)]  # (value, its container, key there, depth)
+    while stack:
+        value, container, key, depth = stack.pop()
+        if isinstance(value, (dict, list)) and depth >= MAX_KEPT_DEPTH:
+            container[key] = TOO_DEEP
+        elif isinstance(value, dict):
+            copy: dict = {}
+            container[key] = copy
+            stack.extend((v, copy, k, depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            items: list = [None] * len(value)
+            container[key] = items
+            stack.extend((v, items, i, depth + 1) for i, v in enumerate(value))
+        else:
+            container[key] = value
+    return root[0]
+
+
 @dataclass(frozen=True)
 class Masker:
     """Masks the chosen fields (see the module docstring); returns masked JSON bytes."""
@@ -83,7 +110,12 @@ class Masker:
         obj = orjson.loads(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else _copy(bundle)
         masked: set[str] = set()
         ids = self._resources(_top_resources(obj), masked)
-        return self._references(orjson.dumps(obj), ids, masked), sorted(masked)
+        try:
+            text = orjson.dumps(obj)
+        except TypeError:  # nested deeper than orjson writes (it reads up to 1,024 levels, writes 254)
+            text = orjson.dumps(_flattened(obj))
+            masked.add("values nested too deeply")
+        return self._references(text, ids, masked), sorted(masked)
 
     def cds_hooks_request(self, request: Any) -> tuple[bytes, list[str]]:
         """A CDS Hooks request (bytes or parsed) masked: its Patients, the references to them,
