@@ -492,10 +492,6 @@ def _server_cpu(server) -> float:
     return total
 
 
-if __name__ == "__main__":
-    _measure()
-
-
 def test_a_bundle_nested_deeper_than_json_writers_go_is_logged_with_its_deep_values_cut() -> None:
     """orjson reads 1,024 levels but writes 254: a hostile bundle the mapper accepted must still be
     logged (masked), its values below 200 levels replaced, never refused or left unlogged."""
@@ -508,3 +504,7 @@ def test_a_bundle_nested_deeper_than_json_writers_go_is_logged_with_its_deep_val
     text, masked = Masker().bundle(bundle.encode())
     assert b"Doe" not in text and TOO_DEEP.encode() in text
     assert "values nested too deeply" in masked and "Patient.name" in masked
+
+
+if __name__ == "__main__":
+    _measure()

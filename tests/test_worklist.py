@@ -14,7 +14,6 @@ import shutil
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 from click.testing import CliRunner
 
@@ -226,7 +225,6 @@ def test_the_page_reads_only_uploads_and_the_allowed_folder(tmp_path: Path) -> N
     for _ in range(200):
         if store.status(job)["state"] in ("done", "failed"):
             break
-        import time
 
         time.sleep(0.05)
     rows = {r.referral_id: r for r in store.rows(job)}

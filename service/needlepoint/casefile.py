@@ -40,7 +40,6 @@ as a lab report shows it (FHIR ``Quantity.unit``), for a result that carries no 
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from .core.record import (
     PlannedSurgery,
     PriorInjection,
     RecordError,
+    partial_date_range,
 )
 
 _FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it: ~7x faster
@@ -130,19 +130,13 @@ def _begun(*instants: dt.datetime | None) -> dt.datetime | None:
     return min(known) if known else None
 
 
-_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
-
-
 def _birth(record: PatientRecord, value: Any, where: str) -> None:
     """An exact birth date, or a partial one (``2014``, ``2014-03``) as the range it allows."""
-    match = _PARTIAL_DATE.fullmatch(str(value))
-    if match is None:
+    allowed = partial_date_range(str(value))
+    if allowed is None:
         record.birth_date = _instant(value, where).date()
-        return
-    year, month = int(match.group(1)), match.group(2)
-    first = dt.date(year, int(month or 1), 1)
-    following = dt.date(year + 1, 1, 1) if month is None or first.month == 12 else dt.date(year, first.month + 1, 1)
-    record.birth_range = (first, following - dt.timedelta(days=1))
+    else:
+        record.birth_range = allowed
 
 
 def parse_code(text: Any, where: str) -> Code:

@@ -82,7 +82,8 @@ main.add_command(worklist_command)
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="A browser origin allowed to call CDS Hooks (CORS), e.g. https://ehr.example.org; repeatable; none by default.")
 @click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication and CORS open: local trials only, logged as a warning.")
-@click.option("--worklist-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="The folder the worklist page (/worklist on --http-port) may read.")
+@click.option("--worklist-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The folder the worklist page (/worklist, served with --http-port --insecure-dev) may read.")
 @click.option("--max-connection-age", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
 @click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
@@ -116,6 +117,8 @@ def serve(
     from needlepoint.server.worker import WorkerConfig, setup_logging
 
     _check_cds_hooks_options(host, http_port, http_base_url, cors_origins, insecure_dev, security)
+    if worklist_dir is not None and not (http_port is not None and insecure_dev):
+        raise click.UsageError("--worklist-dir is for the worklist page, served with --http-port --insecure-dev only (it has no sign-in yet)")
     setup_logging(log_level)
     if http_port is not None and insecure_dev:
         import logging

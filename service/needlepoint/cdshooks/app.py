@@ -64,7 +64,6 @@ from needlepoint.cdshooks.request import (
     check_call,
     fetch_missing,
     missing_keys,
-    operation_outcome,
     record_for_order,
 )
 from needlepoint.cdshooks.stores import (

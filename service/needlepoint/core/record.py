@@ -21,6 +21,7 @@ reader can find the original data.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 
 # Short names of the code systems the rule sets speak. Adapters translate URIs into these.
@@ -242,6 +243,29 @@ class PatientRecord:
         from dataclasses import replace
 
         return replace(self, order=order)
+
+
+_PARTIAL_DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2}))?")
+
+
+def partial_date_range(text: object) -> tuple[dt.date, dt.date] | None:
+    """A partial FHIR date (``2014`` or ``2014-03``) as the first and last day it allows; None
+    for anything else (a full date, a date-time, a month that does not exist). The one reading of
+    partial dates for every road in: a birth date given so is kept as this range (see
+    :class:`PatientRecord`)."""
+    match = _PARTIAL_DATE.fullmatch(text) if type(text) is str else None
+    if match is None:
+        return None
+    year, month = int(match.group(1)), match.group(2)
+    try:
+        if month is None:
+            return dt.date(year, 1, 1), dt.date(year, 12, 31)
+        first = dt.date(year, int(month), 1)
+    except ValueError:
+        return None
+    if first.month == 12:  # (not via the 1st of next January: there is no year 10000)
+        return first, dt.date(year, 12, 31)
+    return first, dt.date(year, first.month + 1, 1) - dt.timedelta(days=1)
 
 
 def system_short_name(uri: str | None) -> str:

@@ -71,11 +71,12 @@ def connect(url: str | None, *, pool_size: int = 2) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, json_serializer=_json_text
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}, json_serializer=_json_text,
+            hide_parameters=True,  # an error's text never carries the stored request or decision
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True, json_serializer=_json_text)
+    return create_engine(url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True, json_serializer=_json_text, hide_parameters=True)
 
 
 def _json_text(value: object) -> str:

@@ -206,7 +206,7 @@ class DecisionLog:
                 row = item.entry.row(self.masker) if item.kind == "decision" else item.feedback
             except Exception as exc:  # a malformed entry fails alone
                 log.exception("decision log: cannot prepare an entry")
-                _settle(item.future, exc=LogUnavailable(f"cannot log this entry: {exc}"))
+                _settle(item.future, exc=LogUnavailable(f"cannot log this entry: {exc.__class__.__name__}"))
                 continue
             prepared.append((item, row))
         if not prepared:
@@ -230,7 +230,7 @@ class DecisionLog:
             _settle(item.future, result)
 
     def _fail(self, prepared: list[tuple[_Item, dict[str, Any]]], exc: Exception) -> None:
-        log.error("decision log: cannot commit %d item(s): %s", len(prepared), exc)
+        log.error("decision log: cannot commit %d item(s): %s", len(prepared), exc.__class__.__name__)
         for item, _ in prepared:
             _settle(item.future, exc=LogUnavailable(f"the decision log cannot commit: {exc.__class__.__name__}"))
 

@@ -46,6 +46,7 @@ from needlepoint.core.record import (
     PlannedSurgery,
     PriorInjection,
     RecordError,
+    partial_date_range,
     system_short_name,
 )
 
@@ -432,24 +433,6 @@ def _parse_date(text: Any) -> dt.date:
         raise _DateProblem("unparseable-date", "is not a valid calendar date") from None
 
 
-def _partial_range(text: Any) -> tuple[dt.date, dt.date] | None:
-    """A partial FHIR date (``2014`` or ``2014-03``) as the first and last day it allows; None
-    for anything else."""
-    match = _DATE.fullmatch(text) if type(text) is str else None
-    if match is None or match.group(3) is not None:
-        return None
-    year, month = int(match.group(1)), match.group(2)
-    try:
-        if month is None:
-            return dt.date(year, 1, 1), dt.date(year, 12, 31)
-        first = dt.date(year, int(month), 1)
-    except ValueError:
-        return None
-    if first.month == 12:  # (not via the 1st of next January: there is no year 10000)
-        return first, dt.date(year, 12, 31)
-    return first, dt.date(year, first.month + 1, 1) - dt.timedelta(days=1)
-
-
 def _earliest_instant(value: Any) -> dt.datetime | None:
     """The earliest instant a FHIR date/dateTime allows (a partial date: its first day), or None
     when it cannot be read. For deciding whether a record may have existed yet, never for an
@@ -458,7 +441,7 @@ def _earliest_instant(value: Any) -> dt.datetime | None:
         return _parse_datetime(value)
     except _DateProblem:
         pass
-    allowed = _partial_range(value)
+    allowed = partial_date_range(value)
     if allowed is None or allowed[0].year < 1:
         return None
     return dt.datetime.combine(allowed[0], _MIDNIGHT_UTC)
@@ -709,18 +692,18 @@ class _Mapper:
             try:
                 self.record.birth_date = _parse_date(birth)
             except _DateProblem as problem:
-                allowed = _partial_range(birth) if problem.kind == "imprecise-date" else None
+                allowed = partial_date_range(birth) if problem.kind == "imprecise-date" else None
                 if allowed is not None:  # a valid partial date: the core works with the range
                     self.record.birth_range = allowed
                 else:
-                    detail = f"birthDate {_shown(birth)} is not a valid FHIR date; age is unknown."
+                    detail = "birthDate is not a valid FHIR date; age is unknown."  # (a birth date is not quoted: it identifies)
                     self._issue("unparseable-date", "Patient.birthDate", detail, entry.source)
         self._deceased(entry)
         gender = _get_str(resource, "gender", path)
         if gender in _SEXES:
             self.record.sex = gender
         elif gender is not None:
-            detail = f"gender {gender!r} is not a FHIR administrative gender; sex is unknown."
+            detail = f"gender {_shown(gender)} is not a FHIR administrative gender; sex is unknown."
             self._issue("unknown-code", "Patient.gender", detail, entry.source)
 
     def _deceased(self, entry: _Entry) -> None:
@@ -742,7 +725,7 @@ class _Mapper:
             if earliest is not None:  # so that no one who may have died is given a go-ahead
                 self.record.deceased_at = earliest
             else:
-                detail = f"deceasedDateTime {_shown(when)} {problem.reason}; the patient is taken as deceased."
+                detail = f"deceasedDateTime {problem.reason}; the patient is taken as deceased."  # (not quoted: it identifies)
                 self._issue(problem.kind, "Patient.deceasedDateTime", detail, entry.source)
 
     def _condition(self, entry: _Entry) -> None:

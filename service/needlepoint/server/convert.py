@@ -37,7 +37,6 @@ OWN_VOCABULARIES: dict[str, Sequence[str]] = {
 ALLERGY_SEVERITIES = ("mild", "moderate", "severe")
 ALLERGY_CRITICALITIES = ("low", "high", "unable-to-assess")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_PARTIAL_DATE = re.compile(r"(\d{4})(?:-(\d{2}))?")
 
 
 # -- time ---------------------------------------------------------------------------------------
@@ -117,14 +116,10 @@ def _birth_date(value: str, path: str) -> tuple[dt.date | None, tuple[dt.date, d
     try:
         if _DATE.fullmatch(value):
             return dt.date.fromisoformat(value), None
-        match = _PARTIAL_DATE.fullmatch(value)
-        if match is None:
+        allowed = rec.partial_date_range(value)
+        if allowed is None:
             raise ValueError
-        year, month = int(match.group(1)), match.group(2)
-        first = dt.date(year, int(month or 1), 1)
-        if month is None or first.month == 12:  # (not via the next January 1st: no year 10000)
-            return None, (first, dt.date(year, 12, 31))
-        return None, (first, dt.date(year, first.month + 1, 1) - dt.timedelta(days=1))
+        return None, allowed
     except ValueError:  # the value is a birth date: the message names the field, never the value
         raise rec.RecordError(path, "not a date YYYY-MM-DD (or a partial YYYY-MM, YYYY)") from None
 

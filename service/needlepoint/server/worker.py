@@ -161,11 +161,16 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
     if config.http_port is not None:
         from needlepoint.cdshooks.server import start_http
 
-        from needlepoint.worklist.web import worklist_mount
+        # The worklist page has no sign-in of its own yet, so it is served only in a local trial
+        # (--insecure-dev, loopback unless --insecure): never beside token-protected CDS Hooks.
+        mounts = []
+        if config.insecure_dev:
+            from needlepoint.worklist.web import worklist_mount
 
+            mounts.append(worklist_mount(engine, config.worklist_dir))
         http = await start_http(
             engine, config.host, config.http_port, grace=config.grace, tls=config.security.tls if config.security else None,
-            mounts=[worklist_mount(engine, config.worklist_dir)], **cds_hooks_options(config, engine, decision_log),
+            mounts=mounts, **cds_hooks_options(config, engine, decision_log),
         )
     stop = asyncio.Event()
     catalogs: asyncio.Queue[Catalog] = asyncio.Queue()
