@@ -86,12 +86,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="measured requests per protocol")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight per protocol")
+    parser.add_argument("--database", default=None, help="the server's decision log (default: serve's default, a SQLite file; 'none': no log)")
     args = parser.parse_args()
 
     name, cds_body, grpc_body, prefetch_bytes = payloads()
     grpc_port, http_port = free_port(), free_port()
     command = [sys.executable, "-m", "needlepoint.cli", "serve", "--host", "127.0.0.1", "--port", str(grpc_port),
                "--workers", str(args.workers), "--http-port", str(http_port), "--insecure-dev", "--log-level", "WARNING"]
+    if args.database:
+        command += ["--database", args.database]
     server = subprocess.Popen(command, env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         url = f"http://127.0.0.1:{http_port}/cds-services/hip-injection"

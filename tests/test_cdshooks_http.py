@@ -521,3 +521,17 @@ def test_a_repeated_call_is_logged_twice_and_its_cards_once(servers: Servers, te
         replay = json.loads(connection.execute(select(schema.decisions.c.replay_input)).first()[0])
     engine.dispose()
     assert replay["prefetch"].keys() == request["prefetch"].keys() and replay["context"]["patientId"].startswith("masked-")
+
+
+def test_a_body_over_the_limit_is_refused_while_it_streams_in(client: httpx.Client) -> None:
+    """A chunked body carries no Content-Length: the service stops reading at the limit and answers
+    413 rather than holding the whole body in memory first."""
+    from needlepoint.cdshooks.app import MAX_BODY_BYTES
+
+    def chunks():
+        piece = b" " * (1 << 20)
+        for _ in range(MAX_BODY_BYTES // len(piece) + 2):
+            yield piece
+
+    issues = outcome(client.post("/cds-services/hip-injection", content=chunks(), headers={"content-type": "application/json"}), 413)
+    assert "limit" in issues[0]["diagnostics"]

@@ -176,9 +176,14 @@ class CdsHooksService:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise RequestProblem(413, [("too-costly", f"the body is {declared} bytes; the limit is {MAX_BODY_BYTES}", "")])
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise RequestProblem(413, [("too-costly", f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", "")])
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():  # read no further than the limit, whatever the headers say
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestProblem(413, [("too-costly", f"the body is over {MAX_BODY_BYTES} bytes, the limit", "")])
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

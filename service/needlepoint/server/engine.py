@@ -9,6 +9,7 @@ same error text. Evaluation is pure CPU and synchronous; callers run it inline.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import gc
 import logging
@@ -96,6 +97,25 @@ def _collector_paused(pause: bool) -> Iterator[None]:
             _paused -= 1
             if _paused == 0:
                 gc.enable()
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory a large request freed back to the system (glibc keeps freed heap pages
+    otherwise, so a worker's resident size would stay at its largest request's). A few
+    milliseconds, after large requests only; nothing where there is no glibc."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 def request_size(request: decision_service_pb2.EvaluateRequest) -> int:
