@@ -506,5 +506,17 @@ def test_a_bundle_nested_deeper_than_json_writers_go_is_logged_with_its_deep_val
     assert "values nested too deeply" in masked and "Patient.name" in masked
 
 
+
+def test_a_malformed_patient_extension_is_masked_not_a_reason_to_lose_the_decision() -> None:
+    """The mapper never reads Patient.extension, so a bundle with a non-string extension url is
+    evaluated; the masker must log it too (found by the fuzzer: it raised, and the decision was
+    answered UNAVAILABLE)."""
+    from needlepoint.decisionlog.masking import Masker
+
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "p", "name": [{"family": "Doe"}], "extension": [{"url": 5}, "odd"]}}]}
+    text, masked = Masker().bundle(orjson.dumps(bundle))
+    assert b"Doe" not in text and b'"p"' not in text and "Patient.name" in masked
+
+
 if __name__ == "__main__":
     _measure()

@@ -109,7 +109,10 @@ class Masker:
         """A FHIR Bundle (its JSON bytes, or parsed) masked: (JSON bytes, the masked paths)."""
         obj = orjson.loads(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else _copy(bundle)
         masked: set[str] = set()
-        ids = self._resources(_top_resources(obj), masked)
+        try:
+            ids = self._resources(_top_resources(obj), masked)
+        except Exception:  # a shape the masker does not know: keep nothing rather than leave a name in
+            return orjson.dumps({"resourceType": "Bundle", "type": "collection"}), ["the whole bundle (it could not be masked)"]
         try:
             text = orjson.dumps(obj)
         except TypeError:  # nested deeper than orjson writes (it reads up to 1,024 levels, writes 254)
@@ -161,7 +164,8 @@ class Masker:
         if isinstance(resource.get("extension"), list):
             kept = []
             for ext in resource["extension"]:
-                url = ext.get("url", "") if isinstance(ext, dict) else ""
+                url = ext.get("url") if isinstance(ext, dict) else None
+                url = url if isinstance(url, str) else ""  # (a malformed extension is kept as it is)
                 field_name = next((f for suffix, f in IDENTIFYING_EXTENSIONS.items() if url.endswith(suffix)), None)
                 if field_name is not None and field_name in self.fields:
                     masked.add(f"Patient.extension({url.rsplit('/', 1)[-1]})")
