@@ -39,12 +39,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--large-every", type=int, default=50)
+    parser.add_argument("--database", default=None, help="the server's decision log (default: serve's default; 'none': no log)")
     args = parser.parse_args()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "needlepoint.cli", "serve", "--port", str(port), "--workers", "1"],
-                              stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "needlepoint.cli", "serve", "--port", str(port), "--workers", "1"]
+    if args.database:
+        command += ["--database", args.database]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     worker = 0
     try:
         for line in server.stderr:
