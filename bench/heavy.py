@@ -94,13 +94,13 @@ def main() -> None:
     from needlepoint.fhir.mapper import record_from_bundle
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
-    from needlepoint.server.engine import _collector_paused
+    from needlepoint.server.engine import collector_paused
 
     evaluator = Evaluator(load_ruleset(bundled_rulesets_dir() / "hip-injection"))
 
     def decide(data: bytes) -> dict:
         # as the server evaluates a request over 256 KiB: the cyclic collector paused (server/engine.py)
-        with _collector_paused(len(data) > 256 * 1024):
+        with collector_paused(len(data) > 256 * 1024):
             return evaluator.evaluate(record_from_bundle(data), AS_OF)
 
     print(f"{'kind':<11} {'N':>6} {'bundle':>9} {'decide':>9} {'µs/N':>7} {'decision':>10}" + (f" {'explain':>9}" if args.explain else ""))
@@ -114,7 +114,7 @@ def main() -> None:
                 from needlepoint.authoring.explain import counterfactuals
 
                 record = record_from_bundle(data)
-                with _collector_paused(len(data) > 256 * 1024):
+                with collector_paused(len(data) > 256 * 1024):
                     line += f" {_time(lambda: counterfactuals(evaluator, record, AS_OF), 1) * 1000:>7.0f}ms"
             print(line, flush=True)
             if seconds > args.max_seconds:

@@ -77,7 +77,7 @@ from needlepoint.cdshooks.stores import (
 )
 from needlepoint.cdshooks.validate import validate_feedback
 from needlepoint.core.record import RecordError
-from needlepoint.server.engine import Engine
+from needlepoint.server.engine import LARGE_REQUEST_BYTES, Engine, collector_paused
 from needlepoint.server.reload import UnknownVersion
 
 log = logging.getLogger("needlepoint.cdshooks")
@@ -196,6 +196,13 @@ class CdsHooksService:
         return _json(discovery.discovery_document(rulesets))
 
     async def call(self, request: Request) -> Response:
+        # a large call (a prefetch of a whole record) is read and evaluated with the cyclic
+        # collector paused, as the gRPC road does (server/engine.py, LARGE_REQUEST_BYTES)
+        declared = request.headers.get("content-length", "")
+        with collector_paused(declared.isdigit() and int(declared) > LARGE_REQUEST_BYTES):
+            return await self._call(request)
+
+    async def _call(self, request: Request) -> Response:
         try:
             evaluator = self._evaluator(request.path_params["service_id"])
             call = check_call(await self._body(request), discovery.HOOKS)

@@ -80,7 +80,7 @@ _paused_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _collector_paused(pause: bool) -> Iterator[None]:
+def collector_paused(pause: bool) -> Iterator[None]:
     """Pause the cyclic garbage collector for a large request (see ``LARGE_REQUEST_BYTES``)."""
     global _paused
     if not pause:
@@ -175,7 +175,7 @@ class Engine:
         who has given up stops costing CPU."""
         evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
         checkpoint = _deadline_check(deadline)
-        with _collector_paused(request_size(request) > LARGE_REQUEST_BYTES):
+        with collector_paused(request_size(request) > LARGE_REQUEST_BYTES):
             try:
                 record = self.record(request)
                 if checkpoint is not None:
