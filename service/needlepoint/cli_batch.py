@@ -18,6 +18,28 @@ from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
 
 
+def evaluation_options(
+    rulesets_dir: Path | None, ruleset_id: str, overlay: Path | None, as_of: dt.datetime | None, planned: dt.datetime | None,
+    target: str | None, side: str | None, intent: str | None,
+):
+    """The batch evaluation's options from the command line (shared by ``batch`` and ``worklist``);
+    a rule set that does not load exits 1 with what is wrong, without a traceback."""
+    from needlepoint.batch.evaluate import Options
+
+    directory = (rulesets_dir or bundled_rulesets_dir()) / ruleset_id
+    try:
+        ruleset = load_ruleset(directory, overlay=overlay)
+    except Exception as exc:  # noqa: BLE001 - a broken rule set: say what, without a traceback
+        click.echo(f"error: cannot load rule set {directory}: {exc}", err=True)
+        sys.exit(1)
+    return Options(
+        ruleset=ruleset,
+        as_of=as_of or dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        planned=planned,
+        order=(target, side, intent) if (target or side or intent) else None,
+    )
+
+
 def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
     """--planned: a date (the end of that day, UTC) or a date-time."""
     if value is None:
@@ -66,7 +88,6 @@ def command(input_path: str, out: str, engine: str, master: str | None, fmt: str
     A referral that cannot be evaluated becomes a row with status 'error' naming the file and row.
     """
     from needlepoint.batch import local, output
-    from needlepoint.batch.evaluate import Options
     from needlepoint.batch.referrals import BatchError, Plan, plan
 
     uri = "://" in input_path
@@ -76,18 +97,7 @@ def command(input_path: str, out: str, engine: str, master: str | None, fmt: str
         work = Plan(export=input_path, kind="bulk") if uri else plan(Path(input_path), export=export)  # type: ignore[arg-type]
     except BatchError as exc:
         raise click.UsageError(str(exc)) from None
-    directory = (rulesets_dir or bundled_rulesets_dir()) / ruleset_id
-    try:
-        ruleset = load_ruleset(directory, overlay=overlay)
-    except Exception as exc:  # noqa: BLE001 - a broken rule set: say what, without a traceback
-        click.echo(f"error: cannot load rule set {directory}: {exc}", err=True)
-        sys.exit(1)
-    options = Options(
-        ruleset=ruleset,
-        as_of=as_of or dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
-        planned=planned,
-        order=(target, side, intent) if (target or side or intent) else None,
-    )
+    options = evaluation_options(rulesets_dir, ruleset_id, overlay, as_of, planned, target, side, intent)
     if engine == "local":
         try:
             output.prepare_folder(Path(out), overwrite)

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import click
 
-from needlepoint.cli_batch import _planned
+from needlepoint.cli_batch import _planned, evaluation_options
 from needlepoint.cli_options import order_options, parse_instant
-from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
-
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+from needlepoint.rulesets import DEFAULT_RULESET
+from needlepoint.security.transport import is_loopback
 
 
 @click.command(name="worklist")
@@ -60,20 +59,7 @@ def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime |
     """
     from needlepoint.worklist import writers
 
-    directory = (rulesets_dir or bundled_rulesets_dir()) / ruleset_id
-    try:
-        ruleset = load_ruleset(directory, overlay=overlay)
-    except Exception as exc:  # noqa: BLE001 - a broken rule set: say what, without a traceback
-        click.echo(f"error: cannot load rule set {directory}: {exc}", err=True)
-        sys.exit(1)
-    from needlepoint.batch.evaluate import Options
-
-    options = Options(
-        ruleset=ruleset,
-        as_of=as_of or dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
-        planned=planned,
-        order=(target, side, intent) if (target or side or intent) else None,
-    )
+    options = evaluation_options(rulesets_dir, ruleset_id, overlay, as_of, planned, target, side, intent)
     if serve:
         _serve(input_path, export, options, host, port, allow_dir, state_dir, jobs)
         return
@@ -122,8 +108,8 @@ def _serve(input_path: str | None, export: Path | None, options, host: str, port
     from needlepoint.batch.referrals import BatchError, plan
     from needlepoint.worklist.web import JobStore, create_worklist_app, default_root
 
-    if host not in LOOPBACK:
-        raise click.UsageError(f"--host {host}: the worklist page has no authentication and binds loopback only ({', '.join(LOOPBACK)})")
+    if not is_loopback(host):
+        raise click.UsageError(f"--host {host}: the worklist page has no authentication and binds loopback only (127.0.0.0/8, ::1, localhost)")
     store = JobStore(state_dir or default_root(), lambda: options.ruleset, allow_dir=allow_dir, jobs=jobs)
     if input_path is not None:
         try:

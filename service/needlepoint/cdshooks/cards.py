@@ -111,11 +111,6 @@ class OrderContext:
     encounter_id: str | None = None
 
 
-def words(code: str) -> str:
-    """``BLEEDING_RISK`` -> ``bleeding risk``."""
-    return code.replace("_", " ").lower()
-
-
 def shorten(text: str, limit: int = MAX_SUMMARY) -> str:
     """``text`` cut at a word boundary to at most ``limit`` characters, with an ellipsis if cut."""
     text = " ".join(text.split())
