@@ -301,14 +301,8 @@ def record_from_context(ctx: patient_pb2.PatientContext, path: str = "context") 
 
 # -- a record as a context ------------------------------------------------------------------------
 
-# The URI of each short system name (the first one listed, e.g. ICD-10-CM for "icd10cm").
-_SYSTEM_URI: dict[str, str] = {}
-for _uri, _short in rec.SYSTEM_URIS.items():
-    _SYSTEM_URI.setdefault(_short, _uri)
-
-
 def _coding(code: rec.Code) -> patient_pb2.Coding:
-    system = _SYSTEM_URI.get(code.system, code.system)
+    system = rec.SYSTEM_URI_OF.get(code.system, code.system)
     return patient_pb2.Coding(system=system, code=code.code, display=code.display or "")
 
 

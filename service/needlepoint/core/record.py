@@ -52,6 +52,10 @@ SYSTEM_URIS: dict[str, str] = {
     OBSERVATION_SYSTEM: "np-obs",
 }
 KNOWN_SYSTEMS = frozenset(SYSTEM_URIS.values())
+# The canonical URI of each short name: the first URI listed for it (ICD-10-CM for "icd10cm").
+SYSTEM_URI_OF: dict[str, str] = {}
+for _uri, _short in SYSTEM_URIS.items():
+    SYSTEM_URI_OF.setdefault(_short, _uri)
 
 TARGETS = ("hip-intra-articular", "greater-trochanteric-bursa", "iliopsoas-bursa", "gluteal-tendon")
 INTENTS = ("diagnostic", "therapeutic", "diagnostic-and-therapeutic", "arthrography")
