@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 # --target/--side/--intent as given on the command line (each may be None).
 OrderFields = tuple[str | None, str | None, str | None]
 
