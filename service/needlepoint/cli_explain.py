@@ -14,12 +14,7 @@ import click
 import orjson
 
 from needlepoint.cli_options import order_options, parse_instant
-from needlepoint.core.evaluator import Evaluator
-from needlepoint.core.explain import counterfactuals, explain_rule
 from needlepoint.core.record import RecordError
-from needlepoint.fhir.mapper import record_from_bundle
-from needlepoint.intake import apply_order, order_from_fields
-from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
 
 
 def _facts_of(pattern_text: str) -> str:
@@ -58,6 +53,13 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def command(file, rule_id, as_of, target, side, intent, ruleset_dir, overlay, as_json) -> None:
     """Explain a rule for one patient (a FHIR Bundle, or - for stdin), and what would change each deferral."""
+    # imported here, so that `needlepoint --help` does not load the engine to list this command
+    from needlepoint.core.evaluator import Evaluator
+    from needlepoint.core.explain import counterfactuals, explain_rule
+    from needlepoint.fhir.mapper import record_from_bundle
+    from needlepoint.intake import apply_order, order_from_fields
+    from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
+
     try:
         instant = as_of or dt.datetime.now(dt.timezone.utc)
         record = apply_order(record_from_bundle(file.read()), order_from_fields(target, side, intent))
