@@ -90,3 +90,13 @@ def test_a_batch_row_wins_over_the_command_line_and_both_over_the_record() -> No
     assert (record.order.target, record.order.side, record.order.intent) == ("iliopsoas-bursa", "left", "therapeutic")
     assert referral_order(Referral("r2", "b.json"), None) is None
     assert referral_order(Referral("r3", "b.json"), (None, None, "diagnostic")).source == intake.COMMAND_LINE_ORDER
+
+
+def test_any_json_input_gives_its_record_instant_and_name() -> None:
+    bundle = orjson.loads(ORDER_BUNDLE.read_bytes())
+    record, as_of, name = intake.record_from_json(bundle)
+    assert record.order.target == "hip-intra-articular" and (as_of, name) == (None, "")
+    record, as_of, name = intake.record_from_json({"correlationId": "r-7", "asOf": AS_OF, "fhirBundle": bundle, "order": {"side": "left"}})
+    assert (record.order.side, as_of.isoformat(), name) == ("left", "2025-06-02T09:00:00+00:00", "r-7")
+    with pytest.raises(RecordError, match=r"^line: not a FHIR Bundle, a CDS Hooks request or an evaluate request$"):
+        intake.record_from_json({"resourceType": "Patient"})

@@ -1,5 +1,6 @@
-"""Reading folders of cases: which files are inputs and what a parsed JSON input is. (The command
-line's order fields apply as every order does: :func:`needlepoint.intake.apply_order`.)
+"""Reading folders of cases: which files are inputs. (What a parsed JSON input is, and the record it
+gives, is :mod:`needlepoint.intake`'s; the command line's order fields apply as every order does,
+:func:`needlepoint.intake.apply_order`.)
 
 Shared by ``needlepoint rules diff`` (folders of Bundles, CDS Hooks requests, exported requests)
 and ``needlepoint batch`` (folders of Bundles, Bulk Data exports, referral lists).
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 # --target/--side/--intent as given on the command line (each may be None).
 OrderFields = tuple[str | None, str | None, str | None]
@@ -27,17 +27,3 @@ def input_files(root: Path) -> Iterator[tuple[Path, str]]:
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
         yield path, rel.as_posix()
-
-
-def request_kind(obj: Any) -> str | None:
-    """What a parsed JSON value is: ``bundle`` (a FHIR Bundle), ``cds-hooks`` (a CDS Hooks
-    request), ``request`` (an exported EvaluateRequest) or None."""
-    if type(obj) is not dict:
-        return None
-    if obj.get("resourceType") == "Bundle":
-        return "bundle"
-    if "hook" in obj and "context" in obj:
-        return "cds-hooks"
-    if "fhirBundle" in obj or "context" in obj:
-        return "request"
-    return None

@@ -3,7 +3,8 @@ road for gRPC, CDS Hooks, batch and the rule-author tools, written once.
 
 * :func:`record_from_request`: an ``EvaluateRequest`` (typed context or FHIR bundle, plus its
   ``order``) as the server, ``needlepoint evaluate`` and ``needlepoint rules diff`` read it;
-  :func:`request_from_json` reads one exported as JSON (the protobuf JSON mapping);
+  :func:`request_from_json` reads one exported as JSON (the protobuf JSON mapping), and
+  :func:`record_from_json` any JSON input: a Bundle, a CDS Hooks request or an exported request;
 * :func:`record_from_context`: the typed PatientContext, validated strictly (a bad value raises
   :class:`~needlepoint.core.record.RecordError` naming its request path), and
   :func:`context_from_record`, the way back;
@@ -31,7 +32,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from needlepoint.core import record as rec
-from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.fhir.mapper import record_from_bundle, record_from_cds_hooks_request
 from needlepoint.limits import MAX_BUNDLE_BYTES
 from needlepoint.v1 import decision_service_pb2, patient_pb2
 
@@ -112,6 +113,36 @@ def request_from_json(obj: dict) -> tuple[decision_service_pb2.EvaluateRequest, 
     except json_format.ParseError as exc:
         raise rec.RecordError("request", f"not an evaluate request: {exc}") from None
     return request, bundle
+
+
+def request_kind(obj: Any) -> str | None:
+    """What a parsed JSON value is: ``bundle`` (a FHIR Bundle), ``cds-hooks`` (a CDS Hooks
+    request), ``request`` (an exported EvaluateRequest) or None."""
+    if type(obj) is not dict:
+        return None
+    if obj.get("resourceType") == "Bundle":
+        return "bundle"
+    if "hook" in obj and "context" in obj:
+        return "cds-hooks"
+    if "fhirBundle" in obj or "context" in obj:
+        return "request"
+    return None
+
+
+def record_from_json(obj: Any) -> tuple[rec.PatientRecord, dt.datetime | None, str]:
+    """A parsed JSON input of any kind (:func:`request_kind`): a FHIR Bundle, a CDS Hooks request or
+    an exported ``EvaluateRequest`` (its order applied), as (record, the instant it carries or None,
+    its correlation id or ""). Raises RecordError naming what is wrong."""
+    kind = request_kind(obj)
+    if kind == "bundle":
+        return record_from_bundle(obj), None, ""
+    if kind == "cds-hooks":
+        return record_from_cds_hooks_request(obj), None, ""
+    if kind == "request":
+        request, bundle = request_from_json(obj)
+        as_of = timestamp_to_datetime(request.as_of, "asOf") if request.HasField("as_of") else None
+        return record_from_request(request, bundle), as_of, request.correlation_id
+    raise rec.RecordError("line", "not a FHIR Bundle, a CDS Hooks request or an evaluate request")
 
 
 def record_from_bundle_bytes(data: bytes) -> rec.PatientRecord:

@@ -15,9 +15,8 @@ import yaml
 
 from needlepoint.casefile import load_cases
 from needlepoint.core.record import InjectionOrder, RecordError
-from needlepoint.corpus import input_files, request_kind
-from needlepoint.fhir.mapper import record_from_bundle, record_from_cds_hooks_request
-from needlepoint.intake import apply_order, record_from_request, request_from_json, timestamp_to_datetime
+from needlepoint.corpus import input_files
+from needlepoint.intake import apply_order, record_from_json, request_kind
 
 JSON_SUFFIXES = frozenset({".json"})
 YAML_SUFFIXES = frozenset({".yaml", ".yml"})
@@ -154,20 +153,8 @@ class CaseReader:
                     yield self._one((item.rel, line), where, obj)
 
     def _one(self, key: tuple, where: str, obj: Any) -> tuple:
-        kind = request_kind(obj)
         try:
-            own, name = None, ""
-            if kind == "bundle":
-                record = record_from_bundle(obj)
-            elif kind == "cds-hooks":
-                record = record_from_cds_hooks_request(obj)
-            elif kind == "request":
-                request, bundle = request_from_json(obj)
-                record = record_from_request(request, bundle)
-                own = timestamp_to_datetime(request.as_of, "asOf") if request.HasField("as_of") else None
-                name = request.correlation_id
-            else:
-                raise RecordError("line", "not a FHIR Bundle, a CDS Hooks request or an evaluate request")
+            record, own, name = record_from_json(obj)
             record = apply_order(record, self.order)
         except RecordError as exc:
             return key, where, "", None, None, str(exc)
