@@ -61,10 +61,11 @@ def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike
 
 
 # A request larger than needlepoint.limits.LARGE_REQUEST_BYTES is evaluated with the cyclic
-# garbage collector paused. Reading a large record creates hundreds of thousands of dicts and lists that all survive until the
-# decision is made, and each survivor brings the next full collection closer: on an 8 MiB bundle
-# the collector took about half the time (1.3 s with it, 0.7 s without). Nothing a request builds
-# is cyclic, so reference counting frees it all the same; the collector resumes afterwards.
+# garbage collector paused. Reading a large record creates hundreds of thousands of dicts and
+# lists that all survive until the decision is made, and each survivor brings the next full
+# collection closer: on an 8 MiB bundle the collector took about half the time (1.3 s with it,
+# 0.7 s without). Nothing a request builds is cyclic, so reference counting frees it all the
+# same; the collector resumes afterwards.
 _paused = 0  # requests being evaluated with the collector paused (threads: the heavy lane and the loop)
 _paused_lock = threading.Lock()
 
