@@ -34,7 +34,6 @@ from needlepoint.v1 import decision_pb2, decision_service_pb2, ruleset_pb2
 log = logging.getLogger(__name__)
 
 
-
 class EvaluatorLike(Protocol):
     """What the engine needs of :class:`needlepoint.core.evaluator.Evaluator`."""
 
