@@ -206,7 +206,7 @@ class Corpus:
 
     @classmethod
     def load(cls, *, synthea: bool = True, seed: int = 1) -> Corpus:
-        from needlepoint.server.convert import context_from_record
+        from needlepoint.intake import context_from_record
         from tests.patients import random_patients
 
         bundles = [ORDER_BUNDLE.read_bytes()]

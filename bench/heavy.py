@@ -111,7 +111,7 @@ def main() -> None:
             seconds = _time(lambda: decide(data), args.repeat)
             line = f"{kind:<11} {n:>6} {len(data) / 1048576:>7.2f}MB {seconds * 1000:>7.0f}ms {seconds / n * 1e6:>7.1f} {len(orjson.dumps(decision)) / 1024:>8.0f}KB"
             if args.explain:
-                from needlepoint.authoring.explain import counterfactuals
+                from needlepoint.core.explain import counterfactuals
 
                 record = record_from_bundle(data)
                 with collector_paused(len(data) > 256 * 1024):

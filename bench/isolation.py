@@ -69,7 +69,7 @@ def _request(bundle: bytes) -> decision_service_pb2.EvaluateRequest:
 
 
 def in_process(bundles: dict[str, bytes]) -> None:
-    from needlepoint.authoring.explain import counterfactuals
+    from needlepoint.core.explain import counterfactuals
     from needlepoint.core.evaluator import Evaluator
     from needlepoint.fhir.mapper import record_from_bundle
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset

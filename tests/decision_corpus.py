@@ -49,7 +49,7 @@ def _timestamp(instant: dt.datetime) -> timestamp_pb2.Timestamp:
 
 def requests() -> Iterator[tuple[str, Any]]:
     """(id, EvaluateRequest) for every item of the corpus, in a stable order."""
-    from needlepoint.server.convert import context_from_record
+    from needlepoint.intake import context_from_record
     from needlepoint.v1 import decision_service_pb2, patient_pb2
 
     order = patient_pb2.InjectionOrder(**ORDER)

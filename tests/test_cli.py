@@ -167,3 +167,29 @@ def test_the_entry_point_reads_standard_input(
     assert done.returncode == 2
     assert done.stderr.decode().startswith("error: Bundle: not valid JSON")
     assert b"Traceback" not in done.stderr
+
+
+# -- start-up: the rule author's commands are loaded when used ----------------------------------------
+
+
+def test_needlepoint_imports_no_authoring_tool_until_one_runs() -> None:
+    import sys
+
+    probe = "import sys; import needlepoint.cli; print(sorted(m for m in sys.modules if m.startswith(('needlepoint.authoring', 'needlepoint.cli_diff', 'needlepoint.cli_explain'))))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_rules_command_loads_by_its_name() -> None:
+    import click
+
+    from needlepoint.cli_rules import COMMANDS, rules
+
+    ctx = click.Context(rules)
+    assert rules.list_commands(ctx) == sorted(COMMANDS)
+    for name in COMMANDS:
+        command = rules.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name
+    assert rules.get_command(ctx, "nosuch") is None
+    help_text = CliRunner().invoke(main, ["rules", "--help"]).output
+    assert all(f"  {name} " in help_text for name in COMMANDS)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from needlepoint.core import record as rec
-from needlepoint.server import convert
+from needlepoint import intake
 from needlepoint.server.engine import Engine
 from needlepoint.server.errors import ServiceError
 from needlepoint.server.servicer import RunningServer, start_server
@@ -240,7 +240,7 @@ def test_make_request_checks_its_arguments() -> None:
 
 
 def full_context() -> PatientContext:
-    ts = convert.datetime_to_timestamp
+    ts = intake.datetime_to_timestamp
     return PatientContext(
         birth_date="1950-03-04",
         sex="female",
@@ -292,7 +292,7 @@ def full_context() -> PatientContext:
 
 
 def test_record_from_context_maps_every_field() -> None:
-    record = convert.record_from_context(full_context())
+    record = intake.record_from_context(full_context())
     assert record.birth_date == dt.date(1950, 3, 4) and record.sex == "female"
     assert record.conditions[0].codes == [rec.Code("icd10cm", "M16.11")]
     assert record.conditions[0].source == "context.conditions[0]"
@@ -312,7 +312,7 @@ def test_record_from_context_maps_every_field() -> None:
 
 def test_context_round_trips_through_the_record() -> None:
     context = full_context()
-    assert convert.context_from_record(convert.record_from_context(context)) == context
+    assert intake.context_from_record(intake.record_from_context(context)) == context
 
 
 @pytest.mark.parametrize(
@@ -336,15 +336,15 @@ def test_bad_context_names_the_field(change: Any, path: str) -> None:
     context = full_context()
     change(context)
     with pytest.raises(rec.RecordError) as caught:
-        convert.record_from_context(context)
+        intake.record_from_context(context)
     assert caught.value.path == path
 
 
 def test_order_override_merges_field_by_field() -> None:
-    record = convert.record_from_context(full_context())
-    merged = convert.apply_order_override(record, InjectionOrder(side="right"))
+    record = intake.record_from_context(full_context())
+    merged = intake.apply_order(record, intake.order_from_proto(InjectionOrder(side="right"), "order"))
     assert merged.order == rec.InjectionOrder("hip-intra-articular", "right", "therapeutic", source="context.order")
-    bare = convert.apply_order_override(rec.PatientRecord(), InjectionOrder(target="iliopsoas-bursa"))
+    bare = intake.apply_order(rec.PatientRecord(), intake.order_from_proto(InjectionOrder(target="iliopsoas-bursa"), "order"))
     assert bare.order == rec.InjectionOrder("iliopsoas-bursa", None, None, source="order")
     with pytest.raises(rec.RecordError, match=r"^order\.side: "):
-        convert.apply_order_override(record, InjectionOrder(side="middle"))
+        intake.order_from_proto(InjectionOrder(side="middle"), "order")

@@ -369,7 +369,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with every accepted input kind, bad inputs and files to skip."""
     from google.protobuf import json_format
 
-    from needlepoint.server import convert
+    from needlepoint import intake
 
     root = tmp_path_factory.mktemp("mixed")
     bundle = json.loads(FHIR_ORDER.read_text())
@@ -381,7 +381,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "bundles" / "order-inr-2.8.json").write_text(inr_28)
     shutil.copy(SYNTHEA / "Mafalda_Turcotte_80833fb2-95c1-4f5b-ab5e-26230287ee61.json", root / "bundles" / "mafalda.json")
     shutil.copy(CDS_HOOKS / "pama-scenario-01-outbound-request.json", root / "bundles" / "cds-hooks-request.json")
-    context = json_format.MessageToDict(convert.context_from_record(_warfarin_record()))
+    context = json_format.MessageToDict(intake.context_from_record(_warfarin_record()))
     lines = [
         json.dumps({"correlationId": "req-object", "asOf": AS_OF_TEXT, "fhirBundle": bundle}),
         FHIR_ORDER.read_text().replace("\n", ""),  # a bare bundle, INR 2.4: no change
@@ -472,7 +472,7 @@ def test_as_of_puts_every_case_at_one_instant(mixed: Path, versions) -> None:
 
 def test_workers_give_the_same_report_as_one_process(mixed: Path, versions, monkeypatch: pytest.MonkeyPatch) -> None:
     alone = _mixed_report(mixed, versions, jobs=1, as_of=AS_OF)
-    monkeypatch.setattr(diff, "IN_PROCESS_BYTES", 0)
+    monkeypatch.setattr(diff.run, "IN_PROCESS_BYTES", 0)
     pooled = _mixed_report(mixed, versions, jobs=2, as_of=AS_OF)
     assert pooled.jobs == 2
     strip = lambda r: {k: v for k, v in diff.to_json(r).items() if k not in ("timing", "defaultAsOf")}  # noqa: E731

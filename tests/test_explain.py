@@ -9,7 +9,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from needlepoint.authoring.explain import command, counterfactuals, explain_rule
+from needlepoint.cli_explain import command
+from needlepoint.core.explain import counterfactuals, explain_rule
 from needlepoint.core.record import Code, InjectionOrder, Medication, Observation, PatientRecord
 
 from .patients import AS_OF

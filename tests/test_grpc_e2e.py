@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from needlepoint.fhir.mapper import record_from_bundle
-from needlepoint.server.convert import context_from_record
+from needlepoint.intake import context_from_record
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, patient_pb2
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from needlepoint.core.record import Code, InjectionOrder, Observation, PatientRe
 from needlepoint.core.ruleset import build_ruleset
 from needlepoint.fhir import record_from_bundle
 from needlepoint.rulesets import bundled_rulesets_dir, read_documents
-from needlepoint.server.convert import context_from_record, record_from_context
+from needlepoint.intake import context_from_record, record_from_context
 
 HIP = bundled_rulesets_dir() / "hip-injection"
 MINIMAL = Path(__file__).resolve().parent / "data" / "rulesets" / "minimal"

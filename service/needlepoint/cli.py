@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 import click
 
 from needlepoint import __version__
-from needlepoint.authoring.explain import command as explain_command
 from needlepoint.cli_cds import cds as cds_command
 from needlepoint.cli_batch import command as batch_command
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_decisions import DATABASE_OPTION, MASK_OPTION, decisions, migrate_for_serve
-from needlepoint.cli_rules import rules
+from needlepoint.cli_rules import LazyGroup, rules
 from needlepoint.cli_worklist import command as worklist_command
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.security.options import client_connection_options, server_security_options
@@ -44,14 +43,13 @@ _RULESETS_OPTION = click.option(
 )
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy_commands={"explain": "needlepoint.cli_explain:command"})
 @click.version_option(__version__, prog_name="needlepoint")
 def main() -> None:
     """Needlepoint: decision support for image-guided hip injections."""
 
 
 main.add_command(rules)
-main.add_command(explain_command)
 main.add_command(cds_command)
 main.add_command(batch_command)
 main.add_command(decisions)

@@ -61,7 +61,7 @@ def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> d
 @click.option("--format", "fmt", type=click.Choice(["ndjson", "parquet"]), default="ndjson", show_default=True)
 @click.option("--as-of", callback=parse_instant, help="Evaluation instant for referrals without their own (ISO 8601) [default: now].")
 @click.option("--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC).")
-@order_options("for referrals whose record and row leave it empty.")
+@order_options("supplies or overrides the record's order where a row leaves it empty.")
 @click.option("--export", "export", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The Bulk Data export a CSV's patient_id column refers to [default: the CSV's folder].")
 @click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id.")

@@ -28,6 +28,7 @@ from needlepoint.casefile import Case, check, load_cases
 from needlepoint.core.conditions import RuleSetError, test_holds
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import RecordError
+from needlepoint.core.resolve import preferred_modality
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.rulesets import load_ruleset
 
@@ -76,9 +77,7 @@ def possible_outcomes(ruleset: RuleSet) -> set[str]:
         if then.deferral:
             out.add(f"deferral {then.deferral['reason']}/{then.deferral['scope']}")
         if then.modality:
-            pref = then.modality.get("preferred")
-            if isinstance(pref, str) and pref.startswith("$"):
-                pref = params[pref[1:]]
+            pref = preferred_modality(rule, params)
             if pref:
                 out.add(f"modality preferred {pref}")
             out |= {f"modality avoid {m}" for m in then.modality.get("avoid", ())}

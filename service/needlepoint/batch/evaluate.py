@@ -45,8 +45,9 @@ from needlepoint.core.conditions import ParamRef, resolve_operand
 from needlepoint.core.evaluator import Evaluator, format_instant
 from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
-from needlepoint.corpus import OrderFields, with_order_defaults
+from needlepoint.corpus import OrderFields
 from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.intake import COMMAND_LINE_ORDER, apply_order, order_from_fields
 
 STATUSES = ("error", "not-now", "review", "to-repeat", "go-ahead")
 
@@ -56,7 +57,8 @@ class Options:
     """What every referral of a run shares (picklable: sent to worker processes and Spark
     executors). ``as_of``: the instant for referrals without their own; ``planned``: the planned
     date for those without one (None: no planned-date evaluation); ``order``: --target/--side/
-    --intent, filling what a referral and its record leave empty."""
+    --intent, supplying or overriding the record's order where the referral's own leaves a field
+    empty (:func:`referral_order`)."""
 
     ruleset: RuleSet
     as_of: dt.datetime
@@ -213,8 +215,7 @@ class ReferralEvaluator:
 
     def row(self, referral: Referral, record: PatientRecord, patient_id: str | None) -> dict:
         """Evaluate a referral against its patient's record."""
-        record = _with_referral_order(record, referral)
-        record = with_order_defaults(record, self.options.order)
+        record = apply_order(record, referral_order(referral, self.options.order))
         as_of = referral.as_of or self.options.as_of
         planned = referral.planned or self.options.planned
         try:
@@ -333,13 +334,11 @@ def _patient_id(bundle: Any) -> str | None:
     return None
 
 
-def _with_referral_order(record: PatientRecord, referral: Referral) -> PatientRecord:
-    """The record with the referral's own target, side and intent in its order (they override
-    the record's: the referral is the question being asked)."""
-    target, side, intent = referral.order
-    if not (target or side or intent):
-        return record
-    base = record.order
-    if base is None:
-        return record.with_order(InjectionOrder(target=target, side=side, intent=intent, source=referral.where))
-    return record.with_order(dataclasses.replace(base, target=target or base.target, side=side or base.side, intent=intent or base.intent))
+def referral_order(referral: Referral, defaults: OrderFields | None) -> InjectionOrder | None:
+    """The order given for a referral: its row's target, side and intent, each completed by the
+    command line's (``defaults``), or None when neither gives any. It supplies or overrides the
+    record's order (:func:`needlepoint.intake.apply_order`): a row's field wins over the command
+    line's, and either over the record's."""
+    given = tuple(own or default for own, default in zip(referral.order, defaults or (None, None, None), strict=True))
+    source = referral.where if any(referral.order) else COMMAND_LINE_ORDER
+    return order_from_fields(*given, source=source)

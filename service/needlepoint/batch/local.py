@@ -148,7 +148,9 @@ def spill(export: Path, referrals: dict[str, list[Referral]] | None, folder: Pat
     return [Bucket(str(folder / f"bucket-{i:05d}"), i, count, sizes[i], by_bucket[i]) for i in range(count)]
 
 
-def _bundle_chunks(referrals: list[Referral], jobs: int) -> list[Chunk]:
+def bundle_chunks(referrals: list[Referral], jobs: int) -> list[Chunk]:
+    """The referrals of a folder or CSV of bundles in chunks of about equal size for ``jobs``
+    worker processes (the batch and the worklist send the same chunks)."""
     sized = []
     for r in referrals:
         try:
@@ -179,7 +181,7 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
     scratch = Path(tempfile.mkdtemp(prefix="needlepoint-batch-"))
     outcome = Outcome()
     try:
-        chunks = _bundle_chunks(plan.referrals, jobs)
+        chunks = bundle_chunks(plan.referrals, jobs)
         if plan.export is not None:
             chunks += [Chunk(bucket=b, size=b.size) for b in spill(plan.export, plan.by_patient, scratch, jobs)]
         total = sum(c.size for c in chunks)
@@ -212,7 +214,7 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
                     worker.evaluator.close()
             else:
                 outcome.processes = min(jobs, len(chunks))
-                run_pool(chunks, outcome.processes, options, make_worker, collect, lambda c, why: collect((_lost_rows(options, c, why), c.size)))
+                run_pool(chunks, outcome.processes, options, make_worker, collect, lambda c, why: collect((lost_rows(options, c, why), c.size)))
         finally:
             if bar:
                 bar.stop()
@@ -223,7 +225,7 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
     return outcome
 
 
-def _lost_rows(options: Options, chunk: Chunk, why: str) -> list[dict]:
+def lost_rows(options: Options, chunk: Chunk, why: str) -> list[dict]:
     """Error rows for a chunk whose worker died: its referrals, or its bucket's patients."""
     rows = [error_row(options, r, f"{r.where}: {why}") for r in chunk.referrals]
     if chunk.bucket is not None:

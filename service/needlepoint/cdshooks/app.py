@@ -77,13 +77,14 @@ from needlepoint.cdshooks.stores import (
 )
 from needlepoint.cdshooks.validate import validate_feedback
 from needlepoint.core.record import RecordError
-from needlepoint.server.engine import LARGE_REQUEST_BYTES, Engine, collector_paused
+from needlepoint.limits import LARGE_REQUEST_BYTES, declared_size
+from needlepoint.limits import MAX_CDS_HOOKS_BODY_BYTES as MAX_BODY_BYTES
+from needlepoint.server.engine import Engine, collector_paused
 from needlepoint.server.reload import UnknownVersion
 
 log = logging.getLogger("needlepoint.cdshooks")
 
 DECISION_HEADER = "X-Needlepoint-Decision-Id"
-MAX_BODY_BYTES = 16 * 1024 * 1024  # a 8 MB bundle limit (gRPC) plus room for JSON overhead
 DEFAULT_FHIR_TIMEOUT = 2.0  # seconds for all fetches from fhirServer together
 
 
@@ -173,8 +174,8 @@ class CdsHooksService:
 
     @staticmethod
     async def _body(request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        declared = declared_size(request.headers.get("content-length"))
+        if declared is not None and declared > MAX_BODY_BYTES:
             raise RequestProblem(413, [("too-costly", f"the body is {declared} bytes; the limit is {MAX_BODY_BYTES}", "")])
         chunks: list[bytes] = []
         size = 0
@@ -197,9 +198,9 @@ class CdsHooksService:
 
     async def call(self, request: Request) -> Response:
         # a large call (a prefetch of a whole record) is read and evaluated with the cyclic
-        # collector paused, as the gRPC road does (server/engine.py, LARGE_REQUEST_BYTES)
-        declared = request.headers.get("content-length", "")
-        with collector_paused(declared.isdigit() and int(declared) > LARGE_REQUEST_BYTES):
+        # collector paused, as the gRPC road does (needlepoint.limits.LARGE_REQUEST_BYTES)
+        declared = declared_size(request.headers.get("content-length"))
+        with collector_paused(declared is not None and declared > LARGE_REQUEST_BYTES):
             return await self._call(request)
 
     async def _call(self, request: Request) -> Response:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from urllib.parse import quote
 
 from needlepoint.core.conditions import Pattern
-from needlepoint.core.record import SYSTEM_URIS
+from needlepoint.core.record import SYSTEM_URI_OF
 from needlepoint.core.ruleset import RuleSet
 
 HOOKS = ("order-select", "order-sign")
@@ -37,12 +37,6 @@ _KIND_SEARCHES: dict[str, tuple[tuple[str, str], ...]] = {
     "prior_injection": (("procedures", "Procedure?patient={{context.patientId}}&status=completed"),),
     "planned_surgery": (("plannedServiceRequests", "ServiceRequest?patient={{context.patientId}}&status=active"),),
 }
-
-# Short system names back to their canonical URIs (the first URI listed for a short name wins).
-_URI_OF: dict[str, str] = {}
-for _uri, _short in SYSTEM_URIS.items():
-    _URI_OF.setdefault(_short, _uri)
-
 
 def _patterns(ruleset: RuleSet) -> Iterable[Pattern]:
     """Every pattern of every rule alternative and every aggregate."""
@@ -85,7 +79,7 @@ def observation_concepts_read(ruleset: RuleSet) -> list[str]:
 def _token(code: str) -> str:
     """A FHIR token ``system|code`` for a rule-set code ``short#code``, URL-safe."""
     short, _, value = code.partition("#")
-    system = _URI_OF.get(short, short)
+    system = SYSTEM_URI_OF.get(short, short)
     return quote(f"{system}|{value}", safe=":/|.-")
 
 

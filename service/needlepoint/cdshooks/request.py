@@ -26,15 +26,13 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
-from needlepoint.core.record import PatientRecord
+from needlepoint.core.record import INTENT_SYSTEM, TARGET_SYSTEM, PatientRecord
 from needlepoint.fhir.mapper import record_from_cds_hooks_request
 
 JSON = dict[str, Any]
 
 CPT = "http://www.ama-assn.org/go/cpt"
 SNOMED = "http://snomed.info/sct"
-TARGET_SYSTEM = "http://needlepoint.dev/fhir/CodeSystem/injection-target"
-INTENT_SYSTEM = "http://needlepoint.dev/fhir/CodeSystem/injection-intent"
 _HIP_SNOMED = frozenset({"24136001"})  # Hip joint structure
 _HIP_ONLY_CPT = frozenset({"27093", "27095"})  # injection procedure for hip arthrography
 _JOINT_CPT = frozenset({"20610", "20611"})  # major joint or bursa: hip only if the site says so

@@ -24,6 +24,17 @@ import datetime as dt
 import re
 from dataclasses import dataclass, field
 
+# The vocabularies every road in checks against, declared once: the FHIR mapper, the typed
+# context (needlepoint.intake), the command line (--target/--side/--intent), batch and lint read
+# them here.
+
+# Needlepoint's own code systems.
+TARGET_SYSTEM = "http://needlepoint.dev/fhir/CodeSystem/injection-target"
+INTENT_SYSTEM = "http://needlepoint.dev/fhir/CodeSystem/injection-intent"
+INJECTATE_SYSTEM = "http://needlepoint.dev/fhir/CodeSystem/injectate-category"
+FLAG_SYSTEM = "http://needlepoint.dev/fhir/CodeSystem/clinical-flag"
+OBSERVATION_SYSTEM = "http://needlepoint.dev/fhir/CodeSystem/observation"
+
 # Short names of the code systems the rule sets speak. Adapters translate URIs into these.
 SYSTEM_URIS: dict[str, str] = {
     "http://hl7.org/fhir/sid/icd-10-cm": "icd10cm",
@@ -34,13 +45,17 @@ SYSTEM_URIS: dict[str, str] = {
     "http://loinc.org": "loinc",
     "http://www.ama-assn.org/go/cpt": "cpt",
     "http://unitsofmeasure.org": "ucum",
-    "http://needlepoint.dev/fhir/CodeSystem/injection-target": "np-target",
-    "http://needlepoint.dev/fhir/CodeSystem/injection-intent": "np-intent",
-    "http://needlepoint.dev/fhir/CodeSystem/injectate-category": "np-injectate",
-    "http://needlepoint.dev/fhir/CodeSystem/clinical-flag": "np-flag",
-    "http://needlepoint.dev/fhir/CodeSystem/observation": "np-obs",
+    TARGET_SYSTEM: "np-target",
+    INTENT_SYSTEM: "np-intent",
+    INJECTATE_SYSTEM: "np-injectate",
+    FLAG_SYSTEM: "np-flag",
+    OBSERVATION_SYSTEM: "np-obs",
 }
 KNOWN_SYSTEMS = frozenset(SYSTEM_URIS.values())
+# The canonical URI of each short name: the first URI listed for it (ICD-10-CM for "icd10cm").
+SYSTEM_URI_OF: dict[str, str] = {}
+for _uri, _short in SYSTEM_URIS.items():
+    SYSTEM_URI_OF.setdefault(_short, _uri)
 
 TARGETS = ("hip-intra-articular", "greater-trochanteric-bursa", "iliopsoas-bursa", "gluteal-tendon")
 INTENTS = ("diagnostic", "therapeutic", "diagnostic-and-therapeutic", "arthrography")
@@ -61,6 +76,18 @@ FLAGS = (
     "hot-painful-joint",  # acute hot, painful hip on examination
     "non-weight-bearing",  # Kocher criterion: refuses to bear weight
 )
+# Our own code systems (short name) with every code they hold: a code outside them is bad input
+# on every road, never a code that silently matches nothing.
+OWN_VOCABULARIES: dict[str, tuple[str, ...]] = {
+    "np-target": TARGETS,
+    "np-intent": INTENTS,
+    "np-injectate": INJECTATE_CATEGORIES,
+    "np-flag": FLAGS,
+}
+# An allergy's worst reaction (FHIR AllergyIntolerance.reaction.severity), mildest first, and its
+# criticality.
+ALLERGY_SEVERITIES = ("mild", "moderate", "severe")
+ALLERGY_CRITICALITIES = ("low", "high", "unable-to-assess")
 
 
 class RecordError(ValueError):

@@ -300,9 +300,7 @@ def _outcome_parts(rule: Rule, ruleset: RuleSet) -> list[str]:
         parts.append(f"defer: {d['reason']} ({d['severity']}, scope {d['scope']})")
     if then.modality:
         m = then.modality
-        pref = m.get("preferred")
-        if isinstance(pref, str) and pref.startswith("$"):
-            pref = ruleset.params[pref[1:]].value
+        pref = preferred_modality(rule, ruleset.param_values())
         avoid = list(m.get("avoid", ()))
         acceptable = [x for x in m.get("acceptable", ()) if x != pref and x not in avoid]
         bits = []
@@ -330,7 +328,9 @@ def _outcome_text(rule: Rule, ruleset: RuleSet) -> str:
     return "; ".join(parts)
 
 
-def _preferred(rule: Rule, params: dict) -> str | None:
+def preferred_modality(rule: Rule, params: dict) -> str | None:
+    """The modality a rule prefers, a ``$parameter`` resolved against ``params`` (name -> value):
+    the one reading of ``modality.preferred``."""
     pref = rule.then.modality.get("preferred")
     if isinstance(pref, str) and pref.startswith("$"):
         return params[pref[1:]]
@@ -384,7 +384,7 @@ def _rule_plan(rule: Rule, ruleset: RuleSet, params: dict) -> _RulePlan:
         quoted=bool(then.deferral or then.caution or then.injectates),
         missing_data=missing_data,
         outcome_head=outcome_head,
-        preferred=_preferred(rule, params) if then.modality else None,
+        preferred=preferred_modality(rule, params) if then.modality else None,
         injectates=tuple((inj["category"], RECOMMENDATIONS.index(inj["recommendation"])) for inj in then.injectates),
     )
 

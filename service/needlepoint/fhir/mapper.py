@@ -28,12 +28,11 @@ from typing import Any, NoReturn
 import orjson
 
 from needlepoint.core.record import (
-    FLAGS,
-    INJECTATE_CATEGORIES,
-    INTENTS,
+    ALLERGY_CRITICALITIES,
+    ALLERGY_SEVERITIES,
+    OWN_VOCABULARIES,
     SEXES,
     SYSTEM_URIS,
-    TARGETS,
     Allergy,
     Code,
     Condition,
@@ -58,12 +57,7 @@ _UCUM_URI = "http://unitsofmeasure.org"
 _BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction"})
 
 # Needlepoint's own code systems: a code outside these vocabularies is an error, not a data gap.
-_OWN_VOCABULARIES: dict[str, frozenset[str]] = {
-    "np-target": frozenset(TARGETS),
-    "np-intent": frozenset(INTENTS),
-    "np-injectate": frozenset(INJECTATE_CATEGORIES),
-    "np-flag": frozenset(FLAGS),
-}
+_OWN_VOCABULARIES: dict[str, frozenset[str]] = {system: frozenset(codes) for system, codes in OWN_VOCABULARIES.items()}
 
 # Short name and own vocabulary (None for other systems) of each URI in record.SYSTEM_URIS: one
 # lookup for the fast paths of _codes and _code_keys. Other URIs go through system_short_name.
@@ -82,8 +76,8 @@ _UNDATED_ABATEMENT = ("abatementString", "abatementAge", "abatementRange")
 _ABATEMENT_KEYS = frozenset({"abatementDateTime", "abatementPeriod", "abatementBoolean", *_UNDATED_ABATEMENT})
 _EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 _OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
-_SEVERITY_RANK = {"mild": 1, "moderate": 2, "severe": 3}
-_CRITICALITIES = frozenset({"low", "high", "unable-to-assess"})
+_SEVERITY_RANK = {level: rank for rank, level in enumerate(ALLERGY_SEVERITIES, start=1)}
+_CRITICALITIES = frozenset(ALLERGY_CRITICALITIES)
 _SEXES = frozenset(SEXES)
 
 # Quantities that may legitimately be negative; any other negative value is impossible.

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from needlepoint.core.evaluator import Evaluator
+from needlepoint.core.explain import counterfactuals, explain_rule
 from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
-from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.intake import as_of_to_datetime, record_from_request
+from needlepoint.limits import LARGE_REQUEST_BYTES
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, discover, load_ruleset
 from needlepoint.server import convert
 from needlepoint.server.errors import ServiceError
@@ -30,18 +32,6 @@ from needlepoint.server.reload import Registry, UnknownVersion
 from needlepoint.v1 import decision_pb2, decision_service_pb2, ruleset_pb2
 
 log = logging.getLogger(__name__)
-
-# The largest FHIR bundle accepted (INVALID_ARGUMENT beyond it).
-MAX_BUNDLE_BYTES = 8 * 1024 * 1024
-# The limit on one request message (RESOURCE_EXHAUSTED beyond it, naming the message type): a
-# bundle at the limit plus room for the rest of the request. Checked by the server's request
-# deserializer (needlepoint.server.wire), so that one oversized EvaluateStream item gets its own
-# error and the stream goes on.
-MAX_MESSAGE_BYTES = MAX_BUNDLE_BYTES + 1024 * 1024
-# The transport's own limit, above which gRPC refuses a message before any of our code sees it
-# (RESOURCE_EXHAUSTED for the whole call, a stream included). Set well above MAX_MESSAGE_BYTES so
-# that the check above decides for every message of a plausible size.
-MAX_TRANSPORT_BYTES = 4 * MAX_MESSAGE_BYTES
 
 
 class EvaluatorLike(Protocol):
@@ -69,12 +59,12 @@ def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike
     return evaluators
 
 
-# A request larger than this is evaluated with the cyclic garbage collector paused. Reading a
-# large record creates hundreds of thousands of dicts and lists that all survive until the
-# decision is made, and each survivor brings the next full collection closer: on an 8 MiB bundle
-# the collector took about half the time (1.3 s with it, 0.7 s without). Nothing a request builds
-# is cyclic, so reference counting frees it all the same; the collector resumes afterwards.
-LARGE_REQUEST_BYTES = 256 * 1024
+# A request larger than needlepoint.limits.LARGE_REQUEST_BYTES is evaluated with the cyclic
+# garbage collector paused. Reading a large record creates hundreds of thousands of dicts and
+# lists that all survive until the decision is made, and each survivor brings the next full
+# collection closer: on an 8 MiB bundle the collector took about half the time (1.3 s with it,
+# 0.7 s without). Nothing a request builds is cyclic, so reference counting frees it all the
+# same; the collector resumes afterwards.
 _paused = 0  # requests being evaluated with the collector paused (threads: the heavy lane and the loop)
 _paused_lock = threading.Lock()
 
@@ -181,36 +171,26 @@ class Engine:
                 if checkpoint is not None:
                     checkpoint()
                 has_as_of = request.HasField("as_of")
-                as_of = convert.as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
+                as_of = as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
                 decision = evaluator.evaluate(record, as_of, checkpoint)
             except RecordError as exc:
                 raise ServiceError.from_record_error(exc) from None
             return convert.decision_to_proto(decision)
 
     def record(self, request: decision_service_pb2.EvaluateRequest) -> PatientRecord:
-        """The patient record of a request, with its order override applied. Raises RecordError."""
-        road = request.WhichOneof("patient")
-        if road == "context":
-            record = convert.record_from_context(request.context)
-        elif road == "fhir_bundle":
-            record = _record_from_bundle_bytes(request.fhir_bundle)
-        else:
-            raise RecordError("patient", "one of context or fhir_bundle is required")
-        if request.HasField("order"):
-            record = convert.apply_order_override(record, request.order)
-        return record
+        """The patient record of a request, with its order applied (:mod:`needlepoint.intake`).
+        Raises RecordError."""
+        return record_from_request(request)
 
     def explain(self, request: decision_service_pb2.ExplainRequest) -> decision_service_pb2.ExplainResponse:
         """Why a rule did or did not fire, and verified counterfactuals, for one evaluation."""
         from google.protobuf import json_format
 
-        from needlepoint.authoring.explain import counterfactuals, explain_rule
-
         inner = request.request
         evaluator = self.evaluator(inner.ruleset_id or DEFAULT_RULESET, version=inner.ruleset_version)
         try:
             record = self.record(inner)
-            as_of = convert.as_of_to_datetime(inner.as_of, "request.as_of") if inner.HasField("as_of") else self._clock()
+            as_of = as_of_to_datetime(inner.as_of, "request.as_of") if inner.HasField("as_of") else self._clock()
             report = {"counterfactuals": counterfactuals(evaluator, record, as_of)}
             if request.rule_id:
                 report["rule"] = explain_rule(evaluator, record, as_of, request.rule_id)
@@ -239,10 +219,3 @@ class Engine:
         evaluator = self.evaluator(ruleset_id, "id", version)
         return self._ruleset_proto(ruleset_id, evaluator.ruleset.version, full=True)
 
-
-def _record_from_bundle_bytes(data: bytes) -> PatientRecord:
-    """A FHIR Bundle (JSON bytes) as a PatientRecord; the size is checked here, the rest by the
-    mapper (malformed JSON is a RecordError at ``Bundle``)."""
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise RecordError("fhir_bundle", f"the bundle is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES} bytes")
-    return record_from_bundle(data)

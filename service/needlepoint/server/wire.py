@@ -7,7 +7,7 @@ such call, and on ``EvaluateStream`` it ends the whole stream. Here the service 
 with the same methods and serializers, but with a deserializer that turns every failure into a
 :class:`Rejected` value carrying the :class:`ServiceError` to answer with:
 
-* more than :data:`~needlepoint.server.engine.MAX_MESSAGE_BYTES` bytes: ``RESOURCE_EXHAUSTED``;
+* more than :data:`~needlepoint.limits.MAX_MESSAGE_BYTES` bytes: ``RESOURCE_EXHAUSTED``;
 * bytes that do not decode as the message: ``INVALID_ARGUMENT``;
 
 both with a ``google.rpc.BadRequest`` field violation whose path is the message type, e.g.
@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from needlepoint.server.engine import MAX_MESSAGE_BYTES
+from needlepoint.limits import MAX_MESSAGE_BYTES
 from needlepoint.server.errors import ServiceError
 from needlepoint.v1 import decision_pb2, decision_service_pb2, ruleset_pb2
 

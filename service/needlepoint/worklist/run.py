@@ -44,7 +44,7 @@ def evaluate(plan: Plan, options: Options, *, jobs: int | None = None, on_progre
     scratch = Path(tempfile.mkdtemp(prefix="needlepoint-worklist-"))
     rows: list[dict] = []
     try:
-        chunks = local._bundle_chunks(plan.referrals, jobs)
+        chunks = local.bundle_chunks(plan.referrals, jobs)
         if plan.export is not None:
             chunks += [local.Chunk(bucket=b, size=b.size) for b in local.spill(plan.export, plan.by_patient, scratch, jobs)]
         total = sum(c.size for c in chunks)
@@ -72,7 +72,7 @@ def evaluate(plan: Plan, options: Options, *, jobs: int | None = None, on_progre
                 worker.evaluator.close()
         else:
             run_pool(chunks, min(jobs, len(chunks)), options, local.make_worker, collect,
-                     lambda c, why: collect((local._lost_rows(options, c, why), c.size)))  # fmt: skip
+                     lambda c, why: collect((local.lost_rows(options, c, why), c.size)))  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rows.sort(key=output.key)

@@ -55,10 +55,10 @@ from needlepoint.batch.referrals import BatchError, Plan, is_bulk_export, parse_
 from needlepoint.cdshooks.page import render_decision, render_not_found
 from needlepoint.core.record import INTENTS, SIDES, TARGETS
 from needlepoint.core.ruleset import RuleSet
+from needlepoint.limits import MAX_WORKLIST_UPLOAD_BYTES, declared_size
 from needlepoint.worklist import html, run, writers
 from needlepoint.worklist.rows import Reason, WorklistRow
 
-MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 JOB_ID_BYTES = 9
 MEDIA = {"csv": "text/csv; charset=utf-8", "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
          "html": "text/html; charset=utf-8"}  # fmt: skip
@@ -289,9 +289,9 @@ class WorklistPages:
         return self._page("Needlepoint worklist", body, request, script=False)
 
     async def create(self, request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-            return self._error(request, f"the upload is {declared} bytes; the limit is {MAX_UPLOAD_BYTES}", 413)
+        declared = declared_size(request.headers.get("content-length"))
+        if declared is not None and declared > MAX_WORKLIST_UPLOAD_BYTES:
+            return self._error(request, f"the upload is {declared} bytes; the limit is {MAX_WORKLIST_UPLOAD_BYTES}", 413)
         async with request.form(max_files=10000, max_fields=100) as form:
             try:
                 as_of = parse_when(str(form.get("as_of") or ""), "as of", end_of_day=False) if form.get("as_of") else None

@@ -1,4 +1,5 @@
-"""The gRPC servicer's one call into the decision log.
+"""The gRPC servicer's one call into the decision log (on the server's side: the decision log
+itself knows nothing of gRPC statuses).
 
 :func:`log_decision` queues the decision and waits (without blocking the event loop) for its
 group commit, so that the answer a caller receives is always a committed row. If the log cannot
