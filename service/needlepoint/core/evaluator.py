@@ -1,8 +1,9 @@
 """Facts in, decision out: the one entry point of the core.
 
-An :class:`Evaluator` owns one rule set, compiled into the engine once. ``evaluate`` is
-deterministic for the same record, rule set digest and instant, and safe to call from many
-threads at once (each call holds its own engine session).
+An :class:`Evaluator` owns one rule set, compiled into the engine once. ``decide`` gives the
+typed decision (:mod:`.decision`), ``evaluate`` its contract JSON. Both are deterministic for
+the same record, rule set digest and instant, and safe to call from many threads at once (each
+call holds its own engine session).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime as dt
 from collections.abc import Callable
 
 from .compiler import compile_ruleset, rule_id_of
+from .decision import Decision
 from .engine import CompiledRules
 from .prepare import Preparer
 from .record import PatientRecord, RecordError
@@ -63,17 +65,27 @@ class Evaluator:
         return list(by_rule.values())
 
     def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict:
-        return self.evaluate_with_facts(record, as_of, checkpoint)[1]
+        """The decision as the contract's JSON (see :meth:`decide`)."""
+        return self.decide(record, as_of, checkpoint).to_json()
+
+    def decide(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> Decision:
+        """The decision as typed objects. ``checkpoint``, if given, is called between the stages
+        (see :meth:`firings`)."""
+        return self.decide_with_facts(record, as_of, checkpoint)[1]
 
     def evaluate_with_facts(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
-        """The prepared facts and the decision (for tools that also inspect the facts).
-        ``checkpoint``, if given, is called between the stages (see :meth:`firings`)."""
+        """The prepared facts and the decision's JSON (for tools that also inspect the facts)."""
+        prepared, decision = self.decide_with_facts(record, as_of, checkpoint)
+        return prepared, decision.to_json()
+
+    def decide_with_facts(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
+        """The prepared facts and the typed decision."""
         if as_of.tzinfo is None:
             raise RecordError("asOf", "the evaluation instant needs a time zone (use UTC)")
         prepared, firings = self.firings(record, as_of, checkpoint)
         if checkpoint is not None:
             checkpoint()
-        return prepared, self.resolver(firings, prepared, format_instant(as_of))
+        return prepared, self.resolver.decide(firings, prepared, format_instant(as_of))
 
     def close(self) -> None:
         self.engine.close()
