@@ -17,8 +17,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from needlepoint.core.decision import Decision
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
@@ -50,7 +51,7 @@ class EvaluatorLike(Protocol):
     @property
     def ruleset(self) -> RuleSet: ...
 
-    def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict[str, Any]: ...
+    def decide(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> Decision: ...
 
 
 def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike]:
@@ -182,10 +183,10 @@ class Engine:
                     checkpoint()
                 has_as_of = request.HasField("as_of")
                 as_of = convert.as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
-                decision = evaluator.evaluate(record, as_of, checkpoint)
+                decision = evaluator.decide(record, as_of, checkpoint)
             except RecordError as exc:
                 raise ServiceError.from_record_error(exc) from None
-            return convert.decision_to_proto(decision)
+            return convert.encode_decision(decision)
 
     def record(self, request: decision_service_pb2.EvaluateRequest) -> PatientRecord:
         """The patient record of a request, with its order override applied. Raises RecordError."""
