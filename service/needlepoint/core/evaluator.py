@@ -17,7 +17,7 @@ from .engine import CompiledRules
 from .prepare import Preparer
 from .record import PatientRecord, RecordError
 from .resolve import Firing, Resolver
-from .ruleset import RuleSet
+from .ruleset import Rule, RuleSet
 
 
 def format_instant(instant: dt.datetime) -> str:
@@ -36,6 +36,7 @@ class Evaluator:
         self.engine = CompiledRules(compile_ruleset(ruleset), name=f"{ruleset.id}@{ruleset.version}", pool_size=pool_size)
         self.resolver = Resolver(ruleset)
         self._rules = {r.id: r for r in ruleset.rules}
+        self._engine_names: dict[str, tuple[Rule, int]] = {}  # engine rule name -> (rule, alternative)
 
     def firings(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
         """The prepared facts and every rule that fired, before conflict resolution.
@@ -49,19 +50,30 @@ class Evaluator:
     def run_prepared(self, prepared) -> list[Firing]:
         """Every rule that fires on already prepared facts, with the facts each alias matched."""
         by_rule: dict[str, Firing] = {}
-        seen: dict[tuple[str, int, str], dict[int, None]] = {}  # (rule, alternative, alias) -> fact ids
+        names = self._engine_names
         for engine_name, matched in self.engine.run(self.preparer.distinct(prepared)):
-            rule_id, alternative = rule_id_of(engine_name)
-            firing = by_rule.setdefault(rule_id, Firing(self._rules[rule_id], {}))
-            aliases = firing.matched.setdefault(alternative, {})
+            named = names.get(engine_name)
+            if named is None:  # first firing of this rule alternative: name it once
+                rule_id, alternative = rule_id_of(engine_name)
+                named = names[engine_name] = (self._rules[rule_id], alternative)
+            rule, alternative = named
+            firing = by_rule.get(rule.id)
+            if firing is None:
+                firing = by_rule[rule.id] = Firing(rule, {})
+            aliases = firing.matched.get(alternative)
+            if aliases is None:
+                aliases = firing.matched[alternative] = {}
             for alias, fact in matched.items():
-                ids = seen.get((rule_id, alternative, alias))
+                ids = aliases.get(alias)
                 if ids is None:
-                    ids = seen[(rule_id, alternative, alias)] = {}
-                    aliases[alias] = []
-                ids[fact["_fid"]] = None
-        for (rule_id, alternative, alias), ids in seen.items():
-            by_rule[rule_id].matched[alternative][alias] = sorted(ids)
+                    aliases[alias] = [fact["_fid"]]
+                else:
+                    ids.append(fact["_fid"])
+        for firing in by_rule.values():  # each alias's facts once, in fact order
+            for aliases in firing.matched.values():
+                for alias, ids in aliases.items():
+                    if len(ids) > 1:
+                        aliases[alias] = sorted(set(ids))
         return list(by_rule.values())
 
     def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict:
