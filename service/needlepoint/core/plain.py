@@ -109,7 +109,12 @@ def day(instant: dt.datetime | dt.date | None) -> str:
         return "an unknown date"
     if isinstance(instant, dt.datetime):
         instant = instant.astimezone(dt.timezone.utc).date() if instant.tzinfo else instant.date()
-    return f"{instant.day} {instant:%B} {instant.year}"
+    return f"{instant.day} {_MONTHS[instant.month - 1]} {instant.year}"
+
+
+# English month names, as strftime's %B gives them in the C locale (a table: %B costs several µs
+# a call, and would follow the process's locale into English sentences).
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December")
 
 
 def moment(instant: dt.datetime) -> str:
