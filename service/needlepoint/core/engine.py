@@ -155,7 +155,7 @@ class CompiledRules:
         for i, fact in enumerate(facts):
             if "id" in fact or "sid" in fact:
                 raise EngineError(f"fact {i} carries a reserved field ({'/'.join(RESERVED_FIELDS)})")
-            n = count_properties(fact)
+            n = count_properties(fact) if dict in map(type, fact.values()) else len(fact)  # (flat: a C-level look)
             if n > MAX_FACT_PROPERTIES:
                 raise EngineError(f"fact {i} has {n} properties; the engine's limit is {MAX_FACT_PROPERTIES}")
         with self._guard:
