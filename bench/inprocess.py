@@ -57,10 +57,10 @@ class Roads:
 
     def __init__(self, seed: int) -> None:
         from google.protobuf import timestamp_pb2
-
         from needlepoint.server import convert
         from needlepoint.server.engine import Engine
         from needlepoint.v1 import decision_service_pb2, patient_pb2
+
         from tests.patients import random_patients
 
         self.engine = Engine.load()
@@ -187,7 +187,7 @@ def measure(trees: list[Tree], roads: tuple[str, ...], repeats: int, scale: floa
 def report(rates: dict[str, dict[str, list[float]]], roads: tuple[str, ...]) -> str:
     labels = list(rates)
     lines = [f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}", ""]
-    head = "| road | " + " | ".join(f"{label}: decisions/s per core, median (min–max)" for label in labels)
+    head = "| road | " + " | ".join(f"{label}: decisions/s per core, median (min-max)" for label in labels)
     if len(labels) == 2:
         head += f" | {labels[1]} / {labels[0]}"
     lines += [head + " |", "|---" * (len(labels) + 1 + (len(labels) == 2)) + "|"]
@@ -195,10 +195,10 @@ def report(rates: dict[str, dict[str, list[float]]], roads: tuple[str, ...]) -> 
         cells = []
         for label in labels:
             values = rates[label][road]
-            cells.append(f"{statistics.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})")
+            cells.append(f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})")
         if len(labels) == 2:
             a, b = (statistics.median(rates[label][road]) for label in labels)
-            cells.append(f"{b / a:.2f}×")
+            cells.append(f"{b / a:.2f}x")
         lines.append(f"| {road} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -6,7 +6,6 @@ import dataclasses
 
 import orjson
 import pytest
-
 from needlepoint.core.decision import (
     Caution,
     Decision,
@@ -40,7 +39,7 @@ def _decision(**changes) -> Decision:
         deferrals=(Deferral("BLEEDING_RISK", "HARD", "PROCEDURE", ("DEF-INR-HIGH",), "INR 3.4."),),
         cautions=(Caution("DIABETES", ("CAU-A",), "Check glucose."),),
         missing_data=(MissingData("INR", "No INR.", ("DATA-INR",)),),
-        explanations=(Explanation(HEAD, "defer: BLEEDING_RISK (HARD, scope PROCEDURE)", (MatchedFact("observation inr.value", "3.4 {INR}"),)),),
+        explanations=(Explanation(HEAD, HEAD.outcome, (MatchedFact("observation inr.value", "3.4 {INR}"),)),),
     )
     return dataclasses.replace(full, **changes)
 
@@ -49,7 +48,8 @@ def test_the_json_has_the_contracts_members_in_the_contracts_order() -> None:
     out = _decision().to_json()
     assert list(out) == ["decisionId", "asOf", "ruleset", "modality", "injectates", "deferrals", "cautions", "missingData", "explanations"]
     assert out["modality"] == {"preferred": "FLUOROSCOPY", "acceptable": ["ULTRASOUND"], "avoid": ["LANDMARK"], "ruleIds": ["MOD-A"]}
-    assert list(out["explanations"][0]) == ["ruleId", "ruleVersion", "title", "category", "outcome", "rationale", "evidence", "matched", "parameters"]
+    members = ["ruleId", "ruleVersion", "title", "category", "outcome", "rationale", "evidence", "matched", "parameters"]
+    assert list(out["explanations"][0]) == members
     assert out["explanations"][0]["matched"] == [{"fact": "observation inr.value", "value": "3.4 {INR}"}]
     assert out["explanations"][0]["parameters"] == [{"name": "inr_defer_above", "value": "3", "layer": "hip-injection"}]
 

@@ -23,10 +23,9 @@ from .ruleset import Rule, RuleSet
 def format_instant(instant: dt.datetime) -> str:
     """RFC 3339 in UTC with a Z, as the protobuf JSON mapping renders a Timestamp."""
     instant = instant.astimezone(dt.timezone.utc)
-    if instant.year >= 1000:  # isoformat reads as strftime does, in a third of the time
-        text = instant.isoformat()[:19]  # YYYY-MM-DDTHH:MM:SS
-    else:  # strftime does not pad years before 1000 to four digits
-        text = instant.strftime("%Y-%m-%dT%H:%M:%S")
+    # YYYY-MM-DDTHH:MM:SS: isoformat reads as strftime does, in a third of the time, from the
+    # year 1000 on (strftime does not pad earlier years to four digits)
+    text = instant.isoformat()[:19] if instant.year >= 1000 else instant.strftime("%Y-%m-%dT%H:%M:%S")
     if instant.microsecond:
         text += f".{instant.microsecond:06d}".rstrip("0")
     return text + "Z"

@@ -49,9 +49,22 @@ from dataclasses import dataclass
 import orjson
 
 from . import plain
-from .decision import Caution, Decision, Deferral, Evidence, Explanation, Injectate, MatchedFact, MissingData, Modality, ParameterUse, RuleHead, RulesetRef
-from .prepare import FactInfo, PreparedFacts
 from .conditions import tag
+from .decision import (
+    Caution,
+    Decision,
+    Deferral,
+    Evidence,
+    Explanation,
+    Injectate,
+    MatchedFact,
+    MissingData,
+    Modality,
+    ParameterUse,
+    RuleHead,
+    RulesetRef,
+)
+from .prepare import FactInfo, PreparedFacts
 from .ruleset import RECOMMENDATIONS, Rule, RuleSet, parse_placeholder
 
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -641,7 +654,9 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         if modality
         else None,
         injectates=tuple(entry for _, _, entry in injectates),
-        deferrals=tuple(Deferral(d["reason"], d["severity"], d["scope"], tuple(d["ruleIds"]), " ".join(d["message"])) for d in deferral_list),
+        deferrals=tuple(
+            Deferral(d["reason"], d["severity"], d["scope"], tuple(d["ruleIds"]), " ".join(d["message"])) for d in deferral_list
+        ),
         cautions=tuple(Caution(c["code"], tuple(c["ruleIds"]), " ".join(c["message"])) for c in cautions.values()),
         missing_data=tuple(MissingData(m["code"], " ".join(m["message"]), tuple(m["ruleIds"])) for m in missing.values()),
         explanations=tuple(
