@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from needlepoint.core.decision import Decision
 from needlepoint.core.evaluator import Evaluator
@@ -50,6 +50,8 @@ class EvaluatorLike(Protocol):
 
     @property
     def ruleset(self) -> RuleSet: ...
+
+    def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict[str, Any]: ...
 
     def decide(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> Decision: ...
 
