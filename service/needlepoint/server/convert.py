@@ -387,7 +387,7 @@ def encode_decision(decision: core_decision.Decision) -> decision_pb2.Decision:
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 # Encoded rule heads by id(): (the head, kept so that its id is not reused; its bytes).
 _HEADS: dict[int, tuple[core_decision.RuleHead, bytes]] = {}
-_MAX_HEADS = 10_000
+_MAX_HEADS = 2_000  # rules of about twenty rule-set versions (a server keeps three loaded)
 
 
 def _head_bytes(head: core_decision.RuleHead) -> bytes:
