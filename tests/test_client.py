@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from needlepoint.core import decision
 from needlepoint.core import record as rec
 from needlepoint import intake
 from needlepoint.server.engine import Engine
@@ -58,7 +59,7 @@ class FakeEvaluator:
         self.unavailable = 0
         self.records: list[rec.PatientRecord] = []
 
-    def evaluate(self, record: rec.PatientRecord, as_of: dt.datetime, checkpoint=None) -> dict[str, Any]:
+    def decide(self, record: rec.PatientRecord, as_of: dt.datetime, checkpoint=None) -> decision.Decision:
         self.calls += 1
         self.records.append(record)
         if self.unavailable:
@@ -72,16 +73,17 @@ class FakeEvaluator:
             import time
 
             time.sleep(0.5)
-        return {
-            "decisionId": f"d{self.calls}",
-            "asOf": as_of.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "ruleset": {"id": "fake", "version": "0.0.1", "digest": "sha256:fake"},
-            "deferrals": [
-                {"reason": "PENDING_DATA", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["r"], "message": "m"}
-            ],
-            "missingData": [{"code": "INR", "message": "no INR", "ruleIds": ["r"]}],
-            "explanations": [{"ruleId": "r", "ruleVersion": "1", "title": "t", "category": "data", "outcome": "o"}],
-        }
+        return decision.Decision(
+            decision_id=f"d{self.calls}",
+            as_of=as_of.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            ruleset=decision.RulesetRef("fake", "0.0.1", "sha256:fake"),
+            modality=None,
+            injectates=(),
+            deferrals=(decision.Deferral("PENDING_DATA", "HARD", "PROCEDURE", ("r",), "m"),),
+            cautions=(),
+            missing_data=(decision.MissingData("INR", "no INR", ("r",)),),
+            explanations=(decision.Explanation(decision.RuleHead("r", "1", "t", "data", "o", "", (), ()), "o", ()),),
+        )
 
 
 class InProcessServer:

@@ -44,3 +44,35 @@ def test_a_decision_the_proto_cannot_hold_raises(hip_evaluator, change, error) -
     change(decision)
     with pytest.raises(error):
         convert.decision_to_proto(decision)
+
+
+def test_the_typed_encoder_equals_the_json_road(hip_evaluator, synthea_bundles) -> None:
+    """encode_decision (the server's request path) gives the message the contract JSON gives,
+    at instants before 1970 and with fractions of a second too."""
+    import datetime as dt
+
+    order = InjectionOrder("hip-intra-articular", "right", "therapeutic")
+    records = [record_from_bundle(b).with_order(order) for b in synthea_bundles.values()]
+    records += random_patients(300, seed=32)
+    instants = (AS_OF, dt.datetime(1969, 7, 20, 20, 17, 40, 123456, tzinfo=dt.timezone.utc))
+    seen = {"overridden": 0, "modality": 0, "injectates": 0, "cautions": 0}
+    for i, record in enumerate(records):
+        typed = hip_evaluator.decide(record, instants[i % 2])
+        fast = convert.encode_decision(typed)
+        assert fast == convert.decision_to_proto(typed.to_json())
+        assert json_format.MessageToDict(fast) == typed.to_json()
+        seen["overridden"] += any(e.overridden_by for e in typed.explanations)
+        seen["modality"] += typed.modality is not None
+        seen["injectates"] += bool(typed.injectates)
+        seen["cautions"] += bool(typed.cautions)
+    assert all(seen.values()), seen  # every part of the message was exercised
+
+
+def test_the_typed_encoder_refuses_an_enum_name_the_proto_does_not_know(hip_evaluator) -> None:
+    import dataclasses
+
+    typed = hip_evaluator.decide(random_patients(1, seed=5)[0], AS_OF)
+    deferral = dataclasses.replace(typed.deferrals[0], reason="BAD_MOOD") if typed.deferrals else None
+    assert deferral is not None
+    with pytest.raises(ValueError):
+        convert.encode_decision(dataclasses.replace(typed, deferrals=(deferral,)))

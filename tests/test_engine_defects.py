@@ -353,3 +353,40 @@ def test_a_failed_retraction_retires_the_session(monkeypatch) -> None:
     assert replacement != first  # the suspect session's sid is gone for good
     engine.pool.release(replacement)
     assert [n for n, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]
+
+
+def test_the_reused_session_holds_no_fact_of_the_previous_patient(hip_ruleset) -> None:
+    """The pool hands the session just released to the next evaluation. Each patient's decision
+    must be the same whether the session's previous patient was empty or the fullest record of
+    the sample (one that fires many rules): a fact left behind would fire rules for the next."""
+    evaluator = Evaluator(hip_ruleset, pool_size=1)
+    patients = random_patients(80, seed=23)
+    fullest = max(patients, key=lambda p: len(evaluator.evaluate(p, AS_OF).get("explanations", [])))
+    empty = PatientRecord(order=InjectionOrder("hip-intra-articular", "right", "therapeutic"))
+    sid = evaluator.engine.pool.acquire()
+    evaluator.engine.pool.release(sid)
+    try:
+        for patient in patients:
+            evaluator.evaluate(empty, AS_OF)
+            after_empty = evaluator.evaluate(patient, AS_OF)
+            evaluator.evaluate(fullest, AS_OF)
+            after_fullest = evaluator.evaluate(patient, AS_OF)
+            assert after_fullest == after_empty
+        assert evaluator.engine.pool.acquire() == sid  # one session served every evaluation
+        evaluator.engine.pool.release(sid)
+        assert [f for f in evaluator.engine.session_facts(sid) if "$s" not in f] == []
+    finally:
+        evaluator.close()
+
+
+def test_the_pool_hands_out_the_most_recently_released_session_first() -> None:
+    pool = SidPool(3)
+    a, b, c = pool.acquire(), pool.acquire(), pool.acquire()
+    pool.release(b)
+    pool.release(a)
+    assert pool.acquire() == a
+    assert pool.acquire() == b
+    pool.release(c)
+    pool.retire(b)  # a retired sid's replacement is cold: it comes after the warm ones
+    assert pool.acquire() == c
+    assert pool.acquire() not in (a, b, c)

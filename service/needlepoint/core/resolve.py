@@ -34,7 +34,9 @@
 * **An exclusive rule** that fires (a deceased patient) is the whole decision: the other rules'
   outcomes are not added, so nothing else is asked of such a record.
 
-The output is the contract's decision JSON (lowerCamelCase, empty lists omitted).
+The output is a typed :class:`~.decision.Decision` (:meth:`Resolver.decide`), whose one
+serialiser writes the contract's decision JSON (lowerCamelCase, empty lists omitted); calling the
+resolver gives that JSON.
 """
 
 from __future__ import annotations
@@ -47,8 +49,22 @@ from dataclasses import dataclass
 import orjson
 
 from . import plain
-from .prepare import FactInfo, PreparedFacts
 from .conditions import tag
+from .decision import (
+    Caution,
+    Decision,
+    Deferral,
+    Evidence,
+    Explanation,
+    Injectate,
+    MatchedFact,
+    MissingData,
+    Modality,
+    ParameterUse,
+    RuleHead,
+    RulesetRef,
+)
+from .prepare import FactInfo, PreparedFacts
 from .ruleset import RECOMMENDATIONS, Rule, RuleSet, parse_placeholder
 
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -269,24 +285,24 @@ def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[str, str | None, tuple[str, .
     return tuple(plan)
 
 
-def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> list[dict]:
-    entries: list[dict] = []
+def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> tuple[MatchedFact, ...]:
+    entries: list[MatchedFact] = []
     facts, infos = prepared.facts, prepared.info
     matched = firing.matched
     for alt_index in matched if len(matched) == 1 else sorted(matched):
         aliases = matched[alt_index]
         for alias, negation_text, fields in plan[alt_index]:
             if negation_text is not None:
-                entries.append({"fact": negation_text, "value": "none found"})
+                entries.append(MatchedFact(negation_text, "none found"))
                 continue
             for fid in aliases.get(alias, ()):
                 fact, info = facts[fid], infos[fid]
                 label = info.label if not info.alike else f"{info.label} (and {info.alike:,} more alike)"
                 if not fields:
-                    entries.append({"fact": label, "value": "present"})
+                    entries.append(MatchedFact(label, "present"))
                 for fld in fields:
-                    entries.append({"fact": f"{label}.{fld}", "value": field_value(fact, info, fld)})
-    return entries
+                    entries.append(MatchedFact(f"{label}.{fld}", field_value(fact, info, fld)))
+    return tuple(entries)
 
 
 def _outcome_parts(rule: Rule, ruleset: RuleSet) -> list[str]:
@@ -341,8 +357,7 @@ def preferred_modality(rule: Rule, params: dict) -> str | None:
 class _RulePlan:
     """Everything about one rule that the resolver needs and that does not depend on the patient."""
 
-    head: dict  # the fixed part of its explanation
-    parameters: list[dict]  # the parameters it uses, for its explanation
+    head: RuleHead  # the fixed part of its explanation
     patterns: tuple  # _pattern_plan, for its explanation's matched facts
     message: _Template
     quoted: bool  # whether the decision shows its message (deferral, caution and injectate rules)
@@ -364,13 +379,19 @@ class Resolver:
         self.requested = tuple((requested, tag("code", vs_id)) for requested, vs_id in ruleset.requested_modality.items())
         self.bound = ruleset.modality_bound_injectates
         self.rules = {r.id: r for r in ruleset.rules}
+        self.ref = RulesetRef(ruleset.id, ruleset.version, ruleset.digest)
 
     def __call__(self, firings: list[Firing], prepared: PreparedFacts, as_of_text: str) -> dict:
+        """The decision as the contract's JSON."""
+        return resolve(firings, prepared, self, as_of_text).to_json()
+
+    def decide(self, firings: list[Firing], prepared: PreparedFacts, as_of_text: str) -> Decision:
+        """The decision as typed objects."""
         return resolve(firings, prepared, self, as_of_text)
 
 
 def _rule_plan(rule: Rule, ruleset: RuleSet, params: dict) -> _RulePlan:
-    head, parameters = _static_explanation(rule, ruleset)
+    head = _static_explanation(rule, ruleset)
     then = rule.then
     missing_data = _Template(then.missing_data, ruleset, human=False) if then.missing_data else None
     outcome_head = None
@@ -378,7 +399,6 @@ def _rule_plan(rule: Rule, ruleset: RuleSet, params: dict) -> _RulePlan:
         outcome_head = "; ".join(_outcome_parts(rule, ruleset) + ["missing data: "])
     return _RulePlan(
         head=head,
-        parameters=parameters,
         patterns=_pattern_plan(rule),
         message=_Template(then.message, ruleset, rule=rule),
         quoted=bool(then.deferral or then.caution or then.injectates),
@@ -389,20 +409,18 @@ def _rule_plan(rule: Rule, ruleset: RuleSet, params: dict) -> _RulePlan:
     )
 
 
-def _static_explanation(rule: Rule, ruleset: RuleSet) -> tuple[dict, list[dict]]:
-    """The fixed part of a rule's explanation (key order as in the contract), and its parameters."""
-    head = {
-        "ruleId": rule.id,
-        "ruleVersion": rule.version,
-        "title": rule.title,
-        "category": rule.category,
-        "outcome": _outcome_text(rule, ruleset),
-        "rationale": rule.rationale,
-    }
-    if rule.evidence:
-        head["evidence"] = [{"citation": e.citation, "strength": e.strength} for e in rule.evidence]
-    params = [{"name": p, "value": str(ruleset.params[p].value), "layer": ruleset.params[p].layer} for p in rule.params]
-    return head, params
+def _static_explanation(rule: Rule, ruleset: RuleSet) -> RuleHead:
+    """The fixed part of a rule's explanation, with the parameters it uses."""
+    return RuleHead(
+        rule_id=rule.id,
+        rule_version=rule.version,
+        title=rule.title,
+        category=rule.category,
+        outcome=_outcome_text(rule, ruleset),
+        rationale=rule.rationale,
+        evidence=tuple(Evidence(e.citation, e.strength) for e in rule.evidence),
+        parameters=tuple(ParameterUse(p, str(ruleset.params[p].value), ruleset.params[p].layer) for p in rule.params),
+    )
 
 
 def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resolver: Resolver, firings: list[Firing]) -> list[dict]:
@@ -492,7 +510,7 @@ def _unbound_injectates(modality: dict, by_category: dict[str, _Injectate], reso
     return out
 
 
-def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, as_of_text: str) -> dict:
+def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, as_of_text: str) -> Decision:
     ruleset, order, plans = resolver.ruleset, resolver.order, resolver.plans
     now = _instant(as_of_text)
     exclusive = [f for f in firings if f.rule.exclusive]
@@ -511,7 +529,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
     deferrals: dict[tuple[str, str], dict] = {}
     cautions: dict[str, dict] = {}
     missing: dict[str, dict] = {}
-    explanations: list[dict] = []
+    explanations: list[list] = []  # [head, outcome, matched] per firing, in rule order
     for f in firings:
         rule = f.rule
         rid, then, plan = rule.id, rule.then, plans[rule.id]
@@ -551,13 +569,9 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
                 if rid not in m["ruleIds"]:
                     m["ruleIds"].append(rid)
                 m["message"][plan.message.render(f, prepared, pick, now)] = None
-        exp = dict(plan.head)
-        if plan.outcome_head is not None:  # the codes this firing reported, rendered
-            exp["outcome"] = plan.outcome_head + ", ".join(codes)
-        exp["matched"] = _matched_entries(f, plan.patterns, prepared)
-        if plan.parameters:
-            exp["parameters"] = plan.parameters
-        explanations.append(exp)
+        # the outcome with the codes this firing reported, rendered, when those vary
+        outcome = plan.head.outcome if plan.outcome_head is None else plan.outcome_head + ", ".join(codes)
+        explanations.append([plan.head, outcome, _matched_entries(f, plan.patterns, prepared)])
 
     # modality
     modality: dict = {}
@@ -599,18 +613,14 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         if avoid:
             modality["avoid"] = avoid
         modality["ruleIds"] = sorted(contributors, key=order.get)
-    if overridden:  # the explanation of a rule whose whole contribution was overruled says by whom
-        for exp in explanations:
-            if exp["ruleId"] in overridden:
-                exp["overriddenBy"] = overridden[exp["ruleId"]]
 
     for category, (behind, note, message) in _unbound_injectates(modality, by_category, resolver).items():
         inj = by_category[category]
         inj.level, inj.deciding, inj.message = _NOT_SUGGESTED, behind, message
         inj.rule_ids += [rid for rid in behind if rid not in inj.rule_ids]
         for exp in explanations:  # the rules behind it say so in their explanations
-            if exp["ruleId"] in behind:
-                exp["outcome"] += "; " + note
+            if exp[0].rule_id in behind:
+                exp[1] += "; " + note
 
     for conflict in _requested_modality_conflicts(modality, prepared, resolver, firings):
         caution = {k: v for k, v in conflict.items() if k != "requested"}
@@ -618,39 +628,39 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         cautions[conflict["code"] + ":" + conflict["requested"]] = caution
 
     # injectates: per category the most restrictive level wins, with the messages of the rules at it
-    injectates = []
-    for category, inj in by_category.items():
-        entry = {
-            "category": category,
-            "recommendation": RECOMMENDATIONS[inj.level],
-            "ruleIds": inj.rule_ids,
-            "message": inj.message or " ".join(dict.fromkeys([messages[rid] for rid in inj.deciding])),
-        }
-        injectates.append((-inj.level, category, entry))
-    injectates.sort()  # most restrictive first, then by category (unique, so entries never compare)
-
-    for group in (deferrals.values(), cautions.values(), missing.values()):
-        for item in group:
-            item["message"] = " ".join(item["message"])
+    injectates = sorted(  # most restrictive first, then by category (unique, so entries never compare)
+        (
+            -inj.level,
+            category,
+            Injectate(
+                category,
+                RECOMMENDATIONS[inj.level],
+                tuple(inj.rule_ids),
+                inj.message or " ".join(dict.fromkeys([messages[rid] for rid in inj.deciding])),
+            ),
+        )
+        for category, inj in by_category.items()
+    )
     deferral_list = sorted(deferrals.values(), key=lambda d: (d["severity"] != "HARD", d["scope"] != "PROCEDURE", d["reason"], d["scope"]))
 
     blob = orjson.dumps([ruleset.digest, as_of_text, prepared.facts], option=orjson.OPT_SORT_KEYS)
-    decision = {
-        "decisionId": "dec-" + hashlib.sha256(blob).hexdigest()[:32],
-        "asOf": as_of_text,
-        "ruleset": {"id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest},
-    }
-    # the parts in contract order; empty ones are left out
-    if modality:
-        decision["modality"] = modality
-    if injectates:
-        decision["injectates"] = [entry for _, _, entry in injectates]
-    if deferral_list:
-        decision["deferrals"] = deferral_list
-    if cautions:
-        decision["cautions"] = list(cautions.values())
-    if missing:
-        decision["missingData"] = list(missing.values())
-    if explanations:
-        decision["explanations"] = explanations
-    return decision
+    return Decision(
+        decision_id="dec-" + hashlib.sha256(blob).hexdigest()[:32],
+        as_of=as_of_text,
+        ruleset=resolver.ref,
+        modality=Modality(
+            modality.get("preferred"), tuple(modality.get("acceptable", ())), tuple(modality.get("avoid", ())), tuple(modality["ruleIds"])
+        )
+        if modality
+        else None,
+        injectates=tuple(entry for _, _, entry in injectates),
+        deferrals=tuple(
+            Deferral(d["reason"], d["severity"], d["scope"], tuple(d["ruleIds"]), " ".join(d["message"])) for d in deferral_list
+        ),
+        cautions=tuple(Caution(c["code"], tuple(c["ruleIds"]), " ".join(c["message"])) for c in cautions.values()),
+        missing_data=tuple(MissingData(m["code"], " ".join(m["message"]), tuple(m["ruleIds"])) for m in missing.values()),
+        explanations=tuple(
+            Explanation(head, outcome, matched, tuple(overridden[head.rule_id]) if head.rule_id in overridden else None)
+            for head, outcome, matched in explanations
+        ),
+    )

@@ -1,7 +1,9 @@
 """Conversions from the core to the wire (``needlepoint.v1``), one function per concept.
 
-* :func:`decision_to_proto`: the evaluator's decision dict into a ``Decision``, by the
-  protobuf JSON mapping, which is the contract's JSON (so the two cannot drift apart);
+* :func:`encode_decision`: the core's typed decision into a ``Decision`` (the server's request
+  path), each rule's fixed explanation encoded once;
+* :func:`decision_to_proto`: a decision's contract JSON into a ``Decision``, by the protobuf
+  JSON mapping, which is the contract's JSON (so the two cannot drift apart);
 * :func:`ruleset_to_proto`: a loaded rule set into a ``Ruleset``.
 
 The way in (a request, its typed context and order, into a patient record) is
@@ -10,6 +12,7 @@ The way in (a request, its typed context and order, into a patient record) is
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +21,7 @@ import orjson
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import Descriptor
 
+from needlepoint.core import decision as core_decision
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.v1 import decision_pb2, ruleset_pb2
 
@@ -25,8 +29,95 @@ from needlepoint.v1 import decision_pb2, ruleset_pb2
 # -- the way out --------------------------------------------------------------------------------
 
 
+def encode_decision(decision: core_decision.Decision) -> decision_pb2.Decision:
+    """The core's typed decision as a Decision message, equal to
+    ``decision_to_proto(decision.to_json())`` and about three times as fast (no JSON dict, no
+    generic plan: each part is added to the message directly).
+
+    A rule's head (id, version, title, category, rationale, evidence, parameters) is the same
+    object in every decision of a rule set, so it is encoded once, in the protobuf wire format
+    (:data:`_HEADS`), and merged into each explanation by the protobuf runtime in C. An enum name
+    that the proto does not know raises ValueError: a fault of the service, never of the input.
+    """
+    msg = decision_pb2.Decision(decision_id=decision.decision_id)
+    delta = dt.datetime.fromisoformat(decision.as_of.replace("Z", "+00:00")) - _EPOCH
+    msg.as_of.seconds, msg.as_of.nanos = delta.days * 86_400 + delta.seconds, delta.microseconds * 1000
+    r, ref = decision.ruleset, msg.ruleset
+    ref.id, ref.version, ref.digest = r.id, r.version, r.digest
+    m = decision.modality
+    if m is not None:
+        modality = msg.modality
+        modality.SetInParent()  # present even if every field were empty, as in the JSON
+        if m.preferred:
+            modality.preferred = m.preferred  # type: ignore[assignment]  # enums go by name
+        modality.acceptable.extend(m.acceptable)  # type: ignore[arg-type]
+        modality.avoid.extend(m.avoid)  # type: ignore[arg-type]
+        modality.rule_ids.extend(m.rule_ids)
+    add: Any = msg.injectates.add
+    for i in decision.injectates:
+        add(category=i.category, recommendation=i.recommendation, rule_ids=i.rule_ids, message=i.message)
+    add = msg.deferrals.add
+    for d in decision.deferrals:
+        add(reason=d.reason, severity=d.severity, scope=d.scope, rule_ids=d.rule_ids, message=d.message)
+    add = msg.cautions.add
+    for c in decision.cautions:
+        add(code=c.code, rule_ids=c.rule_ids, message=c.message)
+    add = msg.missing_data.add
+    for md in decision.missing_data:
+        add(code=md.code, message=md.message, rule_ids=md.rule_ids)
+    add, heads = msg.explanations.add, _HEADS
+    for e in decision.explanations:
+        head = e.head
+        cached = heads.get(id(head))
+        if cached is None or cached[0] is not head:
+            if len(heads) >= _MAX_HEADS:  # rule sets come and go (hot reload): start again
+                heads.clear()
+            cached = heads[id(head)] = (head, _head_bytes(head))
+        exp = add(outcome=e.outcome, matched=[{"fact": fact, "value": value} for fact, value in e.matched])
+        exp.MergeFromString(cached[1])
+        if e.overridden_by:
+            exp.overridden_by.extend(e.overridden_by)
+    return msg
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+# Encoded rule heads by id(): (the head, kept so that its id is not reused; its bytes).
+_HEADS: dict[int, tuple[core_decision.RuleHead, bytes]] = {}
+_MAX_HEADS = 2_000  # rules of about twenty rule-set versions (a server keeps three loaded)
+
+
+def _head_bytes(head: core_decision.RuleHead) -> bytes:
+    """The fields of an Explanation that come from its rule alone (all but outcome, matched and
+    overridden_by), in the wire format (field numbers of decision.proto's Explanation)."""
+    parts = [_string(0x0A, head.rule_id), _string(0x12, head.rule_version), _string(0x1A, head.title), _string(0x22, head.category)]
+    parts.append(_string(0x32, head.rationale))
+    parts += [_message(0x3A, _string(0x0A, x.citation) + _string(0x12, x.strength)) for x in head.evidence]
+    parts += [_message(0x4A, _string(0x0A, p.name) + _string(0x12, p.value) + _string(0x1A, p.layer)) for p in head.parameters]
+    return b"".join(parts)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _message(tag: int, body: bytes) -> bytes:
+    """A length-delimited field (a string's bytes or an embedded message) with a one-byte tag."""
+    n = len(body)
+    return (bytes((tag, n)) if n < 0x80 else bytes((tag,)) + _varint(n)) + body
+
+
+def _string(tag: int, text: str) -> bytes:
+    """A string field; an empty one is left out, as proto3 does."""
+    return _message(tag, text.encode()) if text else b""
+
+
 def decision_to_proto(decision: Mapping[str, Any]) -> decision_pb2.Decision:
-    """The evaluator's decision dict as a Decision.
+    """A decision's contract JSON (``Evaluator.evaluate``) as a Decision.
 
     The dict is the contract's JSON, which is the Decision's protobuf JSON mapping, so the result
     equals ``json_format.ParseDict(decision, Decision())``; it is built through the message

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from needlepoint.core.decision import Decision
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.explain import counterfactuals, explain_rule
 from needlepoint.core.record import PatientRecord, RecordError
@@ -41,6 +42,8 @@ class EvaluatorLike(Protocol):
     def ruleset(self) -> RuleSet: ...
 
     def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict[str, Any]: ...
+
+    def decide(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> Decision: ...
 
 
 def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike]:
@@ -172,10 +175,10 @@ class Engine:
                     checkpoint()
                 has_as_of = request.HasField("as_of")
                 as_of = as_of_to_datetime(request.as_of, "as_of") if has_as_of else self._clock()
-                decision = evaluator.evaluate(record, as_of, checkpoint)
+                decision = evaluator.decide(record, as_of, checkpoint)
             except RecordError as exc:
                 raise ServiceError.from_record_error(exc) from None
-            return convert.decision_to_proto(decision)
+            return convert.encode_decision(decision)
 
     def record(self, request: decision_service_pb2.EvaluateRequest) -> PatientRecord:
         """The patient record of a request, with its order applied (:mod:`needlepoint.intake`).
