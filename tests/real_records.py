@@ -626,7 +626,7 @@ def _bound_levels(rule, category: str, bound: dict) -> list[str]:
     avoids = set(modality.get("avoid", ())) & set(bound[category])
     preferred = modality.get("preferred")
     prefers_other = isinstance(preferred, str) and not preferred.startswith("$") and preferred not in bound[category]
-    return ["NOT_SUGGESTED"] if avoids or prefers_other or isinstance(preferred, str) and preferred.startswith("$") else []
+    return ["NOT_SUGGESTED"] if avoids or prefers_other or (isinstance(preferred, str) and preferred.startswith("$")) else []
 
 
 def outcome_problems(outcome: Any, rule, params: dict, bound: dict | None = None) -> list[str]:
@@ -859,7 +859,7 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
                 continue
             if code == "REQUESTED_MODALITY_CONFLICT" and not rule.then.modality:
                 v.append(f"{where} lists {rid}, which is not a modality rule")
-            elif code != "REQUESTED_MODALITY_CONFLICT" and rule.then.caution != code:
+            elif code != "REQUESTED_MODALITY_CONFLICT" and rule.then.caution != code:  # noqa: PLR1714 - two questions, not one
                 v.append(f"{where} lists {rid}, whose caution is {rule.then.caution or 'none'}")
 
     # missing data

@@ -16,9 +16,9 @@ pytest.importorskip("pyspark")
 if shutil.which("java") is None:
     pytest.skip("no Java runtime (scripts/setup-spark installs one)", allow_module_level=True)
 
-from needlepoint.batch import bulk, local, output, spark  # noqa: E402
-from needlepoint.batch.evaluate import Options  # noqa: E402
-from needlepoint.batch.referrals import plan  # noqa: E402
+from needlepoint.batch import bulk, local, output, spark
+from needlepoint.batch.evaluate import Options
+from needlepoint.batch.referrals import plan
 
 pytestmark = pytest.mark.slow
 

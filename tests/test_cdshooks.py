@@ -380,7 +380,13 @@ def test_cards_text_and_page_say_the_same_things(hip_ruleset, hip_evaluator, nam
 
     from needlepoint.core.record import InjectionOrder
     from needlepoint.fhir import record_from_bundle
-    from needlepoint.views.coordinator import deferral_item, injectate_item, modality_item, render as coordinator_text, titles_by_rule
+    from needlepoint.views.coordinator import (
+        deferral_item,
+        injectate_item,
+        modality_item,
+        render as coordinator_text,
+        titles_by_rule,
+    )
 
     paths = sorted(_SYNTHEA.glob(f"{name}_*.json"))
     if not paths:

@@ -91,7 +91,7 @@ class StandInFhir:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 outer.seen.append((self.path, self.headers.get("Authorization")))
                 time.sleep(outer.delay)
                 if not self.path.startswith("/fhir/"):
@@ -383,7 +383,7 @@ def test_a_slow_fhir_server_is_412_within_the_time_limit(client: httpx.Client, t
 
 
 def test_fhir_server_errors_are_412(client: httpx.Client, templates: dict, fhir: StandInFhir) -> None:
-    patient_id, resources = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
+    patient_id, _ = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
     request = hook_request("order-sign", patient_id, hip_order(patient_id), {}, fhirServer=fhir.base.replace("/fhir", "/broken"))
     issues = outcome(client.post("/cds-services/hip-injection", json=request), 412)
     assert {tuple(i["expression"]) for i in issues} == {(f"prefetch.{k}",) for k in templates}
@@ -393,7 +393,7 @@ def test_fhir_server_errors_are_412(client: httpx.Client, templates: dict, fhir:
 def test_null_is_no_data_and_never_fetched(client: httpx.Client, templates: dict, fhir: StandInFhir) -> None:
     """Every key null: the client has no data. Nothing is fetched; the record has no Patient, and the
     decision says so rather than guessing."""
-    request = hook_request("order-sign", "p-null", hip_order("p-null"), {key: None for key in templates}, fhirServer=fhir.base)
+    request = hook_request("order-sign", "p-null", hip_order("p-null"), dict.fromkeys(templates), fhirServer=fhir.base)
     body = checked(client.post("/cds-services/hip-injection", json=request))
     assert fhir.seen == []
     assert body["cards"]
@@ -438,7 +438,7 @@ def test_bad_requests(client: httpx.Client, templates: dict) -> None:
     request["hook"] = "patient-view"
     assert outcome(client.post("/cds-services/hip-injection", json=request), 400)[0]["expression"] == ["hook"]
     # the mapper's own errors come back naming the field
-    request = hook_request("order-sign", "p", hip_order("p"), {key: None for key in templates} | {"conditions": "not a resource"})
+    request = hook_request("order-sign", "p", hip_order("p"), dict.fromkeys(templates) | {"conditions": "not a resource"})
     issues = outcome(client.post("/cds-services/hip-injection", json=request), 400)
     assert issues[0]["expression"] == ["prefetch.conditions"]
     assert client.get("/decisions/dec-unknown").status_code == 404
@@ -486,7 +486,7 @@ def test_serve_http_port_beside_grpc(server_process, unused_port, templates: dic
 
 
 def test_serve_http_port_needs_insecure_dev(cli_command: list[str], cli_env: dict) -> None:
-    result = subprocess.run([*cli_command, "serve", "--http-port", "8080"], capture_output=True, text=True, env=cli_env, timeout=60)
+    result = subprocess.run([*cli_command, "serve", "--http-port", "8080"], capture_output=True, text=True, env=cli_env, timeout=60, check=False)
     assert result.returncode == 2 and "--insecure-dev" in result.stderr
 
 

@@ -6,7 +6,16 @@ import datetime as dt
 import re
 
 from needlepoint.core.record import Code, InjectionOrder, Medication, Observation, PatientRecord
-from needlepoint.views.coordinator import GO_AHEAD, GO_AHEAD_WITHOUT_SOME, NOT_NOW, REVIEW_FIRST, Line, coordinator_view, render, wrap
+from needlepoint.views.coordinator import (
+    GO_AHEAD,
+    GO_AHEAD_WITHOUT_SOME,
+    NOT_NOW,
+    REVIEW_FIRST,
+    Line,
+    coordinator_view,
+    render,
+    wrap,
+)
 
 from .patients import AS_OF, random_patients
 

@@ -25,14 +25,13 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from needlepoint.security.logsafe import correlation_ref
 from needlepoint.cli import main as cli_main
 from needlepoint.core.record import RecordError
 from needlepoint.fhir import mapper
 from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.security.logsafe import correlation_ref
 from needlepoint.server import wire
 from needlepoint.server.errors import MAX_MESSAGE_CHARS, correlation_id_problem
 from needlepoint.v1 import decision_service_pb2
@@ -58,12 +57,12 @@ CHEAP_KINDS = sorted(k for k in fuzz.GENERATORS if k != "oversized")
 ORDER_BUNDLE = orjson.loads(fuzz.ORDER_BUNDLE.read_bytes())
 AS_OF = "2025-06-02T09:00:00Z"
 
-BOUNDED = dict(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
-)
+BOUNDED = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+}
 
 # Any JSON value, hostile dates and strings among the leaves.
 JSON_VALUES = st.recursive(

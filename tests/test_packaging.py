@@ -56,7 +56,7 @@ def test_an_installed_wheel_evaluates_a_bundle(wheel: Path, tmp_path: Path) -> N
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=120,
+        timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr
     decision = json.loads(result.stdout)

@@ -154,7 +154,7 @@ def test_fhir_typed_and_case_file_roads_decide_alike(hip_evaluator, tmp_path: Pa
     case = {"code": "loinc#777-3", "value": quantity["value"], "at": platelets.effective.isoformat()}
     case.update({k: v for k, v in (("unit", platelets.unit), ("unit_display", platelets.unit_display)) if v})
     (tmp_path / "case.yaml").write_text(yaml.safe_dump([{"name": "n", "as_of": AS_OF.isoformat(), "patient": {"observations": [case]}, "expect": {}}]))
-    (by_case,) = [o for o in load_cases(tmp_path / "case.yaml")[0].record.observations]
+    (by_case,) = list(load_cases(tmp_path / "case.yaml")[0].record.observations)
     assert (by_case.unit, by_case.unit_display) == (platelets.unit, platelets.unit_display)
 
     def outcome(record: PatientRecord) -> tuple:

@@ -249,7 +249,8 @@ class NeedlepointClient:
         """The server's health status name, e.g. ``SERVING`` (``service`` "" is the server as a
         whole; ``needlepoint.v1.DecisionService`` the decision service)."""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = _call(lambda: self._health.Check(request, timeout=timeout or self.timeout, metadata=self._metadata()))
+        check = self._health.Check  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub omits its methods
+        response = _call(lambda: check(request, timeout=timeout or self.timeout, metadata=self._metadata()))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 

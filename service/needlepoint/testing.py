@@ -47,10 +47,10 @@ class RuleSetCase(pytest.Item):
         if problems:
             raise CaseFailure(problems)
 
-    def repr_failure(self, excinfo):
+    def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, CaseFailure):
             return f"{self.case.source}: {self.case.name}\n  " + "\n  ".join(excinfo.value.problems)
-        return super().repr_failure(excinfo)
+        return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
         return self.path, None, f"{self.path.name}::{self.case.name}"

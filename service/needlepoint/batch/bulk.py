@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import orjson
 
@@ -131,7 +131,7 @@ def write_export(bundles: Iterable[dict], folder) -> dict[str, int]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handles: dict[str, object] = {}
+    handles: dict[str, BinaryIO] = {}
     counts: dict[str, int] = {}
     try:
         for bundle in bundles:
@@ -142,11 +142,11 @@ def write_export(bundles: Iterable[dict], folder) -> dict[str, int]:
                 rtype = resource["resourceType"]
                 if rtype not in handles:
                     handles[rtype] = (folder / f"{rtype}.ndjson").open("ab")
-                handles[rtype].write(orjson.dumps(resource) + b"\n")  # type: ignore[attr-defined]
+                handles[rtype].write(orjson.dumps(resource) + b"\n")
                 counts[rtype] = counts.get(rtype, 0) + 1
     finally:
         for handle in handles.values():
-            handle.close()  # type: ignore[attr-defined]
+            handle.close()
     return counts
 
 

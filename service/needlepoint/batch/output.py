@@ -156,8 +156,8 @@ def write_lines(lines: Iterable[bytes], out: Path, fmt: str) -> int:
 
 
 def _table(batch: list[tuple], schema, pa):
-    columns = list(zip(*batch)) if batch else [[] for _ in schema]
-    return pa.Table.from_arrays([pa.array(list(col), type=f.type) for col, f in zip(columns, schema)], schema=schema)
+    columns = list(zip(*batch, strict=True)) if batch else [() for _ in schema]
+    return pa.Table.from_arrays([pa.array(list(col), type=f.type) for col, f in zip(columns, schema, strict=True)], schema=schema)
 
 
 # -- reading back -------------------------------------------------------------------------------------

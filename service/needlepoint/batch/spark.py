@@ -161,7 +161,7 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
                     grouped = keyed.groupByKey(numPartitions=n).mapValues(lambda ls: (ls, None))
                 parts.append(grouped.mapPartitions(partial(_patients, broadcast)))
             elif plan.by_patient is not None:  # a CSV over an export with no files: every patient is missing
-                referred = [(pid, ([], [rs])) for pid, rs in sorted(plan.by_patient.items())]
+                referred: list[tuple[str, tuple[list[Any], list[list[Referral]]]]] = [(pid, ([], [rs])) for pid, rs in sorted(plan.by_patient.items())]
                 parts.append(sc.parallelize(referred, 1).mapPartitions(partial(_patients, broadcast)))
         rows = sc.union(parts) if parts else sc.emptyRDD()
         mode = "overwrite" if overwrite else "errorifexists"

@@ -387,7 +387,7 @@ class CardBuilder:
         if not wanted or not isinstance(resource.get("id"), str):
             return None  # an order without an id cannot be updated in place
         updated = copy.deepcopy(resource)
-        concept = updated.get("code") if isinstance(updated.get("code"), dict) else {}
+        concept = code if isinstance(code := updated.get("code"), dict) else {}
         kept = [c for c in _codings(concept) if not (c.get("system") == CPT and c.get("code") in _GUIDANCE_CODES)]
         arthrography = any(c.get("system") == CPT and c.get("code") in _ARTHROGRAPHY for c in kept)
         if arthrography and modality == "FLUOROSCOPY":

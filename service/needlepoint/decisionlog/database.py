@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import orjson
-
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 

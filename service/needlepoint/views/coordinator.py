@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,7 @@ def _status(deferrals: list[dict]) -> str:
     return GO_AHEAD_WITHOUT_SOME if deferrals else GO_AHEAD
 
 
-def _firmness(deferral: dict) -> str:
+def _firmness(deferral: Mapping[str, Any]) -> str:
     """How firmly a deferral holds, and what: the whole injection or one medicine."""
     scope = deferral.get("scope", "PROCEDURE")
     hard = deferral.get("severity") == "HARD"
@@ -154,7 +155,7 @@ class _Said:
         return message
 
 
-def deferral_item(deferral: dict[str, Any]) -> Item:
+def deferral_item(deferral: Mapping[str, Any]) -> Item:
     """A deferral in plain words: ``Bleeding risk: not now.`` and the rule's message under it."""
     message = (deferral.get("message") or "").strip()
     headline = f"{words(REASONS, deferral.get('reason', ''))}: {_firmness(deferral)}."
@@ -166,7 +167,7 @@ def _lower_first(title: str) -> str:
     return title[:1].lower() + title[1:] if title[1:2].islower() else title
 
 
-def modality_item(modality: dict[str, Any] | None, titles_by_rule: dict[str, str]) -> Item | None:
+def modality_item(modality: Mapping[str, Any] | None, titles_by_rule: dict[str, str]) -> Item | None:
     """The guidance in plain words: ``Use fluoroscopy (X-ray); ultrasound is also acceptable;
     avoid ...``, and ``Because: `` the titles of the rules behind it. None when there is none."""
     if not modality or not (modality.get("preferred") or modality.get("acceptable") or modality.get("avoid")):
@@ -186,7 +187,7 @@ def modality_item(modality: dict[str, Any] | None, titles_by_rule: dict[str, str
     return Item(headline[:1].upper() + headline[1:] + ".", why, rule_ids)
 
 
-def injectate_item(injectate: dict[str, Any]) -> Item:
+def injectate_item(injectate: Mapping[str, Any]) -> Item:
     """An injectate in plain words: ``Corticosteroid (steroid): avoid.`` and the rule's message."""
     advice = words(RECOMMENDATIONS, injectate.get("recommendation", "")).lower()
     message = (injectate.get("message") or "").strip()
