@@ -51,7 +51,8 @@ def options() -> Options:
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
     return Options(load_ruleset(bundled_rulesets_dir() / "hip-injection"), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-                   dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc), ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
+                   dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc),
+                   ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
 
 
 def _both(session, work, options: Options, tmp_path: Path, fmt: str) -> tuple[Path, Path]:

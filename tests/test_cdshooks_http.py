@@ -144,11 +144,17 @@ def hip_order(patient_id: str, code: str = "20610") -> dict:
         "status": "draft",
         "intent": "order",
         "code": {"coding": [{"system": CPT, "code": code}]},
-        "orderDetail": [{"coding": [{"system": "http://needlepoint.dev/fhir/CodeSystem/injection-intent", "code": "therapeutic"}]}],
-        "bodySite": [{"coding": [
-            {"system": "http://needlepoint.dev/fhir/CodeSystem/injection-target", "code": "hip-intra-articular"},
-            {"system": "http://snomed.info/sct", "code": "24028007", "display": "Right"},
-        ]}],
+        "orderDetail": [
+            {"coding": [{"system": "http://needlepoint.dev/fhir/CodeSystem/injection-intent", "code": "therapeutic"}]}
+        ],
+        "bodySite": [
+            {
+                "coding": [
+                    {"system": "http://needlepoint.dev/fhir/CodeSystem/injection-target", "code": "hip-intra-articular"},
+                    {"system": "http://snomed.info/sct", "code": "24028007", "display": "Right"},
+                ]
+            }
+        ],
         "subject": {"reference": f"Patient/{patient_id}"},
     }
 
@@ -267,7 +273,9 @@ def test_shared_fixtures_are_not_hip_injections(client: httpx.Client, name: str)
 def test_order_select_without_the_hip_order_selected(client: httpx.Client) -> None:
     order = hip_order("p1")
     request = hook_request("order-select", "p1", order, None)
-    request["context"]["draftOrders"]["entry"].append({"resource": {"resourceType": "MedicationRequest", "id": "m1", "status": "draft"}})
+    request["context"]["draftOrders"]["entry"].append(
+        {"resource": {"resourceType": "MedicationRequest", "id": "m1", "status": "draft"}}
+    )
     request["context"]["selections"] = ["MedicationRequest/m1"]
     assert checked(client.post("/cds-services/hip-injection", json=request)) == {"cards": []}
 
@@ -277,7 +285,9 @@ def test_order_select_without_the_hip_order_selected(client: httpx.Client) -> No
 
 @pytest.mark.parametrize("path", sorted(SYNTHEA.glob("*.json")), ids=lambda p: p.name.split("_")[0])
 @pytest.mark.parametrize("hook", ["order-select", "order-sign"])
-def test_synthea_hip_injection_equals_grpc(client: httpx.Client, servers: Servers, templates: dict, path: Path, hook: str) -> None:
+def test_synthea_hip_injection_equals_grpc(
+    client: httpx.Client, servers: Servers, templates: dict, path: Path, hook: str
+) -> None:
     from needlepoint_client import NeedlepointClient, decision_to_dict
 
     patient_id, resources = synthea(path)
@@ -302,7 +312,9 @@ def test_synthea_hip_injection_equals_grpc(client: httpx.Client, servers: Server
     for card in body["cards"]:
         assert card["extension"]["dev.needlepoint.decisionId"] == decision["decisionId"]
     hard = [d for d in decision.get("deferrals", ()) if d["severity"] == "HARD"]
-    assert sum(c["indicator"] == "critical" and c["source"]["topic"]["code"] in ("deferral", "data") for c in body["cards"]) == len(hard)
+    assert sum(
+        c["indicator"] == "critical" and c["source"]["topic"]["code"] in ("deferral", "data") for c in body["cards"]
+    ) == len(hard)
 
 
 def test_mafalda_needs_an_inr_and_the_card_orders_it(client: httpx.Client, templates: dict) -> None:
@@ -353,12 +365,23 @@ def test_missing_keys_are_fetched_with_the_token(client: httpx.Client, templates
     for key in ("conditions", "medicationRequests", "observations-platelets", "patient"):
         del partial["prefetch"][key]
     partial["fhirServer"] = fhir.base
-    partial["fhirAuthorization"] = {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300, "scope": "patient/*.read", "subject": "np"}
+    partial["fhirAuthorization"] = {
+        "access_token": TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/*.read",
+        "subject": "np",
+    }
     response = client.post("/cds-services/hip-injection", json=partial)
     checked(response)
     assert response.headers[DECISION_HEADER] == expected.headers[DECISION_HEADER]  # the same decision
     paths = [p for p, _ in fhir.seen]
-    assert {p.split("?")[0] for p in paths} == {f"/fhir/Patient/{patient_id}", "/fhir/Condition", "/fhir/MedicationRequest", "/fhir/Observation"}
+    assert {p.split("?")[0] for p in paths} == {
+        f"/fhir/Patient/{patient_id}",
+        "/fhir/Condition",
+        "/fhir/MedicationRequest",
+        "/fhir/Observation",
+    }
     assert any("_page=1" in p for p in paths), "search results in pages are followed"
     assert all(auth == f"Bearer {TOKEN}" for _, auth in fhir.seen)
 
@@ -374,7 +397,9 @@ def test_missing_keys_without_a_fhir_server_are_412(client: httpx.Client, templa
 
 def test_a_slow_fhir_server_is_412_within_the_time_limit(client: httpx.Client, templates: dict, fhir: StandInFhir) -> None:
     patient_id, resources = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
-    request = hook_request("order-sign", patient_id, hip_order(patient_id), full_prefetch(templates, patient_id, resources), fhirServer=fhir.base)
+    request = hook_request(
+        "order-sign", patient_id, hip_order(patient_id), full_prefetch(templates, patient_id, resources), fhirServer=fhir.base
+    )
     del request["prefetch"]["conditions"]
     fhir.delay = 6.0
     # the stand-in answers after 6 s: a 412 (not cards) shows the service gave up at its 3 s limit
@@ -486,7 +511,9 @@ def test_serve_http_port_beside_grpc(server_process, unused_port, templates: dic
 
 
 def test_serve_http_port_needs_insecure_dev(cli_command: list[str], cli_env: dict) -> None:
-    result = subprocess.run([*cli_command, "serve", "--http-port", "8080"], capture_output=True, text=True, env=cli_env, timeout=60, check=False)
+    result = subprocess.run(
+        [*cli_command, "serve", "--http-port", "8080"], capture_output=True, text=True, env=cli_env, timeout=60, check=False
+    )
     assert result.returncode == 2 and "--insecure-dev" in result.stderr
 
 
@@ -533,5 +560,7 @@ def test_a_body_over_the_limit_is_refused_while_it_streams_in(client: httpx.Clie
         for _ in range(MAX_BODY_BYTES // len(piece) + 2):
             yield piece
 
-    issues = outcome(client.post("/cds-services/hip-injection", content=chunks(), headers={"content-type": "application/json"}), 413)
+    issues = outcome(
+        client.post("/cds-services/hip-injection", content=chunks(), headers={"content-type": "application/json"}), 413
+    )
     assert "limit" in issues[0]["diagnostics"]

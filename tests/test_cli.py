@@ -101,7 +101,11 @@ def test_width_wraps_between_words_with_hanging_lines(mafalda: Sample) -> None:
     words = result.stdout.split()
     unwrapped = run(str(mafalda.path), "--as-of", mafalda.as_of, *mafalda.order_args).stdout.split()
     assert words == unwrapped  # the same words in the same order: nothing cut inside a word
-    bullet = next(i for i, line in enumerate(lines) if line.startswith("- ") and i + 1 < len(lines) and lines[i + 1].startswith("  ") and len(line) > 50)
+    bullet = next(
+        i
+        for i, line in enumerate(lines)
+        if line.startswith("- ") and i + 1 < len(lines) and lines[i + 1].startswith("  ") and len(line) > 50
+    )
     assert lines[bullet + 1].startswith("  ") and not lines[bullet + 1].startswith("  -")
 
 

@@ -176,7 +176,9 @@ def _hs256_with_the_public_key(a: Authority) -> str:
     """The classic confusion attack: HMAC keyed with the (public) verification key."""
     public = a.rs384.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     header = json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rs384-1"}).encode()
-    body = json.dumps({"iss": ISSUER, "aud": AUDIENCE, "iat": int(time.time()), "exp": int(time.time()) + 60, "jti": "x"}).encode()
+    body = json.dumps(
+        {"iss": ISSUER, "aud": AUDIENCE, "iat": int(time.time()), "exp": int(time.time()) + 60, "jti": "x"}
+    ).encode()
     signing_input = jwt.utils.base64url_encode(header) + b"." + jwt.utils.base64url_encode(body)
     import hashlib
     import hmac
@@ -395,7 +397,9 @@ def test_only_loopback_counts_as_loopback() -> None:
     assert not any(map(is_loopback, ["0.0.0.0", "[::]", "::", "10.0.0.5", "example.org", ""]))
 
 
-def test_an_exposed_address_needs_tls_and_authentication(pki: Pki, authority: Authority, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_exposed_address_needs_tls_and_authentication(
+    pki: Pki, authority: Authority, caplog: pytest.LogCaptureFixture
+) -> None:
     tls = security_config(tls_cert=pki.server_cert, tls_key=pki.server_key)
     mtls = security_config(tls_cert=pki.server_cert, tls_key=pki.server_key, client_ca=pki.ca_file)
     tokens = security_config(auth_jwks=authority.jwks_file, auth_issuer=(ISSUER,))
@@ -466,7 +470,9 @@ def secured_server(server_process: type[ServerProcess], pki: Pki, authority: Aut
 
 
 @pytest.mark.slow
-def test_tls_and_a_valid_token_get_a_decision(secured_server: ServerProcess, pki: Pki, authority: Authority, mafalda: Sample) -> None:
+def test_tls_and_a_valid_token_get_a_decision(
+    secured_server: ServerProcess, pki: Pki, authority: Authority, mafalda: Sample
+) -> None:
     from needlepoint_client import InjectionOrder, NeedlepointClient, decision_to_dict
 
     with NeedlepointClient(secured_server.target, tls_ca=pki.ca_file, token=authority.token) as client:
@@ -504,14 +510,21 @@ def test_a_bad_or_missing_token_is_unauthenticated_and_not_logged(
             "Evaluate": lambda: stub.Evaluate(request, metadata=metadata, timeout=10),
             "EvaluateStream": lambda: list(stub.EvaluateStream(iter([request]), metadata=metadata, timeout=10)),
             "ListRulesets": lambda: stub.ListRulesets(decision_service_pb2.ListRulesetsRequest(), metadata=metadata, timeout=10),
-            "Reflection": lambda: list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10)),
-            "Unknown": lambda: channel.unary_unary("/needlepoint.v1.DecisionService/NoSuchMethod")(b"", metadata=metadata, timeout=10),
+            "Reflection": lambda: list(
+                reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10
+                )
+            ),
+            "Unknown": lambda: channel.unary_unary("/needlepoint.v1.DecisionService/NoSuchMethod")(
+                b"", metadata=metadata, timeout=10
+            ),
         }
         for name, call in calls.items():
             with pytest.raises(grpc.RpcError) as caught:
                 call()
-            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE), name
+            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE), (
+                name
+            )
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # health checks stay open
     secured_server.wait_for(rf"UNAUTHENTICATED /needlepoint.v1.DecisionService/Evaluate: {reason}$", start=mark, timeout=5)
@@ -553,7 +566,9 @@ def test_the_cli_evaluates_over_tls_with_a_token(
     token_file.write_text(authority.token())
     base = [*cli_command, "evaluate", str(mafalda.path), *mafalda.order_args, "--as-of", "2025-06-02T09:00:00Z",
             "--json", "--server", secured_server.target, "--tls-ca", str(pki.ca_file)]
-    ok = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, env=cli_env, timeout=60, check=False)
+    ok = subprocess.run(
+        [*base, "--token-file", str(token_file)], capture_output=True, text=True, env=cli_env, timeout=60, check=False
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["ruleset"]["id"] == "hip-injection"
     refused = subprocess.run(base, capture_output=True, text=True, env=cli_env, timeout=60, check=False)
@@ -586,7 +601,9 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(server_process: ty
 
 
 @pytest.mark.slow
-def test_serve_refuses_an_exposed_address_without_protection(cli_command: list[str], cli_env: dict[str, str], unused_port: Any) -> None:
+def test_serve_refuses_an_exposed_address_without_protection(
+    cli_command: list[str], cli_env: dict[str, str], unused_port: Any
+) -> None:
     """Refused before anything is bound: the test never listens beyond loopback."""
     result = subprocess.run([*cli_command, "serve", "--host", "0.0.0.0", "--port", str(unused_port()), "--workers", "1"],
                             capture_output=True, text=True, env=cli_env, timeout=60, check=False)

@@ -230,7 +230,9 @@ class NeedlepointClient:
     def list_rulesets(self, *, timeout: float | None = None) -> list[ruleset_pb2.Ruleset]:
         """The loaded rule sets (header fields only)."""
         request = decision_service_pb2.ListRulesetsRequest()
-        return list(_call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout, metadata=self._metadata())).rulesets)
+        return list(
+            _call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout, metadata=self._metadata())).rulesets
+        )
 
     def get_ruleset(self, ruleset_id: str, *, version: str = "", timeout: float | None = None) -> ruleset_pb2.Ruleset:
         """One rule set (the version serving, or ``version``) with its rules, evidence, parameters

@@ -136,7 +136,11 @@ def write_export(bundles: Iterable[dict], folder) -> dict[str, int]:
     try:
         for bundle in bundles:
             entries = [e for e in bundle.get("entry", []) if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
-            names = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource'].get('id')}" for e in entries if isinstance(e.get("fullUrl"), str)}
+            names = {
+                e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource'].get('id')}"
+                for e in entries
+                if isinstance(e.get("fullUrl"), str)
+            }
             for entry in entries:
                 resource = _rewrite(entry["resource"], names)
                 rtype = resource["resourceType"]

@@ -99,7 +99,9 @@ def age_windows(ruleset: RuleSet) -> dict[str, list[Window]]:
                     days = float(resolve_operand(test.operand, params))
                     for concept in concepts:
                         out.setdefault(rule.id, []).append(
-                            Window(rule.id, position, a, pattern.alias, concept, days, test.op == "lt", parameter, pattern.negated)
+                            Window(
+                                rule.id, position, a, pattern.alias, concept, days, test.op == "lt", parameter, pattern.negated
+                            )
                         )
     return out
 
@@ -236,7 +238,9 @@ class ReferralEvaluator:
             plannedStatus=status_of(planned_decision) if planned_decision is not None else None,
             asOf=decision["asOf"],
             plannedDate=format_instant(planned) if planned else None,
-            deferralReasons=[d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}" for d in decision.get("deferrals", ())],
+            deferralReasons=[
+                d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}" for d in decision.get("deferrals", ())
+            ],
             missingData=list(dict.fromkeys(m["code"] for m in decision.get("missingData", ()))),
             toRepeat=to_repeat,
             rulesetId=decision["ruleset"]["id"],
@@ -262,7 +266,11 @@ class ReferralEvaluator:
                         continue
                     for fid in aliases.get(w.alias, ()):
                         fact = facts[fid]
-                        if fact.get("t") == "observation" and fact.get("concept") == w.concept and w.exceeded(fact["age_days"] + shift):
+                        if (
+                            fact.get("t") == "observation"
+                            and fact.get("concept") == w.concept
+                            and w.exceeded(fact["age_days"] + shift)
+                        ):
                             lapsing.setdefault(fid, []).append(w)
         fired_now = {f.rule.id for f in firings}
         newest = {fact["concept"]: fid for fid, fact in enumerate(facts) if fact.get("t") == "observation"}
@@ -342,4 +350,6 @@ def _with_referral_order(record: PatientRecord, referral: Referral) -> PatientRe
     base = record.order
     if base is None:
         return record.with_order(InjectionOrder(target=target, side=side, intent=intent, source=referral.where))
-    return record.with_order(dataclasses.replace(base, target=target or base.target, side=side or base.side, intent=intent or base.intent))
+    return record.with_order(
+        dataclasses.replace(base, target=target or base.target, side=side or base.side, intent=intent or base.intent)
+    )

@@ -134,7 +134,9 @@ def _plan_csv(path: Path, export: Path | None) -> Plan:
     try:
         header = next(reader)
     except StopIteration:
-        raise BatchError(f"{path}: empty; a header row is needed (patient_id or bundle, target, side, intent, planned_date)") from None
+        raise BatchError(
+            f"{path}: empty; a header row is needed (patient_id or bundle, target, side, intent, planned_date)"
+        ) from None
     except csv.Error as exc:
         raise BatchError(f"{path}: the header row cannot be read: {exc}") from None
     columns = [_column(h) for h in header]
@@ -152,7 +154,9 @@ def _plan_csv(path: Path, export: Path | None) -> Plan:
             break
         except csv.Error as exc:
             line = reader.line_num
-            result.referrals.append(Referral(f"{name}:{line}", f"{name}:{line}", problem=f"{name} row {line}: cannot be read: {exc}"))
+            result.referrals.append(
+                Referral(f"{name}:{line}", f"{name}:{line}", problem=f"{name} row {line}: cannot be read: {exc}")
+            )
             continue
         line = reader.line_num
         if not any(cell.strip() for cell in row):
@@ -169,7 +173,11 @@ def _plan_csv(path: Path, export: Path | None) -> Plan:
     if result.by_patient is not None:
         if not is_bulk_export(export):
             for referrals in result.by_patient.values():
-                result.referrals += [_with_problem(r, f"{r.where}: patient {r.patient_id}: {export} is not a Bulk Data export (no .ndjson files); give it with --export") for r in referrals]
+                result.referrals += [
+                    _with_problem(r, f"{r.where}: patient {r.patient_id}: {export} is not a Bulk Data export "
+                                     "(no .ndjson files); give it with --export")
+                    for r in referrals
+                ]
             result.by_patient = None
         else:
             result.export = export

@@ -147,11 +147,20 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
         broadcast = Shared(uuid.uuid4().hex, handle)
         parts = []
         if plan.referrals:
-            parts.append(sc.parallelize(plan.referrals, max(1, min(n, len(plan.referrals)))).mapPartitions(partial(_bundles, broadcast)))
+            parts.append(
+                sc.parallelize(plan.referrals, max(1, min(n, len(plan.referrals)))).mapPartitions(partial(_bundles, broadcast))
+            )
         if plan.export is not None:
             files = export_files(sc, str(plan.export))
             if files:
-                lines = sc.union([sc.textFile(uri, minPartitions=1, use_unicode=False).zipWithIndex().mapPartitions(partial(_read_lines, name)) for uri, name in files])
+                lines = sc.union(
+                    [
+                        sc.textFile(uri, minPartitions=1, use_unicode=False)
+                        .zipWithIndex()
+                        .mapPartitions(partial(_read_lines, name))
+                        for uri, name in files
+                    ]
+                )
                 parts.append(lines.filter(lambda kv: kv[0] is None).mapPartitions(partial(_orphans, broadcast)))
                 keyed = lines.filter(lambda kv: kv[0] is not None)
                 if plan.by_patient is not None:
@@ -161,7 +170,9 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
                     grouped = keyed.groupByKey(numPartitions=n).mapValues(lambda ls: (ls, None))
                 parts.append(grouped.mapPartitions(partial(_patients, broadcast)))
             elif plan.by_patient is not None:  # a CSV over an export with no files: every patient is missing
-                referred: list[tuple[str, tuple[list[Any], list[list[Referral]]]]] = [(pid, ([], [rs])) for pid, rs in sorted(plan.by_patient.items())]
+                referred: list[tuple[str, tuple[list[Any], list[list[Referral]]]]] = [
+                    (pid, ([], [rs])) for pid, rs in sorted(plan.by_patient.items())
+                ]
                 parts.append(sc.parallelize(referred, 1).mapPartitions(partial(_patients, broadcast)))
         rows = sc.union(parts) if parts else sc.emptyRDD()
         mode = "overwrite" if overwrite else "errorifexists"
@@ -180,7 +191,9 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
         finally:
             df.unpersist()
         handle.unpersist()
-        return Outcome(rows=sum(counts.values()), statuses=counts, seconds=time.perf_counter() - started, processes=sc.defaultParallelism)
+        return Outcome(
+            rows=sum(counts.values()), statuses=counts, seconds=time.perf_counter() - started, processes=sc.defaultParallelism
+        )
     finally:
         if own:
             spark.stop()

@@ -75,7 +75,9 @@ def connect(url: str | None, *, pool_size: int = 2) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True, json_serializer=_json_text, hide_parameters=True)
+    return create_engine(
+        url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True, json_serializer=_json_text, hide_parameters=True
+    )
 
 
 def _json_text(value: object) -> str:

@@ -77,7 +77,13 @@ class DecisionEntry:
 
     @classmethod
     def cds_hooks(
-        cls, request: Mapping[str, Any] | bytes, decision: Any, *, caller: str = "", service_id: str = "", cards: Sequence[CardRef] = ()
+        cls,
+        request: Mapping[str, Any] | bytes,
+        decision: Any,
+        *,
+        caller: str = "",
+        service_id: str = "",
+        cards: Sequence[CardRef] = (),
     ) -> DecisionEntry:
         """An entry for a CDS Hooks request (parsed, or its body's bytes) answered from
         ``decision`` with ``cards``. ``caller`` is who asked (e.g. the JWT ``iss`` and the
@@ -85,7 +91,9 @@ class DecisionEntry:
         hook_instance = ""
         if isinstance(request, Mapping):
             hook_instance = str(request.get("hookInstance", ""))
-        return cls("cds-hooks", decision, request, caller=caller, correlation_id=hook_instance, service_id=service_id, cards=tuple(cards))
+        return cls(
+            "cds-hooks", decision, request, caller=caller, correlation_id=hook_instance, service_id=service_id, cards=tuple(cards)
+        )
 
     def decision_message(self):
         """The decision as a ``needlepoint.v1.Decision`` message."""
@@ -198,7 +206,9 @@ def summarize(decision) -> dict[str, Any]:
         "proceed": proceed,
         "deferrals": [f"{reason}/{scope}:{severity}" for reason, scope, severity in deferrals],
         "modality": name(pb.Modality, decision.modality.preferred),
-        "injectates": {name(pb.InjectateCategory, i.category): name(pb.Recommendation, i.recommendation) for i in decision.injectates},
+        "injectates": {
+            name(pb.InjectateCategory, i.category): name(pb.Recommendation, i.recommendation) for i in decision.injectates
+        },
         "cautions": [c.code for c in decision.cautions],
         "missingData": [m.code for m in decision.missing_data],
         "fired": sorted({e.rule_id for e in decision.explanations if e.rule_id}),

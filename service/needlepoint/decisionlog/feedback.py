@@ -67,8 +67,14 @@ def feedback_row(service_id: str, item: Any, path: str = "feedback", *, received
     accepted = item.get("acceptedSuggestions")
     accepted_ids: list[str] = []
     if outcome == "accepted":
-        if not isinstance(accepted, list) or not accepted or not all(isinstance(s, Mapping) and isinstance(s.get("id"), str) for s in accepted):
-            raise FeedbackError(f"{path}.acceptedSuggestions", "an accepted card names the suggestions accepted: [{\"id\": ...}] (cds-fb-1)")
+        if (
+            not isinstance(accepted, list)
+            or not accepted
+            or not all(isinstance(s, Mapping) and isinstance(s.get("id"), str) for s in accepted)
+        ):
+            raise FeedbackError(
+                f"{path}.acceptedSuggestions", "an accepted card names the suggestions accepted: [{\"id\": ...}] (cds-fb-1)"
+            )
         accepted_ids = [s["id"] for s in accepted]
     elif accepted:
         raise FeedbackError(f"{path}.acceptedSuggestions", "only an accepted card has accepted suggestions (cds-fb-1)")

@@ -198,7 +198,9 @@ class Masker:
                     data = data.replace(old_ref, new_ref)
                     masked.add("Reference(Patient)")
         display = re.compile(
-            rb'("reference":"[^"]*(?:' + b"|".join(pseudonyms) + rb')")((?:,"[A-Za-z]+":(?:"(?:[^"\\]|\\.)*"|\{[^{}]*\}))*?),"display":"(?:[^"\\]|\\.)*"'
+            rb'("reference":"[^"]*(?:'
+            + b"|".join(pseudonyms)
+            + rb')")((?:,"[A-Za-z]+":(?:"(?:[^"\\]|\\.)*"|\{[^{}]*\}))*?),"display":"(?:[^"\\]|\\.)*"'
         )
         data, count = display.subn(rb"\1\2", data)
         if count:

@@ -98,7 +98,8 @@ class TemporaryPostgres:
     def _usable_bindir(self, bindir: Path) -> Path:
         """``bindir``, or a copy of its installation the unprivileged user can execute."""
         try:
-            if subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, **self._run_as(), check=False).returncode == 0:
+            version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, **self._run_as(), check=False)
+            if version.returncode == 0:
                 return bindir
         except OSError:  # the user cannot even execute it
             pass
@@ -116,11 +117,13 @@ class TemporaryPostgres:
         try:
             self.bindir = self._usable_bindir(bindir)
             init = subprocess.run(
-                [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions"],
+                [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                 "--no-instructions"],
                 capture_output=True,
                 text=True,
                 timeout=120,
-                **self._run_as(), check=False,
+                **self._run_as(),
+                check=False,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise PostgresUnavailable(f"initdb cannot run: {exc}") from None
@@ -128,8 +131,8 @@ class TemporaryPostgres:
             raise PostgresUnavailable(f"initdb failed: {init.stderr.strip()[-500:]}")
         with open(self.root / "postgres.log", "wb") as log:  # the server keeps its own descriptor
             self.process = subprocess.Popen(
-                [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root),
-                 "-c", "fsync=on", "-c", "max_connections=200"],
+                [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
+                 "-k", str(self.root), "-c", "fsync=on", "-c", "max_connections=200"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -35,11 +35,15 @@ def overrides_report(engine: Engine, *, since: str | None = None, until: str | N
     rules: dict[str, dict[str, Any]] = defaultdict(_empty_rule)
     with engine.connect() as connection:
         total = connection.execute(window(select(func.count()).select_from(d))).scalar_one()
-        fired = window(select(fr.c.rule_id, func.count()).select_from(fr.join(d, fr.c.decision_row == d.c.id)).group_by(fr.c.rule_id))
+        fired = window(
+            select(fr.c.rule_id, func.count()).select_from(fr.join(d, fr.c.decision_row == d.c.id)).group_by(fr.c.rule_id)
+        )
         for rule_id, count in connection.execute(fired):
             rules[rule_id]["fired"] = count
         card_rules: dict[str, list[str]] = {}
-        for uuid, rule_ids in connection.execute(window(select(c.c.card_uuid, c.c.rule_ids).select_from(c.join(d, c.c.decision_row == d.c.id)))):
+        for uuid, rule_ids in connection.execute(
+            window(select(c.c.card_uuid, c.c.rule_ids).select_from(c.join(d, c.c.decision_row == d.c.id)))
+        ):
             card_rules[uuid] = list(rule_ids or [])
             for rule_id in card_rules[uuid]:
                 rules[rule_id]["shown"] += 1
@@ -114,7 +118,11 @@ def render_html(report: dict[str, Any]) -> str:
         for r in report["rules"]
     )
     since = f" since {e(report['since'])}" if report["since"] else ""
-    unmatched = f"<p>{report['unmatchedFeedback']} feedback item(s) name a card the log never recorded.</p>" if report["unmatchedFeedback"] else ""
+    unmatched = (
+        f"<p>{report['unmatchedFeedback']} feedback item(s) name a card the log never recorded.</p>"
+        if report["unmatchedFeedback"]
+        else ""
+    )
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>Needlepoint: overrides by rule</title>"
         "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"

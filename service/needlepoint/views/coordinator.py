@@ -232,16 +232,25 @@ def coordinator_view(decision: dict[str, Any]) -> CoordinatorView:
     if medicines:
         sections.append(Section("Medicines to inject", tuple(medicines)))
 
-    cautions = [Item(message, (), tuple(c.get("ruleIds", ()))) for c in decision.get("cautions", []) if (message := said.new(c.get("message")))]
+    cautions = [
+        Item(message, (), tuple(c.get("ruleIds", ())))
+        for c in decision.get("cautions", [])
+        if (message := said.new(c.get("message")))
+    ]
     if cautions:
         sections.append(Section("Before and during the injection", tuple(cautions)))
 
-    missing = [Item(message, (), tuple(m.get("ruleIds", ()))) for m in decision.get("missingData", []) if (message := said.new(m.get("message")))]
+    missing = [
+        Item(message, (), tuple(m.get("ruleIds", ())))
+        for m in decision.get("missingData", [])
+        if (message := said.new(m.get("message")))
+    ]
     if missing:
         sections.append(Section("Records to check or complete", tuple(missing)))
 
     ruleset = decision.get("ruleset", {})
-    reference = f"Reference {decision.get('decisionId', '')}; rule set {ruleset.get('id', '')} {ruleset.get('version', '')}.".replace("  ", " ")
+    named = f"{ruleset.get('id', '')} {ruleset.get('version', '')}"
+    reference = f"Reference {decision.get('decisionId', '')}; rule set {named}.".replace("  ", " ")
     return CoordinatorView(
         heading=f"Hip injection request, checked on {_when(decision.get('asOf', ''))}",
         status=status,
@@ -274,7 +283,14 @@ def wrap(line: Line, width: int | None) -> list[str]:
     if width is None:
         return [lead + line.text]
     hang = " " * len(lead)
-    return textwrap.wrap(line.text, width=max(width, len(lead) + 20), initial_indent=lead, subsequent_indent=hang, break_long_words=False, break_on_hyphens=False)
+    return textwrap.wrap(
+        line.text,
+        width=max(width, len(lead) + 20),
+        initial_indent=lead,
+        subsequent_indent=hang,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def render(decision: dict[str, Any], width: int | None = None) -> str:
