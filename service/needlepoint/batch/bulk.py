@@ -24,10 +24,11 @@ read every line exactly alike.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from collections.abc import Iterable
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -122,7 +123,7 @@ def bucket_of(patient_id: str, buckets: int) -> int:
     return zlib.crc32(patient_id.encode("utf-8", "surrogatepass")) % buckets
 
 
-def write_export(bundles: Iterable[dict], folder) -> dict[str, int]:
+def write_export(bundles: Iterable[dict], folder: str | os.PathLike[str]) -> dict[str, int]:
     """Write Bundles as a Bulk Data export in ``folder``: one ``<Type>.ndjson`` per resource
     type, resources in Bundle order, ``urn:uuid:`` references rewritten to ``Type/id`` (as a
     server's export has them). For tests and benchmarks built from Synthea bundles. Returns the
@@ -154,7 +155,7 @@ def write_export(bundles: Iterable[dict], folder) -> dict[str, int]:
     return counts
 
 
-def _rewrite(value, names: dict[str, str]):
+def _rewrite(value: Any, names: dict[str, str]) -> Any:
     """A copy of a JSON value with every ``reference`` that names a Bundle fullUrl rewritten."""
     if isinstance(value, dict):
         out = {}

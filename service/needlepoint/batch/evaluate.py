@@ -43,7 +43,9 @@ from needlepoint.batch.bulk import Line, bundle_of, locate
 from needlepoint.batch.referrals import Referral
 from needlepoint.core.conditions import ParamRef, resolve_operand
 from needlepoint.core.evaluator import Evaluator, format_instant
+from needlepoint.core.prepare import PreparedFacts
 from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
+from needlepoint.core.resolve import Firing
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.corpus import OrderFields, with_order_defaults
 from needlepoint.fhir.mapper import record_from_bundle
@@ -253,7 +255,8 @@ class ReferralEvaluator:
 
     # -- results to repeat --------------------------------------------------------------------
 
-    def to_repeat(self, prepared, firings, planned_firings, as_of: dt.datetime, planned: dt.datetime) -> list[dict]:
+    def to_repeat(self, prepared: PreparedFacts, firings: list[Firing], planned_firings: list[Firing], as_of: dt.datetime,
+                  planned: dt.datetime) -> list[dict]:
         """The results a rule relies on now that will be too old for it on the planned date
         (see the module's docstring), one item per result, soonest to expire first."""
         shift = (planned - as_of).total_seconds() / 86400.0

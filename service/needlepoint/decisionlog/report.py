@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import html
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Select, func, select
 
 from needlepoint.decisionlog import schema
+
+_Query = TypeVar("_Query", bound=Select[Any])
 
 
 def overrides_report(engine: Engine, *, since: str | None = None, until: str | None = None) -> dict[str, Any]:
@@ -25,7 +27,7 @@ def overrides_report(engine: Engine, *, since: str | None = None, until: str | N
     "unmatchedFeedback"}``, rules sorted by id."""
     d, fr, c, f = schema.decisions, schema.fired_rules, schema.cards, schema.feedback
 
-    def window(query):
+    def window(query: _Query) -> _Query:
         if since:
             query = query.where(d.c.created_at >= since)
         if until:
