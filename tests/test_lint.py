@@ -359,11 +359,7 @@ def test_an_error_only_the_loader_finds_is_reported_at_the_place_it_names(monkey
 
     monkeypatch.setattr(lint_module, "build_ruleset", crash)
     (finding,) = lint(MINIMAL)
-    assert (finding.code, Path(finding.file).name, finding.line) == (
-        "NP002",
-        "ruleset.yaml",
-        1,
-    ) and "ValueError" in finding.message
+    assert (finding.code, Path(finding.file).name, finding.line) == ("NP002", "ruleset.yaml", 1) and "ValueError" in finding.message
 
 
 _JUNK = [

@@ -46,9 +46,7 @@ def request_kind(obj: Any) -> str | None:
     return None
 
 
-def with_order_defaults(
-    record: PatientRecord, defaults: OrderFields | None, source: str = "--target/--side/--intent"
-) -> PatientRecord:
+def with_order_defaults(record: PatientRecord, defaults: OrderFields | None, source: str = "--target/--side/--intent") -> PatientRecord:
     """The record with the fields of its order that are missing taken from ``defaults``; a
     record without an order gets one made of them (``source`` says where it came from). A field
     the record has is kept."""

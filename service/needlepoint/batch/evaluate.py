@@ -353,6 +353,4 @@ def _with_referral_order(record: PatientRecord, referral: Referral) -> PatientRe
     base = record.order
     if base is None:
         return record.with_order(InjectionOrder(target=target, side=side, intent=intent, source=referral.where))
-    return record.with_order(
-        dataclasses.replace(base, target=target or base.target, side=side or base.side, intent=intent or base.intent)
-    )
+    return record.with_order(dataclasses.replace(base, target=target or base.target, side=side or base.side, intent=intent or base.intent))
