@@ -41,8 +41,22 @@ OBSERVATIONS = [  # (loinc, unit, low, high)
     ("39156-5", "kg/m2", 25, 50), ("33914-3", "mL/min/{1.73_m2}", 15, 90), ("1988-5", "mg/L", 1, 60), ("4537-7", "mm/h", 5, 80),
     ("6690-2", "10*3/uL", 4, 20), ("21198-7", "m[IU]/mL", 0, 60), ("np-obs:conservative-therapy-duration", "wk", 1, 12),
 ]  # fmt: skip
-ALLERGENS = [("atc", "V08AB02"), ("snomed", "300913006"), ("atc", "H02AB08"), ("atc", "N01BB02"), ("atc", "N01BA02"), ("snomed", "91930004")]
-INJECTATES = ["corticosteroid", "local-anesthetic", "hyaluronic-acid", "platelet-rich-plasma", "iodinated-contrast", "gadolinium-contrast"]
+ALLERGENS = [
+    ("atc", "V08AB02"),
+    ("snomed", "300913006"),
+    ("atc", "H02AB08"),
+    ("atc", "N01BB02"),
+    ("atc", "N01BA02"),
+    ("snomed", "91930004"),
+]
+INJECTATES = [
+    "corticosteroid",
+    "local-anesthetic",
+    "hyaluronic-acid",
+    "platelet-rich-plasma",
+    "iodinated-contrast",
+    "gadolinium-contrast",
+]
 TARGETS = ["hip-intra-articular", "hip-intra-articular", "greater-trochanteric-bursa", "iliopsoas-bursa", "gluteal-tendon"]
 
 
@@ -71,7 +85,11 @@ def random_patient(rng: random.Random, as_of: dt.datetime = AS_OF) -> PatientRec
             )
         )
     if rng.random() < 0.15:
-        rec.observations.append(Observation([Code("loinc", "82810-3")], ago(2), value_code=Code("snomed", rng.choice(["77386006", "60001007", "261665006"]))))
+        rec.observations.append(
+            Observation(
+                [Code("loinc", "82810-3")], ago(2), value_code=Code("snomed", rng.choice(["77386006", "60001007", "261665006"]))
+            )
+        )
     for allergen in rng.sample(ALLERGENS, rng.randint(0, 2)):
         rec.allergies.append(Allergy([_code(allergen)], severity=rng.choice([None, "mild", "moderate", "severe"])))
     for _ in range(rng.choice([0, 0, 1, 2, 4])):
@@ -85,7 +103,11 @@ def random_patient(rng: random.Random, as_of: dt.datetime = AS_OF) -> PatientRec
             )
         )
     if rng.random() < 0.2:
-        rec.planned_surgeries.append(PlannedSurgery([Code("cpt", "27130")], as_of + dt.timedelta(days=rng.uniform(-10, 250)), side=rng.choice(["left", "right", None])))
+        rec.planned_surgeries.append(
+            PlannedSurgery(
+                [Code("cpt", "27130")], as_of + dt.timedelta(days=rng.uniform(-10, 250)), side=rng.choice(["left", "right", None])
+            )
+        )
     rec.order = InjectionOrder(
         target=rng.choice(TARGETS),
         side=rng.choice(["left", "right", "both", "right", "left", None]),
@@ -94,7 +116,9 @@ def random_patient(rng: random.Random, as_of: dt.datetime = AS_OF) -> PatientRec
         reasons=[_code(c) for c in rng.sample(CONDITIONS[:4], rng.randint(0, 1))],
     )
     rec.planned_injectates = [PlannedInjectate([Code("np-injectate", c)]) for c in rng.sample(INJECTATES, rng.randint(0, 2))]
-    rec.flags = rng.sample(["suspected-septic-joint", "ultrasound-failed", "hot-painful-joint", "non-weight-bearing"], rng.choice([0, 0, 0, 1, 2]))
+    rec.flags = rng.sample(
+        ["suspected-septic-joint", "ultrasound-failed", "hot-painful-joint", "non-weight-bearing"], rng.choice([0, 0, 0, 1, 2])
+    )
     return rec
 
 

@@ -59,7 +59,14 @@ FIXED_INSTANTS = {
 # The vocabularies of the contract (section 2). PATIENT_DECEASED is named there even while the
 # rule set's own vocabulary may not have it yet.
 MODALITIES = ("FLUOROSCOPY", "ULTRASOUND", "LANDMARK")
-CATEGORIES = ("LOCAL_ANESTHETIC", "CORTICOSTEROID", "HYALURONIC_ACID", "PLATELET_RICH_PLASMA", "IODINATED_CONTRAST", "GADOLINIUM_CONTRAST")
+CATEGORIES = (
+    "LOCAL_ANESTHETIC",
+    "CORTICOSTEROID",
+    "HYALURONIC_ACID",
+    "PLATELET_RICH_PLASMA",
+    "IODINATED_CONTRAST",
+    "GADOLINIUM_CONTRAST",
+)
 RECOMMENDATIONS = ("SUGGESTED", "CAUTION", "NOT_SUGGESTED", "AVOID")  # in increasing restriction
 SEVERITIES = ("HARD", "SOFT")
 SCOPES = ("PROCEDURE",) + CATEGORIES
@@ -338,7 +345,9 @@ def pregnancy_evidence(bundle: dict, ruleset, instant: dt.datetime) -> list[Evid
     effective or issued), so a deferral is called stale only when every reading makes it so.
     """
     value_set = ruleset.value_sets.get("pregnancy-conditions")
-    concepts = [ruleset.observations[c] for c in ("pregnancy-status", "hcg-qualitative", "hcg-quantitative") if c in ruleset.observations]
+    concepts = [
+        ruleset.observations[c] for c in ("pregnancy-status", "hcg-qualitative", "hcg-quantitative") if c in ruleset.observations
+    ]
     test_codes = {code for c in concepts for code in c.codes}
     out: list[Evidence] = []
     for resource in resources(bundle):
@@ -490,7 +499,10 @@ def stale_missing_data(decision: dict, ages: dict[str, list[float]], limits: dic
         if limit is None:
             problems.append(f"missingData {code}: no rule uses {concept} at any age")
         elif youngest > limit:
-            problems.append(f"missingData {code}: the newest {concept} value is {youngest:.0f} days old; no rule uses one older than {limit:g} days")
+            problems.append(
+                f"missingData {code}: the newest {concept} value is {youngest:.0f} days old; "
+                f"no rule uses one older than {limit:g} days"
+            )
     return problems
 
 
@@ -516,7 +528,11 @@ def _summary(decision: dict) -> dict[str, Any]:
     """A decision's parts, each as a sorted tuple of short strings, for describing differences."""
     m = decision.get("modality") or {}
     return {
-        "modality": (f"preferred={m.get('preferred')}", f"acceptable={'/'.join(m.get('acceptable', []))}", f"avoid={'/'.join(m.get('avoid', []))}"),
+        "modality": (
+            f"preferred={m.get('preferred')}",
+            f"acceptable={'/'.join(m.get('acceptable', []))}",
+            f"avoid={'/'.join(m.get('avoid', []))}",
+        ),
         "injectates": tuple(sorted(f"{i.get('category')}:{i.get('recommendation')}" for i in decision.get("injectates") or [])),
         "deferrals": tuple(sorted(f"{d.get('reason')}/{d.get('scope')}/{d.get('severity')}" for d in _deferrals(decision))),
         "cautions": tuple(sorted(str(c.get("code")) for c in decision.get("cautions") or [])),
@@ -531,9 +547,13 @@ def _texts(decision: dict) -> dict[str, Any]:
     for part, key in (("injectate", "category"), ("deferral", "reason"), ("caution", "code"), ("missingData", "code")):
         section = "missingData" if part == "missingData" else part + "s"
         for item in decision.get(section) or []:
-            out[f"{part} {item.get(key)}{'/' + str(item.get('scope')) if part == 'deferral' else ''} message"] = item.get("message")
+            out[f"{part} {item.get(key)}{'/' + str(item.get('scope')) if part == 'deferral' else ''} message"] = item.get(
+                "message"
+            )
     for exp in decision.get("explanations") or []:
-        out[f"explanation {exp.get('ruleId')} matched"] = sorted(f"{m.get('fact')} = {m.get('value')}" for m in exp.get("matched") or [])
+        out[f"explanation {exp.get('ruleId')} matched"] = sorted(
+            f"{m.get('fact')} = {m.get('value')}" for m in exp.get("matched") or []
+        )
         for key in ("outcome", "overriddenBy", "parameters"):
             out[f"explanation {exp.get('ruleId')} {key}"] = exp.get(key)
     return out
@@ -626,7 +646,7 @@ def _bound_levels(rule, category: str, bound: dict) -> list[str]:
     avoids = set(modality.get("avoid", ())) & set(bound[category])
     preferred = modality.get("preferred")
     prefers_other = isinstance(preferred, str) and not preferred.startswith("$") and preferred not in bound[category]
-    return ["NOT_SUGGESTED"] if avoids or prefers_other or isinstance(preferred, str) and preferred.startswith("$") else []
+    return ["NOT_SUGGESTED"] if avoids or prefers_other or (isinstance(preferred, str) and preferred.startswith("$")) else []
 
 
 def outcome_problems(outcome: Any, rule, params: dict, bound: dict | None = None) -> list[str]:
@@ -651,7 +671,9 @@ def outcome_problems(outcome: Any, rule, params: dict, bound: dict | None = None
             problems.append(f"outcome says avoid {mod}, but the rule does not avoid it")
     wanted = {(i["category"], i["recommendation"]) for i in rule.then.injectates}
     wanted |= {(category, level) for category in bound or {} for level in _bound_levels(rule, category, bound or {})}
-    for category, recommendation in re.findall(rf"\b({'|'.join(CATEGORIES)})\b:?\s+({'|'.join(sorted(RECOMMENDATIONS, key=len, reverse=True))})\b", outcome):
+    for category, recommendation in re.findall(
+        rf"\b({'|'.join(CATEGORIES)})\b:?\s+({'|'.join(sorted(RECOMMENDATIONS, key=len, reverse=True))})\b", outcome
+    ):
         if (category, recommendation) not in wanted:
             problems.append(f"outcome says {category} {recommendation}, which the rule does not recommend")
     deferral = rule.then.deferral
@@ -660,7 +682,9 @@ def outcome_problems(outcome: Any, rule, params: dict, bound: dict | None = None
             problems.append(f"outcome says defer {reason}, but the rule defers {deferral['reason'] if deferral else 'nothing'}")
     for severity in re.findall(r"\b(HARD|SOFT)\b", outcome):
         if deferral is None or severity != deferral["severity"]:
-            problems.append(f"outcome says {severity}, but the rule's deferral is {deferral['severity'] if deferral else 'absent'}")
+            problems.append(
+                f"outcome says {severity}, but the rule's deferral is {deferral['severity'] if deferral else 'absent'}"
+            )
     for scope in re.findall(r"\bscope:?\s+([A-Z_]+)", outcome):
         if deferral is None or scope != deferral["scope"]:
             problems.append(f"outcome says scope {scope}, but the rule's scope is {deferral['scope'] if deferral else 'absent'}")
@@ -710,7 +734,9 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
 
     named = decision.get("ruleset") or {}
     if named.get("id") != ruleset.id or named.get("version") != ruleset.version:
-        v.append(f"decision names rule set {named.get('id')} {named.get('version')}, evaluated under {ruleset.id} {ruleset.version}")
+        v.append(
+            f"decision names rule set {named.get('id')} {named.get('version')}, evaluated under {ruleset.id} {ruleset.version}"
+        )
     if "digest" in named and named["digest"] != ruleset.digest:
         v.append("decision's rule set digest is not the digest of the rule set in force")
     if not decision.get("asOf"):
@@ -803,7 +829,9 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
             rule = rule_of(rid, where)
             if rule is None:
                 continue
-            said = [i["recommendation"] for i in rule.then.injectates if i["category"] == category] + _bound_levels(rule, category, bound)
+            said = [i["recommendation"] for i in rule.then.injectates if i["category"] == category] + _bound_levels(
+                rule, category, bound
+            )
             if not said:
                 v.append(f"{where} lists {rid}, which says nothing about {category}")
             levels += [RECOMMENDATIONS.index(s) for s in said]
@@ -859,7 +887,7 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
                 continue
             if code == "REQUESTED_MODALITY_CONFLICT" and not rule.then.modality:
                 v.append(f"{where} lists {rid}, which is not a modality rule")
-            elif code != "REQUESTED_MODALITY_CONFLICT" and rule.then.caution != code:
+            elif code != "REQUESTED_MODALITY_CONFLICT" and rule.then.caution != code:  # noqa: PLR1714 - two questions, not one
                 v.append(f"{where} lists {rid}, whose caution is {rule.then.caution or 'none'}")
 
     # missing data
@@ -893,14 +921,19 @@ def decision_invariants(decision: dict, ruleset) -> list[str]:
             continue
         then = rule.then
         if then.deferral and not any(
-            d.get("reason") == then.deferral["reason"] and d.get("scope") == then.deferral["scope"] and rid in _rule_ids(d) for d in deferrals
+            d.get("reason") == then.deferral["reason"] and d.get("scope") == then.deferral["scope"] and rid in _rule_ids(d)
+            for d in deferrals
         ):
             v.append(f"{rid} fired and defers {then.deferral['reason']}/{then.deferral['scope']}, but no such deferral lists it")
-        if then.caution and not any(c.get("code") == then.caution and rid in _rule_ids(c) for c in decision.get("cautions") or []):
+        if then.caution and not any(
+            c.get("code") == then.caution and rid in _rule_ids(c) for c in decision.get("cautions") or []
+        ):
             v.append(f"{rid} fired with caution {then.caution}, but no such caution lists it")
         for inj in then.injectates:
             if not any(i.get("category") == inj["category"] and rid in _rule_ids(i) for i in decision.get("injectates") or []):
-                v.append(f"{rid} fired and recommends {inj['category']} {inj['recommendation']}, but that injectate does not list it")
+                v.append(
+                    f"{rid} fired and recommends {inj['category']} {inj['recommendation']}, but that injectate does not list it"
+                )
         if then.missing_data and not any(rid in _rule_ids(m) for m in missing):
             v.append(f"{rid} fired and reports missing data, but no missingData entry lists it")
         if then.modality and rid not in _rule_ids(modality):
@@ -1049,14 +1082,18 @@ def study_bundle(path: Path, evaluator, labels: Iterable[str] = TRUNCATION_INSTA
             truncated = evaluate(evaluator, truncated_record, instant)
         else:
             truncated = full
-        study = InstantStudy(label, instant, full, truncated, removed, deceased_at(bundle, instant), pregnancy_evidence(bundle, ruleset, instant))
+        study = InstantStudy(
+            label, instant, full, truncated, removed, deceased_at(bundle, instant), pregnancy_evidence(bundle, ruleset, instant)
+        )
         decision = full.decision
         study.findings["errors"] = [full.error] if full.error else []
         study.findings["truncation"] = describe_difference(full, truncated)
         if decision is not None:
             study.findings["pregnancy"] = stale_pregnancy_deferrals(decision, study.pregnancy, window)
             study.findings["deceased"] = deceased_findings(decision, study.deceased)
-            study.findings["stale-missing-data"] = stale_missing_data(decision, observation_ages(bundle, ruleset, instant), limits)
+            study.findings["stale-missing-data"] = stale_missing_data(
+                decision, observation_ages(bundle, ruleset, instant), limits
+            )
             study.findings["invariants"] = decision_invariants(decision, ruleset)
         else:
             for bullet in ("pregnancy", "deceased", "stale-missing-data", "invariants"):

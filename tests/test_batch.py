@@ -57,7 +57,9 @@ def rows_of(out: Path) -> dict[str, dict]:
     return {row["referralId"]: row for row in output.read_rows(out)}
 
 
-def test_a_bulk_export_groups_each_patient_into_the_same_record_as_the_bundle(export: Path, bundles: Path, tmp_path: Path) -> None:
+def test_a_bulk_export_groups_each_patient_into_the_same_record_as_the_bundle(
+    export: Path, bundles: Path, tmp_path: Path
+) -> None:
     _run(str(export), str(tmp_path / "bulk"), "--as-of", AS_OF, *ORDER)
     _run(str(bundles), str(tmp_path / "files"), "--as-of", AS_OF, *ORDER)
     from_bulk, from_files = rows_of(tmp_path / "bulk"), rows_of(tmp_path / "files")
@@ -118,7 +120,9 @@ def test_a_csv_of_referrals_points_at_bundles_and_at_an_export(export: Path, tmp
     assert set(rows) == {"r1", "r2", "r3", "r4", "r5", "referrals.csv:7", "r7", "Observation.ndjson:424"}
     assert rows["r1"]["status"] == "to-repeat" and rows["r1"]["patientId"] == "pat-1"
     assert rows["r2"]["patientId"] == pid and rows["r2"]["plannedDate"] == "2020-02-01T23:59:59Z"
-    assert rows["r2"]["decision"]["asOf"] == "2025-06-02T09:00:00Z" and rows["r2"]["plannedDecision"] is None  # planned before asOf
+    assert (
+        rows["r2"]["decision"]["asOf"] == "2025-06-02T09:00:00Z" and rows["r2"]["plannedDecision"] is None
+    )  # planned before asOf
     assert rows["r3"]["status"] != "error"
     assert "patient ghost is not in the export" in rows["r4"]["error"]
     assert rows["r5"]["error"].startswith("referrals.csv row 6: target 'elbow' is not one of")
@@ -131,7 +135,8 @@ def test_several_processes_write_the_same_bytes_as_one(export: Path, bundles: Pa
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
     options = Options(load_ruleset(bundled_rulesets_dir() / "hip-injection"), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-                      dt.datetime(2020, 3, 1, tzinfo=dt.timezone.utc), ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
+                      dt.datetime(2020, 3, 1, tzinfo=dt.timezone.utc),
+                      ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
     for name, source in (("bulk", export), ("files", bundles)):
         (tmp_path / f"{name}-1").mkdir()
         (tmp_path / f"{name}-2").mkdir()

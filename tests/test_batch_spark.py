@@ -16,9 +16,9 @@ pytest.importorskip("pyspark")
 if shutil.which("java") is None:
     pytest.skip("no Java runtime (scripts/setup-spark installs one)", allow_module_level=True)
 
-from needlepoint.batch import bulk, local, output, spark  # noqa: E402
-from needlepoint.batch.evaluate import Options  # noqa: E402
-from needlepoint.batch.referrals import plan  # noqa: E402
+from needlepoint.batch import bulk, local, output, spark
+from needlepoint.batch.evaluate import Options
+from needlepoint.batch.referrals import plan
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,8 @@ def options() -> Options:
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
     return Options(load_ruleset(bundled_rulesets_dir() / "hip-injection"), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-                   dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc), ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
+                   dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc),
+                   ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
 
 
 def _both(session, work, options: Options, tmp_path: Path, fmt: str) -> tuple[Path, Path]:

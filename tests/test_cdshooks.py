@@ -99,7 +99,10 @@ def test_is_hip_injection(resource: dict, expected: bool) -> None:
 
 
 def test_order_select_looks_only_at_selections() -> None:
-    drafts = {"resourceType": "Bundle", "entry": [{"resource": sr("20610") | {"id": "hip"}}, {"resource": sr("72133") | {"id": "mri"}}]}
+    drafts = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": sr("20610") | {"id": "hip"}}, {"resource": sr("72133") | {"id": "mri"}}],
+    }
     assert [ref for ref, _ in hip_injection_orders(drafts, ["ServiceRequest/mri"])] == []
     assert [ref for ref, _ in hip_injection_orders(drafts, ["ServiceRequest/hip"])] == ["ServiceRequest/hip"]
     assert [ref for ref, _ in hip_injection_orders(drafts, None)] == ["ServiceRequest/hip"]  # order-sign: all
@@ -113,7 +116,10 @@ def test_check_call_names_the_bad_field() -> None:
         (lambda r: r.__setitem__("hook", "patient-view"), "hook"),
         (lambda r: r["context"].pop("selections"), "context.selections"),
         (lambda r: r["context"].__setitem__("draftOrders", []), "context.draftOrders"),
-        (lambda r: (r.pop("fhirServer"), r.__setitem__("fhirAuthorization", {"access_token": "t", "token_type": "Bearer"})), "fhirServer"),
+        (
+            lambda r: (r.pop("fhirServer"), r.__setitem__("fhirAuthorization", {"access_token": "t", "token_type": "Bearer"})),
+            "fhirServer",
+        ),
     ]:
         bad = copy.deepcopy(good)
         mutate(bad)
@@ -126,7 +132,11 @@ def test_check_call_names_the_bad_field() -> None:
 
 ORDER = OrderContext(
     "ServiceRequest/inj",
-    sr("20610", [(TARGET, "hip-intra-articular")]) | {"id": "inj", "code": {"coding": [{"system": CPT, "code": "20610"}, {"system": CPT, "code": "77002"}], "text": "Fluoro hip injection"}},
+    sr("20610", [(TARGET, "hip-intra-articular")])
+    | {
+        "id": "inj",
+        "code": {"coding": [{"system": CPT, "code": "20610"}, {"system": CPT, "code": "77002"}], "text": "Fluoro hip injection"},
+    },
     "pat-1",
     "enc-1",
 )
@@ -134,13 +144,29 @@ ORDER = OrderContext(
 
 def decision(**parts) -> dict:
     """A decision in the contract's shape; explanations for every rule named."""
-    base = {"decisionId": "dec-0001", "asOf": "2025-06-02T09:00:00Z", "ruleset": {"id": "hip-injection", "version": "1.1.0", "digest": "sha256:x"}}
+    base = {
+        "decisionId": "dec-0001",
+        "asOf": "2025-06-02T09:00:00Z",
+        "ruleset": {"id": "hip-injection", "version": "1.1.0", "digest": "sha256:x"},
+    }
     base.update(parts)
-    rule_ids = {r for key in ("deferrals", "injectates", "cautions", "missingData") for item in parts.get(key, ()) for r in item["ruleIds"]}
+    rule_ids = {
+        r
+        for key in ("deferrals", "injectates", "cautions", "missingData")
+        for item in parts.get(key, ())
+        for r in item["ruleIds"]
+    }
     rule_ids |= set(parts.get("modality", {}).get("ruleIds", ()))
     base["explanations"] = [
-        {"ruleId": r, "ruleVersion": "1.0.0", "title": f"title of {r}", "category": "data" if r.startswith("DATA") else "deferral",
-         "outcome": "…", "rationale": "…", "matched": [{"fact": "medication rxnorm#855332 <Warfarin>", "value": "x"}]}
+        {
+            "ruleId": r,
+            "ruleVersion": "1.0.0",
+            "title": f"title of {r}",
+            "category": "data" if r.startswith("DATA") else "deferral",
+            "outcome": "…",
+            "rationale": "…",
+            "matched": [{"fact": "medication rxnorm#855332 <Warfarin>", "value": "x"}],
+        }
         for r in sorted(rule_ids)
     ]
     return base
@@ -153,17 +179,38 @@ def render(hip_ruleset, d: dict, hook_instance: str = "hi-1") -> list[dict]:
 
 
 def test_deferral_cards_by_severity(hip_ruleset) -> None:
-    d = decision(deferrals=[
-        {"reason": "BLEEDING_RISK", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DEF-INR-HIGH"], "message": "INR 3.4 is above 3. More text."},
-        {"reason": "HYPERGLYCEMIA", "severity": "SOFT", "scope": "CORTICOSTEROID", "ruleIds": ["DEF-HBA1C-HIGH"], "message": "HbA1c 9 %."},
-    ])
+    d = decision(
+        deferrals=[
+            {
+                "reason": "BLEEDING_RISK",
+                "severity": "HARD",
+                "scope": "PROCEDURE",
+                "ruleIds": ["DEF-INR-HIGH"],
+                "message": "INR 3.4 is above 3. More text.",
+            },
+            {
+                "reason": "HYPERGLYCEMIA",
+                "severity": "SOFT",
+                "scope": "CORTICOSTEROID",
+                "ruleIds": ["DEF-HBA1C-HIGH"],
+                "message": "HbA1c 9 %.",
+            },
+        ]
+    )
     hard, soft = render(hip_ruleset, d)
     assert hard["indicator"] == "critical" and soft["indicator"] == "warning"
     # the coordinator view's words: the same headline the CLI prints and the page shows
     assert hard["summary"] == "Bleeding risk: not now. INR 3.4 is above 3."
-    assert soft["summary"] == "Blood sugar too high for a steroid injection: corticosteroid (steroid) only after a clinician's review. HbA1c 9 %."
+    assert (
+        soft["summary"]
+        == "Blood sugar too high for a steroid injection: corticosteroid (steroid) only after a clinician's review. HbA1c 9 %."
+    )
     assert "DEF-INR-HIGH" in hard["detail"] and "\\<Warfarin\\>" in hard["detail"]  # names rule and facts, escaped
-    assert hard["extension"] == {"dev.needlepoint.decisionId": "dec-0001", "dev.needlepoint.order": "ServiceRequest/inj", "dev.needlepoint.ruleIds": ["DEF-INR-HIGH"]}
+    assert hard["extension"] == {
+        "dev.needlepoint.decisionId": "dec-0001",
+        "dev.needlepoint.order": "ServiceRequest/inj",
+        "dev.needlepoint.ruleIds": ["DEF-INR-HIGH"],
+    }
     assert hard["links"][0]["url"] == "https://np.example/decisions/dec-0001#rule-DEF-INR-HIGH"
     assert {r["system"] for r in hard["overrideReasons"]} == {"http://terminology.hl7.org/CodeSystem/non-adherence-reason-codes"}
     assert hard["source"]["topic"]["code"] == "deferral"
@@ -172,7 +219,9 @@ def test_deferral_cards_by_severity(hip_ruleset) -> None:
 def test_pending_data_card_creates_the_lab_order(hip_ruleset) -> None:
     msg = "No usable INR from the last 7 days."
     d = decision(
-        deferrals=[{"reason": "PENDING_DATA", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DATA-INR-CURRENT"], "message": msg}],
+        deferrals=[
+            {"reason": "PENDING_DATA", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DATA-INR-CURRENT"], "message": msg}
+        ],
         missingData=[{"code": "INR", "message": msg, "ruleIds": ["DATA-INR-CURRENT"]}],
     )
     (card,) = render(hip_ruleset, d)  # the missing INR is on the deferral card, not a card of its own
@@ -188,7 +237,17 @@ def test_pending_data_card_creates_the_lab_order(hip_ruleset) -> None:
 
 def test_pregnancy_status_offers_alternatives(hip_ruleset) -> None:
     rule = next(r for r in hip_ruleset.rules if r.then.missing_data == "PREGNANCY_STATUS")
-    d = decision(deferrals=[{"reason": "PENDING_DATA", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": [rule.id], "message": "Pregnancy status unknown."}])
+    d = decision(
+        deferrals=[
+            {
+                "reason": "PENDING_DATA",
+                "severity": "HARD",
+                "scope": "PROCEDURE",
+                "ruleIds": [rule.id],
+                "message": "Pregnancy status unknown.",
+            }
+        ]
+    )
     (card,) = render(hip_ruleset, d)
     codes = [s["actions"][0]["resource"]["code"]["coding"][0]["code"] for s in card["suggestions"]]
     assert "82810-3" in codes and "2106-3" in codes
@@ -196,7 +255,14 @@ def test_pregnancy_status_offers_alternatives(hip_ruleset) -> None:
 
 
 def test_modality_card_updates_the_draft_order(hip_ruleset) -> None:
-    d = decision(modality={"preferred": "ULTRASOUND", "acceptable": ["FLUOROSCOPY"], "avoid": ["LANDMARK"], "ruleIds": ["MOD-IA-HIP-DEFAULT"]})
+    d = decision(
+        modality={
+            "preferred": "ULTRASOUND",
+            "acceptable": ["FLUOROSCOPY"],
+            "avoid": ["LANDMARK"],
+            "ruleIds": ["MOD-IA-HIP-DEFAULT"],
+        }
+    )
     (card,) = render(hip_ruleset, d)
     assert card["selectionBehavior"] == "at-most-one"
     # the order asks for fluoroscopy (77002): the one recommended suggestion switches it to 20611
@@ -222,21 +288,31 @@ def test_injectates_cautions_and_leftover_missing_data(hip_ruleset) -> None:
         injectates=[
             {"category": "CORTICOSTEROID", "recommendation": "SUGGESTED", "ruleIds": ["INJ-OA-HIP-CS"], "message": "Steroid."},
             {"category": "LOCAL_ANESTHETIC", "recommendation": "SUGGESTED", "ruleIds": ["INJ-OA-HIP-CS"], "message": "LA."},
-            {"category": "IODINATED_CONTRAST", "recommendation": "AVOID", "ruleIds": ["INJ-CONTRAST-ALLERGY"], "message": "Allergy."},
+            {
+                "category": "IODINATED_CONTRAST",
+                "recommendation": "AVOID",
+                "ruleIds": ["INJ-CONTRAST-ALLERGY"],
+                "message": "Allergy.",
+            },
         ],
         cautions=[{"code": "ANTITHROMBOTIC_CONTINUE", "ruleIds": ["CAU-ANTITHROMBOTIC-CONTINUE"], "message": "Do not stop it."}],
         missingData=[{"code": "unit-unknown:loinc#777-3", "message": "Platelets without a unit.", "ruleIds": ["DATA-ISSUE"]}],
     )
     suggested, avoid, caution, missing = render(hip_ruleset, d)
-    assert suggested["indicator"] == "info" and suggested["summary"] == "Corticosteroid (steroid): suggested. Local anaesthetic: suggested."
+    assert (
+        suggested["indicator"] == "info"
+        and suggested["summary"] == "Corticosteroid (steroid): suggested. Local anaesthetic: suggested."
+    )
     assert avoid["indicator"] == "critical" and avoid["summary"] == "Iodinated contrast (X-ray dye): avoid. Allergy."
     assert caution["indicator"] == "info" and missing["indicator"] == "info"
     assert missing["summary"] == "Records to check or complete: Platelets without a unit."
 
 
 def test_cards_are_a_pure_function(hip_ruleset) -> None:
-    d = decision(deferrals=[{"reason": "PREGNANCY", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DEF-PREG"], "message": "m"}],
-                 modality={"preferred": "ULTRASOUND", "ruleIds": ["MOD-IA-HIP-DEFAULT"]})
+    d = decision(
+        deferrals=[{"reason": "PREGNANCY", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DEF-PREG"], "message": "m"}],
+        modality={"preferred": "ULTRASOUND", "ruleIds": ["MOD-IA-HIP-DEFAULT"]},
+    )
     first, again = render(hip_ruleset, d), render(hip_ruleset, copy.deepcopy(d))
     assert first == again
     other = render(hip_ruleset, d, hook_instance="hi-2")
@@ -258,7 +334,13 @@ def good_card() -> dict:
         "summary": "s",
         "indicator": "info",
         "source": {"label": "x"},
-        "suggestions": [{"label": "a", "uuid": "4a3c1f7e-1111-4222-8333-944455556667", "actions": [{"type": "create", "description": "d", "resource": {"resourceType": "ServiceRequest"}}]}],
+        "suggestions": [
+            {
+                "label": "a",
+                "uuid": "4a3c1f7e-1111-4222-8333-944455556667",
+                "actions": [{"type": "create", "description": "d", "resource": {"resourceType": "ServiceRequest"}}],
+            }
+        ],
         "selectionBehavior": "at-most-one",
     }
 
@@ -267,9 +349,25 @@ def good_card() -> dict:
     ("mutate", "expected"),
     [
         (lambda c: c.pop("selectionBehavior"), "cds-resp-6"),
-        (lambda c: c["suggestions"].extend([{"label": "b", "uuid": "4a3c1f7e-1111-4222-8333-944455556668", "isRecommended": True}, {"label": "c", "uuid": "4a3c1f7e-1111-4222-8333-944455556669", "isRecommended": True}]), "cds-resp-1"),
-        (lambda c: c["suggestions"][0]["actions"].append({"type": "delete", "description": "d", "resource": {"resourceType": "X"}}), "cds-resp-2"),
-        (lambda c: c.__setitem__("links", [{"label": "l", "url": "https://x", "type": "absolute", "appContext": "a"}]), "cds-resp-3"),
+        (
+            lambda c: c["suggestions"].extend(
+                [
+                    {"label": "b", "uuid": "4a3c1f7e-1111-4222-8333-944455556668", "isRecommended": True},
+                    {"label": "c", "uuid": "4a3c1f7e-1111-4222-8333-944455556669", "isRecommended": True},
+                ]
+            ),
+            "cds-resp-1",
+        ),
+        (
+            lambda c: c["suggestions"][0]["actions"].append(
+                {"type": "delete", "description": "d", "resource": {"resourceType": "X"}}
+            ),
+            "cds-resp-2",
+        ),
+        (
+            lambda c: c.__setitem__("links", [{"label": "l", "url": "https://x", "type": "absolute", "appContext": "a"}]),
+            "cds-resp-3",
+        ),
         (lambda c: c.__setitem__("overrideReasons", [{"system": "s", "code": "c"}]), "overrideReasons[0].display: required"),
         (lambda c: c["suggestions"][0]["actions"][0].pop("description"), "description: required"),
         (lambda c: c["suggestions"][0].__setitem__("actionSelectionBehavior", "some"), "actionSelectionBehavior"),
@@ -300,11 +398,27 @@ def test_validator_on_the_shared_fixtures() -> None:
 @pytest.mark.parametrize(
     ("item", "expected"),
     [
-        ({"card": "c", "outcome": "accepted", "outcomeTimestamp": "2021-12-11T10:05:31Z", "acceptedSuggestions": [{"id": "s"}]}, None),
+        (
+            {
+                "card": "c",
+                "outcome": "accepted",
+                "outcomeTimestamp": "2021-12-11T10:05:31Z",
+                "acceptedSuggestions": [{"id": "s"}],
+            },
+            None,
+        ),
         ({"card": "c", "outcome": "overridden", "outcomeTimestamp": "2021-12-11T10:05:31Z"}, None),
         ({"card": "c", "outcome": "ignored", "outcomeTimestamp": "2021-12-11T10:05:31Z"}, "not one of"),  # cds-fb-1
         ({"card": "c", "outcome": "accepted", "outcomeTimestamp": "2021-12-11T10:05:31Z"}, "cds-fb-2"),
-        ({"card": "c", "outcome": "overridden", "outcomeTimestamp": "2021-12-11T10:05:31Z", "overrideReason": {"extension": {"a.b": 1}}}, "cds-fb-3"),
+        (
+            {
+                "card": "c",
+                "outcome": "overridden",
+                "outcomeTimestamp": "2021-12-11T10:05:31Z",
+                "overrideReason": {"extension": {"a.b": 1}},
+            },
+            "cds-fb-3",
+        ),
         ({"card": "c", "outcome": "overridden", "outcomeTimestamp": "yesterday"}, "outcomeTimestamp"),
         ({"outcome": "overridden", "outcomeTimestamp": "2021-12-11T10:05:31Z"}, "card: required"),
     ],
@@ -344,7 +458,17 @@ def test_decision_store_keeps_the_most_recent() -> None:
 
 
 def test_page_escapes_and_anchors(hip_ruleset) -> None:
-    d = decision(deferrals=[{"reason": "PREGNANCY", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DEF-PREG"], "message": "<script>alert(1)</script>"}])
+    d = decision(
+        deferrals=[
+            {
+                "reason": "PREGNANCY",
+                "severity": "HARD",
+                "scope": "PROCEDURE",
+                "ruleIds": ["DEF-PREG"],
+                "message": "<script>alert(1)</script>",
+            }
+        ]
+    )
     html = render_decision(d)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert 'id="rule-DEF-PREG"' in html and 'href="#rule-DEF-PREG"' in html
@@ -380,7 +504,13 @@ def test_cards_text_and_page_say_the_same_things(hip_ruleset, hip_evaluator, nam
 
     from needlepoint.core.record import InjectionOrder
     from needlepoint.fhir import record_from_bundle
-    from needlepoint.views.coordinator import deferral_item, injectate_item, modality_item, render as coordinator_text, titles_by_rule
+    from needlepoint.views.coordinator import (
+        deferral_item,
+        injectate_item,
+        modality_item,
+        render as coordinator_text,
+        titles_by_rule,
+    )
 
     paths = sorted(_SYNTHEA.glob(f"{name}_*.json"))
     if not paths:
@@ -401,7 +531,9 @@ def test_cards_text_and_page_say_the_same_things(hip_ruleset, hip_evaluator, nam
     for deferral in decision.get("deferrals", ()):
         item = deferral_item(deferral)
         # the card for this deferral: its summary opens with the headline, its detail holds the message
-        assert any(summary.startswith(item.headline) and all(d in detail for d in item.details) for summary, detail in card_text), item
+        assert any(
+            summary.startswith(item.headline) and all(d in detail for d in item.details) for summary, detail in card_text
+        ), item
         said += [item.headline, *item.details]
     guidance = modality_item(decision.get("modality"), titles_by_rule(decision))
     if guidance is not None:

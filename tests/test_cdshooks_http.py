@@ -91,7 +91,7 @@ class StandInFhir:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 outer.seen.append((self.path, self.headers.get("Authorization")))
                 time.sleep(outer.delay)
                 if not self.path.startswith("/fhir/"):
@@ -144,11 +144,17 @@ def hip_order(patient_id: str, code: str = "20610") -> dict:
         "status": "draft",
         "intent": "order",
         "code": {"coding": [{"system": CPT, "code": code}]},
-        "orderDetail": [{"coding": [{"system": "http://needlepoint.dev/fhir/CodeSystem/injection-intent", "code": "therapeutic"}]}],
-        "bodySite": [{"coding": [
-            {"system": "http://needlepoint.dev/fhir/CodeSystem/injection-target", "code": "hip-intra-articular"},
-            {"system": "http://snomed.info/sct", "code": "24028007", "display": "Right"},
-        ]}],
+        "orderDetail": [
+            {"coding": [{"system": "http://needlepoint.dev/fhir/CodeSystem/injection-intent", "code": "therapeutic"}]}
+        ],
+        "bodySite": [
+            {
+                "coding": [
+                    {"system": "http://needlepoint.dev/fhir/CodeSystem/injection-target", "code": "hip-intra-articular"},
+                    {"system": "http://snomed.info/sct", "code": "24028007", "display": "Right"},
+                ]
+            }
+        ],
         "subject": {"reference": f"Patient/{patient_id}"},
     }
 
@@ -267,7 +273,9 @@ def test_shared_fixtures_are_not_hip_injections(client: httpx.Client, name: str)
 def test_order_select_without_the_hip_order_selected(client: httpx.Client) -> None:
     order = hip_order("p1")
     request = hook_request("order-select", "p1", order, None)
-    request["context"]["draftOrders"]["entry"].append({"resource": {"resourceType": "MedicationRequest", "id": "m1", "status": "draft"}})
+    request["context"]["draftOrders"]["entry"].append(
+        {"resource": {"resourceType": "MedicationRequest", "id": "m1", "status": "draft"}}
+    )
     request["context"]["selections"] = ["MedicationRequest/m1"]
     assert checked(client.post("/cds-services/hip-injection", json=request)) == {"cards": []}
 
@@ -277,7 +285,9 @@ def test_order_select_without_the_hip_order_selected(client: httpx.Client) -> No
 
 @pytest.mark.parametrize("path", sorted(SYNTHEA.glob("*.json")), ids=lambda p: p.name.split("_")[0])
 @pytest.mark.parametrize("hook", ["order-select", "order-sign"])
-def test_synthea_hip_injection_equals_grpc(client: httpx.Client, servers: Servers, templates: dict, path: Path, hook: str) -> None:
+def test_synthea_hip_injection_equals_grpc(
+    client: httpx.Client, servers: Servers, templates: dict, path: Path, hook: str
+) -> None:
     from needlepoint_client import NeedlepointClient, decision_to_dict
 
     patient_id, resources = synthea(path)
@@ -302,7 +312,9 @@ def test_synthea_hip_injection_equals_grpc(client: httpx.Client, servers: Server
     for card in body["cards"]:
         assert card["extension"]["dev.needlepoint.decisionId"] == decision["decisionId"]
     hard = [d for d in decision.get("deferrals", ()) if d["severity"] == "HARD"]
-    assert sum(c["indicator"] == "critical" and c["source"]["topic"]["code"] in ("deferral", "data") for c in body["cards"]) == len(hard)
+    assert sum(
+        c["indicator"] == "critical" and c["source"]["topic"]["code"] in ("deferral", "data") for c in body["cards"]
+    ) == len(hard)
 
 
 def test_mafalda_needs_an_inr_and_the_card_orders_it(client: httpx.Client, templates: dict) -> None:
@@ -353,12 +365,23 @@ def test_missing_keys_are_fetched_with_the_token(client: httpx.Client, templates
     for key in ("conditions", "medicationRequests", "observations-platelets", "patient"):
         del partial["prefetch"][key]
     partial["fhirServer"] = fhir.base
-    partial["fhirAuthorization"] = {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300, "scope": "patient/*.read", "subject": "np"}
+    partial["fhirAuthorization"] = {
+        "access_token": TOKEN,
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "scope": "patient/*.read",
+        "subject": "np",
+    }
     response = client.post("/cds-services/hip-injection", json=partial)
     checked(response)
     assert response.headers[DECISION_HEADER] == expected.headers[DECISION_HEADER]  # the same decision
     paths = [p for p, _ in fhir.seen]
-    assert {p.split("?")[0] for p in paths} == {f"/fhir/Patient/{patient_id}", "/fhir/Condition", "/fhir/MedicationRequest", "/fhir/Observation"}
+    assert {p.split("?")[0] for p in paths} == {
+        f"/fhir/Patient/{patient_id}",
+        "/fhir/Condition",
+        "/fhir/MedicationRequest",
+        "/fhir/Observation",
+    }
     assert any("_page=1" in p for p in paths), "search results in pages are followed"
     assert all(auth == f"Bearer {TOKEN}" for _, auth in fhir.seen)
 
@@ -374,7 +397,9 @@ def test_missing_keys_without_a_fhir_server_are_412(client: httpx.Client, templa
 
 def test_a_slow_fhir_server_is_412_within_the_time_limit(client: httpx.Client, templates: dict, fhir: StandInFhir) -> None:
     patient_id, resources = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
-    request = hook_request("order-sign", patient_id, hip_order(patient_id), full_prefetch(templates, patient_id, resources), fhirServer=fhir.base)
+    request = hook_request(
+        "order-sign", patient_id, hip_order(patient_id), full_prefetch(templates, patient_id, resources), fhirServer=fhir.base
+    )
     del request["prefetch"]["conditions"]
     fhir.delay = 6.0
     # the stand-in answers after 6 s: a 412 (not cards) shows the service gave up at its 3 s limit
@@ -383,7 +408,7 @@ def test_a_slow_fhir_server_is_412_within_the_time_limit(client: httpx.Client, t
 
 
 def test_fhir_server_errors_are_412(client: httpx.Client, templates: dict, fhir: StandInFhir) -> None:
-    patient_id, resources = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
+    patient_id, _ = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
     request = hook_request("order-sign", patient_id, hip_order(patient_id), {}, fhirServer=fhir.base.replace("/fhir", "/broken"))
     issues = outcome(client.post("/cds-services/hip-injection", json=request), 412)
     assert {tuple(i["expression"]) for i in issues} == {(f"prefetch.{k}",) for k in templates}
@@ -393,7 +418,7 @@ def test_fhir_server_errors_are_412(client: httpx.Client, templates: dict, fhir:
 def test_null_is_no_data_and_never_fetched(client: httpx.Client, templates: dict, fhir: StandInFhir) -> None:
     """Every key null: the client has no data. Nothing is fetched; the record has no Patient, and the
     decision says so rather than guessing."""
-    request = hook_request("order-sign", "p-null", hip_order("p-null"), {key: None for key in templates}, fhirServer=fhir.base)
+    request = hook_request("order-sign", "p-null", hip_order("p-null"), dict.fromkeys(templates), fhirServer=fhir.base)
     body = checked(client.post("/cds-services/hip-injection", json=request))
     assert fhir.seen == []
     assert body["cards"]
@@ -438,7 +463,7 @@ def test_bad_requests(client: httpx.Client, templates: dict) -> None:
     request["hook"] = "patient-view"
     assert outcome(client.post("/cds-services/hip-injection", json=request), 400)[0]["expression"] == ["hook"]
     # the mapper's own errors come back naming the field
-    request = hook_request("order-sign", "p", hip_order("p"), {key: None for key in templates} | {"conditions": "not a resource"})
+    request = hook_request("order-sign", "p", hip_order("p"), dict.fromkeys(templates) | {"conditions": "not a resource"})
     issues = outcome(client.post("/cds-services/hip-injection", json=request), 400)
     assert issues[0]["expression"] == ["prefetch.conditions"]
     assert client.get("/decisions/dec-unknown").status_code == 404
@@ -486,7 +511,9 @@ def test_serve_http_port_beside_grpc(server_process, unused_port, templates: dic
 
 
 def test_serve_http_port_needs_insecure_dev(cli_command: list[str], cli_env: dict) -> None:
-    result = subprocess.run([*cli_command, "serve", "--http-port", "8080"], capture_output=True, text=True, env=cli_env, timeout=60)
+    result = subprocess.run(
+        [*cli_command, "serve", "--http-port", "8080"], capture_output=True, text=True, env=cli_env, timeout=60, check=False
+    )
     assert result.returncode == 2 and "--insecure-dev" in result.stderr
 
 
@@ -533,5 +560,7 @@ def test_a_body_over_the_limit_is_refused_while_it_streams_in(client: httpx.Clie
         for _ in range(MAX_BODY_BYTES // len(piece) + 2):
             yield piece
 
-    issues = outcome(client.post("/cds-services/hip-injection", content=chunks(), headers={"content-type": "application/json"}), 413)
+    issues = outcome(
+        client.post("/cds-services/hip-injection", content=chunks(), headers={"content-type": "application/json"}), 413
+    )
     assert "limit" in issues[0]["diagnostics"]

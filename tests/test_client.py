@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -19,6 +19,7 @@ from needlepoint import intake
 from needlepoint.server.engine import Engine
 from needlepoint.server.errors import ServiceError
 from needlepoint.server.servicer import RunningServer, start_server
+from needlepoint.v1 import patient_pb2
 from needlepoint_client import (
     Coding,
     EvaluationError,
@@ -29,7 +30,6 @@ from needlepoint_client import (
     decision_to_dict,
     make_request,
 )
-from needlepoint.v1 import patient_pb2
 
 UTC = dt.timezone.utc
 ORDER = InjectionOrder(target="hip-intra-articular", side="left", intent="therapeutic")
@@ -44,7 +44,7 @@ class FakeRuleset:
     status = "draft"
     title = "A fake rule set"
     rules = ()
-    params: dict[str, Any] = {}
+    params: ClassVar[dict[str, Any]] = {}
 
 
 class FakeEvaluator:

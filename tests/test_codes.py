@@ -143,7 +143,9 @@ def test_synthea_pregnancy_that_ended_is_not_current(hip_ruleset) -> None:
     complication") and 19169002 is a miscarriage: neither means pregnant now."""
     preparer = Preparer(hip_ruleset)
     for code, pregnant in (("72892002", True), ("77386006", True), ("79586000", True), ("156073000", False), ("19169002", False)):
-        record = PatientRecord(birth_date=dt.date(1990, 1, 1), sex="female", conditions=[Condition([Code("snomed", code)])], order=ORDER)
+        record = PatientRecord(
+            birth_date=dt.date(1990, 1, 1), sex="female", conditions=[Condition([Code("snomed", code)])], order=ORDER
+        )
         tags = {t for fact in preparer.prepare(record, AS_OF).facts for t in fact.get("_tags", ())}
         assert ("code@pregnancy-conditions" in tags) is pregnant, code
 
@@ -161,7 +163,9 @@ def test_a_loinc_shaped_code_under_snomed_is_in_no_value_set(hip_evaluator) -> N
             "resource": {
                 "resourceType": "Condition",
                 "id": "malformed-snomed",
-                "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]},
+                "clinicalStatus": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]
+                },
                 "code": {"coding": [{"system": "http://snomed.info/sct", "code": "34552-0", "display": "Cardiology Note"}]},
                 "subject": {"reference": patient_ref},
             }

@@ -73,7 +73,13 @@ def test_no_decision_suggests_contrast_its_modality_leaves_out(hip_evaluator, hi
 
 def test_every_outcome_is_rendered_and_names_no_contradiction(hip_evaluator, hip_ruleset) -> None:
     issue = Observation([Code("loinc", "33914-3")], AS_OF - dt.timedelta(days=3), value=55, unit="mL/s", source="egfr")
-    record = PatientRecord(birth_date=dt.date(1950, 1, 1), sex="female", medications=[Medication([Code("rxnorm", "309362")])], observations=[issue], order=ORDER)
+    record = PatientRecord(
+        birth_date=dt.date(1950, 1, 1),
+        sex="female",
+        medications=[Medication([Code("rxnorm", "309362")])],
+        observations=[issue],
+        order=ORDER,
+    )
     decision = hip_evaluator.evaluate(record, AS_OF)
     aside = next(e for e in decision["explanations"] if e["ruleId"] == "DATA-VALUE-SET-ASIDE")
     assert aside["outcome"] == "missing data: unit-unknown:egfr"
@@ -104,7 +110,9 @@ def test_a_rule_outcome_never_calls_its_preferred_or_avoided_modality_acceptable
 
 def test_messages_give_the_drug_the_value_its_date_and_age_and_the_deadline(hip_evaluator) -> None:
     inr = Observation([Code("loinc", "6301-6")], AS_OF - dt.timedelta(days=3), value=3.4, unit="{INR}")
-    decision = hip_evaluator.evaluate(PatientRecord(birth_date=dt.date(1950, 1, 1), medications=[WARFARIN], observations=[inr], order=ORDER), AS_OF)
+    decision = hip_evaluator.evaluate(
+        PatientRecord(birth_date=dt.date(1950, 1, 1), medications=[WARFARIN], observations=[inr], order=ORDER), AS_OF
+    )
     bleeding = next(d for d in decision["deferrals"] if d["reason"] == "BLEEDING_RISK")
     assert "The INR is 3.4 (taken 30 May 2025, 3 days ago), above the limit of 3" in bleeding["message"]
     assert "Warfarin Sodium 5 MG Oral Tablet" in bleeding["message"] and not RAW.search(bleeding["message"])
@@ -119,7 +127,9 @@ def test_messages_give_the_drug_the_value_its_date_and_age_and_the_deadline(hip_
 def test_plain_units_in_messages(hip_evaluator) -> None:
     platelets = Observation([Code("loinc", "777-3")], AS_OF - dt.timedelta(days=1), value=12, unit="10*9/L")
     fever = Observation([Code("loinc", "8310-5")], AS_OF - dt.timedelta(hours=2), value=101.3, unit="[degF]")
-    decision = hip_evaluator.evaluate(PatientRecord(birth_date=dt.date(1950, 1, 1), observations=[platelets, fever], order=ORDER), AS_OF)
+    decision = hip_evaluator.evaluate(
+        PatientRecord(birth_date=dt.date(1950, 1, 1), observations=[platelets, fever], order=ORDER), AS_OF
+    )
     text = " ".join(d["message"] for d in decision["deferrals"])
     assert "12 ×10⁹/L" in text and "below 20 ×10⁹/L" in text
     assert "38.5 °C (measured today), at or above 38 °C" in text

@@ -6,7 +6,16 @@ import datetime as dt
 import re
 
 from needlepoint.core.record import Code, InjectionOrder, Medication, Observation, PatientRecord
-from needlepoint.views.coordinator import GO_AHEAD, GO_AHEAD_WITHOUT_SOME, NOT_NOW, REVIEW_FIRST, Line, coordinator_view, render, wrap
+from needlepoint.views.coordinator import (
+    GO_AHEAD,
+    GO_AHEAD_WITHOUT_SOME,
+    NOT_NOW,
+    REVIEW_FIRST,
+    Line,
+    coordinator_view,
+    render,
+    wrap,
+)
 
 from .patients import AS_OF, random_patients
 
@@ -30,8 +39,18 @@ def test_each_fact_is_said_once(hip_evaluator) -> None:
 def test_a_merged_message_is_not_repeated_piece_by_piece() -> None:
     decision = {
         "asOf": "2025-06-02T09:00:00Z",
-        "injectates": [{"category": "CORTICOSTEROID", "recommendation": "CAUTION", "ruleIds": ["A", "B"], "message": "First advice. Second advice."}],
-        "cautions": [{"code": "X", "ruleIds": ["A"], "message": "First advice."}, {"code": "Y", "ruleIds": ["B"], "message": "Second advice."}],
+        "injectates": [
+            {
+                "category": "CORTICOSTEROID",
+                "recommendation": "CAUTION",
+                "ruleIds": ["A", "B"],
+                "message": "First advice. Second advice.",
+            }
+        ],
+        "cautions": [
+            {"code": "X", "ruleIds": ["A"], "message": "First advice."},
+            {"code": "Y", "ruleIds": ["B"], "message": "Second advice."},
+        ],
     }
     text = text_of(decision)
     assert text.count("First advice.") == 1 and text.count("Second advice.") == 1
@@ -40,7 +59,13 @@ def test_a_merged_message_is_not_repeated_piece_by_piece() -> None:
 
 def test_the_verdict_follows_severity_and_scope() -> None:
     def status(*deferrals: tuple[str, str]) -> str:
-        return coordinator_view({"deferrals": [{"reason": "BLEEDING_RISK", "severity": sev, "scope": scope, "message": "m"} for sev, scope in deferrals]}).status
+        return coordinator_view(
+            {
+                "deferrals": [
+                    {"reason": "BLEEDING_RISK", "severity": sev, "scope": scope, "message": "m"} for sev, scope in deferrals
+                ]
+            }
+        ).status
 
     assert status(("HARD", "PROCEDURE"), ("SOFT", "PROCEDURE")) == NOT_NOW
     assert status(("SOFT", "PROCEDURE"), ("HARD", "CORTICOSTEROID")) == REVIEW_FIRST
@@ -57,7 +82,13 @@ def test_no_ids_codes_or_raw_units_in_the_text(hip_evaluator) -> None:
 
 
 def test_a_deceased_patient_reads_as_such(hip_evaluator) -> None:
-    record = PatientRecord(birth_date=dt.date(1940, 1, 1), deceased=True, deceased_at=AS_OF - dt.timedelta(days=30), medications=[WARFARIN], order=ORDER)
+    record = PatientRecord(
+        birth_date=dt.date(1940, 1, 1),
+        deceased=True,
+        deceased_at=AS_OF - dt.timedelta(days=30),
+        medications=[WARFARIN],
+        order=ORDER,
+    )
     view = coordinator_view(hip_evaluator.evaluate(record, AS_OF))
     assert view.status == NOT_NOW and "has died" in view.verdict
     assert [s.title for s in view.sections] == ["Reasons to wait"]
@@ -71,7 +102,9 @@ def test_the_image_guidance_says_why(hip_evaluator) -> None:
 
 
 def test_wrap_keeps_words_whole_and_hangs_continuations() -> None:
-    line = Line("A platelet count of 25 ×10⁹/L taken 30 May 2025 is below the limit of 50 ×10⁹/L; decide individually.", bullet="- ")
+    line = Line(
+        "A platelet count of 25 ×10⁹/L taken 30 May 2025 is below the limit of 50 ×10⁹/L; decide individually.", bullet="- "
+    )
     assert wrap(line, None) == ["- " + line.text]
     wrapped = wrap(line, 30)
     assert all(len(w) <= 30 for w in wrapped) and all(w.startswith("  ") for w in wrapped[1:])

@@ -23,11 +23,15 @@ ORDER = InjectionOrder("hip-intra-articular", "right", "therapeutic")
 
 
 def patient(*observations: Observation, **kwargs) -> PatientRecord:
-    return PatientRecord(birth_date=dt.date(1960, 3, 1), sex="male", observations=list(observations), order=kwargs.pop("order", ORDER), **kwargs)
+    return PatientRecord(
+        birth_date=dt.date(1960, 3, 1), sex="male", observations=list(observations), order=kwargs.pop("order", ORDER), **kwargs
+    )
 
 
 def obs(loinc: str, value: float | None, unit: str | None, days_before: float = 0.5, **kwargs) -> Observation:
-    return Observation([Code("loinc", loinc)], AS_OF - dt.timedelta(days=days_before), value=value, unit=unit, source=f"obs {loinc}", **kwargs)
+    return Observation(
+        [Code("loinc", loinc)], AS_OF - dt.timedelta(days=days_before), value=value, unit=unit, source=f"obs {loinc}", **kwargs
+    )
 
 
 def fired(decision: dict) -> set[str]:
@@ -149,7 +153,9 @@ def test_every_decision_keeps_the_contract(hip_evaluator, hip_ruleset) -> None:
         for part in parts:
             assert set(part.get("ruleIds", [])) <= explained
         modality = decision.get("modality", {})
-        assert set(modality.get("acceptable", [])) | set(modality.get("avoid", [])) | {modality.get("preferred", "FLUOROSCOPY")} <= set(MODALITIES)
+        assert set(modality.get("acceptable", [])) | set(modality.get("avoid", [])) | {
+            modality.get("preferred", "FLUOROSCOPY")
+        } <= set(MODALITIES)
         assert not set(modality.get("acceptable", [])) & set(modality.get("avoid", []))
         assert modality.get("preferred") not in modality.get("avoid", [])
         for inj in decision.get("injectates", []):
@@ -173,7 +179,10 @@ def test_an_overlay_changes_the_digest_and_records_its_layer(tmp_path: Path) -> 
     overlay.write_text("site: strict-site\nparameters:\n  inr_defer_above: 2.0\n  ia_hip_default_modality: ULTRASOUND\n")
     base, strict = load_ruleset(HIP), load_ruleset(HIP, overlay=overlay)
     assert base.digest != strict.digest and load_ruleset(HIP).digest == base.digest
-    record = patient(Observation([Code("loinc", "6301-6")], AS_OF, value=2.5, unit="{INR}"), medications=[Medication([Code("rxnorm", "855332")])])
+    record = patient(
+        Observation([Code("loinc", "6301-6")], AS_OF, value=2.5, unit="{INR}"),
+        medications=[Medication([Code("rxnorm", "855332")])],
+    )
     assert "DEF-INR-HIGH" not in fired(Evaluator(base).evaluate(record, AS_OF))
     decision = Evaluator(strict).evaluate(record, AS_OF)
     assert "DEF-INR-HIGH" in fired(decision) and decision["modality"]["preferred"] == "ULTRASOUND"
@@ -202,7 +211,10 @@ def _with_rule_change(change) -> dict:
     ("change", "message"),
     [
         (lambda r: r["when"]["vka"]["medication"]["code"].update({"in": "no-such-set"}), "unknown value set 'no-such-set'"),
-        (lambda r: r["when"]["inr"]["observation"]["value"].update({"gt": "$no_such_param"}), "unknown parameter \\$no_such_param"),
+        (
+            lambda r: r["when"]["inr"]["observation"]["value"].update({"gt": "$no_such_param"}),
+            "unknown parameter \\$no_such_param",
+        ),
         (lambda r: r["when"]["inr"]["observation"].update({"colour": "red"}), "observation has no field 'colour'"),
         (lambda r: r["when"]["inr"]["observation"]["value"].update({"approx": 3}), "unknown operator 'approx'"),
         (lambda r: r.update({"category": "suggestion"}), "'suggestion' is not one of"),
@@ -217,8 +229,21 @@ def test_rule_format_errors_name_the_rule_and_key(change, message: str) -> None:
 
 
 def test_every_value_set_of_the_bundled_rule_set_is_used(hip_ruleset) -> None:
-    used = {t.operand for r in hip_ruleset.rules for alt in r.alternatives for p in alt for t in p.tests if t.op == "in" and isinstance(t.operand, str)}
-    used |= {t.operand for a in hip_ruleset.aggregates for p in a.patterns for t in p.tests if t.op == "in" and isinstance(t.operand, str)}
+    used = {
+        t.operand
+        for r in hip_ruleset.rules
+        for alt in r.alternatives
+        for p in alt
+        for t in p.tests
+        if t.op == "in" and isinstance(t.operand, str)
+    }
+    used |= {
+        t.operand
+        for a in hip_ruleset.aggregates
+        for p in a.patterns
+        for t in p.tests
+        if t.op == "in" and isinstance(t.operand, str)
+    }
     used |= set(hip_ruleset.requested_modality.values())
     assert set(hip_ruleset.value_sets) - used == set()
 

@@ -25,7 +25,17 @@ import pytest
 from google.protobuf import json_format
 from sqlalchemy import select
 
-from needlepoint.decisionlog import CardRef, DecisionEntry, DecisionLog, FeedbackError, Masker, NotMigrated, database, migrate, schema
+from needlepoint.decisionlog import (
+    CardRef,
+    DecisionEntry,
+    DecisionLog,
+    FeedbackError,
+    Masker,
+    NotMigrated,
+    database,
+    migrate,
+    schema,
+)
 from needlepoint.decisionlog.export import export_lines
 from needlepoint.decisionlog.pgtest import PostgresUnavailable, TemporaryPostgres
 from needlepoint.decisionlog.store import FeedbackStore
@@ -198,7 +208,10 @@ def test_serve_logs_to_the_state_directory_by_default(server_process, tmp_path: 
         server.wait_for(r"serving with 1 worker\(s\)", timeout=60)
         with grpc.insecure_channel(server.target) as channel:
             stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
-            answer = stub.Evaluate(decision_service_pb2.EvaluateRequest(fhir_bundle=_small_bundle(), order=ORDER, correlation_id="state-1"), timeout=30)
+            answer = stub.Evaluate(
+                decision_service_pb2.EvaluateRequest(fhir_bundle=_small_bundle(), order=ORDER, correlation_id="state-1"),
+                timeout=30,
+            )
     finally:
         assert server.stop() == 0
     (row,) = rows(f"sqlite:///{tmp_path / 'state' / 'decisions.sqlite3'}", schema.decisions)
@@ -209,7 +222,9 @@ def test_serve_logs_to_the_state_directory_by_default(server_process, tmp_path: 
 # -- masking and replay --------------------------------------------------------------------------
 
 
-def test_default_masking_removes_direct_identifiers_and_replay_gives_the_same_decision(database_url: str, engine: Engine, floyd: bytes) -> None:
+def test_default_masking_removes_direct_identifiers_and_replay_gives_the_same_decision(
+    database_url: str, engine: Engine, floyd: bytes
+) -> None:
     request, decision = evaluate(engine, floyd, as_of=_ts(AS_OF))
     original = orjson.loads(floyd)
     patient = next(e["resource"] for e in original["entry"] if e["resource"]["resourceType"] == "Patient")
@@ -220,7 +235,14 @@ def test_default_masking_removes_direct_identifiers_and_replay_gives_the_same_de
     for secret in [patient["id"], patient["name"][0]["family"], patient["name"][0]["given"][0],
                    patient["address"][0]["line"][0], patient["telecom"][0]["value"], patient["identifier"][-1]["value"]]:
         assert secret not in stored, f"{secret!r} survived masking"
-    assert {"Patient.name", "Patient.identifier", "Patient.address", "Patient.telecom", "Patient.id", "Reference(Patient)"} <= set(row.masked)
+    assert {
+        "Patient.name",
+        "Patient.identifier",
+        "Patient.address",
+        "Patient.telecom",
+        "Patient.id",
+        "Reference(Patient)",
+    } <= set(row.masked)
     # Replay: the stored input, exported, evaluated again at its instant, gives the same decision.
     (line,) = list(export_lines(database.connect(database_url), since="2000-01-01T00:00:00.000Z"))
     replayed = engine.evaluate(_request_from_export(orjson.loads(line)))
@@ -251,37 +273,49 @@ def test_export_is_read_by_rules_diff_which_replays_each_decision_at_its_instant
         log.record(DecisionEntry.evaluate(request, decision)).result(30)
     out = tmp_path / "past.ndjson"
     done = subprocess.run([*cli_command, "decisions", "export", "--since", "1d", "--database", database_url, "-o", str(out)],
-                          capture_output=True, text=True, env=cli_env, timeout=120)
+                          capture_output=True, text=True, env=cli_env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "4 decision(s) exported" in done.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["correlationId"] for x in lines[:3]] == ["r-0", "r-1", "r-2"] and lines[3]["correlationId"]
-    diff = subprocess.run([*cli_command, "rules", "diff", "hip-injection", "hip-injection", "--cases", str(out), "--format", "json", "--jobs", "1"],
-                          capture_output=True, text=True, env=cli_env, timeout=300)
+    diff = subprocess.run(
+        [*cli_command, "rules", "diff", "hip-injection", "hip-injection", "--cases", str(out), "--format", "json", "--jobs", "1"],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=300,
+        check=False,
+    )
     assert diff.returncode == 0, diff.stdout + diff.stderr
     report = json.loads(diff.stdout)
     assert report["summary"]["cases"] == 4 and report["summary"]["errors"] == 0 and report["summary"]["skippedFiles"] == 0
     empty = subprocess.run([*cli_command, "decisions", "export", "--since", "2999-01-01", "--database", database_url],
-                           capture_output=True, text=True, env=cli_env, timeout=120)
+                           capture_output=True, text=True, env=cli_env, timeout=120, check=False)
     assert empty.returncode == 0 and empty.stdout == "" and "0 decision(s)" in empty.stderr
 
 
 # -- feedback and the overrides report -----------------------------------------------------------
 
-REASON = {"system": "http://terminology.hl7.org/CodeSystem/non-adherence-reason-codes", "code": "patient-refuses", "display": "Patient refuses"}
+REASON = {
+    "system": "http://terminology.hl7.org/CodeSystem/non-adherence-reason-codes",
+    "code": "patient-refuses",
+    "display": "Patient refuses",
+}
 
 
 def test_feedback_round_trips_into_the_overrides_report(
     database_url: str, engine: Engine, cli_command: list[str], cli_env: dict[str, str]
 ) -> None:
-    request, decision = evaluate(engine, _small_bundle(inr=4.1), as_of=_ts(AS_OF))
+    _, decision = evaluate(engine, _small_bundle(inr=4.1), as_of=_ts(AS_OF))
     fired = sorted({e.rule_id for e in decision.explanations})
     rule = next(r for r in fired if r.startswith("DEF-"))
     cds_request = {"hook": "order-sign", "hookInstance": "h-1", "fhirAuthorization": {"access_token": "secret-token"},
                    "context": {"patientId": "p1", "userId": "Practitioner/9"}}
     cards = [CardRef("card-a", [rule], "Defer: INR", "critical", [REASON]), CardRef("card-b", [rule]), CardRef("card-c", [rule])]
     with DecisionLog(database_url) as log:
-        log.record(DecisionEntry.cds_hooks(cds_request, decision, caller="Practitioner/9", service_id="hip", cards=cards)).result(30)
+        log.record(DecisionEntry.cds_hooks(cds_request, decision, caller="Practitioner/9", service_id="hip", cards=cards)).result(
+            30
+        )
         store = FeedbackStore(log)
         overridden = {"card": "card-a", "outcome": "overridden", "outcomeTimestamp": "2025-06-02T09:05:00Z",
                       "overrideReason": {"reason": REASON, "userComment": "Discussed; she declines to wait"}}
@@ -289,14 +323,40 @@ def test_feedback_round_trips_into_the_overrides_report(
         assert store.record_feedback("hip", overridden) is False  # the same item again: a repeat
         assert store.record_feedback("hip", {"card": "card-b", "outcome": "accepted", "outcomeTimestamp": "2025-06-02T09:06:00Z",
                                              "acceptedSuggestions": [{"id": "s-1"}]}) is True
-        assert store.record_feedback("hip", {"card": "card-c", "outcome": "overridden", "outcomeTimestamp": "2025-06-02T09:07:00Z",
-                                             "overrideReason": {"userComment": "INR redone, 2.1"}}) is True
-        assert store.record_feedback("hip", {"card": "card-zzz", "outcome": "overridden", "outcomeTimestamp": "2025-06-02T09:07:00Z"}) is True
+        assert (
+            store.record_feedback(
+                "hip",
+                {
+                    "card": "card-c",
+                    "outcome": "overridden",
+                    "outcomeTimestamp": "2025-06-02T09:07:00Z",
+                    "overrideReason": {"userComment": "INR redone, 2.1"},
+                },
+            )
+            is True
+        )
+        assert (
+            store.record_feedback(
+                "hip", {"card": "card-zzz", "outcome": "overridden", "outcomeTimestamp": "2025-06-02T09:07:00Z"}
+            )
+            is True
+        )
         for bad, path in [
             ({"card": "card-b", "outcome": "accepted", "outcomeTimestamp": "2025-06-02T09:06:00Z"}, "acceptedSuggestions"),
-            ({"card": "card-b", "outcome": "accepted", "outcomeTimestamp": "2025-06-02T09:06:00Z", "acceptedSuggestions": [{"id": "s"}],
-              "overrideReason": {"userComment": "x"}}, "overrideReason"),
-            ({"card": "card-b", "outcome": "overridden", "outcomeTimestamp": "2025-06-02T09:06:00Z", "overrideReason": {}}, "overrideReason"),
+            (
+                {
+                    "card": "card-b",
+                    "outcome": "accepted",
+                    "outcomeTimestamp": "2025-06-02T09:06:00Z",
+                    "acceptedSuggestions": [{"id": "s"}],
+                    "overrideReason": {"userComment": "x"},
+                },
+                "overrideReason",
+            ),
+            (
+                {"card": "card-b", "outcome": "overridden", "outcomeTimestamp": "2025-06-02T09:06:00Z", "overrideReason": {}},
+                "overrideReason",
+            ),
             ({"card": "card-b", "outcome": "dismissed", "outcomeTimestamp": "2025-06-02T09:06:00Z"}, "outcome"),
             ({"card": "card-b", "outcome": "overridden", "outcomeTimestamp": "yesterday"}, "outcomeTimestamp"),
         ]:
@@ -314,9 +374,13 @@ def test_feedback_round_trips_into_the_overrides_report(
     assert [c["comment"] for c in by_rule[rule]["comments"]] == ["Discussed; she declines to wait", "INR redone, 2.1"]
     assert all(by_rule[r]["fired"] == 1 for r in fired)
     assert report["unmatchedFeedback"] == 1
-    for fmt, needle in [("text", "Patient refuses (patient-refuses)"), ("html", "<q>INR redone, 2.1</q>"), ("json", '"overridden": 2')]:
+    for fmt, needle in [
+        ("text", "Patient refuses (patient-refuses)"),
+        ("html", "<q>INR redone, 2.1</q>"),
+        ("json", '"overridden": 2'),
+    ]:
         done = subprocess.run([*cli_command, "decisions", "overrides", "--format", fmt, "--database", database_url],
-                              capture_output=True, text=True, env=cli_env, timeout=120)
+                              capture_output=True, text=True, env=cli_env, timeout=120, check=False)
         assert done.returncode == 0, done.stderr
         assert needle in done.stdout and rule in done.stdout
 
@@ -325,9 +389,30 @@ def test_evaluate_record_logs_a_cli_decision(tmp_path: Path, cli_command: list[s
     bundle = tmp_path / "b.json"
     bundle.write_bytes(_small_bundle())
     url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
-    done = subprocess.run([*cli_command, "evaluate", str(bundle), "--json", "--record", "--database", url, "--as-of", "2025-06-02T09:00:00Z",
-                           "--target", "hip-intra-articular", "--side", "right", "--intent", "therapeutic"],
-                          capture_output=True, text=True, env=cli_env, timeout=120)
+    done = subprocess.run(
+        [
+            *cli_command,
+            "evaluate",
+            str(bundle),
+            "--json",
+            "--record",
+            "--database",
+            url,
+            "--as-of",
+            "2025-06-02T09:00:00Z",
+            "--target",
+            "hip-intra-articular",
+            "--side",
+            "right",
+            "--intent",
+            "therapeutic",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     (row,) = rows(url, schema.decisions)
     assert row.road == "cli" and row.caller.startswith("cli:") and row.decision_id == json.loads(done.stdout)["decisionId"]
@@ -351,7 +436,7 @@ def test_every_acknowledged_decision_survives_kill_9_under_load(database_url: st
         server.stop(timeout=5)
     stored = {r.correlation_id for r in rows(database_url, schema.decisions)}
     missing = result["acked"] - stored
-    print(f"\n[{database_url.split(':')[0]}] acknowledged {len(result['acked'])}, rows {len(stored)}, "
+    print(f"\n[{database_url.split(':', maxsplit=1)[0]}] acknowledged {len(result['acked'])}, rows {len(stored)}, "
           f"in flight at the kill {result['in_flight']}, failed after the kill {result['failed']}, "
           f"latency p50 {result['p50']:.1f} ms p99 {result['p99']:.1f} ms, {result['rate']:.0f} decisions/s")
     assert len(result["acked"]) >= KILL_AFTER
@@ -500,7 +585,11 @@ def test_a_bundle_nested_deeper_than_json_writers_go_is_logged_with_its_deep_val
     deep = '{"a":1}'
     for _ in range(200):
         deep = '{"x":[' + deep + "]}"
-    bundle = '{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","id":"p","name":[{"family":"Doe"}],"extension":[' + deep + "]}}]}"
+    bundle = (
+        '{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient","id":"p","name":[{"family":"Doe"}],"extension":['
+        + deep
+        + "]}}]}"
+    )
     text, masked = Masker().bundle(bundle.encode())
     assert b"Doe" not in text and TOO_DEEP.encode() in text
     assert "values nested too deeply" in masked and "Patient.name" in masked
@@ -513,7 +602,12 @@ def test_a_malformed_patient_extension_is_masked_not_a_reason_to_lose_the_decisi
     answered UNAVAILABLE)."""
     from needlepoint.decisionlog.masking import Masker
 
-    bundle = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "p", "name": [{"family": "Doe"}], "extension": [{"url": 5}, "odd"]}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p", "name": [{"family": "Doe"}], "extension": [{"url": 5}, "odd"]}}
+        ],
+    }
     text, masked = Masker().bundle(orjson.dumps(bundle))
     assert b"Doe" not in text and b'"p"' not in text and "Patient.name" in masked
 

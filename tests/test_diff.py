@@ -59,7 +59,9 @@ def enrich(records: list[PatientRecord], seed: int = 3) -> list[PatientRecord]:
             record.medications.append(Medication([Code("rxnorm", "855332")]))
         value = rng.choice([2.0, 2.4, 2.5, 2.5, 2.6, 2.8, 2.9, 3.0, 3.0, 3.1, 3.5, round(rng.uniform(1.5, 4.0), 1)])
         unit = None if rng.random() < 0.05 else "{INR}"
-        record.observations.append(Observation([Code("loinc", "6301-6")], AS_OF - dt.timedelta(days=rng.uniform(0, 9)), value=value, unit=unit))
+        record.observations.append(
+            Observation([Code("loinc", "6301-6")], AS_OF - dt.timedelta(days=rng.uniform(0, 9)), value=value, unit=unit)
+        )
     return records
 
 
@@ -81,9 +83,24 @@ def _site(target: str | None, side: str | None) -> list[dict]:
 
 def bundle_of(record: PatientRecord) -> dict:
     """A PatientRecord as the FHIR R4 Bundle the contract describes (section 1)."""
-    resources: list[dict] = [{"resourceType": "Patient", "id": "p", "gender": record.sex, **({"birthDate": record.birth_date.isoformat()} if record.birth_date else {})}]
+    resources: list[dict] = [
+        {
+            "resourceType": "Patient",
+            "id": "p",
+            "gender": record.sex,
+            **({"birthDate": record.birth_date.isoformat()} if record.birth_date else {}),
+        }
+    ]
     resources += [{"resourceType": "Condition", "code": _concept(c.codes)} for c in record.conditions]
-    resources += [{"resourceType": "MedicationRequest", "status": "active", "intent": "order", "medicationCodeableConcept": _concept(m.codes)} for m in record.medications]
+    resources += [
+        {
+            "resourceType": "MedicationRequest",
+            "status": "active",
+            "intent": "order",
+            "medicationCodeableConcept": _concept(m.codes),
+        }
+        for m in record.medications
+    ]
     for o in record.observations:
         obs: dict = {"resourceType": "Observation", "status": "final", "code": _concept(o.codes)}
         if o.effective:
@@ -94,10 +111,17 @@ def bundle_of(record: PatientRecord) -> dict:
             obs["valueQuantity"] = {"value": o.value, **({"unit": o.unit, "system": _UCUM, "code": o.unit} if o.unit else {})}
         resources.append(obs)
     for a in record.allergies:
-        resources.append({"resourceType": "AllergyIntolerance", "code": _concept(a.codes), **({"reaction": [{"severity": a.severity}]} if a.severity else {})})
+        resources.append(
+            {
+                "resourceType": "AllergyIntolerance",
+                "code": _concept(a.codes),
+                **({"reaction": [{"severity": a.severity}]} if a.severity else {}),
+            }
+        )
     for i in record.prior_injections:
-        resources.append({"resourceType": "Procedure", "status": "completed", "code": _concept(i.codes), "performedDateTime": i.performed.isoformat(),
-                          "bodySite": _site(i.target, i.side), "usedCode": [_concept([a]) for a in i.agents]})  # fmt: skip
+        resources.append({"resourceType": "Procedure", "status": "completed", "code": _concept(i.codes),
+                          "performedDateTime": i.performed.isoformat(), "bodySite": _site(i.target, i.side),
+                          "usedCode": [_concept([a]) for a in i.agents]})  # fmt: skip
     for s in record.planned_surgeries:
         resources.append({"resourceType": "ServiceRequest", "status": "active", "intent": "order", "code": _concept(s.codes),
                           "occurrenceDateTime": s.date.isoformat(), "bodySite": _site(None, s.side)})  # fmt: skip
@@ -107,7 +131,15 @@ def bundle_of(record: PatientRecord) -> dict:
     resources.append({"resourceType": "ServiceRequest", "status": "draft", "intent": "order", "orderDetail": details,
                       "bodySite": _site(o.target, o.side), "reasonCode": [_concept([r]) for r in o.reasons],
                       **({"code": _concept(o.codes)} if o.codes else {})})  # fmt: skip
-    resources += [{"resourceType": "MedicationRequest", "status": "draft", "intent": "order", "medicationCodeableConcept": _concept(i.codes)} for i in record.planned_injectates]
+    resources += [
+        {
+            "resourceType": "MedicationRequest",
+            "status": "draft",
+            "intent": "order",
+            "medicationCodeableConcept": _concept(i.codes),
+        }
+        for i in record.planned_injectates
+    ]
     return {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
 
 
@@ -115,7 +147,9 @@ def write_export(path: Path, records: list[PatientRecord]) -> None:
     """The records as an NDJSON export of past requests, one FHIR Bundle a line."""
     with path.open("wb") as fh:
         for i, record in enumerate(records):
-            fh.write(orjson.dumps({"correlationId": f"patient-{i:05d}", "asOf": AS_OF_TEXT, "fhirBundle": bundle_of(record)}) + b"\n")
+            fh.write(
+                orjson.dumps({"correlationId": f"patient-{i:05d}", "asOf": AS_OF_TEXT, "fhirBundle": bundle_of(record)}) + b"\n"
+            )
 
 
 def _iso(value: dt.datetime | dt.date) -> str:
@@ -148,7 +182,9 @@ def shorthand(record: PatientRecord) -> dict:
          **{k: v for k, v in (("target", i.target), ("side", i.side)) if v}}
         for i in record.prior_injections
     ]  # fmt: skip
-    p["planned_surgeries"] = [{"codes": _codes(s.codes), "at": _iso(s.date), **({"side": s.side} if s.side else {})} for s in record.planned_surgeries]
+    p["planned_surgeries"] = [
+        {"codes": _codes(s.codes), "at": _iso(s.date), **({"side": s.side} if s.side else {})} for s in record.planned_surgeries
+    ]
     o = record.order
     p["order"] = {k: v for k, v in (("target", o.target), ("side", o.side), ("intent", o.intent)) if v}
     p["order"] |= {"codes": _codes(o.codes), "reasons": _codes(o.reasons)}
@@ -171,7 +207,11 @@ def write_cases(directory: Path, records: list[PatientRecord], per_file: int = C
 def newest_usable(record: PatientRecord, concept: tuple) -> tuple[float, float] | None:
     """(value, age in days) of the newest dated result of a concept, if its value can be used."""
     codes, units, (low, high) = concept
-    dated = [o for o in record.observations if o.effective is not None and any(c.system == "loinc" and c.code in codes for c in o.codes)]
+    dated = [
+        o
+        for o in record.observations
+        if o.effective is not None and any(c.system == "loinc" and c.code in codes for c in o.codes)
+    ]
     dated = [o for o in dated if o.effective <= AS_OF + dt.timedelta(minutes=10)]
     if not dated:
         return None
@@ -182,7 +222,11 @@ def newest_usable(record: PatientRecord, concept: tuple) -> tuple[float, float] 
 
 
 def on_vka(record: PatientRecord) -> bool:
-    return any((c.system == "rxnorm" and c.code in VKA_RXNORM) or (c.system == "atc" and c.code.startswith("B01AA")) for m in record.medications for c in m.codes)
+    return any(
+        (c.system == "rxnorm" and c.code in VKA_RXNORM) or (c.system == "atc" and c.code.startswith("B01AA"))
+        for m in record.medications
+        for c in m.codes
+    )
 
 
 def inr_between(record: PatientRecord, low: float, high: float) -> bool:
@@ -270,7 +314,11 @@ def test_one_threshold_names_exactly_the_changed_decisions(threshold_report: dif
     assert report.field_counts() == {"deferrals": len(expected["changed"])}
     assert report.transitions() == [("deferrals", "BLEEDING_RISK", None, "HARD", len(expected["changed"]))]
     [rule] = report.by_rule()
-    assert (rule.rule, rule.decisions_changed, rule.fired_differently) == ("DEF-INR-HIGH", len(expected["changed"]), len(expected["fires"]))
+    assert (rule.rule, rule.decisions_changed, rule.fired_differently) == (
+        "DEF-INR-HIGH",
+        len(expected["changed"]),
+        len(expected["fires"]),
+    )
     assert dict(rule.fields) == {"deferrals": len(expected["changed"])}
     assert report.exit_code == diff.EXIT_CHANGED
 
@@ -284,7 +332,9 @@ def test_the_rule_set_change_is_named(threshold_report: diff.DiffReport) -> None
 
 def test_identical_versions_change_nothing(corpus, versions) -> None:
     directory, _ = corpus
-    report = diff.run_diff(diff.Version(versions["base"]), diff.Version(bundled_rulesets_dir() / "hip-injection"), directory, jobs=2)
+    report = diff.run_diff(
+        diff.Version(versions["base"]), diff.Version(bundled_rulesets_dir() / "hip-injection"), directory, jobs=2
+    )
     assert report.total == N_CASES and report.same == N_CASES
     assert report.outcomes == [] and report.changes.empty
     assert report.old.digest == report.new.digest
@@ -298,9 +348,9 @@ def test_an_overlay_against_its_base_through_the_cli(corpus, versions, expected)
     assert result.exit_code == 1, result.stderr
     report = json.loads(result.stdout)
     assert {c["name"] for c in report["changed"]} == expected["changed"]
-    assert {(c["field"], c["item"], c["old"], c["new"], tuple(c["rules"])) for case in report["changed"] for c in case["changes"]} == {
-        ("deferrals", "BLEEDING_RISK", None, "HARD", ("DEF-INR-HIGH",))
-    }
+    assert {
+        (c["field"], c["item"], c["old"], c["new"], tuple(c["rules"])) for case in report["changed"] for c in case["changes"]
+    } == {("deferrals", "BLEEDING_RISK", None, "HARD", ("DEF-INR-HIGH",))}
     [param] = report["rulesetChanges"]["parameters"]
     assert param == {"name": "inr_defer_above", "old": 3.0, "new": 2.5, "oldLayer": "hip-injection", "newLayer": "north"}
     assert report["new"]["layers"] == ["hip-injection", "north"]
@@ -318,8 +368,28 @@ def test_the_same_through_rule_set_test_cases(yaml_corpus: Path, versions, expec
 
 def test_the_overlay_option_is_the_same_as_the_colon_form(yaml_corpus: Path, versions) -> None:
     one_file = sorted(yaml_corpus.glob("*.yaml"))[0]
-    colon = run(str(versions["base"]), f"{versions['base']}:{versions['overlay']}", "--cases", str(one_file), "--format", "json", "-j", "1")
-    option = run(str(versions["base"]), str(versions["base"]), "--new-overlay", str(versions["overlay"]), "--cases", str(one_file), "--format", "json", "-j", "1")
+    colon = run(
+        str(versions["base"]),
+        f"{versions['base']}:{versions['overlay']}",
+        "--cases",
+        str(one_file),
+        "--format",
+        "json",
+        "-j",
+        "1",
+    )
+    option = run(
+        str(versions["base"]),
+        str(versions["base"]),
+        "--new-overlay",
+        str(versions["overlay"]),
+        "--cases",
+        str(one_file),
+        "--format",
+        "json",
+        "-j",
+        "1",
+    )
     assert colon.exit_code == option.exit_code
     strip = lambda r: {k: v for k, v in json.loads(r.stdout).items() if k not in ("timing", "defaultAsOf", "new", "old")}  # noqa: E731
     assert strip(colon) == strip(option)
@@ -399,10 +469,13 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "observations": [{"code": "loinc#6301-6", "value": 2.8, "unit": "{INR}", "days_before": 1}],
                      "order": {"target": "hip-intra-articular", "side": "left", "intent": "therapeutic"}}},
         {"name": "no anticoagulant", "as_of": AS_OF_TEXT, "expect": {},
-         "patient": {"age": 50, "sex": "female", "order": {"target": "hip-intra-articular", "side": "left", "intent": "therapeutic"}}},
+         "patient": {"age": 50, "sex": "female",
+                     "order": {"target": "hip-intra-articular", "side": "left", "intent": "therapeutic"}}},
     ]  # fmt: skip
     (root / "cases.yaml").write_text(yaml.safe_dump(cases, sort_keys=False))
-    (root / "bad-case.yaml").write_text(yaml.safe_dump([{"name": "bad code", "expect": {}, "patient": {"medications": ["855332"]}}]))
+    (root / "bad-case.yaml").write_text(
+        yaml.safe_dump([{"name": "bad code", "expect": {}, "patient": {"medications": ["855332"]}}])
+    )
     (root / "settings.yaml").write_text("colour: blue\n")
     (root / "broken.yaml").write_text("- name: [unclosed\n")
     (root / "broken.json").write_text('{"resourceType": "Bundle", "entry": [')
@@ -496,7 +569,17 @@ def run(*args: str) -> Result:
 
 def test_exit_codes(mixed: Path, versions, tmp_path: Path) -> None:
     one_case = tmp_path / "one.yaml"
-    one_case.write_text(yaml.safe_dump([{"name": "plain", "expect": {}, "patient": {"age": 40, "order": {"target": "hip-intra-articular", "side": "left", "intent": "therapeutic"}}}]))
+    one_case.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "plain",
+                    "expect": {},
+                    "patient": {"age": 40, "order": {"target": "hip-intra-articular", "side": "left", "intent": "therapeutic"}},
+                }
+            ]
+        )
+    )
     assert run(str(versions["base"]), "hip-injection", "--cases", str(one_case)).exit_code == 0
     assert run(str(versions["base"]), str(versions["strict"]), "--cases", str(mixed)).exit_code == 1
     bad_overlay = tmp_path / "bad.yaml"
@@ -521,11 +604,21 @@ def test_output_file_and_progress_stay_off_standard_output(mixed: Path, versions
     assert result.exit_code == 1 and result.stdout == ""
     assert "decisions changed" in result.stderr
     assert out.read_text().startswith("<!doctype html>")
-    result = run(str(versions["base"]), str(versions["strict"]), "--cases", str(mixed), "--format", "json", "--progress", "-j", "1")
+    result = run(
+        str(versions["base"]), str(versions["strict"]), "--cases", str(mixed), "--format", "json", "--progress", "-j", "1"
+    )
     assert json.loads(result.stdout)["summary"]["changed"] == 4
 
 
 def test_help_documents_the_inputs() -> None:
     text = CliRunner().invoke(main, ["rules", "diff", "--help"]).output
-    for needle in ("DIR:OVERLAY.yaml", "*.ndjson", "correlationId", "fhirBundle", "CDS Hooks", "rule-set test cases", "Exit code"):
+    for needle in (
+        "DIR:OVERLAY.yaml",
+        "*.ndjson",
+        "correlationId",
+        "fhirBundle",
+        "CDS Hooks",
+        "rule-set test cases",
+        "Exit code",
+    ):
         assert needle in text

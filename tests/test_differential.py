@@ -30,7 +30,10 @@ def test_engine_fires_what_the_reference_semantics_say(hip_evaluator, seed: int)
                 assert rule.id not in engine, f"patient {n}: engine fired {rule.id}, reference did not"
                 continue
             assert rule.id in engine, f"patient {n}: reference fires {rule.id}, engine did not"
-            got = {i: {a: ids for a, ids in aliases.items() if a in reference.get(i, {})} for i, aliases in engine[rule.id].matched.items()}
+            got = {
+                i: {a: ids for a, ids in aliases.items() if a in reference.get(i, {})}
+                for i, aliases in engine[rule.id].matched.items()
+            }
             assert got == reference, f"patient {n}: {rule.id} matched different facts"
             checked_firings += 1
     assert checked_firings > 500  # the generator really exercises the rules

@@ -38,7 +38,9 @@ def _run_python(code: str, env_extra: dict | None = None) -> subprocess.Complete
     import os
 
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
 
 
 # --- B3: sessions are keyed by a 32-bit hash of the sid ------------------------------------
@@ -206,8 +208,12 @@ def test_a_five_thousand_code_value_set_costs_the_engine_one_test() -> None:
     definition = compile_ruleset(ruleset)
     assert len(orjson.dumps(definition)) < 400  # the codes never reach the engine
     evaluator = Evaluator(ruleset)
-    hit = PatientRecord(conditions=[Condition([Code("snomed", codes[4321])])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic"))
-    miss = PatientRecord(conditions=[Condition([Code("snomed", "99")])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic"))
+    hit = PatientRecord(
+        conditions=[Condition([Code("snomed", codes[4321])])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic")
+    )
+    miss = PatientRecord(
+        conditions=[Condition([Code("snomed", "99")])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic")
+    )
     assert [e["ruleId"] for e in evaluator.evaluate(hit, AS_OF).get("explanations", [])] == ["CAU-BIG-SET"]
     assert "explanations" not in evaluator.evaluate(miss, AS_OF)
 
@@ -256,13 +262,26 @@ def test_engine_adapter_refuses_an_oversized_fact_before_the_engine_sees_it() ->
 
 def test_raw_engine_negation_crosstalk_between_rules() -> None:
     rules = {
-        "A": {"all": [{"o": {"$and": [{"t": "order"}, {"ia": True}]}}, {"n$not": {"$and": [{"t": "order"}, {"intent": "arthrography"}]}}]},
-        "B": {"all": [{"o": {"$and": [{"t": "order"}, {"intent": "therapeutic"}]}}, {"n$not": {"$and": [{"t": "condition"}, {"oa": 1}]}}]},
+        "A": {
+            "all": [
+                {"o": {"$and": [{"t": "order"}, {"ia": True}]}},
+                {"n$not": {"$and": [{"t": "order"}, {"intent": "arthrography"}]}},
+            ]
+        },
+        "B": {
+            "all": [
+                {"o": {"$and": [{"t": "order"}, {"intent": "therapeutic"}]}},
+                {"n$not": {"$and": [{"t": "condition"}, {"oa": 1}]}},
+            ]
+        },
         "__session": {"all": [{"m": {"$s": 1}}]},
     }
     handle = raw.create_ruleset("negation", orjson.dumps(rules).decode())
     try:
-        facts = [{"sid": "n1", "t": "order", "ia": True, "intent": "therapeutic", "_fid": 0}, {"sid": "n1", "t": "condition", "oa": 1, "_fid": 1}]
+        facts = [
+            {"sid": "n1", "t": "order", "ia": True, "intent": "therapeutic", "_fid": 0},
+            {"sid": "n1", "t": "condition", "oa": 1, "_fid": 1},
+        ]
         _, offset = raw.assert_facts(handle, orjson.dumps(facts).decode())
         fired = _drain(handle, offset)
         raw.delete_state(handle, "n1")
@@ -281,7 +300,9 @@ def test_evaluator_is_not_exposed_to_the_negation_crosstalk() -> None:
         {"oa": {"title": "oa", "codes": {"icd10cm": {"prefixes": ["M16"]}}}},
     )
     evaluator = Evaluator(build_ruleset(docs))
-    record = PatientRecord(conditions=[Condition([Code("icd10cm", "M16.11")])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic"))
+    record = PatientRecord(
+        conditions=[Condition([Code("icd10cm", "M16.11")])], order=InjectionOrder("hip-intra-articular", "left", "therapeutic")
+    )
     fired = [e["ruleId"] for e in evaluator.evaluate(record, AS_OF)["explanations"]]
     assert fired == ["CAU-A"]
 
@@ -303,7 +324,7 @@ def test_concurrent_evaluations_get_exactly_the_single_thread_answers(hip_evalua
                     if i in results and results[i] != decision:
                         raise AssertionError(f"patient {i} answered differently on a repeat")
                     results[i] = decision
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - surfaced below, in the test's thread
             errors.append(exc)
 
     old = sys.getswitchinterval()

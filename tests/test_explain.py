@@ -24,7 +24,9 @@ def inr(value: float, days_before: float = 1) -> Observation:
 
 
 def test_a_fired_rule_shows_each_condition_with_value_and_threshold(hip_evaluator) -> None:
-    report = explain_rule(hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[inr(3.4)], order=ORDER), AS_OF, "DEF-INR-HIGH")
+    report = explain_rule(
+        hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[inr(3.4)], order=ORDER), AS_OF, "DEF-INR-HIGH"
+    )
     assert report["fired"] is True
     (alternative,) = report["alternatives"]
     inr_pattern = next(p for p in alternative["patterns"] if p["alias"] == "inr")
@@ -33,9 +35,13 @@ def test_a_fired_rule_shows_each_condition_with_value_and_threshold(hip_evaluato
 
 
 def test_a_silent_rule_shows_the_condition_that_failed(hip_evaluator) -> None:
-    report = explain_rule(hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[inr(2.8)], order=ORDER), AS_OF, "DEF-INR-HIGH")
+    report = explain_rule(
+        hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[inr(2.8)], order=ORDER), AS_OF, "DEF-INR-HIGH"
+    )
     assert report["fired"] is False
-    failing = [t for p in report["alternatives"][0]["patterns"] for c in p["candidates"] for t in c["conditions"] if not t["holds"]]
+    failing = [
+        t for p in report["alternatives"][0]["patterns"] for c in p["candidates"] for t in c["conditions"] if not t["holds"]
+    ]
     assert [(t["condition"], t["saw"]) for t in failing] == [("value > $inr_defer_above", "2.8 {INR}")]
 
 
@@ -71,7 +77,9 @@ def test_the_command_prints_the_rule_and_the_changes(tmp_path: Path) -> None:
     path.write_text(json.dumps(bundle))
     result = CliRunner().invoke(command, [str(path), "--rule", "DEF-INR-HIGH", "--as-of", "2025-06-02T09:00:00Z"])
     assert result.exit_code == 0, result.output
-    assert re.search(r"DEF-INR-HIGH \d+\.\d+\.\d+: INR above the procedural limit on a vitamin K antagonist: FIRED", result.output)
+    assert re.search(
+        r"DEF-INR-HIGH \d+\.\d+\.\d+: INR above the procedural limit on a vitamin K antagonist: FIRED", result.output
+    )
     assert "✓ value > $inr_defer_above (threshold 3.0): saw 3.4 {INR}" in result.output
     assert "DEF-INR-HIGH would not apply at ≤ 3 {INR}; the deferral would lift." in result.output
     result = CliRunner().invoke(command, [str(path), "--rule", "NO-SUCH-RULE", "--as-of", "2025-06-02T09:00:00Z"])
@@ -89,7 +97,9 @@ def test_a_condition_is_judged_only_against_facts_of_its_own_pattern(hip_evaluat
     saw = [t["saw"] for c in inr_pattern["candidates"] for t in c["conditions"]]
     assert not any("kg/m2" in s for s in saw)
     # without any INR, the pattern has no candidate at all, and the text says which facts are missing
-    report = explain_rule(hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[bmi], order=ORDER), AS_OF, "DEF-INR-HIGH")
+    report = explain_rule(
+        hip_evaluator, PatientRecord(medications=[WARFARIN], observations=[bmi], order=ORDER), AS_OF, "DEF-INR-HIGH"
+    )
     inr_pattern = next(p for p in report["alternatives"][0]["patterns"] if p["alias"] == "inr")
     assert inr_pattern["candidates"] == [] and inr_pattern["holds"] is False
 
@@ -97,11 +107,22 @@ def test_a_condition_is_judged_only_against_facts_of_its_own_pattern(hip_evaluat
 def test_the_command_shows_no_other_concept_against_a_threshold(tmp_path: Path) -> None:
     """The printed report of a rule never lists a result of another concept under a pattern."""
     bundle = json.loads((Path(__file__).parent / "data" / "fhir" / "hip_injection_order.json").read_text())
-    bundle["entry"] = [e for e in bundle["entry"] if not (e["resource"]["resourceType"] == "Observation" and e["resource"]["code"]["coding"][0]["code"] == "6301-6")]
-    bundle["entry"].append({"resource": {
-        "resourceType": "Observation", "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "39156-5", "display": "BMI"}]},
-        "effectiveDateTime": "2025-05-30T09:00:00Z", "valueQuantity": {"value": 30.3, "unit": "kg/m2", "system": "http://unitsofmeasure.org", "code": "kg/m2"}}})
+    bundle["entry"] = [
+        e
+        for e in bundle["entry"]
+        if not (e["resource"]["resourceType"] == "Observation" and e["resource"]["code"]["coding"][0]["code"] == "6301-6")
+    ]
+    bundle["entry"].append(
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "39156-5", "display": "BMI"}]},
+                "effectiveDateTime": "2025-05-30T09:00:00Z",
+                "valueQuantity": {"value": 30.3, "unit": "kg/m2", "system": "http://unitsofmeasure.org", "code": "kg/m2"},
+            }
+        }
+    )
     path = tmp_path / "bundle.json"
     path.write_text(json.dumps(bundle))
     result = CliRunner().invoke(command, [str(path), "--rule", "DEF-INR-HIGH", "--as-of", "2025-06-02T09:00:00Z"])

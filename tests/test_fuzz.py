@@ -25,14 +25,13 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from needlepoint.security.logsafe import correlation_ref
 from needlepoint.cli import main as cli_main
 from needlepoint.core.record import RecordError
 from needlepoint.fhir import mapper
 from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.security.logsafe import correlation_ref
 from needlepoint.server import wire
 from needlepoint.server.errors import MAX_MESSAGE_CHARS, correlation_id_problem
 from needlepoint.v1 import decision_service_pb2
@@ -58,12 +57,12 @@ CHEAP_KINDS = sorted(k for k in fuzz.GENERATORS if k != "oversized")
 ORDER_BUNDLE = orjson.loads(fuzz.ORDER_BUNDLE.read_bytes())
 AS_OF = "2025-06-02T09:00:00Z"
 
-BOUNDED = dict(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
-)
+BOUNDED = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+}
 
 # Any JSON value, hostile dates and strings among the leaves.
 JSON_VALUES = st.recursive(
@@ -146,7 +145,12 @@ def test_any_timestamp_is_evaluated_or_rejected_naming_the_field(road: Any, corp
 
 
 @settings(max_examples=200, **BOUNDED)
-@given(text=st.from_regex(r"-?[0-9]{1,5}(-[0-9]{2}(-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,12})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?", fullmatch=True))
+@given(
+    text=st.from_regex(
+        r"-?[0-9]{1,5}(-[0-9]{2}(-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,12})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?",
+        fullmatch=True,
+    )
+)
 def test_a_parsed_date_time_can_always_be_compared_in_utc(text: str) -> None:
     try:
         value = mapper._parse_datetime(text)
@@ -248,7 +252,9 @@ def test_an_oversized_stream_item_gets_its_own_error_and_the_stream_goes_on(runn
 def test_correlation_ids_in_trailers_and_logs(fuzz_server: ServerProcess, corpus: Any) -> None:
     with grpc.insecure_channel(fuzz_server.target) as channel:
         evaluate = channel.unary_unary(f"{fuzz.SERVICE}/Evaluate")
-        _, call = evaluate.with_call(fuzz.request_bytes(context=corpus.contexts[0], order=True, correlation_id="ok-1"), timeout=20)
+        _, call = evaluate.with_call(
+            fuzz.request_bytes(context=corpus.contexts[0], order=True, correlation_id="ok-1"), timeout=20
+        )
         assert ("correlation-id", "ok-1") in tuple(call.trailing_metadata())
         mark = len(fuzz_server.lines)
         for cid in ("CANARY é", "CANARY\n", "CANARY" * 20_000):
@@ -270,7 +276,9 @@ def test_long_values_make_short_errors_a_python_client_can_read(fuzz_server: Ser
     under the default metadata limit and the field violation reaches the client."""
     bundle = orjson.loads(orjson.dumps(ORDER_BUNDLE))
     request = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest")
-    request["orderDetail"] = [{"coding": [{"system": "http://needlepoint.dev/fhir/CodeSystem/injection-intent", "code": "x" * 1_000_000}]}]
+    request["orderDetail"] = [
+        {"coding": [{"system": "http://needlepoint.dev/fhir/CodeSystem/injection-intent", "code": "x" * 1_000_000}]}
+    ]
     with grpc.insecure_channel(fuzz_server.target) as channel:
         evaluate = channel.unary_unary(f"{fuzz.SERVICE}/Evaluate")
         with pytest.raises(grpc.RpcError) as caught:

@@ -409,6 +409,9 @@ def test_explain_through_the_api(grpc_server) -> None:
         explained = client.explain(request, rule_id="DEF-INR-HIGH")
     assert explained.rule.fired and explained.rule.rule_id == "DEF-INR-HIGH"
     conditions = [c for p in explained.rule.alternatives[0].patterns for cand in p.candidates for c in cand.conditions]
-    assert any(c.condition == "value > $inr_defer_above" and c.threshold == "3.0" and c.saw == "3.4 {INR}" and c.holds for c in conditions)
+    assert any(
+        c.condition == "value > $inr_defer_above" and c.threshold == "3.0" and c.saw == "3.4 {INR}" and c.holds
+        for c in conditions
+    )
     lifting = [c for c in explained.counterfactuals if c.field == "value" and c.rule_id == "DEF-INR-HIGH"]
     assert lifting and lifting[0].lifts_deferral and lifting[0].deferral == "BLEEDING_RISK/PROCEDURE"

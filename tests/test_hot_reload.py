@@ -93,7 +93,12 @@ def test_reload_under_load(tmp_path: Path, server_process) -> None:
 
             # 3. a rule set that does not even load is rejected too
             (hip / "rules" / "10-bleeding.yaml").write_text("- id: [not, a, rule\n")
-            _wait(lambda: "does not load" in stub.GetRuleset(decision_service_pb2.GetRulesetRequest(id="hip-injection"), timeout=5).last_reload.message)
+            _wait(
+                lambda: (
+                    "does not load"
+                    in stub.GetRuleset(decision_service_pb2.GetRulesetRequest(id="hip-injection"), timeout=5).last_reload.message
+                )
+            )
             time.sleep(0.5)  # requests keep flowing against v1 meanwhile
         finally:
             stop.set()

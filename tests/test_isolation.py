@@ -19,7 +19,7 @@ from needlepoint.server.errors import ServiceError
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import heavy  # noqa: E402  (bench/heavy.py builds the large records)
+import heavy  # bench/heavy.py builds the large records
 
 ORDER_BUNDLE = Path(__file__).parent / "data" / "fhir" / "hip_injection_order.json"
 

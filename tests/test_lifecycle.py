@@ -183,7 +183,9 @@ def test_a_replacement_worker_serves_the_validated_versions_not_the_disk(tmp_pat
         (hip / "ruleset.yaml").write_text(text.replace(f"version: {v1}", f"version: {v2}", 1))
         params = (hip / "parameters.yaml").read_text()
         assert "inr_defer_above:\n  value: 3.0" in params
-        (hip / "parameters.yaml").write_text(params.replace("inr_defer_above:\n  value: 3.0", "inr_defer_above:\n  value: 9.0", 1))
+        (hip / "parameters.yaml").write_text(
+            params.replace("inr_defer_above:\n  value: 3.0", "inr_defer_above:\n  value: 9.0", 1)
+        )
         _wait(lambda: get().last_reload.outcome == "rejected")
         before = get().last_reload
 

@@ -52,7 +52,10 @@ def test_the_bundled_rule_set_lints_without_errors_or_warnings() -> None:
 
 def test_the_bundled_rule_set_lints_clean_under_a_site_overlay(tmp_path: Path) -> None:
     overlay = tmp_path / "ultrasound-site.yaml"
-    overlay.write_text("site: ultrasound-site\nparameters:\n  ia_hip_default_modality: ULTRASOUND\n  inr_defer_above: 2.0\n  platelet_caution_below: 60\n")
+    overlay.write_text(
+        "site: ultrasound-site\nparameters:\n  ia_hip_default_modality: ULTRASOUND\n  inr_defer_above: 2.0\n"
+        "  platelet_caution_below: 60\n"
+    )
     assert [str(f) for f in lint(HIP, overlay=overlay)] == []
 
 
@@ -60,7 +63,10 @@ def test_an_overlay_that_inverts_bundled_bands_makes_those_rules_dead(tmp_path: 
     overlay = tmp_path / "inverted.yaml"
     overlay.write_text("site: inverted\nparameters:\n  platelet_caution_below: 10\n  arthroplasty_caution_days: 60\n")
     findings = lint(HIP, overlay=overlay)
-    assert {(f.code, f.message.split(" ")[0]) for f in findings} == {("NP007", "CAU-PLT-BORDERLINE"), ("NP007", "CAU-PRE-ARTHROPLASTY-WINDOW")}
+    assert {(f.code, f.message.split(" ")[0]) for f in findings} == {
+        ("NP007", "CAU-PLT-BORDERLINE"),
+        ("NP007", "CAU-PRE-ARTHROPLASTY-WINDOW"),
+    }
     assert all(f.file.endswith("rules/10-bleeding.yaml") or f.file.endswith("rules/20-corticosteroid.yaml") for f in findings)
 
 
@@ -178,7 +184,9 @@ def test_an_overlay_with_an_unknown_parameter_and_a_wrong_type() -> None:
     overlay = OVERLAYS / "bad-site.yaml"
     assert found(MINIMAL, overlay) == [("NP014", "error", "bad-site.yaml", 3, 3), ("NP014", "error", "bad-site.yaml", 4, 27)]
     messages = [f.message for f in lint(MINIMAL, overlay=overlay)]
-    assert "did you mean 'platelet_defer_below'" in messages[0] and "expected a number like 50; got the string '50'" in messages[1]
+    assert (
+        "did you mean 'platelet_defer_below'" in messages[0] and "expected a number like 50; got the string '50'" in messages[1]
+    )
 
 
 def test_rules_are_checked_under_the_overlay_values() -> None:
@@ -222,20 +230,48 @@ def make(tmp_path: Path, when: str, *, message: str = "A test.", files: dict[str
     return root
 
 
-CODED_CONCEPT = "platelets:\n  title: Platelet count\n  codes: [loinc#777-3]\n  unit: 10*9/L\n  units: {10*9/L: 1}\n  plausible: [0, 2000]\npregnancy-status:\n  title: Pregnancy status\n  codes: [loinc#82810-3]\n"
-KOCHER = "kocher:\n  description: Kocher criteria met.\n  criteria:\n    - {flag: {name: non-weight-bearing}}\n    - {flag: {name: hot-painful-joint}}\n"
+CODED_CONCEPT = (
+    "platelets:\n  title: Platelet count\n  codes: [loinc#777-3]\n  unit: 10*9/L\n  units: {10*9/L: 1}\n  plausible: [0, 2000]\n"
+    "pregnancy-status:\n  title: Pregnancy status\n  codes: [loinc#82810-3]\n"
+)
+KOCHER = (
+    "kocher:\n  description: Kocher criteria met.\n  criteria:\n"
+    "    - {flag: {name: non-weight-bearing}}\n    - {flag: {name: hot-painful-joint}}\n"
+)
 
 
 @pytest.mark.parametrize(
     ("when", "files", "line", "column", "words"),
     [
         ("    ord: {order: {intent: {exists: false, eq: diagnostic}}}", {}, 6, 43, "a missing field satisfies no comparison"),
-        ("    plt: {observation: {concept: platelets, value: {gt: $big}}}", {"parameters.yaml": "big:\n  value: 5000\n  provenance: C\n  source: x\n  description: x\n"}, 6, 53, "plausible range 0-2000"),
-        ("    preg: {observation: {concept: pregnancy-status, value: {gt: $big}}}", {"parameters.yaml": "big:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n", "observations.yaml": CODED_CONCEPT}, 6, 61, "is coded"),
+        (
+            "    plt: {observation: {concept: platelets, value: {gt: $big}}}",
+            {"parameters.yaml": "big:\n  value: 5000\n  provenance: C\n  source: x\n  description: x\n"},
+            6,
+            53,
+            "plausible range 0-2000",
+        ),
+        (
+            "    preg: {observation: {concept: pregnancy-status, value: {gt: $big}}}",
+            {
+                "parameters.yaml": "big:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n",
+                "observations.yaml": CODED_CONCEPT,
+            },
+            6,
+            61,
+            "is coded",
+        ),
         ("    k: {summary: {kocher: {gte: 3}}}", {"aggregates.yaml": KOCHER}, 6, 28, "counts 2 criteria"),
         ("    a: {order: {intent: diagnostic}}\n    b: {order: {intent: therapeutic}}", {}, 7, 17, "test the same order fact"),
         ("    ia: {order: {intra_articular: true}}\n    nobody: {not: {patient: {}}}", {}, 7, 5, "always a patient fact"),
-        ("    plt: {observation: {concept: platelets, value: {lt: 30}}}\n    not_low: {not: {observation: {concept: platelets, value: {lt: 50}}}}", {}, 7, 5, "negates what plt requires"),
+        (
+            "    plt: {observation: {concept: platelets, value: {lt: 30}}}\n"
+            "    not_low: {not: {observation: {concept: platelets, value: {lt: 50}}}}",
+            {},
+            7,
+            5,
+            "negates what plt requires",
+        ),
     ],
 )
 def test_rules_that_can_never_fire(tmp_path: Path, when: str, files: dict, line: int, column: int, words: str) -> None:
@@ -266,14 +302,20 @@ def test_a_dead_alternative_is_reported_but_the_rule_still_fires(tmp_path: Path)
 
 
 def test_a_message_placeholder_is_reported_where_it_is_written(tmp_path: Path) -> None:
-    root = make(tmp_path, "    plt: {observation: {concept: platelets}}", message=">-\n      Platelets\n      {plt.valu} and {$nope}.")
+    root = make(
+        tmp_path, "    plt: {observation: {concept: platelets}}", message=">-\n      Platelets\n      {plt.valu} and {$nope}."
+    )
     assert found(root) == [("NP005", "error", "rules/rules.yaml", 11, 7), ("NP004", "error", "rules/rules.yaml", 11, 22)]
 
 
 def test_codes_yaml_reads_as_other_numbers_and_negated_criteria(tmp_path: Path) -> None:
     vs = "anaesthesia:\n  title: Anaesthesia codes\n  codes:\n    cpt: [00100, '00102']\n"
     agg = "n:\n  description: x\n  criteria:\n    - {not: {flag: {name: hot-painful-joint}}}\n"
-    root = make(tmp_path, "    ord: {order: {code: {in: anaesthesia}}}\n    n: {summary: {n: {gte: 1}}}", files={"valuesets/orders.yaml": vs, "aggregates.yaml": agg})
+    root = make(
+        tmp_path,
+        "    ord: {order: {code: {in: anaesthesia}}}\n    n: {summary: {n: {gte: 1}}}",
+        files={"valuesets/orders.yaml": vs, "aggregates.yaml": agg},
+    )
     findings = found(root)
     assert ("NP006", "error", "valuesets/orders.yaml", 4, 11) in findings
     assert ("NP002", "error", "aggregates.yaml", 4, 8) in findings
@@ -320,7 +362,24 @@ def test_an_error_only_the_loader_finds_is_reported_at_the_place_it_names(monkey
     assert (finding.code, Path(finding.file).name, finding.line) == ("NP002", "ruleset.yaml", 1) and "ValueError" in finding.message
 
 
-_JUNK = [None, 0, -1.5, 7, "", "x", "$nope", "$platelet_defer_below", [], {}, True, [1, "a"], {"lt": 3}, {"in": "nope"}, "FLUOROSCOPY", "1.0"]
+_JUNK = [
+    None,
+    0,
+    -1.5,
+    7,
+    "",
+    "x",
+    "$nope",
+    "$platelet_defer_below",
+    [],
+    {},
+    True,
+    [1, "a"],
+    {"lt": 3},
+    {"in": "nope"},
+    "FLUOROSCOPY",
+    "1.0",
+]
 
 
 def _mutate(value: Any, rng: random.Random) -> Any:
@@ -350,7 +409,10 @@ def test_lint_never_crashes_and_reports_an_error_whenever_the_loader_refuses(tmp
     """Random mutations of the minimal rule set: lint never raises, every finding has a real
     place, and a rule set the loader refuses always has at least one lint error."""
     rng = random.Random(20261122)
-    originals = {rel: yaml.safe_load((MINIMAL / rel).read_text()) for rel in ("rules/rules.yaml", "parameters.yaml", "observations.yaml", "ruleset.yaml")}
+    originals = {
+        rel: yaml.safe_load((MINIMAL / rel).read_text())
+        for rel in ("rules/rules.yaml", "parameters.yaml", "observations.yaml", "ruleset.yaml")
+    }
     for n in range(150):
         root = tmp_path / f"m{n}"
         shutil.copytree(MINIMAL, root)
@@ -463,7 +525,14 @@ def test_loinc_check_digits() -> None:
 
 @pytest.mark.parametrize(
     ("system", "code"),
-    [("snomed", "23987200\n"), ("snomed", "239872002\n"), ("loinc", "6301-6\n"), ("loinc", "6301-٦"), ("rxnorm", "855332\n"), ("snomed", "２３９８７２００２")],
+    [
+        ("snomed", "23987200\n"),
+        ("snomed", "239872002\n"),
+        ("loinc", "6301-6\n"),
+        ("loinc", "6301-٦"),
+        ("rxnorm", "855332\n"),
+        ("snomed", "２３９８７２００２"),
+    ],
 )
 def test_a_code_with_a_trailing_newline_or_non_ascii_digits_is_malformed(system: str, code: str) -> None:
     problem = check_code(system, code)
@@ -538,7 +607,10 @@ def test_json_format() -> None:
     assert result.exit_code == 1
     document = json.loads(result.output)
     assert document["summary"] == {"errors": 1, "warnings": 1, "files": 4, "rules": 2}
-    assert [(f["code"], f["severity"], f["line"], f["column"]) for f in document["findings"]] == [("NP010", "error", 29, 17), ("NP012", "warning", 29, 17)]
+    assert [(f["code"], f["severity"], f["line"], f["column"]) for f in document["findings"]] == [
+        ("NP010", "error", 29, 17),
+        ("NP012", "warning", 29, 17),
+    ]
     assert set(document["findings"][0]) == {"code", "severity", "file", "line", "column", "message"}
 
 
@@ -733,17 +805,27 @@ def test_the_rules_schema_rejects_a_broken_rule(change) -> None:
 def test_the_other_schemas_reject_broken_files() -> None:
     assert schema_errors({"x": {"title": "X", "codes": {"snomed": ["23987200a"]}}}, "valuesets.schema.json") != []
     assert schema_errors({"x": {"title": "X", "codes": {"rxnorm": {"prefixes": ["85"]}}}}, "valuesets.schema.json") != []
-    assert schema_errors({"x": {"value": 1, "provenance": "Z", "source": "s", "description": "d"}}, "parameters.schema.json") != []
+    assert (
+        schema_errors({"x": {"value": 1, "provenance": "Z", "source": "s", "description": "d"}}, "parameters.schema.json") != []
+    )
     assert schema_errors({"inr": {"title": "INR", "codes": ["6301-6"]}}, "observations.schema.json") != []
-    assert schema_errors({"n": {"description": "d", "count": "medication", "where": {"colour": 1}}}, "aggregates.schema.json") != []
-    assert schema_errors({"n": {"description": "d", "count": "medication", "criteria": [{"flag": {}}]}}, "aggregates.schema.json") != []
+    assert (
+        schema_errors({"n": {"description": "d", "count": "medication", "where": {"colour": 1}}}, "aggregates.schema.json") != []
+    )
+    assert (
+        schema_errors({"n": {"description": "d", "count": "medication", "criteria": [{"flag": {}}]}}, "aggregates.schema.json")
+        != []
+    )
     assert schema_errors({"id": "x", "version": "1", "title": "t", "validation": "v"}, "ruleset.schema.json") != []
     assert schema_errors({"site": "s", "parameters": {"bad-name": 1}}, "overlay.schema.json") != []
 
 
 @pytest.mark.parametrize("name", ["t", "id", "sid"])
 def test_an_aggregate_named_after_an_engine_reserved_field_is_refused_at_its_line(tmp_path: Path, name: str) -> None:
-    agg = f"kocher:\n  description: Kocher criteria met.\n  criteria:\n    - {{flag: {{name: non-weight-bearing}}}}\n{name}:\n  description: x\n  count: condition\n"
+    agg = (
+        "kocher:\n  description: Kocher criteria met.\n  criteria:\n    - {flag: {name: non-weight-bearing}}\n"
+        f"{name}:\n  description: x\n  count: condition\n"
+    )
     root = make(tmp_path, "    k: {summary: {kocher: {gte: 1}}}", files={"aggregates.yaml": agg})
     reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
     assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "aggregates.yaml", 5, 1)]

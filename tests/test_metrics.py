@@ -82,7 +82,9 @@ def test_metrics_endpoint(tmp_path: Path, server_process, unused_port) -> None:
         samples = _scrape(port)
         assert _value(samples, "needlepoint_requests_total", method=EVALUATE, code="OK") == 4  # 3 before the kill, 1 after
         assert _value(samples, "needlepoint_requests_total", method=EVALUATE, code="INVALID_ARGUMENT") == 1
-        assert _value(samples, "needlepoint_requests_total", method="needlepoint.v1.DecisionService/EvaluateStream", code="OK") == 1
+        assert (
+            _value(samples, "needlepoint_requests_total", method="needlepoint.v1.DecisionService/EvaluateStream", code="OK") == 1
+        )
         assert _value(samples, "needlepoint_request_duration_seconds_count", method=EVALUATE) == 5
         assert _value(samples, "needlepoint_request_duration_seconds_bucket", method=EVALUATE, le="+Inf") == 5
         decisions = {dict(labels)["outcome"]: v for (name, labels), v in samples.items() if name == "needlepoint_decisions_total"

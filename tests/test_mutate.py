@@ -80,6 +80,9 @@ def test_the_bundled_cases_kill_the_unit_and_range_mutants_of_a_concept() -> Non
     killed = {m.description: case for m, case in report.killed}
     assert len(killed) == 41  # 7 UCUM codes and 6 display texts, x10, /10 and dropped; 2 range ends
     assert killed["platelets /uL: 0.001 -> 0.0001"] == "platelets 25000 /uL (25 x 10^9/L) are a caution"
-    assert killed["platelets plausible low: 0 -> 3.003 (excludes 3, the lowest value a case gives)"] == "platelets 3 (severe thrombocytopenia) are a real value and defer"
+    assert (
+        killed["platelets plausible low: 0 -> 3.003 (excludes 3, the lowest value a case gives)"]
+        == "platelets 3 (severe thrombocytopenia) are a real value and defer"
+    )
     report = run(HIP, kinds=("unit",), match="temperature [degF]")
     assert len(report.killed) == 3 and report.survived == []

@@ -46,21 +46,35 @@ def test_an_installed_wheel_evaluates_a_bundle(wheel: Path, tmp_path: Path) -> N
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     # The dependencies come from this environment (a path entry, so its editable install of
     # needlepoint is not activated); the package itself only from the wheel.
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     result = subprocess.run(
         [env_dir / "bin" / "needlepoint", "evaluate", str(BUNDLE), "--json", "--as-of", "2025-06-02T09:00:00Z"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=120,
+        timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr
     decision = json.loads(result.stdout)
     assert decision["ruleset"]["id"] == "hip-injection"
     assert decision["explanations"]
-    where = subprocess.run([python, "-c", "import needlepoint; print(needlepoint.__file__)"], capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [python, "-c", "import needlepoint; print(needlepoint.__file__)"], capture_output=True, text=True, check=True
+    ).stdout
     assert str(site) in where  # the wheel's copy, not the repository's

@@ -56,7 +56,10 @@ def bundle(*resources: dict) -> dict:
     return {
         "resourceType": "Bundle",
         "type": "transaction",
-        "entry": [{"fullUrl": f"urn:uuid:{i}", "resource": r, "request": {"method": "POST", "url": r["resourceType"]}} for i, r in enumerate(resources)],
+        "entry": [
+            {"fullUrl": f"urn:uuid:{i}", "resource": r, "request": {"method": "POST", "url": r["resourceType"]}}
+            for i, r in enumerate(resources)
+        ],
     }
 
 
@@ -84,7 +87,14 @@ def test_a_condition_exists_once_it_began_or_was_written() -> None:
         {"resourceType": "Condition", "id": "unreadable", "onsetDateTime": "sometime in 2020"},
         {"resourceType": "Condition", "id": "exactly-at", "onsetDateTime": "2019-01-01T00:00:00Z"},
     )
-    assert kept_ids(b) == ["p", "onset-later-recorded-before", "onset-before-recorded-later", "undated", "unreadable", "exactly-at"]
+    assert kept_ids(b) == [
+        "p",
+        "onset-later-recorded-before",
+        "onset-before-recorded-later",
+        "undated",
+        "unreadable",
+        "exactly-at",
+    ]
 
 
 def test_each_record_type_is_dated_by_the_fields_the_contract_names() -> None:
@@ -92,7 +102,12 @@ def test_each_record_type_is_dated_by_the_fields_the_contract_names() -> None:
         {"resourceType": "MedicationRequest", "id": "mr-later", "status": "active", "authoredOn": AFTER},
         {"resourceType": "MedicationRequest", "id": "mr-before", "status": "stopped", "authoredOn": BEFORE},
         {"resourceType": "MedicationRequest", "id": "injectate-draft", "status": "draft", "authoredOn": AFTER},
-        {"resourceType": "MedicationStatement", "id": "ms-asserted-before", "effectivePeriod": {"start": AFTER}, "dateAsserted": BEFORE},
+        {
+            "resourceType": "MedicationStatement",
+            "id": "ms-asserted-before",
+            "effectivePeriod": {"start": AFTER},
+            "dateAsserted": BEFORE,
+        },
         {"resourceType": "MedicationStatement", "id": "ms-later", "effectiveDateTime": AFTER},
         {"resourceType": "AllergyIntolerance", "id": "allergy-later", "recordedDate": AFTER},
         {"resourceType": "AllergyIntolerance", "id": "allergy-onset-before", "recordedDate": AFTER, "onsetDateTime": BEFORE},
@@ -129,8 +144,18 @@ def test_a_death_after_the_instant_has_not_happened_yet() -> None:
 
 
 def test_truncation_leaves_its_input_alone_and_keeps_ends_and_statuses() -> None:
-    resolved = {"resourceType": "Condition", "id": "c", "clinicalStatus": {"coding": [{"code": "resolved"}]}, "onsetDateTime": BEFORE, "abatementDateTime": AFTER}
-    b = bundle({"resourceType": "Patient", "id": "p", "deceasedDateTime": AFTER}, resolved, {"resourceType": "Observation", "id": "o", "effectiveDateTime": AFTER})
+    resolved = {
+        "resourceType": "Condition",
+        "id": "c",
+        "clinicalStatus": {"coding": [{"code": "resolved"}]},
+        "onsetDateTime": BEFORE,
+        "abatementDateTime": AFTER,
+    }
+    b = bundle(
+        {"resourceType": "Patient", "id": "p", "deceasedDateTime": AFTER},
+        resolved,
+        {"resourceType": "Observation", "id": "o", "effectiveDateTime": AFTER},
+    )
     original = copy.deepcopy(b)
     out = truncate_bundle(b, "2019-01-01T00:00:00Z")
     assert b == original
@@ -166,7 +191,13 @@ def valid_decision(hip_ruleset) -> dict:
     rs = hip_ruleset
 
     def explanation(rule_id: str, outcome: str) -> dict:
-        return {"ruleId": rule_id, "ruleVersion": rs.rule(rule_id).version, "title": rs.rule(rule_id).title, "outcome": outcome, "rationale": "…"}
+        return {
+            "ruleId": rule_id,
+            "ruleVersion": rs.rule(rule_id).version,
+            "title": rs.rule(rule_id).title,
+            "outcome": outcome,
+            "rationale": "…",
+        }
 
     return {
         "decisionId": "dec-test",
@@ -174,12 +205,32 @@ def valid_decision(hip_ruleset) -> dict:
         "ruleset": {"id": rs.id, "version": rs.version, "digest": rs.digest},
         "modality": {"preferred": "ULTRASOUND", "avoid": ["FLUOROSCOPY"], "ruleIds": ["MOD-SOFT-TISSUE-US"]},
         "injectates": [
-            {"category": "CORTICOSTEROID", "recommendation": "SUGGESTED", "ruleIds": ["INJ-THERAPEUTIC-CS-LA"], "message": "Therapeutic injection."},
-            {"category": "LOCAL_ANESTHETIC", "recommendation": "SUGGESTED", "ruleIds": ["INJ-THERAPEUTIC-CS-LA"], "message": "Therapeutic injection."},
+            {
+                "category": "CORTICOSTEROID",
+                "recommendation": "SUGGESTED",
+                "ruleIds": ["INJ-THERAPEUTIC-CS-LA"],
+                "message": "Therapeutic injection.",
+            },
+            {
+                "category": "LOCAL_ANESTHETIC",
+                "recommendation": "SUGGESTED",
+                "ruleIds": ["INJ-THERAPEUTIC-CS-LA"],
+                "message": "Therapeutic injection.",
+            },
         ],
-        "deferrals": [{"reason": "BLEEDING_RISK", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DEF-INR-HIGH"], "message": "INR 3.4 {INR} is above 3: defer."}],
+        "deferrals": [
+            {
+                "reason": "BLEEDING_RISK",
+                "severity": "HARD",
+                "scope": "PROCEDURE",
+                "ruleIds": ["DEF-INR-HIGH"],
+                "message": "INR 3.4 {INR} is above 3: defer.",
+            }
+        ],
         "cautions": [{"code": "ANTITHROMBOTIC_CONTINUE", "ruleIds": ["CAU-ANTITHROMBOTIC-CONTINUE"], "message": "Continue it."}],
-        "missingData": [{"code": "unit-unknown:egfr", "message": "The newest eGFR is in 'mL/min'.", "ruleIds": ["DATA-VALUE-SET-ASIDE"]}],
+        "missingData": [
+            {"code": "unit-unknown:egfr", "message": "The newest eGFR is in 'mL/min'.", "ruleIds": ["DATA-VALUE-SET-ASIDE"]}
+        ],
         "explanations": [
             explanation("CAU-ANTITHROMBOTIC-CONTINUE", "caution: ANTITHROMBOTIC_CONTINUE"),
             explanation("DEF-INR-HIGH", "defer: BLEEDING_RISK (HARD, scope PROCEDURE)"),
@@ -220,9 +271,20 @@ def _break_message_marker(d):
 
 
 def _break_acceptable_outcome(d):
-    d["modality"] = {"preferred": "FLUOROSCOPY", "acceptable": ["ULTRASOUND"], "avoid": ["LANDMARK"], "ruleIds": ["MOD-IA-HIP-DEFAULT"]}
+    d["modality"] = {
+        "preferred": "FLUOROSCOPY",
+        "acceptable": ["ULTRASOUND"],
+        "avoid": ["LANDMARK"],
+        "ruleIds": ["MOD-IA-HIP-DEFAULT"],
+    }
     d["explanations"] = [e for e in d["explanations"] if e["ruleId"] != "MOD-SOFT-TISSUE-US"]
-    d["explanations"].append({"ruleId": "MOD-IA-HIP-DEFAULT", "ruleVersion": "1.0.0", "outcome": "modality: prefer FLUOROSCOPY, acceptable FLUOROSCOPY/ULTRASOUND, avoid LANDMARK"})
+    d["explanations"].append(
+        {
+            "ruleId": "MOD-IA-HIP-DEFAULT",
+            "ruleVersion": "1.0.0",
+            "outcome": "modality: prefer FLUOROSCOPY, acceptable FLUOROSCOPY/ULTRASOUND, avoid LANDMARK",
+        }
+    )
 
 
 def _break_preferred_avoided(d):
@@ -255,8 +317,17 @@ def _break_contribution(d):
 
 
 def _break_contrast_avoided(d):
-    d["injectates"].append({"category": "IODINATED_CONTRAST", "recommendation": "SUGGESTED", "ruleIds": ["INJ-CONTRAST-ONLY-WITH-FLUORO"], "message": "Contrast."})
-    d["explanations"].append({"ruleId": "INJ-CONTRAST-ONLY-WITH-FLUORO", "ruleVersion": "1.0.0", "outcome": "IODINATED_CONTRAST: SUGGESTED"})
+    d["injectates"].append(
+        {
+            "category": "IODINATED_CONTRAST",
+            "recommendation": "SUGGESTED",
+            "ruleIds": ["INJ-CONTRAST-ONLY-WITH-FLUORO"],
+            "message": "Contrast.",
+        }
+    )
+    d["explanations"].append(
+        {"ruleId": "INJ-CONTRAST-ONLY-WITH-FLUORO", "ruleVersion": "1.0.0", "outcome": "IODINATED_CONTRAST: SUGGESTED"}
+    )
 
 
 def _break_contrast_not_offered(d):
@@ -270,7 +341,15 @@ def _break_contrast_not_offered(d):
 
 
 def _break_deceased(d):
-    d["deferrals"].append({"reason": "PATIENT_DECEASED", "severity": "HARD", "scope": "PROCEDURE", "ruleIds": ["DEF-INR-HIGH"], "message": "The patient died."})
+    d["deferrals"].append(
+        {
+            "reason": "PATIENT_DECEASED",
+            "severity": "HARD",
+            "scope": "PROCEDURE",
+            "ruleIds": ["DEF-INR-HIGH"],
+            "message": "The patient died.",
+        }
+    )
 
 
 BROKEN = {
@@ -278,7 +357,10 @@ BROKEN = {
     "an explanation at another version": (_break_version, "is at version 9.9.9"),
     "a placeholder left in an outcome": (_break_outcome_placeholder, "outcome keeps {issue.kind}, {issue.concept}"),
     "a fill-in marker left in a message": (_break_message_marker, "keeps (not matched)"),
-    "a preferred modality called acceptable": (_break_acceptable_outcome, "outcome says FLUOROSCOPY is acceptable, but the rule makes it preferred"),
+    "a preferred modality called acceptable": (
+        _break_acceptable_outcome,
+        "outcome says FLUOROSCOPY is acceptable, but the rule makes it preferred",
+    ),
     "preferred and avoided": (_break_preferred_avoided, "ULTRASOUND is both preferred and avoided"),
     "preferred and acceptable": (_break_acceptable_preferred, "ULTRASOUND is both preferred and acceptable"),
     "a severity outside HARD/SOFT": (_break_severity, "severity 'MEDIUM' is neither HARD nor SOFT"),
@@ -286,7 +368,10 @@ BROKEN = {
     "a recommendation weaker than a rule's": (_break_recommendation, "the most restrictive of its rules says NOT_SUGGESTED"),
     "an empty missing-data code": (_break_missing_code, "a missingData entry has an empty code"),
     "a fired rule's deferral missing": (_break_contribution, "DEF-INR-HIGH fired and defers BLEEDING_RISK/PROCEDURE"),
-    "contrast while fluoroscopy is avoided": (_break_contrast_avoided, "IODINATED_CONTRAST is SUGGESTED while FLUOROSCOPY, the only modality that uses it, is avoided"),
+    "contrast while fluoroscopy is avoided": (
+        _break_contrast_avoided,
+        "IODINATED_CONTRAST is SUGGESTED while FLUOROSCOPY, the only modality that uses it, is avoided",
+    ),
     "contrast while fluoroscopy is not offered": (_break_contrast_not_offered, "is neither preferred nor acceptable"),
     "a deceased patient asked for more": (_break_deceased, "PATIENT_DECEASED comes with other deferrals: BLEEDING_RISK"),
 }
@@ -358,7 +443,9 @@ def _assert_clean(corpus: Corpus, path, label: str, bullet: str) -> None:
 
 
 def test_both_synthea_folders_are_there() -> None:
-    assert len(PATHS) == 91, "expected 91 Synthea bundles under ../shared/fixtures (set NEEDLEPOINT_SHARED for a checkout elsewhere)"
+    assert len(PATHS) == 91, (
+        "expected 91 Synthea bundles under ../shared/fixtures (set NEEDLEPOINT_SHARED for a checkout elsewhere)"
+    )
     assert len(set(IDS)) == len(IDS)
     assert len({path.name for path in PATHS}) == 88  # three patients are in both folders, byte for byte
 

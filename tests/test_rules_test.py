@@ -64,7 +64,11 @@ def test_the_coverage_gate_fails_when_rules_never_fire(copy_of_hip: Path, tmp_pa
 def test_select_runs_a_subset_and_a_broken_rule_set_exits_2(copy_of_hip: Path) -> None:
     result = CliRunner().invoke(command, [str(copy_of_hip), "-k", "platelets"])
     assert result.exit_code == 0 and "0 failed" in result.output
-    assert int(result.output.strip().splitlines()[-1].split()[0]) == sum(1 for line in (copy_of_hip / "tests" / "bleeding.yaml").read_text().splitlines() if line.startswith("- name:") and "platelets" in line)
+    assert int(result.output.strip().splitlines()[-1].split()[0]) == sum(
+        1
+        for line in (copy_of_hip / "tests" / "bleeding.yaml").read_text().splitlines()
+        if line.startswith("- name:") and "platelets" in line
+    )
     (copy_of_hip / "parameters.yaml").write_text("inr_defer_above: {value: 3.0}\n")
     result = CliRunner().invoke(command, [str(copy_of_hip)])
     assert result.exit_code == 2 and "error: parameters.yaml.inr_defer_above" in result.output

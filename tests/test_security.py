@@ -176,7 +176,9 @@ def _hs256_with_the_public_key(a: Authority) -> str:
     """The classic confusion attack: HMAC keyed with the (public) verification key."""
     public = a.rs384.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     header = json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rs384-1"}).encode()
-    body = json.dumps({"iss": ISSUER, "aud": AUDIENCE, "iat": int(time.time()), "exp": int(time.time()) + 60, "jti": "x"}).encode()
+    body = json.dumps(
+        {"iss": ISSUER, "aud": AUDIENCE, "iat": int(time.time()), "exp": int(time.time()) + 60, "jti": "x"}
+    ).encode()
     signing_input = jwt.utils.base64url_encode(header) + b"." + jwt.utils.base64url_encode(body)
     import hashlib
     import hmac
@@ -257,7 +259,7 @@ def test_a_token_is_accepted_once_and_its_jti_forgotten_after_expiry(authority: 
     assert rejection(validator, same_jti_other_issuer_rule) == "token replayed"
     clock[0] += 301  # the first token expired: its jti is forgotten, and the token refused as expired
     assert rejection(validator, token) == "token expired"
-    assert len(validator._replay) == 1  # noqa: SLF001 (only the second token's jti is still held)
+    assert len(validator._replay) == 1  # only the second token's jti is still held
     reuse = TokenValidator(policy(authority, replay_protection=False))
     reusable = authority.token(drop=("jti",))
     assert reuse.validate(reusable) and reuse.validate(reusable)
@@ -314,7 +316,7 @@ def test_a_bad_jwks_file_stops_the_start(tmp_path: Path, keys: list[dict[str, An
 class _JwksHandler(http.server.BaseHTTPRequestHandler):
     """Serves the JWK Set in ``server.jwks`` and counts the fetches."""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path.endswith("/moved"):
             self.send_response(302)
             self.send_header("Location", "/.well-known/jwks.json")
@@ -395,7 +397,9 @@ def test_only_loopback_counts_as_loopback() -> None:
     assert not any(map(is_loopback, ["0.0.0.0", "[::]", "::", "10.0.0.5", "example.org", ""]))
 
 
-def test_an_exposed_address_needs_tls_and_authentication(pki: Pki, authority: Authority, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_exposed_address_needs_tls_and_authentication(
+    pki: Pki, authority: Authority, caplog: pytest.LogCaptureFixture
+) -> None:
     tls = security_config(tls_cert=pki.server_cert, tls_key=pki.server_key)
     mtls = security_config(tls_cert=pki.server_cert, tls_key=pki.server_key, client_ca=pki.ca_file)
     tokens = security_config(auth_jwks=authority.jwks_file, auth_issuer=(ISSUER,))
@@ -405,7 +409,7 @@ def test_an_exposed_address_needs_tls_and_authentication(pki: Pki, authority: Au
     assert exposure_problems("0.0.0.0", tls) == [exposure_problems("0.0.0.0", SecurityConfig())[1]]
     assert exposure_problems("[::]", tokens) == ["no TLS (--tls-cert/--tls-key)"]
     assert exposure_problems("[::]", mtls) == exposure_problems("[::]", both) == []
-    with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0"):
+    with pytest.raises(ValueError, match=r"refusing to serve on 0\.0\.0\.0"):
         enforce_exposure("0.0.0.0", SecurityConfig())
     with caplog.at_level(logging.WARNING, logger="needlepoint.security"):
         enforce_exposure("0.0.0.0", SecurityConfig(insecure=True))
@@ -466,7 +470,9 @@ def secured_server(server_process: type[ServerProcess], pki: Pki, authority: Aut
 
 
 @pytest.mark.slow
-def test_tls_and_a_valid_token_get_a_decision(secured_server: ServerProcess, pki: Pki, authority: Authority, mafalda: Sample) -> None:
+def test_tls_and_a_valid_token_get_a_decision(
+    secured_server: ServerProcess, pki: Pki, authority: Authority, mafalda: Sample
+) -> None:
     from needlepoint_client import InjectionOrder, NeedlepointClient, decision_to_dict
 
     with NeedlepointClient(secured_server.target, tls_ca=pki.ca_file, token=authority.token) as client:
@@ -504,14 +510,21 @@ def test_a_bad_or_missing_token_is_unauthenticated_and_not_logged(
             "Evaluate": lambda: stub.Evaluate(request, metadata=metadata, timeout=10),
             "EvaluateStream": lambda: list(stub.EvaluateStream(iter([request]), metadata=metadata, timeout=10)),
             "ListRulesets": lambda: stub.ListRulesets(decision_service_pb2.ListRulesetsRequest(), metadata=metadata, timeout=10),
-            "Reflection": lambda: list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10)),
-            "Unknown": lambda: channel.unary_unary("/needlepoint.v1.DecisionService/NoSuchMethod")(b"", metadata=metadata, timeout=10),
+            "Reflection": lambda: list(
+                reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10
+                )
+            ),
+            "Unknown": lambda: channel.unary_unary("/needlepoint.v1.DecisionService/NoSuchMethod")(
+                b"", metadata=metadata, timeout=10
+            ),
         }
         for name, call in calls.items():
             with pytest.raises(grpc.RpcError) as caught:
                 call()
-            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE), name
+            assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE), (
+                name
+            )
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # health checks stay open
     secured_server.wait_for(rf"UNAUTHENTICATED /needlepoint.v1.DecisionService/Evaluate: {reason}$", start=mark, timeout=5)
@@ -536,9 +549,11 @@ def test_a_replayed_token_is_refused(secured_server: ServerProcess, pki: Pki, au
 def test_a_plaintext_client_cannot_talk_to_a_tls_server(secured_server: ServerProcess, authority: Authority) -> None:
     from needlepoint_client import NeedlepointClient, NeedlepointError
 
-    with NeedlepointClient(secured_server.target, token=authority.token, retries=0, timeout=3) as client:
-        with pytest.raises(NeedlepointError) as caught:
-            client.list_rulesets()
+    with (
+        NeedlepointClient(secured_server.target, token=authority.token, retries=0, timeout=3) as client,
+        pytest.raises(NeedlepointError) as caught,
+    ):
+        client.list_rulesets()
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE
 
 
@@ -551,14 +566,16 @@ def test_the_cli_evaluates_over_tls_with_a_token(
     token_file.write_text(authority.token())
     base = [*cli_command, "evaluate", str(mafalda.path), *mafalda.order_args, "--as-of", "2025-06-02T09:00:00Z",
             "--json", "--server", secured_server.target, "--tls-ca", str(pki.ca_file)]
-    ok = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, env=cli_env, timeout=60)
+    ok = subprocess.run(
+        [*base, "--token-file", str(token_file)], capture_output=True, text=True, env=cli_env, timeout=60, check=False
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["ruleset"]["id"] == "hip-injection"
-    refused = subprocess.run(base, capture_output=True, text=True, env=cli_env, timeout=60)
+    refused = subprocess.run(base, capture_output=True, text=True, env=cli_env, timeout=60, check=False)
     assert refused.returncode == 1
     assert "UNAUTHENTICATED: authentication required" in refused.stderr
     env = {**cli_env, "NEEDLEPOINT_TOKEN": authority.token("rs384-1")}
-    by_env = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60)
+    by_env = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert by_env.returncode == 0, by_env.stderr
 
 
@@ -573,18 +590,22 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(server_process: ty
         with NeedlepointClient(server.target, tls_ca=pki.ca_file, tls_cert=pki.client_cert, tls_key=pki.client_key) as client:
             assert client.list_rulesets()
         for cert, key in ((None, None), (pki.other_cert, pki.other_key)):
-            with NeedlepointClient(server.target, tls_ca=pki.ca_file, tls_cert=cert, tls_key=key, retries=0, timeout=3) as client:
-                with pytest.raises(NeedlepointError) as caught:
-                    client.list_rulesets()
+            with (
+                NeedlepointClient(server.target, tls_ca=pki.ca_file, tls_cert=cert, tls_key=key, retries=0, timeout=3) as client,
+                pytest.raises(NeedlepointError) as caught,
+            ):
+                client.list_rulesets()
             assert caught.value.code is grpc.StatusCode.UNAVAILABLE
     finally:
         assert server.stop() == 0
 
 
 @pytest.mark.slow
-def test_serve_refuses_an_exposed_address_without_protection(cli_command: list[str], cli_env: dict[str, str], unused_port: Any) -> None:
+def test_serve_refuses_an_exposed_address_without_protection(
+    cli_command: list[str], cli_env: dict[str, str], unused_port: Any
+) -> None:
     """Refused before anything is bound: the test never listens beyond loopback."""
     result = subprocess.run([*cli_command, "serve", "--host", "0.0.0.0", "--port", str(unused_port()), "--workers", "1"],
-                            capture_output=True, text=True, env=cli_env, timeout=60)
+                            capture_output=True, text=True, env=cli_env, timeout=60, check=False)
     assert result.returncode == 2
     assert "refusing to serve on 0.0.0.0" in result.stderr and "--insecure" in result.stderr

@@ -110,16 +110,25 @@ def _missing(decision: dict) -> dict[str, str]:
 
 
 def _record(*observations: Observation) -> PatientRecord:
-    return PatientRecord(birth_date=dt.date(1960, 3, 1), sex="male", observations=list(observations), order=InjectionOrder("hip-intra-articular", "right", "therapeutic"))
+    return PatientRecord(
+        birth_date=dt.date(1960, 3, 1),
+        sex="male",
+        observations=list(observations),
+        order=InjectionOrder("hip-intra-articular", "right", "therapeutic"),
+    )
 
 
 def _platelets(value: float, unit: str | None = None, display: str | None = None) -> Observation:
-    return Observation([Code("loinc", "777-3")], AS_OF - dt.timedelta(days=1), value=value, unit=unit, unit_display=display, source="obs")
+    return Observation(
+        [Code("loinc", "777-3")], AS_OF - dt.timedelta(days=1), value=value, unit=unit, unit_display=display, source="obs"
+    )
 
 
 def test_messages_say_which_unit_was_refused_and_why(hip_evaluator) -> None:
     by_code = _missing(hip_evaluator.evaluate(_record(_platelets(15, "K/uL", "K/uL")), AS_OF))
-    assert "'K/uL', which is not an accepted unit (×10⁹/L, " in by_code["unit-unknown:platelets"]  # units read as people write them
+    assert (
+        "'K/uL', which is not an accepted unit (×10⁹/L, " in by_code["unit-unknown:platelets"]
+    )  # units read as people write them
     assert "Its display text 'K/uL' would be accepted without the code" in by_code["unit-unknown:platelets"]
     by_code = _missing(hip_evaluator.evaluate(_record(_platelets(15, None, "thou/uL")), AS_OF))
     assert "'thou/uL' (display text, no UCUM code)" in by_code["unit-unknown:platelets"]
@@ -153,8 +162,10 @@ def test_fhir_typed_and_case_file_roads_decide_alike(hip_evaluator, tmp_path: Pa
     (platelets,) = [o for o in by_fhir.observations if o.codes[0].code == "777-3"]
     case = {"code": "loinc#777-3", "value": quantity["value"], "at": platelets.effective.isoformat()}
     case.update({k: v for k, v in (("unit", platelets.unit), ("unit_display", platelets.unit_display)) if v})
-    (tmp_path / "case.yaml").write_text(yaml.safe_dump([{"name": "n", "as_of": AS_OF.isoformat(), "patient": {"observations": [case]}, "expect": {}}]))
-    (by_case,) = [o for o in load_cases(tmp_path / "case.yaml")[0].record.observations]
+    (tmp_path / "case.yaml").write_text(
+        yaml.safe_dump([{"name": "n", "as_of": AS_OF.isoformat(), "patient": {"observations": [case]}, "expect": {}}])
+    )
+    (by_case,) = list(load_cases(tmp_path / "case.yaml")[0].record.observations)
     assert (by_case.unit, by_case.unit_display) == (platelets.unit, platelets.unit_display)
 
     def outcome(record: PatientRecord) -> tuple:
@@ -194,7 +205,13 @@ def test_the_loader_refuses_an_ambiguous_or_malformed_unit_list(change, message:
 def _lint_minimal(tmp_path: Path, platelets: dict) -> list[tuple[str, str, str]]:
     root = tmp_path / "rs"
     shutil.copytree(MINIMAL, root)
-    spec = {"title": "Platelet count", "codes": ["loinc#777-3", "loinc#26515-7"], "unit": "10*9/L", "plausible": [0, 2000], **platelets}
+    spec = {
+        "title": "Platelet count",
+        "codes": ["loinc#777-3", "loinc#26515-7"],
+        "unit": "10*9/L",
+        "plausible": [0, 2000],
+        **platelets,
+    }
     (root / "observations.yaml").write_text(yaml.safe_dump({"platelets": spec}, allow_unicode=True))
     return [(f.code, f.severity, f.message) for f in lint(root)]
 

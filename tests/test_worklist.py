@@ -46,7 +46,9 @@ def build_worklist(folder: Path) -> Path:
     shutil.copy(ORDER_BUNDLE, folder / "order.json")
     (folder / "broken.json").write_text('{"resourceType": "Bundle", "entry": [')
     lines = [HEADER]
-    bundles = sorted(p.relative_to(FIXTURES).as_posix() for d in ("synthea-r4-sample", "synthea") for p in (FIXTURES / d).glob("*.json"))
+    bundles = sorted(
+        p.relative_to(FIXTURES).as_posix() for d in ("synthea-r4-sample", "synthea") for p in (FIXTURES / d).glob("*.json")
+    )
     for i, bundle in enumerate(bundles, start=1):
         name = " ".join(Path(bundle).stem.split("_")[:-1])
         lines.append([f"R{i:03d}", name, bundle, "hip-intra-articular", "right", "therapeutic", "2020-01-20", AS_OF])
@@ -60,7 +62,17 @@ def build_worklist(folder: Path) -> Path:
         [f"R{n + 5:03d}", "No File", "synthea/nobody.json", "hip-intra-articular", "right", "therapeutic", "2020-01-20", AS_OF],
         [f"R{n + 6:03d}", "Broken File", "broken.json", "hip-intra-articular", "right", "therapeutic", "2020-01-20", AS_OF],
         ["R001", "Same Id", bundles[2], "hip-intra-articular", "right", "therapeutic", "2020-01-20", AS_OF],
-        [f"R{n + 8:03d}", "Extra Cell", bundles[3], "hip-intra-articular", "right", "therapeutic", "2020-01-20", AS_OF, "surplus"],
+        [
+            f"R{n + 8:03d}",
+            "Extra Cell",
+            bundles[3],
+            "hip-intra-articular",
+            "right",
+            "therapeutic",
+            "2020-01-20",
+            AS_OF,
+            "surplus",
+        ],
     ]
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)
@@ -82,7 +94,12 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert batch.exit_code == 0, batch.output
     with (out["csv"]).open(encoding="utf-8-sig", newline="") as fh:
         table = list(csv.DictReader(fh))
-    return {"out": out, "csv": table, "batch": {r["referralId"]: r for r in output.read_rows(folder / "batch")}, "log": result.output}
+    return {
+        "out": out,
+        "csv": table,
+        "batch": {r["referralId"]: r for r in output.read_rows(folder / "batch")},
+        "log": result.output,
+    }
 
 
 def _expected_status(row: dict) -> str:
@@ -137,13 +154,22 @@ def test_a_stale_lab_says_what_to_take_and_when(reports: dict) -> None:
     emery = next(r for r in by_name["Emery Purdy"] if r["Planned date"] == "15 August 2021")
     item = reports["batch"][emery["Referral"]]["toRepeat"][0]
     assert item["concept"] == "hba1c" and emery["Status"] == "needs data"
-    assert emery["What to do"].startswith(f"{item['title']} needed, taken on or after 16 February 2021 and by 15 August 2021 (the result of 22 January 2021")
+    assert emery["What to do"].startswith(
+        f"{item['title']} needed, taken on or after 16 February 2021 and by 15 August 2021 (the result of 22 January 2021"
+    )
     first, second = sorted(by_name["Pat Order"], key=lambda r: r["Referral"])
     assert "INR needed, taken on or after 13 June 2025 and by 20 June 2025 (the result of 30 May 2025" in first["What to do"]
     assert "INR needed, taken on or after 5 June 2025 and by 12 June 2025" in second["What to do"]
     # on the planned date the hip replacement is close too: the planned-date decision defers
-    assert first["Status"] == "deferred" and "By the planned date, 20 June 2025: Hip replacement surgery is planned soon: not now." in first["What to do"]
-    assert "Hip replacement surgery is planned soon (on the planned date): Ipsilateral hip arthroplasty scheduled soon (DEF-PRE-ARTHROPLASTY)" in first["Reasons (rules)"]
+    assert (
+        first["Status"] == "deferred"
+        and "By the planned date, 20 June 2025: Hip replacement surgery is planned soon: not now." in first["What to do"]
+    )
+    assert (
+        "Hip replacement surgery is planned soon (on the planned date): "
+        "Ipsilateral hip arthroplasty scheduled soon (DEF-PRE-ARTHROPLASTY)"
+        in first["Reasons (rules)"]
+    )
 
 
 def test_malformed_referrals_are_rows_naming_the_file_and_row(reports: dict) -> None:
@@ -196,8 +222,8 @@ def test_the_ten_example_rows(reports: dict, capsys: pytest.CaptureFixture[str])
 
 def test_a_folder_of_bundles_with_their_own_orders_needs_no_csv(tmp_path: Path) -> None:
     shutil.copy(ORDER_BUNDLE, tmp_path / "order.json")
-    result = CliRunner().invoke(main, ["worklist", str(tmp_path), "--as-of", "2025-06-02T09:00:00Z", "--out", str(tmp_path / "r.csv"),
-                                       "--link-base", "http://localhost:8080"])  # fmt: skip
+    result = CliRunner().invoke(main, ["worklist", str(tmp_path), "--as-of", "2025-06-02T09:00:00Z",
+                                       "--out", str(tmp_path / "r.csv"), "--link-base", "http://localhost:8080"])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text(encoding="utf-8-sig"))))
     assert [r["Status"] for r in rows] == ["ready"] and rows[0]["Explanation"].startswith("http://localhost:8080/decisions/dec-")
@@ -219,7 +245,9 @@ def test_the_page_reads_only_uploads_and_the_allowed_folder(tmp_path: Path) -> N
     store = JobStore(tmp_path / "state", lambda: ruleset, allow_dir=allowed, jobs=1)
     client = TestClient(create_worklist_app(store))
     body = "referral_id,bundle\nok,order.json\nout,../secret.json\nabs,/etc/hostname\n"
-    response = client.post("/jobs", files=[("files", ("refs.csv", body, "text/csv"))], data={"as_of": "2025-06-02T09:00:00Z"}, follow_redirects=False)
+    response = client.post(
+        "/jobs", files=[("files", ("refs.csv", body, "text/csv"))], data={"as_of": "2025-06-02T09:00:00Z"}, follow_redirects=False
+    )
     assert response.status_code == 303
     job = response.headers["location"].rsplit("/", 1)[1]
     for _ in range(200):

@@ -49,7 +49,9 @@ def server(tmp_path: Path):
     folder.mkdir()
     build_worklist(folder)
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "service"), str(REPO / "clients"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "service"), str(REPO / "clients"), os.environ.get("PYTHONPATH", "")])
+    )
     command = [sys.executable, "-m", "needlepoint.cli", "worklist", "--serve", "--port", str(port), "--allow-dir", str(folder),
                "--state-dir", str(tmp_path / "state"), "--as-of", "2020-01-01T00:00:00Z"]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

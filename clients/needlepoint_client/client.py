@@ -230,7 +230,9 @@ class NeedlepointClient:
     def list_rulesets(self, *, timeout: float | None = None) -> list[ruleset_pb2.Ruleset]:
         """The loaded rule sets (header fields only)."""
         request = decision_service_pb2.ListRulesetsRequest()
-        return list(_call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout, metadata=self._metadata())).rulesets)
+        return list(
+            _call(lambda: self._stub.ListRulesets(request, timeout=timeout or self.timeout, metadata=self._metadata())).rulesets
+        )
 
     def get_ruleset(self, ruleset_id: str, *, version: str = "", timeout: float | None = None) -> ruleset_pb2.Ruleset:
         """One rule set (the version serving, or ``version``) with its rules, evidence, parameters
@@ -249,7 +251,8 @@ class NeedlepointClient:
         """The server's health status name, e.g. ``SERVING`` (``service`` "" is the server as a
         whole; ``needlepoint.v1.DecisionService`` the decision service)."""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = _call(lambda: self._health.Check(request, timeout=timeout or self.timeout, metadata=self._metadata()))
+        check = self._health.Check  # type: ignore[attr-defined]  # types-grpcio-health-checking's HealthStub omits its methods
+        response = _call(lambda: check(request, timeout=timeout or self.timeout, metadata=self._metadata()))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 

@@ -24,10 +24,11 @@ read every line exactly alike.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -122,7 +123,7 @@ def bucket_of(patient_id: str, buckets: int) -> int:
     return zlib.crc32(patient_id.encode("utf-8", "surrogatepass")) % buckets
 
 
-def write_export(bundles: Iterable[dict], folder) -> dict[str, int]:
+def write_export(bundles: Iterable[dict], folder: str | os.PathLike[str]) -> dict[str, int]:
     """Write Bundles as a Bulk Data export in ``folder``: one ``<Type>.ndjson`` per resource
     type, resources in Bundle order, ``urn:uuid:`` references rewritten to ``Type/id`` (as a
     server's export has them). For tests and benchmarks built from Synthea bundles. Returns the
@@ -131,26 +132,30 @@ def write_export(bundles: Iterable[dict], folder) -> dict[str, int]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handles: dict[str, object] = {}
+    handles: dict[str, BinaryIO] = {}
     counts: dict[str, int] = {}
     try:
         for bundle in bundles:
             entries = [e for e in bundle.get("entry", []) if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
-            names = {e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource'].get('id')}" for e in entries if isinstance(e.get("fullUrl"), str)}
+            names = {
+                e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource'].get('id')}"
+                for e in entries
+                if isinstance(e.get("fullUrl"), str)
+            }
             for entry in entries:
                 resource = _rewrite(entry["resource"], names)
                 rtype = resource["resourceType"]
                 if rtype not in handles:
                     handles[rtype] = (folder / f"{rtype}.ndjson").open("ab")
-                handles[rtype].write(orjson.dumps(resource) + b"\n")  # type: ignore[attr-defined]
+                handles[rtype].write(orjson.dumps(resource) + b"\n")
                 counts[rtype] = counts.get(rtype, 0) + 1
     finally:
         for handle in handles.values():
-            handle.close()  # type: ignore[attr-defined]
+            handle.close()
     return counts
 
 
-def _rewrite(value, names: dict[str, str]):
+def _rewrite(value: Any, names: dict[str, str]) -> Any:
     """A copy of a JSON value with every ``reference`` that names a Bundle fullUrl rewritten."""
     if isinstance(value, dict):
         out = {}

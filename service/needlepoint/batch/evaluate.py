@@ -43,7 +43,9 @@ from needlepoint.batch.bulk import Line, bundle_of, locate
 from needlepoint.batch.referrals import Referral
 from needlepoint.core.conditions import ParamRef, resolve_operand
 from needlepoint.core.evaluator import Evaluator, format_instant
+from needlepoint.core.prepare import PreparedFacts
 from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
+from needlepoint.core.resolve import Firing
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.corpus import OrderFields
 from needlepoint.fhir.mapper import record_from_bundle
@@ -101,7 +103,9 @@ def age_windows(ruleset: RuleSet) -> dict[str, list[Window]]:
                     days = float(resolve_operand(test.operand, params))
                     for concept in concepts:
                         out.setdefault(rule.id, []).append(
-                            Window(rule.id, position, a, pattern.alias, concept, days, test.op == "lt", parameter, pattern.negated)
+                            Window(
+                                rule.id, position, a, pattern.alias, concept, days, test.op == "lt", parameter, pattern.negated
+                            )
                         )
     return out
 
@@ -237,7 +241,9 @@ class ReferralEvaluator:
             plannedStatus=status_of(planned_decision) if planned_decision is not None else None,
             asOf=decision["asOf"],
             plannedDate=format_instant(planned) if planned else None,
-            deferralReasons=[d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}" for d in decision.get("deferrals", ())],
+            deferralReasons=[
+                d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}" for d in decision.get("deferrals", ())
+            ],
             missingData=list(dict.fromkeys(m["code"] for m in decision.get("missingData", ()))),
             toRepeat=to_repeat,
             rulesetId=decision["ruleset"]["id"],
@@ -250,7 +256,8 @@ class ReferralEvaluator:
 
     # -- results to repeat --------------------------------------------------------------------
 
-    def to_repeat(self, prepared, firings, planned_firings, as_of: dt.datetime, planned: dt.datetime) -> list[dict]:
+    def to_repeat(self, prepared: PreparedFacts, firings: list[Firing], planned_firings: list[Firing], as_of: dt.datetime,
+                  planned: dt.datetime) -> list[dict]:
         """The results a rule relies on now that will be too old for it on the planned date
         (see the module's docstring), one item per result, soonest to expire first."""
         shift = (planned - as_of).total_seconds() / 86400.0
@@ -263,7 +270,11 @@ class ReferralEvaluator:
                         continue
                     for fid in aliases.get(w.alias, ()):
                         fact = facts[fid]
-                        if fact.get("t") == "observation" and fact.get("concept") == w.concept and w.exceeded(fact["age_days"] + shift):
+                        if (
+                            fact.get("t") == "observation"
+                            and fact.get("concept") == w.concept
+                            and w.exceeded(fact["age_days"] + shift)
+                        ):
                             lapsing.setdefault(fid, []).append(w)
         fired_now = {f.rule.id for f in firings}
         newest = {fact["concept"]: fid for fid, fact in enumerate(facts) if fact.get("t") == "observation"}

@@ -21,9 +21,14 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
+
+if TYPE_CHECKING:
+    import pyarrow
+    from pyspark.sql.types import StructType
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("referralId", "string"),
@@ -71,14 +76,14 @@ def parquet_values(row: dict) -> tuple:
     return tuple(out)
 
 
-def arrow_schema():
+def arrow_schema() -> pyarrow.Schema:
     """The Parquet schema as a pyarrow schema."""
     import pyarrow as pa
 
     return pa.schema([(name, pa.list_(pa.string()) if kind == "list" else pa.string()) for name, kind in COLUMNS])
 
 
-def spark_schema():
+def spark_schema() -> StructType:
     """The Parquet schema as a Spark StructType (the same columns and types)."""
     from pyspark.sql.types import ArrayType, StringType, StructField, StructType
 
@@ -155,9 +160,9 @@ def write_lines(lines: Iterable[bytes], out: Path, fmt: str) -> int:
     return n
 
 
-def _table(batch: list[tuple], schema, pa):
-    columns = list(zip(*batch)) if batch else [[] for _ in schema]
-    return pa.Table.from_arrays([pa.array(list(col), type=f.type) for col, f in zip(columns, schema)], schema=schema)
+def _table(batch: list[tuple], schema: pyarrow.Schema, pa: ModuleType) -> pyarrow.Table:
+    columns = list(zip(*batch, strict=True)) if batch else [() for _ in schema]
+    return pa.Table.from_arrays([pa.array(list(col), type=f.type) for col, f in zip(columns, schema, strict=True)], schema=schema)
 
 
 # -- reading back -------------------------------------------------------------------------------------

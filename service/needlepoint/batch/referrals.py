@@ -134,7 +134,9 @@ def _plan_csv(path: Path, export: Path | None) -> Plan:
     try:
         header = next(reader)
     except StopIteration:
-        raise BatchError(f"{path}: empty; a header row is needed (patient_id or bundle, target, side, intent, planned_date)") from None
+        raise BatchError(
+            f"{path}: empty; a header row is needed (patient_id or bundle, target, side, intent, planned_date)"
+        ) from None
     except csv.Error as exc:
         raise BatchError(f"{path}: the header row cannot be read: {exc}") from None
     columns = [_column(h) for h in header]
@@ -152,12 +154,14 @@ def _plan_csv(path: Path, export: Path | None) -> Plan:
             break
         except csv.Error as exc:
             line = reader.line_num
-            result.referrals.append(Referral(f"{name}:{line}", f"{name}:{line}", problem=f"{name} row {line}: cannot be read: {exc}"))
+            result.referrals.append(
+                Referral(f"{name}:{line}", f"{name}:{line}", problem=f"{name} row {line}: cannot be read: {exc}")
+            )
             continue
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
-        values = {col: cell.strip() for col, cell in zip(columns, row) if col}
+        values = {col: cell.strip() for col, cell in zip(columns, row, strict=False) if col}  # a ragged row is reported below
         where = f"{name}:{line}"
         referral = _referral(values, where, name, line, base, seen, len(row) != len(header))
         if referral.patient_id is not None and referral.problem is None:
@@ -169,7 +173,11 @@ def _plan_csv(path: Path, export: Path | None) -> Plan:
     if result.by_patient is not None:
         if not is_bulk_export(export):
             for referrals in result.by_patient.values():
-                result.referrals += [_with_problem(r, f"{r.where}: patient {r.patient_id}: {export} is not a Bulk Data export (no .ndjson files); give it with --export") for r in referrals]
+                result.referrals += [
+                    _with_problem(r, f"{r.where}: patient {r.patient_id}: {export} is not a Bulk Data export "
+                                     "(no .ndjson files); give it with --export")
+                    for r in referrals
+                ]
             result.by_patient = None
         else:
             result.export = export
@@ -193,14 +201,14 @@ def _referral(values: dict[str, str], where: str, name: str, line: int, base: Pa
     seen.add(rid)
     if bool(patient) == bool(bundle):
         problems.append("give either a patient_id or a bundle, not " + ("both" if patient else "neither"))
-    order = []
+    order: dict[str, str | None] = {}
     for key, allowed in (("target", TARGETS), ("side", SIDES), ("intent", INTENTS)):
         value = values.get(key) or None
         if value is not None and value not in allowed:
             problems.append(f"{key} {value!r} is not one of {', '.join(allowed)}")
             value = None
-        order.append(value)
-    instants = {}
+        order[key] = value
+    instants: dict[str, dt.datetime | None] = {}
     for key, end_of_day in (("planned_date", True), ("as_of", False)):
         instants[key] = None
         if values.get(key):
@@ -211,5 +219,6 @@ def _referral(values: dict[str, str], where: str, name: str, line: int, base: Pa
     bundle_path = str(base / bundle) if bundle else None
     if problems:
         return Referral(rid, where, patient_id=patient, problem=f"{name} row {line}: " + "; ".join(problems))
-    return Referral(rid, where, bundle_path=bundle_path, patient_id=patient, order=tuple(order),  # type: ignore[arg-type]
-                    planned=instants["planned_date"], as_of=instants["as_of"])  # fmt: skip
+    return Referral(rid, where, bundle_path=bundle_path, patient_id=patient,
+                    order=(order["target"], order["side"], order["intent"]),
+                    planned=instants["planned_date"], as_of=instants["as_of"])

@@ -27,13 +27,18 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from needlepoint.batch import bulk, output
+from needlepoint.batch.bulk import Line
 from needlepoint.batch.evaluate import Options, ReferralEvaluator, error_row
 from needlepoint.batch.local import Outcome
 from needlepoint.batch.referrals import Plan, Referral
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 # Per executor Python process: run token -> its evaluator (built once, reused by every task).
 _EVALUATORS: dict[str, ReferralEvaluator] = {}
@@ -59,7 +64,7 @@ def _evaluator(shared: Shared) -> ReferralEvaluator:
     return evaluator
 
 
-def _read_lines(file: str, pairs):
+def _read_lines(file: str, pairs: Iterable[tuple[bytes, int]]) -> Iterator[tuple[str | None, Line]]:
     """One file's (raw bytes, 0-based index) pairs as (patient id or None, Line)."""
     for raw, index in pairs:
         found = bulk.read_line(file, index + 1, raw)
@@ -67,7 +72,8 @@ def _read_lines(file: str, pairs):
             yield found
 
 
-def _patients(broadcast: Any, groups):
+def _patients(broadcast: Shared, groups: Iterable[tuple[str, tuple[Iterable[Line], Iterable[list[Referral]] | None]]]
+              ) -> Iterator[dict]:
     """Rows for each (patient id, (lines, referral lists or None)) of a partition."""
     evaluator = _evaluator(broadcast)
     for pid, (lines, referral_lists) in groups:
@@ -75,14 +81,14 @@ def _patients(broadcast: Any, groups):
         yield from evaluator.patient_rows(pid, list(lines), referrals)
 
 
-def _orphans(broadcast: Any, items):
+def _orphans(broadcast: Shared, items: Iterable[tuple[None, Line]]) -> Iterator[dict]:
     """Error rows for lines that cannot be tied to a patient."""
     options = broadcast.options
     for _, line in items:
         yield error_row(options, Referral(line.where, line.where), line.problem or "")
 
 
-def _bundles(broadcast: Any, referrals):
+def _bundles(broadcast: Shared, referrals: Iterable[Referral]) -> Iterator[dict]:
     """Rows for referrals that read a Bundle file (or are already errors)."""
     evaluator = _evaluator(broadcast)
     for referral in referrals:
@@ -107,7 +113,7 @@ def export_files(sc: Any, export: str) -> list[tuple[str, str]]:
     return sorted(found, key=lambda f: f[1])
 
 
-def session(master: str | None, partitions: int):
+def session(master: str | None, partitions: int) -> SparkSession:
     """A SparkSession: ``master`` if given (``local[2]``, ``spark://host:7077``, ``yarn``…),
     else whatever spark-submit says, else ``local[*]``. No UI; in local mode the executors' Python
     is this one unless PYSPARK_PYTHON says otherwise."""
@@ -147,11 +153,20 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
         broadcast = Shared(uuid.uuid4().hex, handle)
         parts = []
         if plan.referrals:
-            parts.append(sc.parallelize(plan.referrals, max(1, min(n, len(plan.referrals)))).mapPartitions(partial(_bundles, broadcast)))
+            parts.append(
+                sc.parallelize(plan.referrals, max(1, min(n, len(plan.referrals)))).mapPartitions(partial(_bundles, broadcast))
+            )
         if plan.export is not None:
             files = export_files(sc, str(plan.export))
             if files:
-                lines = sc.union([sc.textFile(uri, minPartitions=1, use_unicode=False).zipWithIndex().mapPartitions(partial(_read_lines, name)) for uri, name in files])
+                lines = sc.union(
+                    [
+                        sc.textFile(uri, minPartitions=1, use_unicode=False)
+                        .zipWithIndex()
+                        .mapPartitions(partial(_read_lines, name))
+                        for uri, name in files
+                    ]
+                )
                 parts.append(lines.filter(lambda kv: kv[0] is None).mapPartitions(partial(_orphans, broadcast)))
                 keyed = lines.filter(lambda kv: kv[0] is not None)
                 if plan.by_patient is not None:
@@ -161,7 +176,9 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
                     grouped = keyed.groupByKey(numPartitions=n).mapValues(lambda ls: (ls, None))
                 parts.append(grouped.mapPartitions(partial(_patients, broadcast)))
             elif plan.by_patient is not None:  # a CSV over an export with no files: every patient is missing
-                referred = [(pid, ([], [rs])) for pid, rs in sorted(plan.by_patient.items())]
+                referred: list[tuple[str, tuple[list[Any], list[list[Referral]]]]] = [
+                    (pid, ([], [rs])) for pid, rs in sorted(plan.by_patient.items())
+                ]
                 parts.append(sc.parallelize(referred, 1).mapPartitions(partial(_patients, broadcast)))
         rows = sc.union(parts) if parts else sc.emptyRDD()
         mode = "overwrite" if overwrite else "errorifexists"
@@ -180,7 +197,9 @@ def run(plan: Plan, options: Options, out: str, fmt: str, *, master: str | None 
         finally:
             df.unpersist()
         handle.unpersist()
-        return Outcome(rows=sum(counts.values()), statuses=counts, seconds=time.perf_counter() - started, processes=sc.defaultParallelism)
+        return Outcome(
+            rows=sum(counts.values()), statuses=counts, seconds=time.perf_counter() - started, processes=sc.defaultParallelism
+        )
     finally:
         if own:
             spark.stop()

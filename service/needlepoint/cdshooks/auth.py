@@ -63,7 +63,14 @@ class JwtAuthenticator:
     is ignored: each endpoint's URL is its audience. One instance per process.
     """
 
-    def __init__(self, policy: TokenPolicy, base_url: str, service_ids: Callable[[], Iterable[str]], *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        policy: TokenPolicy,
+        base_url: str,
+        service_ids: Callable[[], Iterable[str]],
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.policy = policy
         self.base_url = base_url.rstrip("/")
         self._service_ids = service_ids

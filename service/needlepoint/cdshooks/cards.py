@@ -241,14 +241,18 @@ class CardBuilder:
             if explanation is None:
                 lines.append(f"\n**Rule** {_md(rule_id)}")
                 continue
-            lines.append(f"\n**Rule** {_md(rule_id)} {_md(explanation.get('ruleVersion', ''))}: {_md(explanation.get('title', ''))}")
+            lines.append(
+                f"\n**Rule** {_md(rule_id)} {_md(explanation.get('ruleVersion', ''))}: {_md(explanation.get('title', ''))}"
+            )
             matched = explanation.get("matched", ())
             if matched:
                 lines.append("\n**Facts**")
                 lines.extend(f"- {_md(m.get('fact', ''))}: {_md(m.get('value', ''))}" for m in matched)
             evidence = explanation.get("evidence", ())
             if evidence:
-                lines.append("\n**Evidence**: " + "; ".join(_md(f"{e.get('citation', '')} ({e.get('strength', '')})") for e in evidence))
+                lines.append(
+                    "\n**Evidence**: " + "; ".join(_md(f"{e.get('citation', '')} ({e.get('strength', '')})") for e in evidence)
+                )
         return "\n".join(lines).strip()
 
     # -- deferrals and pending data
@@ -327,7 +331,9 @@ class CardBuilder:
         return {
             "label": f"Order {title} (LOINC {loinc})",
             "uuid": self._uuid(f"deferral-{index}-lab-{concept}"),
-            "actions": [{"type": "create", "description": f"Create a draft {title} order (LOINC {loinc}).", "resource": resource}],
+            "actions": [
+                {"type": "create", "description": f"Create a draft {title} order (LOINC {loinc}).", "resource": resource}
+            ],
             "_rule": rule_id,
         }
 
@@ -339,7 +345,9 @@ class CardBuilder:
         requested = set()
         for modality, value_set_id in self.ruleset.requested_modality.items():
             value_set = self.ruleset.value_sets.get(value_set_id)
-            if value_set and any(system == CPT and isinstance(code, str) and value_set.contains("cpt", code) for system, code in codes):
+            if value_set and any(
+                system == CPT and isinstance(code, str) and value_set.contains("cpt", code) for system, code in codes
+            ):
                 requested.add(modality)
         return requested
 
@@ -387,7 +395,7 @@ class CardBuilder:
         if not wanted or not isinstance(resource.get("id"), str):
             return None  # an order without an id cannot be updated in place
         updated = copy.deepcopy(resource)
-        concept = updated.get("code") if isinstance(updated.get("code"), dict) else {}
+        concept = code if isinstance(code := updated.get("code"), dict) else {}
         kept = [c for c in _codings(concept) if not (c.get("system") == CPT and c.get("code") in _GUIDANCE_CODES)]
         arthrography = any(c.get("system") == CPT and c.get("code") in _ARTHROGRAPHY for c in kept)
         if arthrography and modality == "FLUOROSCOPY":
@@ -504,5 +512,7 @@ def cards_from_decision(
     source_url: str | None = None,
 ) -> list[JSON]:
     """The cards for one decision about one draft order (see the module docstring)."""
-    builder = CardBuilder(decision, ruleset, order, hook_instance=hook_instance, explanation_url=explanation_url, source_url=source_url)
+    builder = CardBuilder(
+        decision, ruleset, order, hook_instance=hook_instance, explanation_url=explanation_url, source_url=source_url
+    )
     return builder.cards()

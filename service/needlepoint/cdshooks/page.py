@@ -65,10 +65,18 @@ def render_decision(decision: Mapping[str, Any]) -> str:
             parts.append("</table>")
         params = x.get("parameters", ())
         if params:
-            parts.append("<p>Parameters: " + "; ".join(f"{_e(p.get('name', ''))} = {_e(p.get('value', ''))} ({_e(p.get('layer', ''))})" for p in params) + "</p>")
+            parts.append(
+                "<p>Parameters: "
+                + "; ".join(f"{_e(p.get('name', ''))} = {_e(p.get('value', ''))} ({_e(p.get('layer', ''))})" for p in params)
+                + "</p>"
+            )
         evidence = x.get("evidence", ())
         if evidence:
-            parts.append("<ul>" + "".join(f"<li>{_e(v.get('citation', ''))} — {_e(v.get('strength', ''))}</li>" for v in evidence) + "</ul>")
+            parts.append(
+                "<ul>"
+                + "".join(f"<li>{_e(v.get('citation', ''))} — {_e(v.get('strength', ''))}</li>" for v in evidence)
+                + "</ul>"
+            )
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)

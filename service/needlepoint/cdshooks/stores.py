@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,7 +72,7 @@ class Feedback:
 class FeedbackStore(Protocol):
     """Keeps card feedback. Implementations must make ``add`` idempotent on ``Feedback.key``."""
 
-    def add(self, feedback: Feedback) -> bool:
+    def add(self, feedback: Feedback) -> bool | Awaitable[bool]:
         """Store ``feedback``; True if it is new, False if the same item was stored before (or an
         awaitable of that, for a store that waits for a commit)."""
         ...

@@ -59,7 +59,7 @@ class _Checker:
         paths in ``allowed_empty``."""
         if node is None:
             self.add(path, "null is not allowed; omit the element")
-        elif node == "" or node == [] or node == {}:
+        elif node in ("", [], {}):
             if path not in allowed_empty:
                 self.add(path, f"an empty {type(node).__name__} is not allowed; omit the element")
         elif isinstance(node, dict):

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
-
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 HEAD = "0001"  # the newest migration; the writer refuses a database that is not at it
@@ -76,7 +79,9 @@ def connect(url: str | None, *, pool_size: int = 2) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True, json_serializer=_json_text, hide_parameters=True)
+    return create_engine(
+        url, pool_size=pool_size, max_overflow=2, pool_pre_ping=True, json_serializer=_json_text, hide_parameters=True
+    )
 
 
 def _json_text(value: object) -> str:
@@ -84,7 +89,7 @@ def _json_text(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """Durable, concurrent SQLite: WAL journal, fsync on every commit, foreign keys enforced."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -94,7 +99,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _alembic_config(connection):
+def _alembic_config(connection: Connection) -> Config:
     from alembic.config import Config
 
     config = Config()

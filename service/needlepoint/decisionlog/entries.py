@@ -24,11 +24,16 @@ import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from needlepoint.decisionlog.masking import Masker
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+    from needlepoint.v1 import decision_pb2
 
 ROADS = ("grpc", "cds-hooks", "cli")
 
@@ -77,7 +82,13 @@ class DecisionEntry:
 
     @classmethod
     def cds_hooks(
-        cls, request: Mapping[str, Any] | bytes, decision: Any, *, caller: str = "", service_id: str = "", cards: Sequence[CardRef] = ()
+        cls,
+        request: Mapping[str, Any] | bytes,
+        decision: Any,
+        *,
+        caller: str = "",
+        service_id: str = "",
+        cards: Sequence[CardRef] = (),
     ) -> DecisionEntry:
         """An entry for a CDS Hooks request (parsed, or its body's bytes) answered from
         ``decision`` with ``cards``. ``caller`` is who asked (e.g. the JWT ``iss`` and the
@@ -85,9 +96,11 @@ class DecisionEntry:
         hook_instance = ""
         if isinstance(request, Mapping):
             hook_instance = str(request.get("hookInstance", ""))
-        return cls("cds-hooks", decision, request, caller=caller, correlation_id=hook_instance, service_id=service_id, cards=tuple(cards))
+        return cls(
+            "cds-hooks", decision, request, caller=caller, correlation_id=hook_instance, service_id=service_id, cards=tuple(cards)
+        )
 
-    def decision_message(self):
+    def decision_message(self) -> decision_pb2.Decision:
         """The decision as a ``needlepoint.v1.Decision`` message."""
         from needlepoint.v1 import decision_pb2
 
@@ -178,14 +191,14 @@ def _cds_hooks_replay(request: Any, masker: Masker) -> tuple[str, bytes, list[st
     return "sha256:" + hashlib.sha256(raw).hexdigest(), replay, masked
 
 
-def summarize(decision) -> dict[str, Any]:
+def summarize(decision: decision_pb2.Decision) -> dict[str, Any]:
     """The outcome in brief, from a ``Decision`` message: whether the procedure can go ahead
     (``yes``, ``review``, ``no``), deferrals as ``REASON/SCOPE:SEVERITY``, the preferred modality,
     injectate recommendations, caution and missing-data codes, and every rule that fired (each
     explained rule)."""
     from needlepoint.v1 import decision_pb2 as pb
 
-    def name(enum, value: int) -> str:
+    def name(enum: EnumTypeWrapper, value: int) -> str:
         return enum.Name(value) if value else ""
 
     deferrals = [
@@ -198,7 +211,9 @@ def summarize(decision) -> dict[str, Any]:
         "proceed": proceed,
         "deferrals": [f"{reason}/{scope}:{severity}" for reason, scope, severity in deferrals],
         "modality": name(pb.Modality, decision.modality.preferred),
-        "injectates": {name(pb.InjectateCategory, i.category): name(pb.Recommendation, i.recommendation) for i in decision.injectates},
+        "injectates": {
+            name(pb.InjectateCategory, i.category): name(pb.Recommendation, i.recommendation) for i in decision.injectates
+        },
         "cautions": [c.code for c in decision.cautions],
         "missingData": [m.code for m in decision.missing_data],
         "fired": sorted({e.rule_id for e in decision.explanations if e.rule_id}),

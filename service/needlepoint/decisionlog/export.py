@@ -28,12 +28,15 @@ from needlepoint.decisionlog import schema
 PAGE = 500
 
 
-def export_lines(engine: Engine, *, since: str | None = None, until: str | None = None, road: str | None = None) -> Iterator[bytes]:
+def export_lines(
+    engine: Engine, *, since: str | None = None, until: str | None = None, road: str | None = None
+) -> Iterator[bytes]:
     """One NDJSON line (bytes, with its newline) per logged decision in the window."""
     d = schema.decisions
     last = 0
     while True:
-        query = select(d.c.id, d.c.decision_id, d.c.as_of, d.c.correlation_id, d.c.replay_kind, d.c.replay_input).where(d.c.id > last)
+        columns = (d.c.id, d.c.decision_id, d.c.as_of, d.c.correlation_id, d.c.replay_kind, d.c.replay_input)
+        query = select(*columns).where(d.c.id > last)
         if since:
             query = query.where(d.c.created_at >= since)
         if until:

@@ -65,9 +65,17 @@ def feedback_row(service_id: str, item: Any, path: str = "feedback", *, received
         raise FeedbackError(f"{path}.outcome", f"must be accepted or overridden, not {outcome!r}")
     when = _timestamp(_text(item, "outcomeTimestamp", path), f"{path}.outcomeTimestamp")
     accepted = item.get("acceptedSuggestions")
+    accepted_ids: list[str] = []
     if outcome == "accepted":
-        if not isinstance(accepted, list) or not accepted or not all(isinstance(s, Mapping) and isinstance(s.get("id"), str) for s in accepted):
-            raise FeedbackError(f"{path}.acceptedSuggestions", "an accepted card names the suggestions accepted: [{\"id\": ...}] (cds-fb-1)")
+        if (
+            not isinstance(accepted, list)
+            or not accepted
+            or not all(isinstance(s, Mapping) and isinstance(s.get("id"), str) for s in accepted)
+        ):
+            raise FeedbackError(
+                f"{path}.acceptedSuggestions", "an accepted card names the suggestions accepted: [{\"id\": ...}] (cds-fb-1)"
+            )
+        accepted_ids = [s["id"] for s in accepted]
     elif accepted:
         raise FeedbackError(f"{path}.acceptedSuggestions", "only an accepted card has accepted suggestions (cds-fb-1)")
     override = item.get("overrideReason")
@@ -94,7 +102,7 @@ def feedback_row(service_id: str, item: Any, path: str = "feedback", *, received
         "service_id": service_id,
         "card_uuid": card,
         "outcome": outcome,
-        "accepted_suggestions": [s["id"] for s in accepted] if outcome == "accepted" else [],
+        "accepted_suggestions": accepted_ids,
         "reason_system": system,
         "reason_code": code,
         "reason_display": display,

@@ -111,7 +111,7 @@ class Masker:
         masked: set[str] = set()
         try:
             ids = self._resources(_top_resources(obj), masked)
-        except Exception:  # a shape the masker does not know: keep nothing rather than leave a name in
+        except Exception:  # noqa: BLE001 - a shape the masker does not know: keep nothing rather than leave a name in
             return orjson.dumps({"resourceType": "Bundle", "type": "collection"}), ["the whole bundle (it could not be masked)"]
         try:
             text = orjson.dumps(obj)
@@ -129,7 +129,7 @@ class Masker:
         masked: set[str] = set()
         if obj.pop("fhirAuthorization", None) is not None:
             masked.add("fhirAuthorization")
-        context = obj.get("context") if isinstance(obj.get("context"), dict) else {}
+        context = found if isinstance(found := obj.get("context"), dict) else {}
         resources = list(_top_resources(context.get("draftOrders")))
         prefetch = obj.get("prefetch")
         for value in (prefetch.values() if isinstance(prefetch, dict) else ()):
@@ -198,7 +198,9 @@ class Masker:
                     data = data.replace(old_ref, new_ref)
                     masked.add("Reference(Patient)")
         display = re.compile(
-            rb'("reference":"[^"]*(?:' + b"|".join(pseudonyms) + rb')")((?:,"[A-Za-z]+":(?:"(?:[^"\\]|\\.)*"|\{[^{}]*\}))*?),"display":"(?:[^"\\]|\\.)*"'
+            rb'("reference":"[^"]*(?:'
+            + b"|".join(pseudonyms)
+            + rb')")((?:,"[A-Za-z]+":(?:"(?:[^"\\]|\\.)*"|\{[^{}]*\}))*?),"display":"(?:[^"\\]|\\.)*"'
         )
         data, count = display.subn(rb"\1\2", data)
         if count:

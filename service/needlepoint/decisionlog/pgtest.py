@@ -16,6 +16,7 @@ they are copied to a temporary directory first.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -43,13 +44,11 @@ def _candidate_bindirs() -> list[Path]:
         found.append(Path(os.environ["NEEDLEPOINT_PG_BINDIR"]))
     pg_config = shutil.which("pg_config")
     if pg_config:
-        try:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
             found.append(Path(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True).stdout.strip()))
-        except (OSError, subprocess.CalledProcessError):
-            pass
     found += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
-    if shutil.which("postgres"):
-        found.append(Path(shutil.which("postgres")).resolve().parent)
+    if postgres := shutil.which("postgres"):
+        found.append(Path(postgres).resolve().parent)
     return [d for d in found if (d / "postgres").is_file() and (d / "initdb").is_file()]
 
 
@@ -99,7 +98,8 @@ class TemporaryPostgres:
     def _usable_bindir(self, bindir: Path) -> Path:
         """``bindir``, or a copy of its installation the unprivileged user can execute."""
         try:
-            if subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, **self._run_as()).returncode == 0:
+            version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, **self._run_as(), check=False)
+            if version.returncode == 0:
                 return bindir
         except OSError:  # the user cannot even execute it
             pass
@@ -117,26 +117,27 @@ class TemporaryPostgres:
         try:
             self.bindir = self._usable_bindir(bindir)
             init = subprocess.run(
-                [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-instructions"],
+                [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                 "--no-instructions"],
                 capture_output=True,
                 text=True,
                 timeout=120,
                 **self._run_as(),
+                check=False,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise PostgresUnavailable(f"initdb cannot run: {exc}") from None
         if init.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {init.stderr.strip()[-500:]}")
-        log = open(self.root / "postgres.log", "wb")
-        self.process = subprocess.Popen(
-            [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.root),
-             "-c", "fsync=on", "-c", "max_connections=200"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            **self._run_as(),
-        )
-        log.close()
+        with open(self.root / "postgres.log", "wb") as log:  # the server keeps its own descriptor
+            self.process = subprocess.Popen(
+                [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port), "-h", "127.0.0.1",
+                 "-k", str(self.root), "-c", "fsync=on", "-c", "max_connections=200"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                **self._run_as(),
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -192,7 +193,5 @@ class TemporaryPostgres:
 if __name__ == "__main__":
     with TemporaryPostgres() as server:
         print(server.url, flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass

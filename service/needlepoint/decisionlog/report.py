@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import html
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Select, func, select
 
 from needlepoint.decisionlog import schema
+
+_Query = TypeVar("_Query", bound=Select[Any])
 
 
 def overrides_report(engine: Engine, *, since: str | None = None, until: str | None = None) -> dict[str, Any]:
@@ -25,7 +27,7 @@ def overrides_report(engine: Engine, *, since: str | None = None, until: str | N
     "unmatchedFeedback"}``, rules sorted by id."""
     d, fr, c, f = schema.decisions, schema.fired_rules, schema.cards, schema.feedback
 
-    def window(query):
+    def window(query: _Query) -> _Query:
         if since:
             query = query.where(d.c.created_at >= since)
         if until:
@@ -35,11 +37,15 @@ def overrides_report(engine: Engine, *, since: str | None = None, until: str | N
     rules: dict[str, dict[str, Any]] = defaultdict(_empty_rule)
     with engine.connect() as connection:
         total = connection.execute(window(select(func.count()).select_from(d))).scalar_one()
-        fired = window(select(fr.c.rule_id, func.count()).select_from(fr.join(d, fr.c.decision_row == d.c.id)).group_by(fr.c.rule_id))
+        fired = window(
+            select(fr.c.rule_id, func.count()).select_from(fr.join(d, fr.c.decision_row == d.c.id)).group_by(fr.c.rule_id)
+        )
         for rule_id, count in connection.execute(fired):
             rules[rule_id]["fired"] = count
         card_rules: dict[str, list[str]] = {}
-        for uuid, rule_ids in connection.execute(window(select(c.c.card_uuid, c.c.rule_ids).select_from(c.join(d, c.c.decision_row == d.c.id)))):
+        for uuid, rule_ids in connection.execute(
+            window(select(c.c.card_uuid, c.c.rule_ids).select_from(c.join(d, c.c.decision_row == d.c.id)))
+        ):
             card_rules[uuid] = list(rule_ids or [])
             for rule_id in card_rules[uuid]:
                 rules[rule_id]["shown"] += 1
@@ -114,7 +120,11 @@ def render_html(report: dict[str, Any]) -> str:
         for r in report["rules"]
     )
     since = f" since {e(report['since'])}" if report["since"] else ""
-    unmatched = f"<p>{report['unmatchedFeedback']} feedback item(s) name a card the log never recorded.</p>" if report["unmatchedFeedback"] else ""
+    unmatched = (
+        f"<p>{report['unmatchedFeedback']} feedback item(s) name a card the log never recorded.</p>"
+        if report["unmatchedFeedback"]
+        else ""
+    )
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>Needlepoint: overrides by rule</title>"
         "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"

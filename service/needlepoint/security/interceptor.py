@@ -31,7 +31,7 @@ async def _refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> N
 
 
 # A stream-stream handler without deserializers works for calls of every kind: it never reads.
-_REFUSED = grpc.stream_stream_rpc_method_handler(_refuse)
+_REFUSED: grpc.RpcMethodHandler[Any, Any] = grpc.stream_stream_rpc_method_handler(_refuse)
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
@@ -60,9 +60,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         """The method's own handler for an authenticated (or open) call; a refusing one otherwise,
         also for unknown methods, so that an unauthenticated caller cannot probe which exist."""
         method = handler_call_details.method

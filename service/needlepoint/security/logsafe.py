@@ -31,7 +31,9 @@ class PhiSafeFormatter(logging.Formatter):
     """A formatter whose tracebacks keep the frames (file, line, code) and exception types, and
     drop exception messages, which may quote input."""
 
-    def formatException(self, ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]) -> str:  # noqa: N802
+    def formatException(  # noqa: N802 - logging.Formatter's name
+        self, ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+    ) -> str:
         """The traceback of ``ei`` (and of its causes and contexts), messages withheld."""
         if ei[1] is None:
             return ""

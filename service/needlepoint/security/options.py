@@ -21,26 +21,60 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 _SERVER_OPTIONS = [
     click.option("--tls-cert", type=_FILE, help="PEM certificate chain of the server: serve TLS (with --tls-key)."),
-    click.option("--tls-key", type=_FILE, help="PEM private key of --tls-cert (unencrypted; keep it readable by the server only)."),
+    click.option(
+        "--tls-key", type=_FILE, help="PEM private key of --tls-cert (unencrypted; keep it readable by the server only)."
+    ),
     click.option("--client-ca", type=_FILE, help="PEM CA bundle: require client certificates it signed (mutual TLS)."),
-    click.option("--auth-jwks", type=_FILE, help="JWK Set file of the public keys that sign callers' bearer tokens; re-read when it changes."),
-    click.option("--auth-jku", multiple=True, metavar="URL", help="A JWK Set URL tokens may name in 'jku' (allow-list, cached 5 min); repeatable."),
-    click.option("--auth-issuer", multiple=True, metavar="ISS", help="An allowed token issuer ('iss'); repeatable, required with token auth."),
-    click.option("--auth-audience", default=DEFAULT_AUDIENCE, show_default=True, help="The audience ('aud') tokens must be issued for."),
+    click.option(
+        "--auth-jwks",
+        type=_FILE,
+        help="JWK Set file of the public keys that sign callers' bearer tokens; re-read when it changes.",
+    ),
+    click.option(
+        "--auth-jku",
+        multiple=True,
+        metavar="URL",
+        help="A JWK Set URL tokens may name in 'jku' (allow-list, cached 5 min); repeatable.",
+    ),
+    click.option(
+        "--auth-issuer",
+        multiple=True,
+        metavar="ISS",
+        help="An allowed token issuer ('iss'); repeatable, required with token auth.",
+    ),
+    click.option(
+        "--auth-audience", default=DEFAULT_AUDIENCE, show_default=True, help="The audience ('aud') tokens must be issued for."
+    ),
     click.option(
         "--auth-algorithm",
         multiple=True,
         type=click.Choice(SUPPORTED_ALGORITHMS),
         help=f"An accepted signing algorithm; repeatable (default: {', '.join(RECOMMENDED_ALGORITHMS)}).",
     ),
-    click.option("--auth-clock-skew", type=click.FloatRange(0, 300), default=60.0, show_default=True, help="Seconds of clock difference tolerated on exp/iat/nbf."),
-    click.option("--auth-max-lifetime", type=click.FloatRange(1, 86400), default=3600.0, show_default=True, help="Longest token lifetime (exp - iat) accepted, in seconds."),
+    click.option(
+        "--auth-clock-skew",
+        type=click.FloatRange(0, 300),
+        default=60.0,
+        show_default=True,
+        help="Seconds of clock difference tolerated on exp/iat/nbf.",
+    ),
+    click.option(
+        "--auth-max-lifetime",
+        type=click.FloatRange(1, 86400),
+        default=3600.0,
+        show_default=True,
+        help="Longest token lifetime (exp - iat) accepted, in seconds.",
+    ),
     click.option(
         "--auth-reuse-tokens",
         is_flag=True,
         help="Let a token be used for many calls until it expires (no jti replay check); by default each jti is accepted once.",
     ),
-    click.option("--insecure", is_flag=True, help="Allow serving a non-loopback address without TLS or caller authentication (logged as a warning)."),
+    click.option(
+        "--insecure",
+        is_flag=True,
+        help="Allow serving a non-loopback address without TLS or caller authentication (logged as a warning).",
+    ),
 ]
 
 
@@ -50,7 +84,11 @@ def server_security_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        values = {name: kwargs.pop(name) for name in list(kwargs) if name.startswith(("tls_", "auth_")) or name in ("client_ca", "insecure")}
+        values = {
+            name: kwargs.pop(name)
+            for name in list(kwargs)
+            if name.startswith(("tls_", "auth_")) or name in ("client_ca", "insecure")
+        }
         kwargs["security"] = security_config(**values)
         return command(*args, **kwargs)
 
@@ -121,7 +159,8 @@ _CLIENT_OPTIONS = [
         "--token",
         envvar="NEEDLEPOINT_TOKEN",
         metavar="JWT",
-        help="With --server: bearer token to send (better from $NEEDLEPOINT_TOKEN or --token-file: a command line is visible to other users).",
+        help="With --server: bearer token to send "
+        "(better from $NEEDLEPOINT_TOKEN or --token-file: a command line is visible to other users).",
     ),
     click.option("--token-file", type=_FILE, help="With --server: read the bearer token from this file."),
 ]

@@ -313,7 +313,7 @@ class TokenValidator:
         self._replay = ReplayCache(policy.replay_cache_size) if policy.replay_protection else None
         self._issuers = frozenset(policy.issuers)
         required = ["iss", "aud", "exp", "iat", *(["jti"] if policy.replay_protection else [])]
-        self._options: dict[str, Any] = {
+        self._options: jwt.types.Options = {
             "require": required,
             "verify_exp": False,  # times are checked below, against the injectable clock
             "verify_iat": False,
@@ -325,6 +325,8 @@ class TokenValidator:
         """The claims of a valid token, or TokenError. May fetch a ``jku`` (blocking)."""
         header = self._header(token)
         key = self._key(header, fetch=True)
+        if key is None:  # not so when fetching; the check keeps the contract of _key visible
+            raise TokenError("unknown key")
         return self._verify(token, header, key)
 
     async def validate_async(self, token: str) -> Claims:
@@ -390,7 +392,7 @@ class TokenValidator:
                 algorithms=[header["alg"]],
                 audience=self.policy.audience,
                 issuer=self._issuers,
-                options=self._options,  # type: ignore[arg-type]
+                options=self._options,
             )
         except InvalidSignatureError:
             raise TokenError("bad signature") from None

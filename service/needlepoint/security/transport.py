@@ -133,7 +133,9 @@ def enforce_exposure(host: str, security: SecurityConfig) -> None:
             f"refusing to serve on {host}, which other machines can reach, with {' and '.join(problems)}; "
             "bind 127.0.0.1, configure them, or pass --insecure"
         )
-    log.warning("INSECURE: serving on %s with %s; anyone who can reach it can read and send patient data", host, " and ".join(problems))
+    log.warning(
+        "INSECURE: serving on %s with %s; anyone who can reach it can read and send patient data", host, " and ".join(problems)
+    )
 
 
 def bind(server: grpc.aio.Server, address: str, security: SecurityConfig | None) -> int:

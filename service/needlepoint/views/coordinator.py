@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,7 @@ def _status(deferrals: list[dict]) -> str:
     return GO_AHEAD_WITHOUT_SOME if deferrals else GO_AHEAD
 
 
-def _firmness(deferral: dict) -> str:
+def _firmness(deferral: Mapping[str, Any]) -> str:
     """How firmly a deferral holds, and what: the whole injection or one medicine."""
     scope = deferral.get("scope", "PROCEDURE")
     hard = deferral.get("severity") == "HARD"
@@ -154,7 +155,7 @@ class _Said:
         return message
 
 
-def deferral_item(deferral: dict[str, Any]) -> Item:
+def deferral_item(deferral: Mapping[str, Any]) -> Item:
     """A deferral in plain words: ``Bleeding risk: not now.`` and the rule's message under it."""
     message = (deferral.get("message") or "").strip()
     headline = f"{words(REASONS, deferral.get('reason', ''))}: {_firmness(deferral)}."
@@ -166,7 +167,7 @@ def _lower_first(title: str) -> str:
     return title[:1].lower() + title[1:] if title[1:2].islower() else title
 
 
-def modality_item(modality: dict[str, Any] | None, titles_by_rule: dict[str, str]) -> Item | None:
+def modality_item(modality: Mapping[str, Any] | None, titles_by_rule: dict[str, str]) -> Item | None:
     """The guidance in plain words: ``Use fluoroscopy (X-ray); ultrasound is also acceptable;
     avoid ...``, and ``Because: `` the titles of the rules behind it. None when there is none."""
     if not modality or not (modality.get("preferred") or modality.get("acceptable") or modality.get("avoid")):
@@ -186,7 +187,7 @@ def modality_item(modality: dict[str, Any] | None, titles_by_rule: dict[str, str
     return Item(headline[:1].upper() + headline[1:] + ".", why, rule_ids)
 
 
-def injectate_item(injectate: dict[str, Any]) -> Item:
+def injectate_item(injectate: Mapping[str, Any]) -> Item:
     """An injectate in plain words: ``Corticosteroid (steroid): avoid.`` and the rule's message."""
     advice = words(RECOMMENDATIONS, injectate.get("recommendation", "")).lower()
     message = (injectate.get("message") or "").strip()
@@ -231,16 +232,25 @@ def coordinator_view(decision: dict[str, Any]) -> CoordinatorView:
     if medicines:
         sections.append(Section("Medicines to inject", tuple(medicines)))
 
-    cautions = [Item(message, (), tuple(c.get("ruleIds", ()))) for c in decision.get("cautions", []) if (message := said.new(c.get("message")))]
+    cautions = [
+        Item(message, (), tuple(c.get("ruleIds", ())))
+        for c in decision.get("cautions", [])
+        if (message := said.new(c.get("message")))
+    ]
     if cautions:
         sections.append(Section("Before and during the injection", tuple(cautions)))
 
-    missing = [Item(message, (), tuple(m.get("ruleIds", ()))) for m in decision.get("missingData", []) if (message := said.new(m.get("message")))]
+    missing = [
+        Item(message, (), tuple(m.get("ruleIds", ())))
+        for m in decision.get("missingData", [])
+        if (message := said.new(m.get("message")))
+    ]
     if missing:
         sections.append(Section("Records to check or complete", tuple(missing)))
 
     ruleset = decision.get("ruleset", {})
-    reference = f"Reference {decision.get('decisionId', '')}; rule set {ruleset.get('id', '')} {ruleset.get('version', '')}.".replace("  ", " ")
+    named = f"{ruleset.get('id', '')} {ruleset.get('version', '')}"
+    reference = f"Reference {decision.get('decisionId', '')}; rule set {named}.".replace("  ", " ")
     return CoordinatorView(
         heading=f"Hip injection request, checked on {_when(decision.get('asOf', ''))}",
         status=status,
@@ -273,7 +283,14 @@ def wrap(line: Line, width: int | None) -> list[str]:
     if width is None:
         return [lead + line.text]
     hang = " " * len(lead)
-    return textwrap.wrap(line.text, width=max(width, len(lead) + 20), initial_indent=lead, subsequent_indent=hang, break_long_words=False, break_on_hyphens=False)
+    return textwrap.wrap(
+        line.text,
+        width=max(width, len(lead) + 20),
+        initial_indent=lead,
+        subsequent_indent=hang,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def render(decision: dict[str, Any], width: int | None = None) -> str:
