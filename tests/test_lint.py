@@ -18,7 +18,8 @@ import yaml
 from click.testing import CliRunner
 
 from needlepoint.authoring import lint as lint_module
-from needlepoint.authoring.lint import Finding, check_code, json_schemas, lint, loinc_check_digit, verhoeff_valid
+from needlepoint.authoring.lint import Finding, check_code, lint, loinc_check_digit, verhoeff_valid
+from needlepoint.rulesets.schema import json_schemas
 from needlepoint.cli import main
 from needlepoint.core.conditions import RuleSetError
 from needlepoint.rulesets import load_ruleset
@@ -305,19 +306,22 @@ def test_not_a_rule_set_and_empty_and_strange_files(tmp_path: Path) -> None:
 # --- lint and the loader agree -------------------------------------------------------------------------
 
 
-def test_an_error_only_the_loader_finds_is_reported_at_the_place_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args, **kwargs):
-        raise RuleSetError("rules/rules.yaml:3 DEF-PLT-LOW.when.plt.observation.value", "a new check lint does not know")
-
-    monkeypatch.setattr(lint_module, "build_ruleset", refuse)
-    assert found(MINIMAL) == [("NP002", "error", "rules/rules.yaml", 11, 9)]
-
-    def crash(*args, **kwargs):
-        raise ValueError("invalid literal for int()")
-
-    monkeypatch.setattr(lint_module, "build_ruleset", crash)
-    (finding,) = lint(MINIMAL)
-    assert (finding.code, Path(finding.file).name, finding.line) == ("NP002", "ruleset.yaml", 1) and "ValueError" in finding.message
+def test_loading_refuses_what_lint_reports_as_builder_errors_with_every_file_line_and_column(tmp_path: Path) -> None:
+    """One builder: loading raises one error listing every problem lint reports as the
+    builder's, each at the file, line and column lint gives."""
+    root = tmp_path / "rs"
+    shutil.copytree(FIXTURES / "np004-unknown-parameter", root)
+    text = (root / "rules" / "rules.yaml").read_text().replace("category: deferral", "category: deferal", 1)
+    (root / "rules" / "rules.yaml").write_text(text)
+    errors = [f for f in lint(root) if f.severity == "error"]
+    assert {f.code for f in errors} == {"NP002", "NP004"} and len(errors) == 2
+    with pytest.raises(RuleSetError) as caught:
+        load_ruleset(root)
+    message = str(caught.value)
+    for f in errors:
+        assert f"{f.file}:{f.line}:{f.column}" in message
+    assert [(d.code, d.line, d.column) for d in caught.value.diagnostics] == [(f.code, f.line, f.column) for f in sorted(errors, key=lambda f: (f.line, f.column))]
+    assert caught.value.where.startswith("rules/rules.yaml:") and "DEF-PLT-LOW" in caught.value.where
 
 
 _JUNK = [None, 0, -1.5, 7, "", "x", "$nope", "$platelet_defer_below", [], {}, True, [1, "a"], {"lt": 3}, {"in": "nope"}, "FLUOROSCOPY", "1.0"]
@@ -660,7 +664,7 @@ def schema_errors(value: Any, name: str) -> list[str]:
 
 
 def test_the_committed_schemas_are_the_generated_ones() -> None:
-    """Regenerate with ``python -m needlepoint.authoring.lint --write-schemas rulesets/schema``."""
+    """Regenerate with ``needlepoint rules schema rulesets/schema``."""
     committed = {p.name: json.loads(p.read_text(encoding="utf-8")) for p in SCHEMAS.glob("*.schema.json")}
     assert committed == json_schemas()
 

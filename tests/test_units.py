@@ -18,9 +18,8 @@ from needlepoint.casefile import load_cases
 from needlepoint.core.conditions import RuleSetError
 from needlepoint.core.prepare import apply_conversion, convert, unit_conversion
 from needlepoint.core.record import Code, InjectionOrder, Observation, PatientRecord
-from needlepoint.core.ruleset import build_ruleset
 from needlepoint.fhir import record_from_bundle
-from needlepoint.rulesets import bundled_rulesets_dir, read_documents
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, read_documents
 from needlepoint.server.convert import context_from_record, record_from_context
 
 HIP = bundled_rulesets_dir() / "hip-injection"
