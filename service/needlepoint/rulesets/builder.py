@@ -407,7 +407,7 @@ class Builder(RuleChecks):
                     for gname, gspec in groups.items():
                         self._code_lists(doc, path + ("groups", gname), gspec or {}, vs, f"{what} group {gname}")
             if not any(vs.codes.values()) and not any(vs.prefixes.values()):
-                self.error("NP002", doc, path, f"{what} has no codes")
+                self.error("NP002", doc, path, f"{what}: the value set has no codes")
 
     def _code_lists(self, doc: Document, path: tuple, spec: Any, vs: ValueSetEntry, what: str) -> None:
         if not isinstance(spec, dict):
