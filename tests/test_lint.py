@@ -751,3 +751,70 @@ def test_an_aggregate_named_after_an_engine_reserved_field_is_refused_at_its_lin
     root = make(tmp_path, "    k: {summary: {kocher: {gte: 1}}}", files={"aggregates.yaml": agg})
     reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
     assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "aggregates.yaml", 5, 1)]
+
+
+@pytest.mark.parametrize("name", ["t", "id", "sid", "_tags", "_fid"])
+def test_a_parameter_named_after_an_engine_reserved_field_is_refused_at_its_line(tmp_path: Path, name: str) -> None:
+    params = f"limit:\n  value: 3\n  provenance: C\n  source: x\n  description: x\n{name}:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n"
+    root = make(tmp_path, "    ord: {order: {intent: diagnostic}}", files={"parameters.yaml": params})
+    reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
+    assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "parameters.yaml", 6, 1)]
+    with pytest.raises(RuleSetError, match="reserved by the engine") as caught:
+        load_ruleset(root)
+    assert f"parameters.yaml:6:1" in str(caught.value) and caught.value.where == f"parameters.yaml.{name}"
+
+
+@pytest.mark.parametrize(
+    ("then", "code", "line", "column", "words"),
+    [
+        (
+            "    injectates:\n      - {category: CORTICOSTEROID, recommendation: SUGGESTED}\n      - {category: CORTICOSTEROID, recommendation: AVOID}\n",
+            "NP015", 10, 20, "CORTICOSTEROID is recommended twice in one outcome",
+        ),
+        ("    modality: {preferred: ULTRASOUND, avoid: [ULTRASOUND]}\n", "NP002", 8, 39, "prefers ULTRASOUND and avoids it too"),
+    ],
+)  # fmt: skip
+def test_contradictory_outcomes_are_decided_once_by_the_builder(tmp_path: Path, then: str, code: str, line: int, column: int, words: str) -> None:
+    """A duplicate injectate category and a modality preferred and avoided: the loader refuses
+    them, and lint reports the builder's diagnostic with its code at its place."""
+    root = make(tmp_path, "    ord: {order: {intent: diagnostic}}")
+    rules = root / "rules" / "rules.yaml"
+    rules.write_text(rules.read_text().replace("    caution: TEST\n", then))
+    (finding,) = lint(root)
+    assert (finding.code, finding.line, finding.column) == (code, line, column) and words in finding.message
+    with pytest.raises(RuleSetError, match=words) as caught:
+        load_ruleset(root)
+    assert f"rules.yaml:{line}:{column}" in str(caught.value)
+
+
+def test_the_schema_command_writes_exactly_the_committed_files(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["rules", "schema", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(p.name for p in SCHEMAS.glob("*.schema.json")) == sorted(json_schemas())
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (SCHEMAS / name).read_bytes(), name
+
+
+def test_every_record_key_of_the_format_is_in_its_schema() -> None:
+    """The builder and the schemas read one format description: each record's keys and required
+    keys are the schema's properties and required list."""
+    from needlepoint.rulesets import format as fmt
+
+    schemas = json_schemas()
+    rule = schemas["rules.schema.json"]["$defs"]
+    pairs = [
+        (fmt.RULE, rule["rule"]),
+        (fmt.THEN, rule["then"]),
+        (fmt.EVIDENCE, rule["evidence"]),
+        (fmt.RULESET, schemas["ruleset.schema.json"]),
+        (fmt.PARAMETER, schemas["parameters.schema.json"]["additionalProperties"]),
+        (fmt.CONCEPT, schemas["observations.schema.json"]["additionalProperties"]),
+        (fmt.AGGREGATE, schemas["aggregates.schema.json"]["$defs"]["aggregate"]),
+        (fmt.VALUE_SET, schemas["valuesets.schema.json"]["$defs"]["valueSet"]),
+        (fmt.OVERLAY, schemas["overlay.schema.json"]),
+    ]
+    for record, schema in pairs:
+        assert list(schema["properties"]) == list(record.allowed), record.name
+        assert schema.get("required", []) == [k.name for k in record.keys if k.required], record.name
+        assert schema["additionalProperties"] is False
