@@ -1,5 +1,6 @@
 """``needlepoint rules lint``: the bundled rule set lints clean; each broken fixture in
-``tests/data/rulesets/`` yields its code at the exact line and column; lint and the loader agree;
+``tests/data/rulesets/`` yields its code at the exact line and column; lint reports the one
+builder's diagnostics, and loading refuses exactly those errors at the same places;
 the command's output and exit codes; and the JSON Schemas for editors are well-formed, accept
 every bundled file and reject broken ones."""
 
@@ -17,12 +18,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from needlepoint.authoring import lint as lint_module
 from needlepoint.authoring.lint import Finding, check_code, lint, loinc_check_digit, verhoeff_valid
-from needlepoint.rulesets.schema import json_schemas
 from needlepoint.cli import main
-from needlepoint.core.conditions import RuleSetError
+from needlepoint.core.ruleset import RuleSetError
 from needlepoint.rulesets import load_ruleset
+from needlepoint.rulesets.schema import json_schemas
 
 REPO = Path(__file__).resolve().parents[1]
 HIP = REPO / "rulesets" / "hip-injection"
@@ -761,7 +761,7 @@ def test_a_parameter_named_after_an_engine_reserved_field_is_refused_at_its_line
     assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "parameters.yaml", 6, 1)]
     with pytest.raises(RuleSetError, match="reserved by the engine") as caught:
         load_ruleset(root)
-    assert f"parameters.yaml:6:1" in str(caught.value) and caught.value.where == f"parameters.yaml.{name}"
+    assert "parameters.yaml:6:1" in str(caught.value) and caught.value.where == f"parameters.yaml.{name}"
 
 
 @pytest.mark.parametrize(

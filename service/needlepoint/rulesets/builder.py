@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from needlepoint.core.conditions import FACT_FIELDS, Pattern
+from needlepoint.core.conditions import Pattern
 from needlepoint.core.ruleset import (
     CODE_SYSTEMS,
     PREFIX_SYSTEMS,
@@ -40,7 +40,7 @@ from . import format as fmt
 from .assemble import assemble_rule
 from .diagnostics import ERROR, WARNING, Diagnostic, describe, suggest
 from .reader import Document
-from .rules import RuleChecks, RuleEntry, PatternEntry
+from .rules import PatternEntry, RuleChecks, RuleEntry
 from .sources import Sources
 
 
@@ -691,4 +691,4 @@ def _concept(cid: str, spec: dict) -> ObservationConcept:
     )
 
 
-__all__ = ["Builder", "Built", "ParamEntry", "ValueSetEntry", "ConceptEntry", "AggregateEntry", "RuleEntry", "PatternEntry", "FACT_FIELDS"]
+__all__ = ["AggregateEntry", "Builder", "Built", "ConceptEntry", "ParamEntry", "PatternEntry", "RuleEntry", "ValueSetEntry"]

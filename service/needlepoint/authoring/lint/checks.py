@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from needlepoint.core.conditions import FieldTest, ParamRef
 from needlepoint.core.ruleset import RECOMMENDATIONS
 from needlepoint.rulesets.builder import Built, PatternEntry, RuleEntry
-from needlepoint.rulesets.diagnostics import ERROR, WARNING, Diagnostic, describe, suggest
+from needlepoint.rulesets.diagnostics import ERROR, WARNING, Diagnostic, suggest
 from needlepoint.rulesets.format import VOCABULARIES, VOCABULARY_NAMES
 from needlepoint.rulesets.reader import Document
 
