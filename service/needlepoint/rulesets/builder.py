@@ -210,16 +210,17 @@ class Builder(RuleChecks):
 
     # -- structure helpers --
 
-    def mapping(self, doc: Document, path: tuple, value: Any, record: fmt.Record, what: str, *, allowed: Iterable[str] | None = None) -> bool:
-        """Is ``value`` a mapping of ``record``? Reports unknown and missing keys."""
+    def mapping(self, doc: Document, path: tuple, value: Any, record: fmt.Record | None, what: str, *, allowed: Iterable[str] | None = None) -> bool:
+        """Is ``value`` a mapping of ``record`` (or with keys among ``allowed``)? Reports unknown
+        and missing keys."""
         if not isinstance(value, dict):
             self.error("NP002", doc, path, f"{what} must be a mapping; got {describe(value)}", key=False)
             return False
-        allowed = tuple(allowed) if allowed is not None else record.allowed
+        allowed = tuple(allowed) if allowed is not None else record.allowed if record is not None else ()
         for k in value:
             if k not in allowed:
                 self.error("NP001", doc, path + (k,), f"{what}: unknown key {k!r}{suggest(k, allowed)}; allowed: {', '.join(map(str, allowed))}")
-        for k in record.required:
+        for k in record.required if record is not None else ():
             if k.name not in value:
                 self.error(k.missing_code, doc, path, f"{what}: missing required key {k.name!r}", key=False)
         return True
@@ -270,7 +271,7 @@ class Builder(RuleChecks):
             self.enum(doc, ("status",), meta["status"], fmt.RULESET.values("status"), "ruleset.yaml status")
         requested = meta.get("requested_modality")
         modalities = fmt.RULESET.values("requested_modality")
-        if requested is not None and self.mapping(doc, ("requested_modality",), requested, fmt.Record("requested_modality", ()), "requested_modality", allowed=modalities):
+        if requested is not None and self.mapping(doc, ("requested_modality",), requested, None, "requested_modality", allowed=modalities):
             for modality, vs_id in requested.items():
                 if not isinstance(vs_id, str):
                     self.error("NP002", doc, ("requested_modality", modality), f"requested_modality {modality}: a value set id; got {describe(vs_id)}", key=False)

@@ -53,17 +53,19 @@ def raise_errors(diagnostics: Iterable[Diagnostic]) -> None:
     errors = errors_of(diagnostics)
     if not errors:
         return
-    lines = [_line(d) for d in errors]
     first = errors[0]
-    message = lines[0].removeprefix(f"{first.where}: ")
+    message = first.message + (f" ({first.location})" if first.line else "")
     if len(errors) > 1:
-        message += f"\n({len(errors) - 1} more error{'s' if len(errors) > 2 else ''})\n" + "\n".join(f"  {line}" for line in lines[1:])
+        more = len(errors) - 1
+        message += f"\nand {more} more error{'s' if more > 1 else ''}:\n" + "\n".join(f"  {_line(d)}" for d in errors[1:])
     raise RuleSetError(first.where, message, tuple(errors))
 
 
 def _line(d: Diagnostic) -> str:
-    at = f" ({d.file}:{d.line}:{d.column})" if d.line else ""
-    return f"{d.where}: {d.message}{at}"
+    """``file:line:col: message [key path]`` (``where: message`` without a position)."""
+    if not d.line:
+        return f"{d.where}: {d.message}"
+    return f"{d.location}: {d.message}" + (f" [{d.key_path}]" if d.key_path else "")
 
 
 # --- wording shared by every message ----------------------------------------------------------
