@@ -225,11 +225,17 @@ class Builder(RuleChecks):
                 self.error(k.missing_code, doc, path, f"{what}: missing required key {k.name!r}", key=False)
         return True
 
-    def text(self, doc: Document, path: tuple, value: Any, what: str, code: str = "NP002") -> bool:
-        if not isinstance(value, str) or not value.strip():
-            self.error(code, doc, path, f"{what} must be non-empty text; got {describe(value)}", key=False)
-            return False
-        return True
+    def check_scalars(self, doc: Document, path: tuple, value: dict, record: fmt.Record, what: str) -> bool:
+        """Check the text, true/false and enumerated values of a mapping of ``record`` against
+        their keys' schemas; False when any is wrong."""
+        ok = True
+        for key in record.keys:
+            if key.name in value:
+                problem = key.problem(value[key.name])
+                if problem is not None:
+                    self.error("NP002", doc, path + (key.name,), f"{what} {key.name}{problem}", key=False)
+                    ok = False
+        return ok
 
     def enum(self, doc: Document, path: tuple, value: Any, allowed: tuple, what: str) -> bool:
         if not isinstance(value, str) or value not in allowed:
@@ -260,15 +266,7 @@ class Builder(RuleChecks):
         meta = doc.value if doc.value is not None else {}
         if not self.mapping(doc, (), meta, fmt.RULESET, "ruleset.yaml"):
             return
-        for key in ("id", "title", "validation"):
-            if key in meta:
-                self.text(doc, (key,), meta[key], f"ruleset.yaml {key}")
-        if "description" in meta and not isinstance(meta["description"], str):
-            self.error("NP002", doc, ("description",), f"ruleset.yaml description must be text; got {describe(meta['description'])}", key=False)
-        if "version" in meta and not (isinstance(meta["version"], str) and fmt.SEMVER.match(meta["version"])):
-            self.error("NP002", doc, ("version",), f"{describe(meta['version'])} is not a semantic version (MAJOR.MINOR.PATCH; quote it)", key=False)
-        if "status" in meta:
-            self.enum(doc, ("status",), meta["status"], fmt.RULESET.values("status"), "ruleset.yaml status")
+        self.check_scalars(doc, (), meta, fmt.RULESET, "ruleset.yaml")
         requested = meta.get("requested_modality")
         modalities = fmt.RULESET.values("requested_modality")
         if requested is not None and self.mapping(doc, ("requested_modality",), requested, None, "requested_modality", allowed=modalities):
@@ -321,13 +319,7 @@ class Builder(RuleChecks):
             value = spec.get("value")
             if "value" in spec and not (isinstance(value, (str, bool)) or number(value)):
                 self.error("NP002", doc, path + ("value",), f"{what}: value must be a number, text or true/false; got {describe(value)}", key=False)
-            if "provenance" in spec:
-                self.enum(doc, path + ("provenance",), spec["provenance"], fmt.PARAMETER.values("provenance"), f"{what} provenance")
-            for key in ("source", "description"):
-                if key in spec:
-                    self.text(doc, path + (key,), spec[key], f"{what} {key}")
-            if spec.get("unit") is not None and not isinstance(spec["unit"], str):
-                self.error("NP002", doc, path + ("unit",), f"{what}: unit must be text (UCUM); got {describe(spec['unit'])}", key=False)
+            self.check_scalars(doc, path, spec, fmt.PARAMETER, what)
             allowed = spec.get("allowed")
             if "allowed" in spec:
                 if not isinstance(allowed, list) or not allowed:
@@ -347,9 +339,8 @@ class Builder(RuleChecks):
         raw = doc.value if doc.value is not None else {}
         if not self.mapping(doc, (), raw, fmt.OVERLAY, "a site overlay"):
             return
-        if "site" in raw:
-            if self.text(doc, ("site",), raw["site"], "overlay site"):
-                self.overlay_name = raw["site"]
+        if self.check_scalars(doc, (), raw, fmt.OVERLAY, "overlay") and "site" in raw:
+            self.overlay_name = raw["site"]
         params = raw.get("parameters")
         if params is None:
             return
@@ -392,11 +383,7 @@ class Builder(RuleChecks):
             self.value_sets[vs_id] = vs
             if not self.mapping(doc, path, spec, fmt.VALUE_SET, what):
                 continue
-            if "title" in spec:
-                self.text(doc, path + ("title",), spec["title"], f"{what} title")
-            for key in ("source", "note"):
-                if key in spec and not isinstance(spec[key], str):
-                    self.error("NP002", doc, path + (key,), f"{what} {key} must be text; got {describe(spec[key])}", key=False)
+            self.check_scalars(doc, path, spec, fmt.VALUE_SET, what)
             if spec.get("codes") is not None:
                 self._code_lists(doc, path + ("codes",), spec["codes"], vs, what)
             groups = spec.get("groups")
@@ -461,8 +448,7 @@ class Builder(RuleChecks):
             if not self.mapping(doc, path, spec, fmt.CONCEPT, what):
                 self.concepts[cid] = ConceptEntry(str(cid), doc, path, None, None, spec)
                 continue
-            if "title" in spec:
-                self.text(doc, path + ("title",), spec["title"], f"{what} title")
+            self.check_scalars(doc, path, spec, fmt.CONCEPT, what)
             codes = spec.get("codes")
             if "codes" in spec and (not isinstance(codes, list) or not codes):
                 self.error("NP002", doc, path + ("codes",), f"{what}: codes is a non-empty list of system#code, e.g. [loinc#6301-6]", key=False)
@@ -556,8 +542,7 @@ class Builder(RuleChecks):
             self.aggregates[name] = agg
             if not self.mapping(doc, path, spec, fmt.AGGREGATE, what):
                 continue
-            if "description" in spec:
-                self.text(doc, path + ("description",), spec["description"], f"{what} description")
+            self.check_scalars(doc, path, spec, fmt.AGGREGATE, what)
             if ("count" in spec) == ("criteria" in spec):
                 self.error("NP001", doc, path, f"{what} has exactly one of count (with where) or criteria")
                 continue

@@ -33,8 +33,10 @@ from needlepoint.core.ruleset import (
     STATUSES,
     UNIT_CONVERSIONS,
 )
+from .diagnostics import describe, suggest
 
 SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")
+SEMVER_HINT = "a semantic version (MAJOR.MINOR.PATCH; quote it)"
 RULE_ID = re.compile(r"^[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)+$")
 ALIAS = re.compile(r"^[a-z][a-z0-9_]*$")  # rule aliases and aggregate (summary field) names
 PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -112,6 +114,31 @@ class Key:
     values: tuple[str, ...] = ()
     missing_code: str = "NP001"
     policy: bool = False
+    hint: str = ""  # what a value matching the schema's pattern is, in words
+    checked: bool = True  # False: the builder checks this key in its own way (a reference, another code)
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` as this key's value, for a key whose schema is a string,
+        a boolean or an enumeration; None when it is right, or when the schema is of another
+        kind (the builder checks those in code). Worded to follow "<what> <key>"."""
+        if not self.checked:
+            return None
+        schema, types = self.schema, self.schema.get("type")
+        if types == ["string", "null"] and value is None:
+            return None
+        if types in ("string", ["string", "null"]):
+            if "enum" in schema:
+                if not isinstance(value, str) or value not in schema["enum"]:
+                    return f": {describe(value)} is not one of {', '.join(schema['enum'])}{suggest(value, schema['enum'])}"
+            elif not isinstance(value, str):
+                return f" must be {'non-empty ' if schema.get('minLength') else ''}text; got {describe(value)}"
+            elif schema.get("minLength") and not value.strip():
+                return f" must be non-empty text; got {describe(value)}"
+            elif self.hint and not re.match(schema["pattern"], value):
+                return f": {describe(value)} is not {self.hint}"
+        elif types == "boolean" and not isinstance(value, bool):
+            return f" is true or false; got {describe(value)}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -169,7 +196,7 @@ RULESET = Record(
     "ruleset.yaml",
     (
         Key("id", text(), required=True),
-        Key("version", {"type": "string", "pattern": SEMVER.pattern}, required=True),
+        Key("version", {"type": "string", "pattern": SEMVER.pattern}, required=True, hint=SEMVER_HINT),
         Key("title", text(), required=True),
         Key("status", enum(STATUSES), values=STATUSES),
         Key("validation", text("Who validated the rule set, or that nobody has."), required=True),
@@ -238,7 +265,7 @@ CONCEPT = Record(
     (
         Key("title", NONBLANK, required=True),
         Key("codes", {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": _SYSTEM_CODE}, "description": "system#code, e.g. loinc#6301-6"}, required=True),
-        Key("unit", {"type": "string", "description": "Canonical unit that rules compare in; omit for coded results."}),
+        Key("unit", {"type": "string", "description": "Canonical unit that rules compare in; omit for coded results."}, checked=False),
         Key(
             "units",
             {
@@ -266,10 +293,10 @@ _COUNTABLE = tuple(k for k in FACT_FIELDS if k != "summary")
 AGGREGATE = Record(
     "aggregate",
     (
-        Key("count", enum(_COUNTABLE, "Count facts of this kind that pass where.")),
+        Key("count", enum(_COUNTABLE, "Count facts of this kind that pass where."), checked=False),  # NP005
         Key("where", {"type": ["object", "null"]}),
         Key("criteria", {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/positivePattern"}, "description": "Count the patterns that match at least one fact."}),
-        Key("distinct_groups_of", {"type": "string", "description": "Count the distinct groups of this value set the matching facts fall into."}),
+        Key("distinct_groups_of", {"type": "string", "description": "Count the distinct groups of this value set the matching facts fall into."}, checked=False),  # NP003
         Key("description", NONBLANK, required=True),
     ),
     extra={
@@ -320,7 +347,7 @@ THEN = Record(
 EVIDENCE = Record(
     "evidence",
     (
-        Key("citation", NONBLANK, required=True, missing_code="NP011"),
+        Key("citation", NONBLANK, required=True, missing_code="NP011", checked=False),
         Key("strength", text("Kind of source and provenance tag, e.g. 'consensus guideline [V]'."), required=True),
     ),
 )
@@ -328,8 +355,8 @@ EVIDENCE = Record(
 RULE = Record(
     "rule",
     (
-        Key("id", {"type": "string", "pattern": RULE_ID.pattern, "description": "Upper-case words joined by hyphens, e.g. DEF-INR-HIGH."}, required=True),
-        Key("version", {"type": "string", "pattern": SEMVER.pattern, "description": "Semantic version of this rule."}, required=True),
+        Key("id", {"type": "string", "pattern": RULE_ID.pattern, "description": "Upper-case words joined by hyphens, e.g. DEF-INR-HIGH."}, required=True, hint="a rule id: upper-case words joined by hyphens, e.g. DEF-INR-HIGH"),
+        Key("version", {"type": "string", "pattern": SEMVER.pattern, "description": "Semantic version of this rule."}, required=True, hint=SEMVER_HINT),
         Key("title", NONBLANK, required=True),
         Key("category", enum(CATEGORIES), required=True, values=CATEGORIES),
         Key("precedence", {"type": "integer", "description": "Modality resolution: the higher wins (default 0)."}),
@@ -337,7 +364,7 @@ RULE = Record(
         Key("when", {"$ref": "#/$defs/alternative"}),
         Key("when_any", {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/alternative"}, "description": "Alternatives; the rule fires once per alternative that holds."}),
         Key("then", {"$ref": "#/$defs/then"}, required=True),
-        Key("rationale", NONBLANK, required=True, missing_code="NP011"),
+        Key("rationale", NONBLANK, required=True, missing_code="NP011", checked=False),
         Key("evidence", {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/evidence"}}, required=True, missing_code="NP011", policy=True),
     ),
     extra={"oneOf": [{"required": ["when"]}, {"required": ["when_any"]}]},

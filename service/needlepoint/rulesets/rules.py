@@ -253,27 +253,18 @@ class RuleChecks:
         rid = raw.get("id") if isinstance(raw.get("id"), str) else None
         what = rid or f"the rule at line {doc.pos(path, key=False)[0]}"
         self.mapping(doc, path, raw, fmt.RULE, what)
+        self.check_scalars(doc, path, raw, fmt.RULE, what)
         valid = True
-        if "id" in raw:
-            if not isinstance(raw["id"], str) or not fmt.RULE_ID.match(raw["id"]):
-                self.error("NP002", doc, path + ("id",), f"{describe(raw['id'])}: rule ids are upper-case words joined by hyphens, e.g. DEF-INR-HIGH", key=False)
-            elif rid in self.rule_ids:
+        if rid is not None and fmt.RULE_ID.match(rid):
+            if rid in self.rule_ids:
                 odoc, opath = self.rule_ids[rid]
                 self.error("NP015", doc, path + ("id",), f"rule {rid} is already defined at {odoc.rel}:{odoc.pos(opath, key=False)[0]}", key=False)
             else:
                 self.rule_ids[rid] = (doc, path)
-        if "version" in raw and not (isinstance(raw["version"], str) and fmt.SEMVER.match(raw["version"])):
-            self.error("NP002", doc, path + ("version",), f"{what}: {describe(raw['version'])} is not a semantic version (MAJOR.MINOR.PATCH; quote it)", key=False)
-        if "title" in raw:
-            self.text(doc, path + ("title",), raw["title"], f"{what} title")
-        if "category" in raw:
-            self.enum(doc, path + ("category",), raw["category"], fmt.RULE.values("category"), f"{what} category")
         precedence = raw.get("precedence", 0)
         if isinstance(precedence, bool) or not isinstance(precedence, int) or not fmt.MIN_PRECEDENCE <= precedence <= fmt.MAX_PRECEDENCE:
             self.error("NP002", doc, path + ("precedence",), f"{what}: precedence is a whole number from {fmt.MIN_PRECEDENCE} to {fmt.MAX_PRECEDENCE} (higher wins); got {describe(precedence)}", key=False)
             precedence, valid = 0, False
-        if "exclusive" in raw and not isinstance(raw["exclusive"], bool):
-            self.error("NP002", doc, path + ("exclusive",), f"{what}: exclusive is true or false; got {describe(raw['exclusive'])}", key=False)
         self.check_rationale(doc, path, raw, what)
         alts = self.check_conditions(doc, path, raw, what)
         outcome = self.check_then(doc, path + ("then",), raw.get("then"), what) if "then" in raw else None
@@ -304,8 +295,7 @@ class RuleChecks:
             citation = item.get("citation")
             if "citation" in item and (not isinstance(citation, str) or not citation.strip()):
                 self.error("NP011", doc, epath + ("citation",), f"{what} evidence[{i}] has no citation")
-            if "strength" in item:
-                self.text(doc, epath + ("strength",), item["strength"], f"{what} evidence[{i}] strength")
+            self.check_scalars(doc, epath, item, fmt.EVIDENCE, f"{what} evidence[{i}]")
 
     def check_conditions(self, doc: Document, path: tuple, raw: dict, what: str) -> list[list[PatternEntry]] | None:
         """The alternatives of a rule, parsed; None when any pattern is broken."""
@@ -406,8 +396,7 @@ class RuleChecks:
                 if not self.mapping(doc, ipath, inj, fmt.INJECTATE, f"{what} injectates[{i}]"):
                     ok = False
                     continue
-                good = "category" in inj and self.enum(doc, ipath + ("category",), inj["category"], fmt.INJECTATE.values("category"), f"{what} injectates[{i}] category")
-                good = "recommendation" in inj and self.enum(doc, ipath + ("recommendation",), inj["recommendation"], fmt.INJECTATE.values("recommendation"), f"{what} injectates[{i}] recommendation") and good
+                good = self.check_scalars(doc, ipath, inj, fmt.INJECTATE, f"{what} injectates[{i}]") and {"category", "recommendation"} <= inj.keys()
                 if good and inj["category"] in seen:
                     self.error("NP015", doc, ipath + ("category",), f"{what}: {inj['category']} is recommended twice in one outcome", key=False)
                     good = False
@@ -419,16 +408,11 @@ class RuleChecks:
         if deferral is not None:
             dpath = tpath + ("deferral",)
             if self.mapping(doc, dpath, deferral, fmt.DEFERRAL, f"{what} deferral"):
-                good = "reason" in deferral and self.enum(doc, dpath + ("reason",), deferral["reason"], fmt.DEFERRAL.values("reason"), f"{what} deferral reason")
-                good = "severity" in deferral and self.enum(doc, dpath + ("severity",), deferral["severity"], fmt.DEFERRAL.values("severity"), f"{what} deferral severity") and good
-                if "scope" in deferral:
-                    good = self.enum(doc, dpath + ("scope",), deferral["scope"], fmt.DEFERRAL.values("scope"), f"{what} deferral scope") and good
+                good = self.check_scalars(doc, dpath, deferral, fmt.DEFERRAL, f"{what} deferral") and {"reason", "severity"} <= deferral.keys()
                 ok = ok and good
             else:
                 ok = False
-        for key in ("caution", "missing_data", "message"):
-            if key in then and not self.text(doc, tpath + (key,), then[key], f"{what} then.{key}"):
-                ok = False
+        ok = self.check_scalars(doc, tpath, then, fmt.THEN, f"{what} then") and ok
         if not ok:
             return None
         return {"preferred": preferred, "acceptable": acceptable, "avoid": avoid, "injectates": injectates, "deferral": deferral, "caution": then.get("caution"), "missing_data": then.get("missing_data")}
