@@ -17,8 +17,10 @@ NP001  error     Structure: an unknown key (a typo, or a key the format does not
                  Also a warning for a ``*.yml`` or stray YAML file that the loader ignores.
 NP002  error     Wrong type or value: a string where a number is due, a value outside its
                  enumeration (category, reason, modality and so on), a malformed id or version,
-                 a parameter whose type does not fit the field it is compared with, or a
-                 negated aggregate criterion (the engine would count it as positive).
+                 a parameter whose type does not fit the field it is compared with, a
+                 negated aggregate criterion (the engine would count it as positive), an
+                 aggregate or parameter named after a field the engine reserves (t, id, sid,
+                 _tags, _fid), or a modality rule that prefers and avoids the same modality.
 NP003  error     A reference to an unknown value set.
 NP004  error     A reference to an unknown parameter (in a test, a message or
                  ``modality.preferred``).
