@@ -38,7 +38,7 @@ from needlepoint.core.ruleset import (
 
 from . import format as fmt
 from .assemble import assemble_rule
-from .diagnostics import ERROR, WARNING, Diagnostic, describe, suggest
+from .diagnostics import ERROR, WARNING, Diagnostic, describe, suggest, suggestion_in
 from .reader import Document
 from .rules import PatternEntry, RuleChecks, RuleEntry
 from .sources import Sources
@@ -112,10 +112,6 @@ class Built:
     used_params: set[str]
     used_value_sets: set[str]
 
-    @property
-    def errors(self) -> list[Diagnostic]:
-        return [d for d in self.diagnostics if d.severity == ERROR]
-
 
 def number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -139,10 +135,10 @@ class Builder(RuleChecks):
 
     # -- reporting --
 
-    def add(self, code: str, severity: str, doc: Document, path: Iterable, message: str, *, key: bool = True, at: tuple[int, int] | None = None, suggestion: str | None = None) -> None:
+    def add(self, code: str, severity: str, doc: Document, path: Iterable, message: str, *, key: bool = True, at: tuple[int, int] | None = None) -> None:
         path = tuple(path)
         line, column = at if at is not None else doc.pos(path, key=key)
-        self.diagnostics.append(Diagnostic(code, severity, doc.file, line, column, self._where(doc, path), self._key_path(doc, path), message, suggestion))
+        self.diagnostics.append(Diagnostic(code, severity, doc.file, line, column, self._where(doc, path), self._key_path(doc, path), message, suggestion_in(message)))
 
     def error(self, code: str, doc: Document, path: Iterable, message: str, *, key: bool = True, at: tuple[int, int] | None = None) -> None:
         self.add(code, ERROR, doc, path, message, key=key, at=at)

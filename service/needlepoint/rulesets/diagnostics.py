@@ -9,6 +9,7 @@ objects. Loading for serving turns the errors among them into one
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -97,3 +98,12 @@ def suggest(name: Any, choices: Iterable[Any]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
     match = close_match(name, choices)
     return f" (did you mean {match!r}?)" if match else ""
+
+
+_SUGGESTION = re.compile(r" \(did you mean '((?:[^'\\]|\\.)*)'\?\)")
+
+
+def suggestion_in(message: str) -> str | None:
+    """The close match that a message made with :func:`suggest` names, if any."""
+    m = _SUGGESTION.search(message)
+    return m.group(1) if m else None

@@ -56,10 +56,6 @@ class Document:
     def plain(cls, rel: str, value: Any) -> "Document":
         return cls(file="", rel=rel, value=value, loaded=True)
 
-    @property
-    def located(self) -> bool:
-        return bool(self.nodes)
-
     def pos(self, path: Iterable, *, key: bool = True) -> tuple[int, int]:
         """1-based line and column of the key at ``path`` (of its value with ``key=False``), or of
         the nearest enclosing node that exists; (0, 0) for a document without positions."""

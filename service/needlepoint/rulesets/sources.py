@@ -108,7 +108,7 @@ def sources_of(documents: dict[str, Any], *, overlay: dict[str, Any] | None = No
     sources = Sources("", plain=documents)
     sources.meta = Document.plain("ruleset.yaml", documents.get("ruleset"))
     for name in OPTIONAL_DOCUMENTS:
-        sources.__setattr__(name, Document.plain(f"{name}.yaml", documents.get(name) or {}))
+        setattr(sources, name, Document.plain(f"{name}.yaml", documents.get(name) or {}))
     sources.value_sets = [Document.plain("valuesets", documents.get("value_sets") or {})]
     by_file: dict[str, Document] = {}
     for source, raw in documents.get("rules") or []:
