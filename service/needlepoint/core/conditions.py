@@ -1,8 +1,8 @@
 """The condition language of rule sets, and its reference interpreter.
 
 The rule-set front end (:mod:`needlepoint.rulesets`) parses a rule's YAML into these objects;
-this module only defines them and their semantics. A rule's ``when`` names facts by alias; each alias is one *pattern*: a fact kind and a set of
-field tests, or the negation of one (``not:``). A rule may list alternatives (``when_any``); it
+this module only defines them and their semantics. A rule's ``when`` names facts by alias; each
+alias is one *pattern*: a fact kind and a set of field tests, or the negation of one (``not:``). A rule may list alternatives (``when_any``); it
 fires once per alternative that matches. Patterns never refer to each other's fields (joins are
 computed in :mod:`needlepoint.core.prepare` as derived fields such as ``same_side``), which keeps the
 compiled durable-rules network clear of the engine's cross-fact comparison defect.
@@ -52,7 +52,9 @@ FACT_FIELDS: dict[str, dict[str, str]] = {
 
 # Property names a fact never uses for its own fields: the kind (t), the engine's identity and
 # session (id, sid), value-set tags and the fact's index. An aggregate named after one of them
-# would break every evaluation (id, sid) or silently disable every summary rule (t).
+# would break every evaluation (id, sid) or silently disable every summary rule (t); the front end
+# refuses such aggregate and parameter names. (The engine's own markers, $s and $t, cannot be
+# written as names: aggregates and parameters are identifiers.)
 RESERVED_FIELDS = ("t", "id", "sid", "_tags", "_fid")
 
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "exists")
