@@ -53,7 +53,7 @@ class ParamEntry:
     doc: Document
     path: tuple
     spec: dict
-    layer: str = ""
+    layer: str | None = None  # the overlay that set the value in force; None: the rule set
 
 
 @dataclass
@@ -329,7 +329,7 @@ class Builder(RuleChecks):
     # -- site overlay --
 
     def check_overlay(self, doc: Document) -> None:
-        self.overlay_name = doc.rel.rsplit(".", 1)[0] if doc.file else doc.rel
+        self.overlay_name = doc.rel.rsplit(".", 1)[0] if doc.file else ""  # a file's stem, unless it names its site
         if not doc.loaded:
             return
         raw = doc.value if doc.value is not None else {}
@@ -593,7 +593,7 @@ class Builder(RuleChecks):
                 source=p.spec["source"],
                 description=p.spec["description"],
                 allowed=tuple(p.spec["allowed"]) if "allowed" in p.spec else None,
-                layer=p.layer or rs_id,
+                layer=p.layer if p.layer is not None else rs_id,
             )
             for name, p in self.params.items()
         }
