@@ -16,9 +16,9 @@ import pytest
 from needlepoint.authoring.lint import check_code
 from needlepoint.core.prepare import Preparer, TagIndex
 from needlepoint.core.record import Code, Condition, InjectionOrder, PatientRecord
-from needlepoint.core.ruleset import build_ruleset, match_key
+from needlepoint.core.ruleset import match_key
 from needlepoint.fhir import record_from_bundle
-from needlepoint.rulesets import bundled_rulesets_dir, read_documents
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, read_documents
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"  # beside the repository, as in CI

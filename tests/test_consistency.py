@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from needlepoint.core.conditions import RuleSetError
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import Code, InjectionOrder, Medication, Observation, PatientRecord
 from needlepoint.core.resolve import _outcome_text
-from needlepoint.core.ruleset import build_ruleset, parse_placeholder
-from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset, read_documents
+from needlepoint.core.ruleset import RuleSetError, parse_placeholder
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, load_ruleset, read_documents
 
 from .patients import AS_OF, random_patients
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from needlepoint.core.conditions import RuleSetError
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.prepare import convert
 from needlepoint.core.record import Code, InjectionOrder, Medication, Observation, PatientRecord, RecordError
-from needlepoint.core.ruleset import DEFERRAL_REASONS, INJECTATE_CATEGORIES, MODALITIES, RECOMMENDATIONS, SCOPES, build_ruleset
-from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset, read_documents
+from needlepoint.core.ruleset import DEFERRAL_REASONS, INJECTATE_CATEGORIES, MODALITIES, RECOMMENDATIONS, SCOPES, RuleSetError
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, load_ruleset, read_documents
 
 from .patients import AS_OF, random_patients
 

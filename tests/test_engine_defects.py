@@ -13,11 +13,11 @@ import orjson
 import pytest
 
 from needlepoint.core.compiler import compile_ruleset
-from needlepoint.core.conditions import RuleSetError
 from needlepoint.core.engine import MAX_FACT_PROPERTIES, CompiledRules, EngineError, SidPool, fnv1a_32
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import Code, Condition, InjectionOrder, PatientRecord
-from needlepoint.core.ruleset import build_ruleset
+from needlepoint.core.ruleset import RuleSetError
+from needlepoint.rulesets import build_ruleset
 
 from .patients import AS_OF, random_patients
 

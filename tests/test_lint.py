@@ -1,5 +1,6 @@
 """``needlepoint rules lint``: the bundled rule set lints clean; each broken fixture in
-``tests/data/rulesets/`` yields its code at the exact line and column; lint and the loader agree;
+``tests/data/rulesets/`` yields its code at the exact line and column; lint reports the one
+builder's diagnostics, and loading refuses exactly those errors at the same places;
 the command's output and exit codes; and the JSON Schemas for editors are well-formed, accept
 every bundled file and reject broken ones."""
 
@@ -17,11 +18,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from needlepoint.authoring import lint as lint_module
-from needlepoint.authoring.lint import Finding, check_code, json_schemas, lint, loinc_check_digit, verhoeff_valid
+from needlepoint.authoring.lint import Finding, check_code, lint, loinc_check_digit, verhoeff_valid
 from needlepoint.cli import main
-from needlepoint.core.conditions import RuleSetError
+from needlepoint.core.ruleset import RuleSetError
 from needlepoint.rulesets import load_ruleset
+from needlepoint.rulesets.schema import json_schemas
 
 REPO = Path(__file__).resolve().parents[1]
 HIP = REPO / "rulesets" / "hip-injection"
@@ -347,19 +348,22 @@ def test_not_a_rule_set_and_empty_and_strange_files(tmp_path: Path) -> None:
 # --- lint and the loader agree -------------------------------------------------------------------------
 
 
-def test_an_error_only_the_loader_finds_is_reported_at_the_place_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args, **kwargs):
-        raise RuleSetError("rules/rules.yaml:3 DEF-PLT-LOW.when.plt.observation.value", "a new check lint does not know")
-
-    monkeypatch.setattr(lint_module, "build_ruleset", refuse)
-    assert found(MINIMAL) == [("NP002", "error", "rules/rules.yaml", 11, 9)]
-
-    def crash(*args, **kwargs):
-        raise ValueError("invalid literal for int()")
-
-    monkeypatch.setattr(lint_module, "build_ruleset", crash)
-    (finding,) = lint(MINIMAL)
-    assert (finding.code, Path(finding.file).name, finding.line) == ("NP002", "ruleset.yaml", 1) and "ValueError" in finding.message
+def test_loading_refuses_what_lint_reports_as_builder_errors_with_every_file_line_and_column(tmp_path: Path) -> None:
+    """One builder: loading raises one error listing every problem lint reports as the
+    builder's, each at the file, line and column lint gives."""
+    root = tmp_path / "rs"
+    shutil.copytree(FIXTURES / "np004-unknown-parameter", root)
+    text = (root / "rules" / "rules.yaml").read_text().replace("category: deferral", "category: deferal", 1)
+    (root / "rules" / "rules.yaml").write_text(text)
+    errors = [f for f in lint(root) if f.severity == "error"]
+    assert {f.code for f in errors} == {"NP002", "NP004"} and len(errors) == 2
+    with pytest.raises(RuleSetError) as caught:
+        load_ruleset(root)
+    message = str(caught.value)
+    for f in errors:
+        assert f"{f.file}:{f.line}:{f.column}" in message
+    assert [(d.code, d.line, d.column) for d in caught.value.diagnostics] == [(f.code, f.line, f.column) for f in sorted(errors, key=lambda f: (f.line, f.column))]
+    assert caught.value.where.startswith("rules/rules.yaml:") and "DEF-PLT-LOW" in caught.value.where
 
 
 _JUNK = [
@@ -732,7 +736,7 @@ def schema_errors(value: Any, name: str) -> list[str]:
 
 
 def test_the_committed_schemas_are_the_generated_ones() -> None:
-    """Regenerate with ``python -m needlepoint.authoring.lint --write-schemas rulesets/schema``."""
+    """Regenerate with ``needlepoint rules schema rulesets/schema``."""
     committed = {p.name: json.loads(p.read_text(encoding="utf-8")) for p in SCHEMAS.glob("*.schema.json")}
     assert committed == json_schemas()
 
@@ -829,3 +833,70 @@ def test_an_aggregate_named_after_an_engine_reserved_field_is_refused_at_its_lin
     root = make(tmp_path, "    k: {summary: {kocher: {gte: 1}}}", files={"aggregates.yaml": agg})
     reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
     assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "aggregates.yaml", 5, 1)]
+
+
+@pytest.mark.parametrize("name", ["t", "id", "sid", "_tags", "_fid"])
+def test_a_parameter_named_after_an_engine_reserved_field_is_refused_at_its_line(tmp_path: Path, name: str) -> None:
+    params = f"limit:\n  value: 3\n  provenance: C\n  source: x\n  description: x\n{name}:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n"
+    root = make(tmp_path, "    ord: {order: {intent: diagnostic}}", files={"parameters.yaml": params})
+    reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
+    assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "parameters.yaml", 6, 1)]
+    with pytest.raises(RuleSetError, match="reserved by the engine") as caught:
+        load_ruleset(root)
+    assert "parameters.yaml:6:1" in str(caught.value) and caught.value.where == f"parameters.yaml.{name}"
+
+
+@pytest.mark.parametrize(
+    ("then", "code", "line", "column", "words"),
+    [
+        (
+            "    injectates:\n      - {category: CORTICOSTEROID, recommendation: SUGGESTED}\n      - {category: CORTICOSTEROID, recommendation: AVOID}\n",
+            "NP015", 10, 20, "CORTICOSTEROID is recommended twice in one outcome",
+        ),
+        ("    modality: {preferred: ULTRASOUND, avoid: [ULTRASOUND]}\n", "NP002", 8, 39, "prefers ULTRASOUND and avoids it too"),
+    ],
+)  # fmt: skip
+def test_contradictory_outcomes_are_decided_once_by_the_builder(tmp_path: Path, then: str, code: str, line: int, column: int, words: str) -> None:
+    """A duplicate injectate category and a modality preferred and avoided: the loader refuses
+    them, and lint reports the builder's diagnostic with its code at its place."""
+    root = make(tmp_path, "    ord: {order: {intent: diagnostic}}")
+    rules = root / "rules" / "rules.yaml"
+    rules.write_text(rules.read_text().replace("    caution: TEST\n", then))
+    (finding,) = lint(root)
+    assert (finding.code, finding.line, finding.column) == (code, line, column) and words in finding.message
+    with pytest.raises(RuleSetError, match=words) as caught:
+        load_ruleset(root)
+    assert f"rules.yaml:{line}:{column}" in str(caught.value)
+
+
+def test_the_schema_command_writes_exactly_the_committed_files(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["rules", "schema", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(p.name for p in SCHEMAS.glob("*.schema.json")) == sorted(json_schemas())
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (SCHEMAS / name).read_bytes(), name
+
+
+def test_every_record_key_of_the_format_is_in_its_schema() -> None:
+    """The builder and the schemas read one format description: each record's keys and required
+    keys are the schema's properties and required list."""
+    from needlepoint.rulesets import format as fmt
+
+    schemas = json_schemas()
+    rule = schemas["rules.schema.json"]["$defs"]
+    pairs = [
+        (fmt.RULE, rule["rule"]),
+        (fmt.THEN, rule["then"]),
+        (fmt.EVIDENCE, rule["evidence"]),
+        (fmt.RULESET, schemas["ruleset.schema.json"]),
+        (fmt.PARAMETER, schemas["parameters.schema.json"]["additionalProperties"]),
+        (fmt.CONCEPT, schemas["observations.schema.json"]["additionalProperties"]),
+        (fmt.AGGREGATE, schemas["aggregates.schema.json"]["$defs"]["aggregate"]),
+        (fmt.VALUE_SET, schemas["valuesets.schema.json"]["$defs"]["valueSet"]),
+        (fmt.OVERLAY, schemas["overlay.schema.json"]),
+    ]
+    for record, schema in pairs:
+        assert list(schema["properties"]) == list(record.allowed), record.name
+        assert schema.get("required", []) == [k.name for k in record.keys if k.required], record.name
+        assert schema["additionalProperties"] is False

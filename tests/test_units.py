@@ -15,13 +15,12 @@ import yaml
 
 from needlepoint.authoring.lint import lint
 from needlepoint.casefile import load_cases
-from needlepoint.core.conditions import RuleSetError
 from needlepoint.core.prepare import apply_conversion, convert, unit_conversion
 from needlepoint.core.record import Code, InjectionOrder, Observation, PatientRecord
-from needlepoint.core.ruleset import build_ruleset
+from needlepoint.core.ruleset import RuleSetError
 from needlepoint.fhir import record_from_bundle
-from needlepoint.rulesets import bundled_rulesets_dir, read_documents
 from needlepoint.intake import context_from_record, record_from_context
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, read_documents
 
 HIP = bundled_rulesets_dir() / "hip-injection"
 MINIMAL = Path(__file__).resolve().parent / "data" / "rulesets" / "minimal"

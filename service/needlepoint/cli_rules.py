@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "explain": "needlepoint.cli_explain:command",
     "lint": "needlepoint.authoring.lint:command",
     "mutate": "needlepoint.authoring.mutate:command",
+    "schema": "needlepoint.authoring.schema:command",
     "test": "needlepoint.authoring.runner:command",
 }
 

@@ -28,12 +28,12 @@ from pathlib import Path
 import click
 
 from needlepoint.casefile import Case, check, load_cases
-from needlepoint.core.conditions import ORDERING_OPERATORS, RuleSetError
+from needlepoint.core.conditions import ORDERING_OPERATORS
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.prepare import Preparer
 from needlepoint.core.record import RecordError
-from needlepoint.core.ruleset import UNIT_CONVERSIONS, build_ruleset
-from needlepoint.rulesets import read_documents
+from needlepoint.core.ruleset import UNIT_CONVERSIONS, RuleSetError
+from needlepoint.rulesets import build_ruleset, read_documents
 
 _FLIP = {"gt": "gte", "gte": "gt", "lt": "lte", "lte": "lt"}
 KINDS = ("parameter", "comparison", "value-set", "unit", "plausible")

@@ -25,11 +25,11 @@ from pathlib import Path
 import click
 
 from needlepoint.casefile import Case, check, load_cases
-from needlepoint.core.conditions import RuleSetError, test_holds
+from needlepoint.core.conditions import test_holds
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import RecordError
 from needlepoint.core.resolve import preferred_modality
-from needlepoint.core.ruleset import RuleSet
+from needlepoint.core.ruleset import RuleSet, RuleSetError
 from needlepoint.rulesets import load_ruleset
 
 

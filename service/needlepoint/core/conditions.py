@@ -1,7 +1,8 @@
 """The condition language of rule sets, and its reference interpreter.
 
-A rule's ``when`` names facts by alias; each alias is one *pattern*: a fact kind and a set of
-field tests, or the negation of one (``not:``). A rule may list alternatives (``when_any``); it
+The rule-set front end (:mod:`needlepoint.rulesets`) parses a rule's YAML into these objects;
+this module only defines them and their semantics. A rule's ``when`` names facts by alias; each
+alias is one *pattern*: a fact kind and a set of field tests, or the negation of one (``not:``). A rule may list alternatives (``when_any``); it
 fires once per alternative that matches. Patterns never refer to each other's fields (joins are
 computed in :mod:`needlepoint.core.prepare` as derived fields such as ``same_side``), which keeps the
 compiled durable-rules network clear of the engine's cross-fact comparison defect.
@@ -51,21 +52,14 @@ FACT_FIELDS: dict[str, dict[str, str]] = {
 
 # Property names a fact never uses for its own fields: the kind (t), the engine's identity and
 # session (id, sid), value-set tags and the fact's index. An aggregate named after one of them
-# would break every evaluation (id, sid) or silently disable every summary rule (t).
+# would break every evaluation (id, sid) or silently disable every summary rule (t); the front end
+# refuses such aggregate and parameter names. (The engine's own markers, $s and $t, cannot be
+# written as names: aggregates and parameters are identifiers.)
 RESERVED_FIELDS = ("t", "id", "sid", "_tags", "_fid")
 
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "exists")
 ORDERING_OPERATORS = ("gt", "gte", "lt", "lte")
 _DURABLE_OP = {"ne": "$neq", "gt": "$gt", "gte": "$gte", "lt": "$lt", "lte": "$lte"}
-
-
-class RuleSetError(ValueError):
-    """A rule set that cannot be loaded. ``where`` names the file and key path."""
-
-    def __init__(self, where: str, message: str):
-        super().__init__(f"{where}: {message}")
-        self.where = where
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,69 +94,6 @@ class Pattern:
 def tag(field: str, value_set: str) -> str:
     """The tag a prepared fact carries when its ``field`` has a code in ``value_set``."""
     return f"{field}@{value_set}"
-
-
-def parse_operand(raw: Any) -> Any:
-    if isinstance(raw, str) and raw.startswith("$"):
-        return ParamRef(raw[1:])
-    return raw
-
-
-def parse_pattern(alias: str, raw: Any, where: str, summary_fields: set[str]) -> Pattern:
-    """Parse ``{kind: {field: test, ...}}`` or ``{not: {kind: {...}}}``."""
-    negated = False
-    if isinstance(raw, dict) and set(raw) == {"not"}:
-        negated, raw, where = True, raw["not"], f"{where}.not"
-    if not isinstance(raw, dict) or len(raw) != 1:
-        raise RuleSetError(where, "a pattern is one fact kind mapped to its field tests, e.g. {observation: {concept: inr}}")
-    ((kind, body),) = raw.items()
-    if kind not in FACT_FIELDS:
-        raise RuleSetError(where, f"unknown fact kind {kind!r}; known: {', '.join(FACT_FIELDS)}")
-    fields = dict(FACT_FIELDS[kind])
-    if kind == "summary":
-        fields = {name: "number" for name in summary_fields}
-    body = body or {}
-    if not isinstance(body, dict):
-        raise RuleSetError(f"{where}.{kind}", "field tests must be a mapping of field to test")
-    tests: list[FieldTest] = []
-    for field, spec in body.items():
-        path = f"{where}.{kind}.{field}"
-        if field not in fields:
-            raise RuleSetError(path, f"{kind} has no field {field!r}; fields: {', '.join(sorted(fields)) or '(none)'}")
-        tests.extend(_parse_field_tests(field, fields[field], spec, path))
-    return Pattern(alias=alias, kind=kind, tests=tuple(tests), negated=negated)
-
-
-def _parse_field_tests(field: str, ftype: str, spec: Any, path: str) -> list[FieldTest]:
-    if not isinstance(spec, dict):
-        spec = {"eq": spec}
-    tests = []
-    for op, raw in spec.items():
-        if op not in OPERATORS:
-            raise RuleSetError(path, f"unknown operator {op!r}; use one of {', '.join(OPERATORS)}")
-        operand = parse_operand(raw)
-        if op == "exists":
-            if not isinstance(raw, bool):
-                raise RuleSetError(path, "exists takes true or false")
-            if ftype == "codes":
-                raise RuleSetError(path, "coded fields are tested by value-set membership only: {in: value-set-id}")
-        elif ftype == "codes":
-            if op != "in" or not isinstance(raw, str):
-                raise RuleSetError(path, "coded fields are tested by value-set membership only: {in: value-set-id}")
-        elif op == "in":
-            if not isinstance(raw, list) or not raw:
-                raise RuleSetError(path, "in takes a non-empty list of values")
-            if any(isinstance(v, str) and v.startswith("$") for v in raw):
-                raise RuleSetError(path, "parameters cannot stand inside an in: list; compare with eq or list the values")
-            operand = tuple(raw)
-        elif op in ORDERING_OPERATORS and ftype != "number":
-            raise RuleSetError(path, f"{op} compares numbers, but {field} is a {ftype}")
-        elif ftype == "number" and not isinstance(operand, (int, float, ParamRef)) or isinstance(operand, bool) and ftype == "number":
-            raise RuleSetError(path, f"{field} is a number; got {raw!r}")
-        elif ftype == "bool" and not isinstance(operand, (bool, ParamRef)):
-            raise RuleSetError(path, f"{field} is true or false; got {raw!r}")
-        tests.append(FieldTest(field=field, op=op, operand=operand))
-    return tests
 
 
 # --- the reference interpreter -------------------------------------------------------------
@@ -233,6 +164,8 @@ def compile_matcher(pattern: Pattern, params: dict[str, Any]):
         else:
             operand = resolve_operand(test.operand, params)
             if not isinstance(operand, (str, int, float, bool)):
+                from .ruleset import RuleSetError  # (the model module imports this one)
+
                 raise RuleSetError(pattern.alias, f"cannot compile operand {operand!r}")
             symbol = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[test.op]
             terms.append(f"((v{i} := f.get({field})) is not None and v{i} {symbol} {operand!r})")
@@ -256,6 +189,8 @@ def durable_test(test: FieldTest, params: dict[str, Any]) -> dict:
 
 
 def durable_pattern(pattern: Pattern, params: dict[str, Any]) -> dict:
+    """A positive pattern as a durable-rules pattern (negations never reach the engine: see
+    :mod:`needlepoint.core.compiler`)."""
     conditions = [{"t": pattern.kind}] + [durable_test(t, params) for t in pattern.tests]
-    key = f"{pattern.alias}$not" if pattern.negated else pattern.alias
-    return {key: {"$and": conditions}}
+    return {pattern.alias: {"$and": conditions}}
+

@@ -51,7 +51,6 @@ SYSTEM_URIS: dict[str, str] = {
     FLAG_SYSTEM: "np-flag",
     OBSERVATION_SYSTEM: "np-obs",
 }
-KNOWN_SYSTEMS = frozenset(SYSTEM_URIS.values())
 # The canonical URI of each short name: the first URI listed for it (ICD-10-CM for "icd10cm").
 SYSTEM_URI_OF: dict[str, str] = {}
 for _uri, _short in SYSTEM_URIS.items():

@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from needlepoint.core.evaluator import Evaluator
-from needlepoint.core.ruleset import build_ruleset
-from needlepoint.rulesets import discover, read_documents
+from needlepoint.rulesets import build_ruleset, discover, load
 
 log = logging.getLogger("needlepoint.reload")
 
@@ -193,42 +192,37 @@ class Accepted:
 
 def parse_snapshot(snapshot: Snapshot) -> Accepted:
     """Parse a snapshot (in a private copy, never the watched directory) into an :class:`Accepted`.
-    Raises what loading raises."""
+    Raises what loading raises, naming files under the snapshot's source directory."""
     with tempfile.TemporaryDirectory(prefix="needlepoint-snapshot-") as tmp:
         directory = snapshot.write(Path(tmp) / "ruleset")
-        documents = read_documents(directory)
-        ruleset = build_ruleset(documents)
-    return Accepted(ruleset.id, ruleset.version, ruleset.digest, snapshot.digest, documents, snapshot.source)
+        loaded = load(directory, shown=snapshot.source)
+    ruleset = loaded.ruleset
+    return Accepted(ruleset.id, ruleset.version, ruleset.digest, snapshot.digest, loaded.documents, snapshot.source)
 
 
 def validate_snapshot(snapshot: Snapshot) -> dict[str, Any]:
-    """Load, compile, lint and test the rule set in a snapshot; the verdict as a dict, with the
-    :class:`Accepted` under ``accepted`` when it passes. Runs in the validation subprocess."""
-    from needlepoint.authoring.lint import lint
-    from needlepoint.authoring.runner import run
+    """Load, compile, lint and test the rule set in a snapshot (the front end's
+    :func:`~needlepoint.authoring.validation.validate_ruleset`, in a private copy, with files named
+    under the snapshot's source); the verdict as a dict, with the :class:`Accepted` under
+    ``accepted`` when it passes. Runs in the validation subprocess."""
+    from needlepoint.authoring.validation import validate_ruleset
 
     with tempfile.TemporaryDirectory(prefix="needlepoint-validate-") as tmp:
         try:
             directory = snapshot.write(Path(tmp) / "ruleset")
-            documents = read_documents(directory)
-            ruleset = build_ruleset(documents)
-            Evaluator(ruleset).close()  # compiles into the engine
-        except Exception as exc:  # anything that stops loading is a rejection, with its message
+        except Exception as exc:
             return {"ok": False, "message": f"does not load: {exc}", "files_digest": snapshot.digest}
+        result = validate_ruleset(directory, shown=snapshot.source)
+        ruleset = result.ruleset
+        if ruleset is None:
+            return {"ok": False, "message": result.message, "files_digest": snapshot.digest}
         verdict = {"ok": True, "id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest, "files_digest": snapshot.digest}
-        errors = [f for f in lint(directory) if f.severity == "error"]
-        if errors:
-            first = errors[0]
-            return {**verdict, "ok": False, "message": f"{len(errors)} lint error(s), first {first.file}:{first.line}:{first.column}: {first.code} {first.message}"}
-        _, results, _ = run(directory)
-        failed = [r for r in results if not r.passed]
-        if failed:
-            first = failed[0]
-            return {**verdict, "ok": False, "message": f"{len(failed)} of {len(results)} test case(s) fail, first {first.case.source} {first.case.name}: {first.problems[0]}"}
+        if not result.ok:
+            return {**verdict, "ok": False, "message": result.message}
         if Snapshot.read(directory).digest != snapshot.digest:  # nothing may touch the private copy
             return {**verdict, "ok": False, "message": "the validated copy changed during validation"}
-        accepted = Accepted(ruleset.id, ruleset.version, ruleset.digest, snapshot.digest, documents, snapshot.source)
-        return {**verdict, "message": f"{len(results)} test cases pass", "accepted": accepted}
+        accepted = Accepted(ruleset.id, ruleset.version, ruleset.digest, snapshot.digest, result.documents, snapshot.source)
+        return {**verdict, "message": result.message, "accepted": accepted}
 
 
 def validate(directory: Path) -> dict[str, Any]:
@@ -384,9 +378,10 @@ class Watcher:
 def id_of(snapshot: Snapshot) -> str:
     """The rule-set id a snapshot declares (for reporting a rejection), else its directory name."""
     try:
-        import yaml
+        from needlepoint.rulesets.reader import read_text
 
-        return str((yaml.safe_load(snapshot.files.get("ruleset.yaml", b"")) or {}).get("id") or Path(snapshot.source).name)
+        meta = read_text(snapshot.files.get("ruleset.yaml", b"").decode("utf-8"), "ruleset.yaml", "ruleset.yaml", positions=False).value
+        return str((meta or {}).get("id") or Path(snapshot.source).name)
     except Exception:
         return Path(snapshot.source).name
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 from needlepoint.casefile import load_cases
 from needlepoint.core.record import InjectionOrder, RecordError
 from needlepoint.corpus import input_files
 from needlepoint.intake import apply_order, record_from_json, request_kind
+from needlepoint.rulesets.reader import YAMLSyntaxError, load_yaml
 
 JSON_SUFFIXES = frozenset({".json"})
 YAML_SUFFIXES = frozenset({".yaml", ".yml"})
@@ -169,8 +169,8 @@ class CaseReader:
         except UnicodeDecodeError:
             skipped.append((item.rel, "cannot be read: not UTF-8 text"))
             return
-        except yaml.YAMLError as exc:
-            skipped.append((item.rel, f"not valid YAML: {getattr(exc, 'problem', None) or exc}"))
+        except YAMLSyntaxError as exc:
+            skipped.append((item.rel, f"not valid YAML: {exc.problem}"))
             return
         except RecordError as exc:
             if _looks_like_cases(path):
@@ -186,7 +186,7 @@ def _looks_like_cases(path: Path) -> bool:
     """Whether a YAML file that load_cases refused is a case file with a bad case (an error to
     report) rather than some other YAML file (to skip)."""
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        content = load_yaml(path)
+    except (OSError, UnicodeDecodeError, YAMLSyntaxError):
         return False
     return isinstance(content, list) and any(isinstance(c, dict) and "name" in c and ("patient" in c or "expect" in c) for c in content)

@@ -7,8 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from needlepoint.core.conditions import RuleSetError
-from needlepoint.core.ruleset import RuleSet
+from needlepoint.core.ruleset import RuleSet, RuleSetError
 from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
 

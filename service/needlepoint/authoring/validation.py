@@ -1,0 +1,46 @@
+"""Is a rule-set directory fit to serve? Load it (every error with its file:line:col), compile it
+into the engine, lint it and run its own cases. Hot reload (:mod:`needlepoint.server.reload`)
+asks this before it swaps a new version in; anything else that must judge a rule set the same
+way can call it too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from needlepoint.core.evaluator import Evaluator
+from needlepoint.core.ruleset import RuleSet
+from needlepoint.rulesets import load
+
+from .lint import ERROR, run as run_lint
+from .runner import run as run_cases
+
+
+@dataclass(frozen=True)
+class Validation:
+    ok: bool
+    message: str
+    ruleset: RuleSet | None = None  # when it loads
+    documents: dict[str, Any] = field(default_factory=dict, repr=False)  # what it was built from
+
+
+def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Validation:
+    """Load, compile, lint and test the rule set in ``directory``. ``shown`` is how messages name
+    the directory (a snapshot validated in a private copy names the directory it came from)."""
+    try:
+        loaded = load(directory, shown=shown)
+        Evaluator(loaded.ruleset).close()  # compiles into the engine
+    except Exception as exc:  # anything that stops loading is a rejection, with its message
+        return Validation(False, f"does not load: {exc}")
+    ruleset, documents = loaded.ruleset, loaded.documents
+    errors = [f for f in run_lint(directory, shown=shown).findings if f.severity == ERROR]
+    if errors:
+        first = errors[0]
+        return Validation(False, f"{len(errors)} lint error(s), first {first.file}:{first.line}:{first.column}: {first.code} {first.message}", ruleset, documents)
+    _, results, _ = run_cases(directory)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        first = failed[0]
+        return Validation(False, f"{len(failed)} of {len(results)} test case(s) fail, first {first.case.source} {first.case.name}: {first.problems[0]}", ruleset, documents)
+    return Validation(True, f"{len(results)} test cases pass", ruleset, documents)
