@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
-from needlepoint.fhir.mapper import record_from_bundle
+from needlepoint.fhir.mapper import record_from_bundle, record_from_bundle_with_hip_order
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, discover, load_ruleset
 from needlepoint.server import convert
 from needlepoint.server.errors import ServiceError
@@ -193,7 +193,7 @@ class Engine:
         if road == "context":
             record = convert.record_from_context(request.context)
         elif road == "fhir_bundle":
-            record = _record_from_bundle_bytes(request.fhir_bundle)
+            record = _record_from_bundle_bytes(request.fhir_bundle, own_order=not request.HasField("order"))
         else:
             raise RecordError("patient", "one of context or fhir_bundle is required")
         if request.HasField("order"):
@@ -240,9 +240,10 @@ class Engine:
         return self._ruleset_proto(ruleset_id, evaluator.ruleset.version, full=True)
 
 
-def _record_from_bundle_bytes(data: bytes) -> PatientRecord:
+def _record_from_bundle_bytes(data: bytes, own_order: bool = False) -> PatientRecord:
     """A FHIR Bundle (JSON bytes) as a PatientRecord; the size is checked here, the rest by the
-    mapper (malformed JSON is a RecordError at ``Bundle``)."""
+    mapper (malformed JSON is a RecordError at ``Bundle``). With ``own_order`` (no order beside
+    the bundle), a bundle without a hip injection order is refused before it is mapped."""
     if len(data) > MAX_BUNDLE_BYTES:
         raise RecordError("fhir_bundle", f"the bundle is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES} bytes")
-    return record_from_bundle(data)
+    return record_from_bundle_with_hip_order(data) if own_order else record_from_bundle(data)
