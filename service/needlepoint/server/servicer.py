@@ -193,6 +193,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
 
 
 _size = request_size
+NOT_FOR_US_FIELDS = frozenset({"order", "order.target"})
 
 
 def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | ServiceError:
@@ -202,7 +203,10 @@ def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | Servi
         return call()
     except ServiceError as exc:
         fields = ",".join(v.field for v in exc.violations) or "-"
-        log.info("%s %s correlation=%s fields=%s", method, exc.code.name, correlation_ref(correlation_id), fields)
+        # An order that is not for us (no order, or not a hip injection) is the common case when
+        # an EHR calls for every order: counted in the metrics, logged only at DEBUG.
+        level = logging.DEBUG if fields in NOT_FOR_US_FIELDS else logging.INFO
+        log.log(level, "%s %s correlation=%s fields=%s", method, exc.code.name, correlation_ref(correlation_id), fields)
         return exc
     except Exception:
         log.exception("%s failed with an unexpected error, correlation=%s", method, correlation_ref(correlation_id))
