@@ -9,8 +9,11 @@ result away, to measure what that stage alone costs a server next to the bare ec
 * ``durable-engine``: run the durable-rules engine on the payload's facts, prepared once at
   start-up (assert, drain every action, retract).
 
-``--stack`` chooses the server around it: ``needlepoint`` (the default) is the real server's
-``grpc.aio`` stack (``server.servicer.start_server``: lenient deserializers, health, reflection);
+``--stack`` chooses the server around it: ``needlepoint`` (the default) is the real worker's
+``grpc.aio`` stack (``server.servicer.start_server``: lenient deserializers, health, reflection,
+and the worker's call gate, which counts calls and records metrics when
+``PROMETHEUS_MULTIPROC_DIR`` is set, as ``needlepoint serve --metrics-port`` does), so that
+echo and ``Evaluate`` differ only in the evaluation;
 ``bare-aio`` and ``bare-sync`` are the generated servicer on a plain ``grpc.aio.server`` and on
 a plain ``grpc.server`` with a thread pool, with health, and nothing else: the two gRPC server
 flavours side by side, for the benchmark's choice between them.
@@ -35,6 +38,8 @@ from grpc_health.v1 import health, health_pb2_grpc
 from needlepoint.fhir.mapper import record_from_bundle
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.server.engine import Engine
+from needlepoint.server import metrics
+from needlepoint.server.calls import CallGate
 from needlepoint.server.servicer import server_options, start_server
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc
 
@@ -94,7 +99,8 @@ class _BareSyncEcho(_BareEcho):
 
 
 async def _serve(port: int, bundle: bytes, as_of: str, work: str) -> None:
-    running = await start_server(EchoEngine(bundle, as_of, work), f"127.0.0.1:{port}")
+    metrics.setup()  # (only when PROMETHEUS_MULTIPROC_DIR is set)
+    running = await start_server(EchoEngine(bundle, as_of, work), f"127.0.0.1:{port}", interceptors=[CallGate()])
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()

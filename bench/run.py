@@ -17,8 +17,10 @@ What it measures (the README's "Benchmarks" section defines each figure):
    per request against about 0.18 ms for a Python client), POSTing gRPC frames to
    ``/needlepoint.v1.DecisionService/Evaluate``. h2load sends one body per process, so a run is a
    rotation: ``SLOTS`` h2load processes at a time, each sending one distinct request ``PER_BODY``
-   times (twice in the fixed-load runs) on its own connection, then the next; a run goes through
-   every body. Without h2load a
+   times on its own connection, then the next; a capacity run goes through every body. A
+   fixed-load run sends a quarter of the bodies eight times each (fewer process starts, which
+   h2load's pacing cannot cover), a different quarter in each run, so the four loads of a round
+   cover every body. Without h2load a
    Python client does the same rotation (and says so).
    * capacity: closed loop, ``SLOTS`` connections x ``STREAMS`` requests in flight;
    * latency p50 / p99 / p99.9 at fixed offered loads (25 / 50 / 75 / 90 % of the capacity,
@@ -214,13 +216,18 @@ def start_needlepoint(workers: int) -> Server:
     return Server("Evaluate", port, proc, metrics_port)
 
 
-def start_echo(workers: int, stack: str = "needlepoint", name: str = "echo") -> Server:
+def start_echo(workers: int, stack: str = "needlepoint", name: str = "echo", metrics_dir: Path | None = None) -> Server:
+    """The echo server; with ``metrics_dir`` its workers record metrics as ``serve --metrics-port``'s do."""
     port = free_port()
     cmd = [
         sys.executable, str(ROOT / "bench" / "echo_server.py"), "--port", str(port), "--workers", str(workers),
         "--bundle", str(ORDER_BUNDLE), "--as-of", AS_OF_TEXT, "--stack", stack,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    if metrics_dir is not None:
+        metrics_dir.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     wait_healthy(port)
     return Server(name, port, proc)
 
@@ -299,7 +306,12 @@ class H2load:
         url = f"http://127.0.0.1:{port}{EVALUATE_PATH}"
 
         def slot(k: int) -> None:
+            """One h2load process after another. At a fixed rate, each slot's processes should start
+            ``period`` apart; the start-up, connection and last answer of each (``overhead``,
+            measured) come out of the time over which it spreads its requests."""
             nonlocal sent, ok
+            period = per_body / (rate / SLOTS) if rate else 0.0
+            overhead = 0.0
             log = Path(tempfile.gettempdir()) / f"needlepoint-h2load-{os.getpid()}-{k}.log"
             while True:
                 with lock:
@@ -310,10 +322,14 @@ class H2load:
                     self.binary, "-n", str(per_body), "-c", "1", "-m", str(streams if rate is None else 4),
                     "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body), "--log-file", str(log),
                 ]  # fmt: skip
-                if rate is not None:
-                    cmd += ["--rps", f"{max(rate / SLOTS, 0.1):.3f}"]
+                if rate is not None:  # h2load paces one connection; the gap between processes is made up
+                    spacing = max(period - overhead, period / 4)  # for the first request to the last
+                    cmd += ["--rps", f"{(per_body - 1) / spacing if per_body > 1 else rate / SLOTS:.3f}"]
                 log.unlink(missing_ok=True)  # h2load appends
+                began = time.perf_counter()
                 out = subprocess.run([*cmd, url], capture_output=True, text=True).stdout
+                if rate is not None and per_body > 1:
+                    overhead = 0.7 * overhead + 0.3 * max(0.0, time.perf_counter() - began - spacing)
                 lines = log.read_text().splitlines() if log.exists() else []
                 mine = [float(x.split("\t")[2]) for x in lines if x.count("\t") == 2 and x.split("\t")[1] == "200"]
                 done = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded", out)
@@ -508,7 +524,7 @@ def main() -> None:
     load_avg = os.getloadavg()[0]
     say(f"Needlepoint benchmark, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}; load average {load_avg:.2f} at the start")
     say(f"Load generator: {generator.name}; {args.workers} server processes; {bodies:,} distinct requests of each kind, "
-        f"{PER_BODY} times each per capacity run, twice per fixed-load run; {SLOTS} connections at a time; {rounds} interleaved round(s); medians (min–max).")
+        f"{PER_BODY} times each per capacity run, a quarter of them 8 times per fixed-load run; {SLOTS} connections at a time; {rounds} interleaved round(s); medians (min–max).")
     say()
 
     with tempfile.TemporaryDirectory(prefix="needlepoint-bench-") as tmp:
@@ -518,7 +534,7 @@ def main() -> None:
         servers: dict[str, Server] = {}
         try:
             servers["Evaluate"] = start_needlepoint(args.workers)
-            servers["echo"] = start_echo(args.workers)
+            servers["echo"] = start_echo(args.workers, metrics_dir=Path(tmp) / "echo-metrics")
             servers["bare aio echo"] = start_echo(args.workers, "bare-aio", "bare aio echo")
             servers["bare sync echo"] = start_echo(args.workers, "bare-sync", "bare sync echo")
             for name, server in servers.items():
@@ -547,8 +563,10 @@ def main() -> None:
                 add("echo, one body, long connections", measure(generator, servers["echo"], [payloads.hip_files[0]] * SLOTS, per_body=long, rate=None, expect="OK"))
                 add("Evaluate, one 'not for us' body, long connections", measure(generator, servers["Evaluate"], [payloads.not_for_us_files[0]] * SLOTS, per_body=long, rate=None, expect="INVALID_ARGUMENT"))
                 cap = statistics.median(load.rate for load in capacity)
-                for share in LOADS:  # each body twice: the rotation at a quarter of capacity is slow enough
-                    at_load[share].append(measure(generator, servers["Evaluate"], payloads.hip_files, per_body=2, rate=share * cap, expect="OK"))
+                for k, share in enumerate(LOADS):  # a quarter of the bodies each, another in every round
+                    part = (r + k) % 4 * len(payloads.hip_files) // 4
+                    bodies_now = payloads.hip_files[part : part + len(payloads.hip_files) // 4]
+                    at_load[share].append(measure(generator, servers["Evaluate"], bodies_now, per_body=8, rate=share * cap, expect="OK"))
                 print(f"  (round {r + 1} of {rounds} done, {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         finally:
             for server in servers.values():
