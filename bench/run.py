@@ -508,12 +508,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--p99-ms", type=float, default=P99_BOUND_MS, help=f"the p99 bound for the highest load served (default {P99_BOUND_MS:g} ms)")
     parser.add_argument("--no-install", action="store_true", help="never install h2load; use the Python client when it is missing")
+    parser.add_argument("--python-client", action="store_true", help="use the Python client even when h2load is there")
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args()
     bodies, rounds = (min(args.bodies, 200), 1) if args.quick else (args.bodies, args.rounds)
     started = time.monotonic()
-    generator = load_generator(not args.no_install)
+    generator = PythonLoad() if args.python_client else load_generator(not args.no_install)
     digest = load_ruleset(bundled_rulesets_dir() / DEFAULT_RULESET).digest
     lines: list[str] = []
 
@@ -596,7 +597,7 @@ def main() -> None:
     say(f"| The rotation's own cost: echo rotating bodies − echo on long connections | {spread(rotation, '{:.3f}')} ms |")
     say()
     cap = statistics.median(load.rate for load in capacity)
-    say(f"Latency of Evaluate at fixed offered loads (capacity above: {cap:,.0f} requests/s; open loop, h2load --rps):")
+    say(f"Latency of Evaluate at fixed offered loads (capacity above: {cap:,.0f} requests/s; open loop, {'h2load --rps' if isinstance(generator, H2load) else 'paced Python client'}):")
     say()
     say("| Offered load | requests/s achieved | p50 ms | p99 ms | p99.9 ms |")
     say("|---|---|---|---|---|")
