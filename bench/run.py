@@ -311,7 +311,7 @@ class H2load:
             measured) come out of the time over which it spreads its requests."""
             nonlocal sent, ok
             period = per_body / (rate / SLOTS) if rate else 0.0
-            overhead = 0.0
+            overhead = min(0.02, period / 4)  # a first guess: process start and connection
             log = Path(tempfile.gettempdir()) / f"needlepoint-h2load-{os.getpid()}-{k}.log"
             while True:
                 with lock:
@@ -605,7 +605,7 @@ def main() -> None:
     for share, loads in at_load.items():
         p99 = statistics.median(l.pct(99) / 1000 for l in loads)
         achieved = statistics.median(l.rate for l in loads)
-        if p99 <= args.p99_ms and achieved >= 0.95 * share * cap:
+        if p99 <= args.p99_ms:  # (open loop: a server that cannot keep up has an unbounded p99)
             best = (share, achieved, p99)
         say(f"| {share:.0%} ({share * cap:,.0f}/s) | {spread([l.rate for l in loads])} | {spread([l.pct(50) / 1000 for l in loads], '{:.2f}')} "
             f"| {spread([l.pct(99) / 1000 for l in loads], '{:.2f}')} | {spread([l.pct(99.9) / 1000 for l in loads], '{:.2f}')} |")
