@@ -323,13 +323,13 @@ class H2load:
                     "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body), "--log-file", str(log),
                 ]  # fmt: skip
                 if rate is not None:  # h2load paces one connection; the gap between processes is made up
-                    spacing = max(period - overhead, period / 4)  # for the first request to the last
+                    spacing = min(max(period - overhead, period / 4), 4 * period)  # first request to last
                     cmd += ["--rps", f"{(per_body - 1) / spacing if per_body > 1 else rate / SLOTS:.3f}"]
                 log.unlink(missing_ok=True)  # h2load appends
                 began = time.perf_counter()
                 out = subprocess.run([*cmd, url], capture_output=True, text=True).stdout
                 if rate is not None and per_body > 1:
-                    overhead = 0.7 * overhead + 0.3 * max(0.0, time.perf_counter() - began - spacing)
+                    overhead = 0.7 * overhead + 0.3 * (time.perf_counter() - began - spacing)  # (h2load may also run early)
                 lines = log.read_text().splitlines() if log.exists() else []
                 mine = [float(x.split("\t")[2]) for x in lines if x.count("\t") == 2 and x.split("\t")[1] == "200"]
                 done = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded", out)
