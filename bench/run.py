@@ -538,7 +538,7 @@ def main() -> None:
             servers["echo"] = start_echo(args.workers, metrics_dir=Path(tmp) / "echo-metrics")
             servers["bare aio echo"] = start_echo(args.workers, "bare-aio", "bare aio echo")
             servers["bare sync echo"] = start_echo(args.workers, "bare-sync", "bare sync echo")
-            for name, server in servers.items():
+            for server in servers.values():
                 check_answers(server, payloads.hip, digest, expect_decision=True)
             check_answers(servers["Evaluate"], payloads.not_for_us, digest, expect_decision=False)
             say(f"Checked: every one of the {bodies:,} requests answered with a decision of rule set digest {digest[:19]}… by every server; "
