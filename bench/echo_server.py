@@ -9,25 +9,42 @@ result away, to measure what that stage alone costs a server next to the bare ec
 * ``durable-engine``: run the durable-rules engine on the payload's facts, prepared once at
   start-up (assert, drain every action, retract).
 
-Run: python bench/echo_server.py --port P --workers N --bundle FILE --as-of T [--work STAGE]
+``--stack`` chooses the server around it: ``needlepoint`` (the default) is the real worker's
+``grpc.aio`` stack (``server.servicer.start_server``: lenient deserializers, health, reflection,
+and the worker's call gate, which counts calls and records metrics when
+``PROMETHEUS_MULTIPROC_DIR`` is set, as ``needlepoint serve --metrics-port`` does), so that
+echo and ``Evaluate`` differ only in the evaluation;
+``bare-aio`` and ``bare-sync`` are the generated servicer on a plain ``grpc.aio.server`` and on
+a plain ``grpc.server`` with a thread pool, with health, and nothing else: the two gRPC server
+flavours side by side, for the benchmark's choice between them.
+
+Run: python bench/echo_server.py --port P --workers N --bundle FILE --as-of T [--work STAGE] [--stack S]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import datetime as dt
 import multiprocessing
 import signal
+import threading
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from needlepoint.fhir.mapper import record_from_bundle
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.server.engine import Engine
-from needlepoint.server.servicer import start_server
-from needlepoint.v1 import decision_service_pb2
+from needlepoint.server import metrics
+from needlepoint.server.calls import CallGate
+from needlepoint.server.servicer import server_options, start_server
+from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc
 
 WORK = ("none", "read-bundle", "durable-engine")
+STACKS = ("needlepoint", "bare-aio", "bare-sync")
 
 
 class EchoEngine:
@@ -50,7 +67,7 @@ class EchoEngine:
             "durable-engine": lambda request: evaluator.engine.run(facts),
         }[work]
 
-    def evaluate(self, request):
+    def evaluate(self, request, deadline=None):
         self._work(request)
         return self._decision
 
@@ -61,17 +78,66 @@ class EchoEngine:
         return self._real.get_ruleset(ruleset_id, version)
 
 
+class _BareEcho(decision_service_pb2_grpc.DecisionServiceServicer):
+    """Evaluate alone, on the generated registration; sync or async as the server is."""
+
+    def __init__(self, engine: EchoEngine) -> None:
+        self.engine = engine
+
+    def evaluate(self, request, context):
+        return self.engine.evaluate(request)
+
+
+class _BareAioEcho(_BareEcho):
+    async def Evaluate(self, request, context):
+        return self.evaluate(request, context)
+
+
+class _BareSyncEcho(_BareEcho):
+    def Evaluate(self, request, context):
+        return self.evaluate(request, context)
+
+
 async def _serve(port: int, bundle: bytes, as_of: str, work: str) -> None:
-    running = await start_server(EchoEngine(bundle, as_of, work), f"127.0.0.1:{port}")
+    metrics.setup()  # (only when PROMETHEUS_MULTIPROC_DIR is set)
+    running = await start_server(EchoEngine(bundle, as_of, work), f"127.0.0.1:{port}", interceptors=[CallGate()])
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await running.stop(1)
 
 
-def _worker(port: int, bundle: bytes, as_of: str, work: str) -> None:
+async def _serve_bare_aio(port: int, bundle: bytes, as_of: str, work: str) -> None:
+    server = grpc.aio.server(options=server_options(reuse_port=True))
+    decision_service_pb2_grpc.add_DecisionServiceServicer_to_server(_BareAioEcho(EchoEngine(bundle, as_of, work)), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def _serve_bare_sync(port: int, bundle: bytes, as_of: str, work: str) -> None:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+    server = grpc.server(pool, options=server_options(reuse_port=True))
+    decision_service_pb2_grpc.add_DecisionServiceServicer_to_server(_BareSyncEcho(EchoEngine(bundle, as_of, work)), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1).wait()
+
+
+def _worker(port: int, bundle: bytes, as_of: str, work: str, stack: str = "needlepoint") -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_serve(port, bundle, as_of, work))
+    if stack == "bare-sync":
+        _serve_bare_sync(port, bundle, as_of, work)
+    else:
+        asyncio.run((_serve_bare_aio if stack == "bare-aio" else _serve)(port, bundle, as_of, work))
 
 
 def main() -> None:
@@ -81,10 +147,11 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--as-of", required=True)
     parser.add_argument("--work", choices=WORK, default="none", help="one stage of the real work to do per request")
+    parser.add_argument("--stack", choices=STACKS, default="needlepoint", help="the gRPC server around the echo")
     args = parser.parse_args()
     bundle = args.bundle.read_bytes()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args.port, bundle, args.as_of, args.work)) for _ in range(args.workers)]
+    procs = [ctx.Process(target=_worker, args=(args.port, bundle, args.as_of, args.work, args.stack)) for _ in range(args.workers)]
     for p in procs:
         p.start()
 

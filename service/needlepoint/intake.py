@@ -32,7 +32,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from needlepoint.core import record as rec
-from needlepoint.fhir.mapper import record_from_bundle, record_from_cds_hooks_request
+from needlepoint.fhir.mapper import record_from_bundle, record_from_bundle_with_hip_order, record_from_cds_hooks_request
 from needlepoint.limits import MAX_BUNDLE_BYTES
 from needlepoint.v1 import decision_service_pb2, patient_pb2
 
@@ -88,7 +88,9 @@ def record_from_request(request: decision_service_pb2.EvaluateRequest, bundle: A
     elif road == "context":
         record = record_from_context(request.context)
     elif road == "fhir_bundle":
-        record = record_from_bundle_bytes(request.fhir_bundle)
+        # with no order beside it, a bundle must order a hip injection itself: one that does not
+        # is refused before the rest of it is mapped (the cheap answer for orders not for us)
+        record = record_from_bundle_bytes(request.fhir_bundle, own_order=not request.HasField("order"))
     else:
         raise rec.RecordError("patient", "one of context or fhir_bundle is required")
     if request.HasField("order"):
@@ -145,13 +147,15 @@ def record_from_json(obj: Any) -> tuple[rec.PatientRecord, dt.datetime | None, s
     raise rec.RecordError("line", "not a FHIR Bundle, a CDS Hooks request or an evaluate request")
 
 
-def record_from_bundle_bytes(data: bytes) -> rec.PatientRecord:
+def record_from_bundle_bytes(data: bytes, own_order: bool = False) -> rec.PatientRecord:
     """A FHIR Bundle (JSON bytes) as a PatientRecord; the size is checked here
     (:data:`needlepoint.limits.MAX_BUNDLE_BYTES`), the rest by the mapper (malformed JSON is a
-    RecordError at ``Bundle``)."""
+    RecordError at ``Bundle``). With ``own_order`` (no order is given beside the bundle), a bundle
+    without a hip injection order is refused before it is mapped
+    (:func:`~needlepoint.fhir.mapper.record_from_bundle_with_hip_order`)."""
     if len(data) > MAX_BUNDLE_BYTES:
         raise rec.RecordError("fhir_bundle", f"the bundle is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES} bytes")
-    return record_from_bundle(data)
+    return record_from_bundle_with_hip_order(data) if own_order else record_from_bundle(data)
 
 
 # -- time ---------------------------------------------------------------------------------------

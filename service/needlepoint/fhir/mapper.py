@@ -1159,3 +1159,46 @@ def _unique(entries: Iterable[_Entry]) -> list[_Entry]:
             if key is not None:
                 seen.add(key)
     return unique
+
+
+# --- the cheap "not for us" answer --------------------------------------------------------------
+
+NO_ORDER_PROBLEM = "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
+NOT_HIP_PROBLEM = "the draft order names no hip injection target (bodySite): it is not a hip injection order, so there is nothing to evaluate"
+
+
+def record_from_bundle_with_hip_order(bundle: JSON | bytes | str) -> PatientRecord:
+    """:func:`record_from_bundle` for a Bundle that must carry its own hip injection order (no
+    order is given beside it). Its draft ServiceRequests are looked at first, chosen as
+    :meth:`_Mapper._select_order` chooses: with none, ``RecordError`` at ``order``; when the chosen
+    one names no hip injection target (no injection-target code, no SNOMED hip joint), at
+    ``order.target``; either way before the rest of the record is mapped, since no decision could
+    come of it. Anything unusual (several injection orders, a coding-less or extended bodySite, a
+    malformed Bundle) goes to the full mapping, which names it as it always has."""
+    data = _parse_json(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else bundle
+    try:
+        problem = _hip_order_problem(data)
+    except RecordError:
+        problem = None
+    if problem is not None:
+        raise problem
+    return record_from_bundle(data)
+
+
+def _hip_order_problem(data: Any) -> RecordError | None:
+    """Why the Bundle's own draft orders cannot give a decision, or None when they may."""
+    drafts = [e for e in _bundle_entries(data, "Bundle") if e.type == "ServiceRequest" and e.resource.get("status") == "draft"]
+    if len(drafts) > 1:
+        drafts = [entry for entry in drafts if _is_injection_request(entry)]
+    if not drafts:
+        return RecordError("order", NO_ORDER_PROBLEM)
+    if len(drafts) > 1:
+        return None
+    order = drafts[0]
+    for j, concept in enumerate(_get_list(order.resource, "bodySite", order.path)):
+        keys = _code_keys(concept, order.path, "bodySite", j)
+        if not keys or (type(concept) is dict and "extension" in concept):
+            return None
+        if any(system == "np-target" or (system == "snomed" and code == _HIP_JOINT_SNOMED) for system, code in keys):
+            return None
+    return RecordError("order.target", NOT_HIP_PROBLEM)
