@@ -32,6 +32,27 @@ if str(CLIENTS) not in sys.path:
     sys.path.insert(0, str(CLIENTS))
 
 
+# -- the fast suite ---------------------------------------------------------------------------------
+# pyproject.toml deselects the tests marked slow unless -m says otherwise; the summary says how
+# many were left out and how to run them, so that a run of the fast suite is never taken for all.
+
+_SLOW_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        config = items[0].config
+        config.stash[_SLOW_LEFT_OUT] = config.stash.get(_SLOW_LEFT_OUT, 0) + sum(1 for item in items if item.get_closest_marker("slow"))
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    left_out = config.stash.get(_SLOW_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(
+            f"fast suite: {left_out} slow tests not run (scripts/test --all runs everything, scripts/test -m slow only those)"
+        )
+
+
 @dataclass(frozen=True)
 class Sample:
     """A fixture bundle with the order to evaluate it under, and the instant to evaluate it at."""
