@@ -6,6 +6,7 @@ directory has a conftest of its own, so the module name is ambiguous).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
@@ -225,6 +226,21 @@ def hip_ruleset():
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
     return load_ruleset(bundled_rulesets_dir() / "hip-injection")
+
+
+@pytest.fixture(scope="session")
+def _hip_documents_as_read() -> dict:
+    from needlepoint.rulesets import bundled_rulesets_dir, read_documents
+
+    return read_documents(bundled_rulesets_dir() / "hip-injection")
+
+
+@pytest.fixture
+def hip_documents(_hip_documents_as_read: dict) -> dict:
+    """The bundled hip-injection rule set's documents (``read_documents``), for a test to change
+    and build: read once per session (parsing the YAML is most of the cost of a build), and a deep
+    copy for each test."""
+    return copy.deepcopy(_hip_documents_as_read)
 
 
 @pytest.fixture(scope="session")
