@@ -1,4 +1,5 @@
-"""Shared fixtures: repository paths, the Synthea bundles, and a real ``needlepoint serve`` process.
+"""Shared fixtures: repository paths, the Synthea bundles, the bundled rule set, and a real
+``needlepoint serve`` process; and the summary line of the fast suite (tests marked slow left out).
 
 Test modules use these through fixtures only (never ``from conftest import``: the rule sets'
 directory has a conftest of its own, so the module name is ambiguous).
