@@ -44,7 +44,8 @@ _SLOW_LEFT_OUT = pytest.StashKey[int]()
 def pytest_deselected(items: list[pytest.Item]) -> None:
     if items:
         config = items[0].config
-        config.stash[_SLOW_LEFT_OUT] = config.stash.get(_SLOW_LEFT_OUT, 0) + sum(1 for item in items if item.get_closest_marker("slow"))
+        slow = sum(1 for item in items if item.get_closest_marker("slow"))
+        config.stash[_SLOW_LEFT_OUT] = config.stash.get(_SLOW_LEFT_OUT, 0) + slow
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
