@@ -1,4 +1,5 @@
-"""Shared fixtures: repository paths, the Synthea bundles, and a real ``needlepoint serve`` process.
+"""Shared fixtures: repository paths, the Synthea bundles, the bundled rule set, and a real
+``needlepoint serve`` process; and the summary line of the fast suite (tests marked slow left out).
 
 Test modules use these through fixtures only (never ``from conftest import``: the rule sets'
 directory has a conftest of its own, so the module name is ambiguous).
@@ -6,6 +7,7 @@ directory has a conftest of its own, so the module name is ambiguous).
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
@@ -30,6 +32,28 @@ CLIENTS = REPO / "clients"
 # An editable install made before clients/ existed puts only service/ on the path.
 if str(CLIENTS) not in sys.path:
     sys.path.insert(0, str(CLIENTS))
+
+
+# -- the fast suite ---------------------------------------------------------------------------------
+# pyproject.toml deselects the tests marked slow unless -m says otherwise; the summary says how
+# many were left out and how to run them, so that a run of the fast suite is never taken for all.
+
+_SLOW_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        config = items[0].config
+        slow = sum(1 for item in items if item.get_closest_marker("slow"))
+        config.stash[_SLOW_LEFT_OUT] = config.stash.get(_SLOW_LEFT_OUT, 0) + slow
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    left_out = config.stash.get(_SLOW_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(
+            f"fast suite: {left_out} slow tests not run (scripts/test --all runs everything, scripts/test -m slow only those)"
+        )
 
 
 @dataclass(frozen=True)
@@ -204,6 +228,21 @@ def hip_ruleset():
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
     return load_ruleset(bundled_rulesets_dir() / "hip-injection")
+
+
+@pytest.fixture(scope="session")
+def _hip_documents_as_read() -> dict:
+    from needlepoint.rulesets import bundled_rulesets_dir, read_documents
+
+    return read_documents(bundled_rulesets_dir() / "hip-injection")
+
+
+@pytest.fixture
+def hip_documents(_hip_documents_as_read: dict) -> dict:
+    """The bundled hip-injection rule set's documents (``read_documents``), for a test to change
+    and build: read once per session (parsing the YAML is most of the cost of a build), and a deep
+    copy for each test."""
+    return copy.deepcopy(_hip_documents_as_read)
 
 
 @pytest.fixture(scope="session")

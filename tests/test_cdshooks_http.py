@@ -127,7 +127,8 @@ class StandInFhir:
         ThreadingHTTPServer.request_queue_size = 128  # the service fetches several keys at once
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # shutdown() waits for serve_forever's next poll: 50 ms rather than the default 0.5 s
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -395,6 +396,7 @@ def test_missing_keys_without_a_fhir_server_are_412(client: httpx.Client, templa
     assert all("not supplied" in i["diagnostics"] for i in issues)
 
 
+@pytest.mark.slow  # waits out the 3 s limit
 def test_a_slow_fhir_server_is_412_within_the_time_limit(client: httpx.Client, templates: dict, fhir: StandInFhir) -> None:
     patient_id, resources = synthea(next(SYNTHEA.glob("Mafalda_*.json")))
     request = hook_request(

@@ -390,6 +390,7 @@ def test_order_sign_is_logged_and_feedback_round_trips_into_the_overrides_report
 # -- the command's rules ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a process each; the fast suite keeps one refusal (test_cdshooks_http)
 @pytest.mark.parametrize(
     "args, complaint",
     [

@@ -18,7 +18,7 @@ from needlepoint.core.prepare import Preparer, TagIndex
 from needlepoint.core.record import Code, Condition, InjectionOrder, PatientRecord
 from needlepoint.core.ruleset import match_key
 from needlepoint.fhir import record_from_bundle
-from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, read_documents
+from needlepoint.rulesets import build_ruleset
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"  # beside the repository, as in CI
@@ -40,10 +40,9 @@ def fixture_bundle(folder: str, first_name: str) -> dict:
     return orjson.loads(paths[0].read_bytes())
 
 
-def mini_ruleset(value_sets: dict):
-    """The bundled rule set with its value sets swapped for ``value_sets`` plus the ones its rules
-    need, so that a test can declare codes in either spelling."""
-    docs = read_documents(bundled_rulesets_dir() / "hip-injection")
+def mini_ruleset(docs: dict, value_sets: dict):
+    """The bundled rule set (``docs``: its documents) with ``value_sets`` added to the ones its
+    rules need, so that a test can declare codes in either spelling."""
     docs["value_sets"] = {**docs["value_sets"], **value_sets}
     return build_ruleset(docs)
 
@@ -77,8 +76,8 @@ def test_match_key_drops_the_icd10cm_dot_and_nothing_else() -> None:
         ({"prefixes": ["D68.0"]}, "D68.1", False),
     ],
 )
-def test_value_sets_match_either_spelling(declared: dict, sent: str, matches: bool) -> None:
-    rs = mini_ruleset({"probe": {"title": "probe", "codes": {"icd10cm": declared}}})
+def test_value_sets_match_either_spelling(hip_documents: dict, declared: dict, sent: str, matches: bool) -> None:
+    rs = mini_ruleset(hip_documents, {"probe": {"title": "probe", "codes": {"icd10cm": declared}}})
     assert rs.value_sets["probe"].contains("icd10cm", sent) is matches
 
 

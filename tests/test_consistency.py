@@ -14,7 +14,7 @@ from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import Code, InjectionOrder, Medication, Observation, PatientRecord
 from needlepoint.core.resolve import _outcome_text
 from needlepoint.core.ruleset import RuleSetError, parse_placeholder
-from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, load_ruleset, read_documents
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, load_ruleset
 
 from .patients import AS_OF, random_patients
 
@@ -161,15 +161,15 @@ def test_placeholders_parse() -> None:
         ("FLUOROSCOPY", "a mapping of injectate category"),
     ],
 )
-def test_modality_bound_injectates_are_validated(bound, message: str) -> None:
-    docs = read_documents(HIP)
+def test_modality_bound_injectates_are_validated(hip_documents: dict, bound, message: str) -> None:
+    docs = hip_documents
     docs["ruleset"] = {**docs["ruleset"], "modality_bound_injectates": bound}
     with pytest.raises(RuleSetError, match=message):
         build_ruleset(docs)
 
 
-def test_a_binding_to_several_modalities_holds_while_one_is_retained() -> None:
-    docs = read_documents(HIP)
+def test_a_binding_to_several_modalities_holds_while_one_is_retained(hip_documents: dict) -> None:
+    docs = hip_documents
     docs["ruleset"] = {**docs["ruleset"], "modality_bound_injectates": {"IODINATED_CONTRAST": ["FLUOROSCOPY", "ULTRASOUND"]}}
     evaluator = Evaluator(build_ruleset(docs))
     try:

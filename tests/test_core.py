@@ -13,7 +13,7 @@ from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.prepare import convert
 from needlepoint.core.record import Code, InjectionOrder, Medication, Observation, PatientRecord, RecordError
 from needlepoint.core.ruleset import DEFERRAL_REASONS, INJECTATE_CATEGORIES, MODALITIES, RECOMMENDATIONS, SCOPES, RuleSetError
-from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, load_ruleset, read_documents
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, load_ruleset
 
 from .patients import AS_OF, random_patients
 
@@ -196,8 +196,7 @@ def test_an_overlay_with_an_unknown_parameter_is_refused(tmp_path: Path) -> None
         load_ruleset(HIP, overlay=overlay)
 
 
-def _with_rule_change(change) -> dict:
-    docs = read_documents(HIP)
+def _with_rule_change(docs: dict, change) -> dict:
     index = next(i for i, (_, rule) in enumerate(docs["rules"]) if rule["id"] == "DEF-INR-HIGH")
     source, rule = docs["rules"][index]
     rule = copy.deepcopy(rule)
@@ -221,9 +220,9 @@ def _with_rule_change(change) -> dict:
         (lambda r: r.update({"version": "1.0"}), "not a semantic version"),
     ],
 )
-def test_rule_format_errors_name_the_rule_and_key(change, message: str) -> None:
+def test_rule_format_errors_name_the_rule_and_key(hip_documents: dict, change, message: str) -> None:
     with pytest.raises(RuleSetError, match=message) as caught:
-        build_ruleset(_with_rule_change(change))
+        build_ruleset(_with_rule_change(hip_documents, change))
     assert "DEF-INR-HIGH" in caught.value.where and caught.value.where.startswith("rules/10-bleeding.yaml:")
 
 
@@ -247,7 +246,7 @@ def test_every_value_set_of_the_bundled_rule_set_is_used(hip_ruleset) -> None:
     assert set(hip_ruleset.value_sets) - used == set()
 
 
-def test_a_message_may_only_name_facts_every_alternative_matches() -> None:
+def test_a_message_may_only_name_facts_every_alternative_matches(hip_documents: dict) -> None:
     def change(rule: dict) -> None:
         rule.pop("when")
         rule["when_any"] = [
@@ -256,4 +255,4 @@ def test_a_message_may_only_name_facts_every_alternative_matches() -> None:
         ]
 
     with pytest.raises(RuleSetError, match="alternative 1 does not match"):
-        build_ruleset(_with_rule_change(change))
+        build_ruleset(_with_rule_change(hip_documents, change))

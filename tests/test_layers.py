@@ -3,6 +3,7 @@ command line), by the import-linter contracts of ``pyproject.toml`` (``[tool.imp
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,15 @@ EXIT_KEPT, EXIT_BROKEN = 0, 1
 
 def _lint(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """Run import-linter on ``config``; it finds the needlepoint package on sys.path, as the tests'
-    own imports do."""
-    code = lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+    own imports do. Its logging set-up (``dictConfig``) disables every logger that exists, so the
+    ones that were enabled are enabled again: later tests read their logs."""
+    loggers = [logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    enabled = [logger for logger in loggers if not logger.disabled]
+    try:
+        code = lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+    finally:
+        for logger in enabled:
+            logger.disabled = False
     return code, capsys.readouterr().out
 
 

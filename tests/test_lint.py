@@ -481,6 +481,7 @@ def test_code_shapes(system: str, code: str, prefix: bool, severity: str | None)
     assert (problem[0] if problem else None) == severity, problem
 
 
+@pytest.mark.slow  # reads every fixture bundle
 def test_verhoeff_accepts_every_sctid_in_the_shared_fixtures() -> None:
     """Real data carries malformed codes: several Synthea bundles file the LOINC echocardiogram
     code 34552-0 under SNOMED CT. Every SCTID-shaped code in the fixtures passes the Verhoeff

@@ -29,6 +29,29 @@ def test_every_mutant_of_the_bundled_rule_set_is_killed() -> None:
     assert all("value set has no codes" in why for _, why in report.invalid)
 
 
+def test_the_command_names_survivors_and_exits_by_them(tmp_path: Path) -> None:
+    """The fast suite's run of the command: a few parameter mutants against the bleeding cases
+    alone, which pin the INR limit and know nothing of fever."""
+    weak = tmp_path / "hip-injection"
+    shutil.copytree(HIP, weak)
+    for case_file in (weak / "tests").glob("*.yaml"):
+        if case_file.name != "bleeding.yaml":
+            case_file.unlink()
+    result = CliRunner().invoke(command, [str(weak), "--kind", "parameter", "--match", "fever_celsius"])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[:4] == [
+        "SURVIVED parameter: fever_celsius: 38 -> 34.2",
+        "SURVIVED parameter: fever_celsius: 38 -> 41.8",
+        "SURVIVED parameter: kocher_fever_celsius: 38.5 -> 34.65",
+        "SURVIVED parameter: kocher_fever_celsius: 38.5 -> 42.35",
+    ]
+    assert result.output.splitlines()[-1].startswith("0 of 4 mutants killed, 4 survived in ")
+    result = CliRunner().invoke(command, [str(weak), "--kind", "parameter", "--match", "inr_defer_above"])
+    assert result.exit_code == 0
+    assert result.output.startswith("2 of 2 mutants killed, 0 survived in ")
+
+
+@pytest.mark.slow
 def test_weak_cases_let_mutants_survive_and_the_command_says_which(tmp_path: Path) -> None:
     weak = tmp_path / "hip-injection"
     shutil.copytree(HIP, weak)
@@ -74,6 +97,7 @@ def test_plausible_mutants_narrow_each_end_just_past_the_cases_extremes() -> Non
     ]
 
 
+@pytest.mark.slow
 def test_the_bundled_cases_kill_the_unit_and_range_mutants_of_a_concept() -> None:
     report = run(HIP, kinds=("unit", "plausible"), match="platelets")
     assert [m.description for m in report.survived] == [] and report.invalid == []

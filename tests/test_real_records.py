@@ -427,6 +427,8 @@ def test_observation_age_limits_come_from_the_rule_set(hip_ruleset) -> None:
 
 
 # --- the Done-when, over every Synthea bundle -----------------------------------------------------------------
+# (slow tests: every bundle at five instants, in full and truncated; the fast suite's decision corpus
+# evaluates every bundle at two)
 
 
 @pytest.fixture(scope="module")
@@ -450,42 +452,49 @@ def test_both_synthea_folders_are_there() -> None:
     assert len({path.name for path in PATHS}) == 88  # three patients are in both folders, byte for byte
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", MAIN_INSTANTS)
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
 def test_every_bundle_evaluates_without_error(corpus, path, label) -> None:
     _assert_clean(corpus, path, label, "errors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", MAIN_INSTANTS)
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
 def test_no_pregnancy_deferral_outlives_its_window(corpus, path, label) -> None:
     _assert_clean(corpus, path, label, "pregnancy")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", MAIN_INSTANTS)
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
 def test_a_deceased_patient_is_deferred_as_deceased_and_asked_for_nothing(corpus, path, label) -> None:
     _assert_clean(corpus, path, label, "deceased")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", MAIN_INSTANTS)
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
 def test_no_missing_data_for_a_value_too_old_for_every_rule(corpus, path, label) -> None:
     _assert_clean(corpus, path, label, "stale-missing-data")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", TRUNCATION_INSTANTS)
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
 def test_records_after_the_instant_do_not_change_the_decision(corpus, path, label) -> None:
     _assert_clean(corpus, path, label, "truncation")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", MAIN_INSTANTS)
 @pytest.mark.parametrize("path", PATHS, ids=IDS)
 def test_every_decision_on_a_real_record_satisfies_the_invariants(corpus, path, label) -> None:
     _assert_clean(corpus, path, label, "invariants")
 
 
+@pytest.mark.slow
 def test_the_measuring_stick_sees_the_corpus(corpus) -> None:
     """The checks must have something to bite on: the corpus has deceased patients at the instant,
     truncation really removes records at the early instants, and the data end before 2025-06-02."""

@@ -20,7 +20,7 @@ from needlepoint.core.record import Code, InjectionOrder, Observation, PatientRe
 from needlepoint.core.ruleset import RuleSetError
 from needlepoint.fhir import record_from_bundle
 from needlepoint.intake import context_from_record, record_from_context
-from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir, read_documents
+from needlepoint.rulesets import build_ruleset, bundled_rulesets_dir
 
 HIP = bundled_rulesets_dir() / "hip-injection"
 MINIMAL = Path(__file__).resolve().parent / "data" / "rulesets" / "minimal"
@@ -192,8 +192,8 @@ def test_fhir_typed_and_case_file_roads_decide_alike(hip_evaluator, tmp_path: Pa
         (lambda o: o["platelets"].update({"plausible": [2000, 0]}), "low < high"),
     ],
 )
-def test_the_loader_refuses_an_ambiguous_or_malformed_unit_list(change, message: str) -> None:
-    docs = read_documents(HIP)
+def test_the_loader_refuses_an_ambiguous_or_malformed_unit_list(hip_documents: dict, change, message: str) -> None:
+    docs = hip_documents
     build_ruleset(docs)
     mutated = copy.deepcopy(docs)
     change(mutated["observations"])

@@ -123,6 +123,7 @@ def _expected_status(row: dict) -> str:
     return {1: "deferred", 2: "needs clinician review", 3: "needs data", 4: "ready"}[now]
 
 
+@pytest.mark.slow  # the 100 referrals over every Synthea bundle
 def test_every_status_follows_the_decisions(reports: dict) -> None:
     table, batch = reports["csv"], reports["batch"]
     assert len(table) == 100 and {r["Referral"] for r in table} == set(batch)
@@ -138,6 +139,7 @@ def test_every_status_follows_the_decisions(reports: dict) -> None:
     assert "100 referrals:" in reports["log"]
 
 
+@pytest.mark.slow  # the 100 referrals over every Synthea bundle
 def test_deceased_patients_are_deferred_in_their_own_words(reports: dict) -> None:
     dead = [r for r in reports["csv"] if "PATIENT_DECEASED" in (reports["batch"][r["Referral"]]["deferralReasons"] or [])]
     assert len(dead) == 22
@@ -147,6 +149,7 @@ def test_deceased_patients_are_deferred_in_their_own_words(reports: dict) -> Non
         assert row["Reasons (rules)"].startswith("The record says the patient has died")
 
 
+@pytest.mark.slow  # the 100 referrals over every Synthea bundle
 def test_a_stale_lab_says_what_to_take_and_when(reports: dict) -> None:
     by_name = {}
     for r in reports["csv"]:
@@ -172,6 +175,7 @@ def test_a_stale_lab_says_what_to_take_and_when(reports: dict) -> None:
     )
 
 
+@pytest.mark.slow  # the 100 referrals over every Synthea bundle
 def test_malformed_referrals_are_rows_naming_the_file_and_row(reports: dict) -> None:
     errors = {r["Patient name"]: r for r in reports["csv"] if r["Status"] == "cannot evaluate"}
     assert set(errors) == {"Wrong Site", "Bad Date", "No File", "Broken File", "Same Id", "Extra Cell"}
@@ -184,6 +188,7 @@ def test_malformed_referrals_are_rows_naming_the_file_and_row(reports: dict) -> 
     assert all(r["What to do"].startswith("Fix the input, then run the worklist again: ") for r in errors.values())
 
 
+@pytest.mark.slow  # the 100 referrals over every Synthea bundle
 def test_ready_rows_say_the_guidance_and_the_reports_agree(reports: dict) -> None:
     from openpyxl import load_workbook
 
@@ -202,6 +207,7 @@ def test_ready_rows_say_the_guidance_and_the_reports_agree(reports: dict) -> Non
     assert page.count("<tr data-status=") == 100
 
 
+@pytest.mark.slow  # the 100 referrals over every Synthea bundle
 def test_the_ten_example_rows(reports: dict, capsys: pytest.CaptureFixture[str]) -> None:
     """Not a check: prints one row of every kind, for people reading the test output."""
     table = reports["csv"]
@@ -218,6 +224,61 @@ def test_the_ten_example_rows(reports: dict, capsys: pytest.CaptureFixture[str])
         for row in picks:
             print(f"\n{row['Referral']} {row['Patient name']!r} [{row['Status']}] {row['What to do'][:300]}")
     assert len(picks) == 10
+
+
+def test_a_few_referrals_get_every_status_from_the_decisions(tmp_path: Path) -> None:
+    """The fast suite's worklist: one referral of each status and four malformed ones, checked
+    against the batch engine's rows as the 100-referral run is."""
+    (tmp_path / "synthea-r4-sample").symlink_to(FIXTURES / "synthea-r4-sample")
+    shutil.copy(ORDER_BUNDLE, tmp_path / "order.json")
+    (tmp_path / "broken.json").write_text('{"resourceType": "Bundle", "entry": [')
+    sample = "synthea-r4-sample/"
+    order = ["hip-intra-articular", "right", "therapeutic", "2020-01-20", AS_OF]
+    lines = [
+        HEADER,
+        ["K1", "Alberto Armstrong", sample + "Alberto_Armstrong_dc9335d0-bbdd-4120-8ae9-baa6604343b6.json", *order],
+        ["K2", "Alejandro Riojas", sample + "Alejandro_Riojas_a9fcc685-c7a2-4474-bf25-26c8fe4b48f9.json", *order],
+        ["K3", "Marsha Hayes", sample + "Marsha_Hayes_25e83417-4519-4f8b-b2b0-35c9c87003a1.json", *order],
+        ["K4", "Emery Purdy", EMERY, "hip-intra-articular", "left", "therapeutic", "2021-08-15", "2021-01-27T00:00:00Z"],
+        ["K5", "Pat Order", "order.json", "", "", "", "2025-06-20", "2025-06-02T09:00:00Z"],
+        ["K6", "Wrong Site", "order.json", "elbow", "right", "therapeutic", "2020-01-20", AS_OF],
+        ["K7", "Bad Date", "order.json", "hip-intra-articular", "right", "therapeutic", "next tuesday", AS_OF],
+        ["K8", "Broken File", "broken.json", *order],
+        ["K1", "Same Id", "order.json", *order],
+    ]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(lines)
+    (tmp_path / "referrals.csv").write_text(buffer.getvalue())
+    out = {fmt: tmp_path / f"report.{fmt}" for fmt in ("html", "csv")}
+    referrals = str(tmp_path / "referrals.csv")
+    outs = [a for p in out.values() for a in ("--out", str(p))]
+    result = CliRunner().invoke(main, ["worklist", referrals, "--jobs", "1", *outs])
+    assert result.exit_code == 0, result.output
+    batch = CliRunner().invoke(main, ["batch", referrals, str(tmp_path / "batch"), "--jobs", "1"])
+    assert batch.exit_code == 0, batch.output
+    rows = {r["referralId"]: r for r in output.read_rows(tmp_path / "batch")}
+    with out["csv"].open(encoding="utf-8-sig", newline="") as fh:
+        table = {r["Patient name"]: r for r in csv.DictReader(fh)}
+    assert len(table) == 9 and "9 referrals:" in result.output
+    for row in table.values():
+        assert row["Status"] == _expected_status(rows[row["Referral"]]), row
+    assert {name: row["Status"] for name, row in table.items() if row["Status"] != "cannot evaluate"} == {
+        "Alberto Armstrong": "ready", "Alejandro Riojas": "deferred", "Marsha Hayes": "needs clinician review",
+        "Emery Purdy": "needs data", "Pat Order": "deferred",
+    }  # fmt: skip
+    todo = {name: row["What to do"] for name, row in table.items()}
+    assert todo["Alberto Armstrong"].startswith("Can go ahead. Use ")
+    assert todo["Alejandro Riojas"].startswith("Do not book: the record says the patient has died.")
+    assert todo["Emery Purdy"].startswith("Haemoglobin A1c needed, taken on or after 16 February 2021 and by 15 August 2021")
+    assert "INR needed, taken on or after 13 June 2025 and by 20 June 2025 (the result of 30 May 2025" in todo["Pat Order"]
+    assert "By the planned date, 20 June 2025: Hip replacement surgery is planned soon: not now." in todo["Pat Order"]
+    assert "referrals.csv row 7: target 'elbow' is not one of" in todo["Wrong Site"]
+    assert "'next tuesday' is not an ISO 8601 date" in todo["Bad Date"]
+    assert "referrals.csv:9: not valid JSON" in todo["Broken File"]
+    assert "referral id 'K1' is used by an earlier row" in todo["Same Id"]
+    page = out["html"].read_text()
+    assert page.count("<tr data-status=") == 9
+    assert all(f'id="explain-{row["Decision id"]}"' in page for row in table.values() if row["Decision id"])
 
 
 def test_a_folder_of_bundles_with_their_own_orders_needs_no_csv(tmp_path: Path) -> None:
