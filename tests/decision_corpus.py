@@ -8,9 +8,10 @@ and kept as what a caller sees:
 * ``proto``: the SHA-256 of the deterministic protobuf encoding a gRPC caller receives,
 * or, for a request the service refuses, its status code and message.
 
-The inputs are the seeded generated patients (as typed contexts), every Synthea bundle of both
-shared folders at two instants (2025-06-02 and the start of the patient's last encounter) with
-the default order, and the order-time bundle of ``tests/data``.
+The inputs are the seeded generated patients (as typed contexts), the same kind of patients
+written as FHIR order bundles (``tests/bundles.py``, each carrying its own order), every Synthea
+bundle of both shared folders at two instants (2025-06-02 and the start of the patient's last
+encounter) with the default order, and the order-time bundle of ``tests/data``.
 
 Record again only when a change of answers is intended (a rule-set release), never to make the
 test pass::
@@ -32,6 +33,7 @@ from typing import Any
 import orjson
 from google.protobuf import json_format, timestamp_pb2
 
+from .bundles import random_bundles
 from .patients import AS_OF, random_patients
 from .real_records import ORDER, bundle_id, bundle_paths, last_encounter_start
 
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECORDED = REPO / "tests" / "data" / "decisions" / "recorded.jsonl.gz"
 ORDER_BUNDLE = REPO / "tests" / "data" / "fhir" / "hip_injection_order.json"
 GENERATED = 1000  # seeded patients (seed 7, the differential test's seed)
+BUNDLES = 1000  # seeded order bundles (seed 11, the benchmark's)
 
 
 def _timestamp(instant: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -56,6 +59,8 @@ def requests() -> Iterator[tuple[str, Any]]:
     as_of = _timestamp(AS_OF)
     for i, record in enumerate(random_patients(GENERATED, seed=7)):
         yield f"generated:{i:04d}", decision_service_pb2.EvaluateRequest(context=context_from_record(record), as_of=as_of)
+    for i, bundle in enumerate(random_bundles(BUNDLES)):
+        yield f"bundle:{i:04d}", decision_service_pb2.EvaluateRequest(fhir_bundle=orjson.dumps(bundle), as_of=as_of)
     yield "fhir:hip_injection_order", decision_service_pb2.EvaluateRequest(fhir_bundle=ORDER_BUNDLE.read_bytes(), as_of=as_of)
     for path in bundle_paths():
         raw = path.read_bytes()

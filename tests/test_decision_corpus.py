@@ -37,6 +37,7 @@ def _difference(item_id: str, now: dict[str, str] | None, then: dict[str, str] |
 
 def test_the_corpus_covers_generated_patients_and_every_synthea_bundle(recorded: dict[str, dict[str, str]]) -> None:
     assert sum(k.startswith("generated:") for k in recorded) == decision_corpus.GENERATED
+    assert sum(k.startswith("bundle:") for k in recorded) == decision_corpus.BUNDLES
     if not bundle_paths():
         pytest.skip("../shared/fixtures is not beside the repository")
     assert sum(k.endswith("@2025-06-02") for k in recorded) == len(bundle_paths())
