@@ -42,8 +42,7 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import Sequence
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -77,8 +76,7 @@ from needlepoint.cdshooks.stores import (
 )
 from needlepoint.cdshooks.validate import validate_feedback
 from needlepoint.core.record import RecordError
-from needlepoint.limits import LARGE_REQUEST_BYTES, declared_size
-from needlepoint.limits import MAX_CDS_HOOKS_BODY_BYTES as MAX_BODY_BYTES
+from needlepoint.limits import LARGE_REQUEST_BYTES, MAX_CDS_HOOKS_BODY_BYTES as MAX_BODY_BYTES, declared_size
 from needlepoint.server.engine import Engine, collector_paused
 from needlepoint.server.reload import UnknownVersion
 

@@ -277,7 +277,7 @@ async def fetch_missing(
 async def _fetch(http: httpx.AsyncClient, base: str, query: str, headers: Mapping[str, str]) -> Any:
     """One prefetch query: a read (resource or None on 404) or a search (one merged Bundle)."""
     url = urljoin(base, query)
-    is_search = "?" in query or "/" not in query.split("?")[0]
+    is_search = "?" in query or "/" not in query.split("?", maxsplit=1)[0]
     entries: list[Any] = []
     for _ in range(_MAX_PAGES):
         try:

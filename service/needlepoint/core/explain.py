@@ -17,7 +17,7 @@ import datetime as dt
 
 from needlepoint.core.conditions import ORDERING_OPERATORS, Pattern, resolve_operand, test_holds
 from needlepoint.core.evaluator import Evaluator, format_instant
-from needlepoint.core.prepare import PreparedFacts, _scope  # noqa: PLC2701 (the same scoping as matching)
+from needlepoint.core.prepare import PreparedFacts, _scope  # private: the same scoping as matching
 from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.resolve import field_value
 

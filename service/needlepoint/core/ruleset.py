@@ -150,7 +150,7 @@ class ValueSet:
     title: str
     codes: dict[str, frozenset[str]]  # system -> exact codes, each spelled as match_key gives it
     prefixes: dict[str, tuple[str, ...]]  # system -> code prefixes, spelled as match_key gives them
-    groups: dict[str, "ValueSet"] = field(default_factory=dict)  # named members (e.g. one per agent)
+    groups: dict[str, ValueSet] = field(default_factory=dict)  # named members (e.g. one per agent)
 
     def contains(self, system: str, code: str) -> bool:
         code = match_key(system, code)  # a record's code, as sent: L03.115 and L03115 are one code

@@ -24,11 +24,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from needlepoint.security.logsafe import correlation_ref
-from needlepoint.security.transport import SecurityConfig, bind
-from needlepoint.security.transport import interceptors as security_interceptors
-from needlepoint.server import wire
 from needlepoint.limits import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES
+from needlepoint.security.logsafe import correlation_ref
+from needlepoint.security.transport import SecurityConfig, bind, interceptors as security_interceptors
+from needlepoint.server import wire
 from needlepoint.server.decision_log import log_decision
 from needlepoint.server.engine import Engine, request_size
 from needlepoint.server.errors import ServiceError, correlation_id_problem

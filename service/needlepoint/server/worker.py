@@ -141,8 +141,8 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
     """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s. Without a
     catalog (a worker run on its own) the rule sets are loaded from ``config.rulesets_dir``."""
     if catalog is None:
-        from needlepoint.server.reload import load_catalog
         from needlepoint.rulesets import bundled_rulesets_dir
+        from needlepoint.server.reload import load_catalog
 
         catalog, _ = load_catalog(config.rulesets_dir or bundled_rulesets_dir())
     registry = Registry()

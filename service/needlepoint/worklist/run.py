@@ -30,8 +30,8 @@ import orjson
 from needlepoint.batch import local, output
 from needlepoint.batch.evaluate import Options
 from needlepoint.batch.referrals import Plan
-from needlepoint.workpool import ProgressBar, can_spawn, run_pool
 from needlepoint.worklist.rows import WorklistRow, worklist_row
+from needlepoint.workpool import ProgressBar, can_spawn, run_pool
 
 Progress = Callable[[int, int, int, int], None]  # done, total (units of work), rows, errors
 
