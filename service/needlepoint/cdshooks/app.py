@@ -271,7 +271,7 @@ class CdsHooksService:
 
         futures = [asyncio.wrap_future(self.decision_log.record(entry(d, c))) for d, c in decisions]
         results = await asyncio.gather(*futures, return_exceptions=True)
-        for (decision, cards), result in zip(decisions, results):
+        for (decision, cards), result in zip(decisions, results, strict=True):
             if not isinstance(result, BaseException):
                 continue
             # A client that repeats a call (same hookInstance, same record, same instant) gets the
@@ -291,6 +291,7 @@ class CdsHooksService:
     def _cards_logged(self, uuids: list[str]) -> bool:
         """Whether the log already holds every one of these card uuids (blocking)."""
         from sqlalchemy import func, select
+        from sqlalchemy.exc import SQLAlchemyError
 
         from needlepoint.decisionlog import schema
 
@@ -298,7 +299,7 @@ class CdsHooksService:
             with self.decision_log.engine.connect() as connection:
                 query = select(func.count()).select_from(schema.cards).where(schema.cards.c.card_uuid.in_(uuids))
                 return connection.execute(query).scalar_one() == len(set(uuids))
-        except Exception:  # the database is unreachable: the original failure stands
+        except SQLAlchemyError:  # the database is unreachable: the original failure stands
             return False
 
     async def feedback(self, request: Request) -> Response:

@@ -255,10 +255,10 @@ async def fetch_missing(
 
     tasks = [asyncio.ensure_future(one(key)) for key in keys]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
-        for key, task in zip(keys, tasks):
+        for key, task in zip(keys, tasks, strict=True):
             if task in pending:
                 failures[key] = f"the FHIR server did not answer within {timeout:g} s"
         if pending:

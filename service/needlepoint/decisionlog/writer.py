@@ -226,7 +226,7 @@ class DecisionLog:
                 else:
                     _settle(one[0].future, results_one[0])
             return
-        for (item, _), result in zip(prepared, results):
+        for (item, _), result in zip(prepared, results, strict=True):
             _settle(item.future, result)
 
     def _fail(self, prepared: list[tuple[_Item, dict[str, Any]]], exc: Exception) -> None:
@@ -245,13 +245,13 @@ class DecisionLog:
                 rows = [{name: row[name] for name in columns} for _, row in decisions]
                 statement = insert(schema.decisions).returning(schema.decisions.c.id, sort_by_parameter_order=True)
                 ids = [r[0] for r in connection.execute(statement, rows)]
-                fired = [{"decision_row": i, "rule_id": rule} for i, (_, row) in zip(ids, decisions) for rule in row["fired"]]
-                cards = [{"decision_row": i, **card} for i, (_, row) in zip(ids, decisions) for card in row["cards"]]
+                fired = [{"decision_row": i, "rule_id": rule} for i, (_, row) in zip(ids, decisions, strict=True) for rule in row["fired"]]
+                cards = [{"decision_row": i, **card} for i, (_, row) in zip(ids, decisions, strict=True) for card in row["cards"]]
                 if fired:
                     connection.execute(insert(schema.fired_rules), fired)
                 if cards:
                     connection.execute(insert(schema.cards), cards)
-                for (k, _), row_id in zip(decisions, ids):
+                for (k, _), row_id in zip(decisions, ids, strict=True):
                     results[k] = row_id
             for k, (item, row) in enumerate(prepared):
                 if item.kind == "feedback":

@@ -25,7 +25,7 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     peer = context.peer() or ""
     try:
         names = context.auth_context().get("x509_common_name") or []
-    except Exception:  # no auth context on an insecure channel in some grpc versions
+    except Exception:  # noqa: BLE001 - no auth context on an insecure channel in some grpc versions
         names = []
     name = b",".join(names).decode(errors="replace") if names else ""
     return f"{name} {peer}".strip()

@@ -210,7 +210,7 @@ def validate_snapshot(snapshot: Snapshot) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="needlepoint-validate-") as tmp:
         try:
             directory = snapshot.write(Path(tmp) / "ruleset")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops the files loading is the verdict
             return {"ok": False, "message": f"does not load: {exc}", "files_digest": snapshot.digest}
         result = validate_ruleset(directory, shown=snapshot.source)
         ruleset = result.ruleset
@@ -382,7 +382,7 @@ def id_of(snapshot: Snapshot) -> str:
 
         meta = read_text(snapshot.files.get("ruleset.yaml", b"").decode("utf-8"), "ruleset.yaml", "ruleset.yaml", positions=False).value
         return str((meta or {}).get("id") or Path(snapshot.source).name)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable ruleset.yaml: the directory name will do
         return Path(snapshot.source).name
 
 

@@ -66,7 +66,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         self._heavy_lane = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="needlepoint-heavy")
         self._log = decision_log  # every decision is committed to it before it is answered
 
-    async def Evaluate(
+    async def Evaluate(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> decision_pb2.Decision:
         # An invalid id goes back nowhere: it is refused (INVALID_ARGUMENT) before evaluation.
@@ -80,7 +80,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         context.set_trailing_metadata(trailer)
         return outcome
 
-    async def EvaluateStream(
+    async def EvaluateStream(  # noqa: N802 - the gRPC method's name
         self,
         request_iterator: AsyncIterator[decision_service_pb2.EvaluateRequest],
         context: grpc.aio.ServicerContext,
@@ -136,7 +136,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             return decision_service_pb2.EvaluateStreamResponse(correlation_id=echoed, error=outcome.to_status_proto())
         return decision_service_pb2.EvaluateStreamResponse(correlation_id=request.correlation_id, decision=outcome)
 
-    async def ListRulesets(
+    async def ListRulesets(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.ListRulesetsRequest, context: grpc.aio.ServicerContext
     ) -> decision_service_pb2.ListRulesetsResponse:
         outcome = _guard("ListRulesets", "", self._engine.list_rulesets)
@@ -144,7 +144,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome
 
-    async def GetRuleset(
+    async def GetRuleset(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.GetRulesetRequest, context: grpc.aio.ServicerContext
     ) -> ruleset_pb2.Ruleset:
         outcome = _guard("GetRuleset", "", lambda: self._engine.get_ruleset(request.id, request.version))
@@ -152,7 +152,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome
 
-    async def Explain(
+    async def Explain(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> decision_service_pb2.ExplainResponse:
         call = functools.partial(_guard, "Explain", request.request.correlation_id, lambda: self._engine.explain(request))

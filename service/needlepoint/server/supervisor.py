@@ -115,7 +115,7 @@ class Supervisor:
         directory = self._config.rulesets_dir or bundled_rulesets_dir()
         try:
             self._catalog, seen = load_catalog(directory)
-        except Exception as exc:  # a broken rule set at start-up is a configuration error
+        except Exception as exc:  # noqa: BLE001 - a broken rule set at start-up is a configuration error
             log.error("cannot load rule sets: %s", exc)
             return 1
         if self._metrics_address:

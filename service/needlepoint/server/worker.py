@@ -20,6 +20,7 @@ error)`` after each catalog; the supervisor sends ``("catalog", Catalog)`` or ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -219,10 +220,8 @@ async def _install_catalogs(catalogs: asyncio.Queue[Catalog], installer: Install
         except Exception as exc:  # the previous versions keep serving
             error = str(exc)
             log.exception("cannot install rule sets generation %d; the previous ones keep serving", catalog.generation)
-        try:
+        with contextlib.suppress(OSError, ValueError):
             control.send(("installed", catalog.generation, error))
-        except (OSError, ValueError):
-            pass
 
 
 def _on_control(

@@ -93,7 +93,7 @@ def _inside(root: Path, relative: str) -> Path | None:
     """``root/relative`` if it stays inside ``root`` (judged on the path's text: no ``..`` out,
     not absolute), else None."""
     norm = posixpath.normpath(relative.replace("\\", "/"))
-    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+    if norm == ".." or norm.startswith(("/", "../")):
         return None
     return root / norm
 
