@@ -185,7 +185,11 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
         total = sum(c.size for c in chunks)
         runs: list[Path] = []
         show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_BYTES)
-        bar = ProgressBar("batch", total, "{task.fields[rows]:,} referrals, {task.fields[errors]:,} errors", rows=0, errors=0) if show else None
+        bar = (
+            ProgressBar("batch", total, "{task.fields[rows]:,} referrals, {task.fields[errors]:,} errors", rows=0, errors=0)
+            if show
+            else None
+        )
 
         def collect(result: tuple[list[dict], int]) -> None:
             rows, size = result
@@ -212,7 +216,8 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
                     worker.evaluator.close()
             else:
                 outcome.processes = min(jobs, len(chunks))
-                run_pool(chunks, outcome.processes, options, make_worker, collect, lambda c, why: collect((lost_rows(options, c, why), c.size)))
+                run_pool(chunks, outcome.processes, options, make_worker, collect,
+                         lambda c, why: collect((lost_rows(options, c, why), c.size)))
         finally:
             if bar:
                 bar.stop()

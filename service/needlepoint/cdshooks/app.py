@@ -186,7 +186,9 @@ class CdsHooksService:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise RequestProblem(400, [("structure", f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "")]) from None
+            raise RequestProblem(
+                400, [("structure", f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "")]
+            ) from None
 
     # -- routes
 
@@ -212,8 +214,13 @@ class CdsHooksService:
             prefetch = dict(call.body.get("prefetch") or {})
             absent = missing_keys(call, templates)
             if absent:
-                if call.fhir_server is not None and self.allow_fhir_server is not None and not self.allow_fhir_server(call.fhir_server):
-                    raise RequestProblem(412, [("forbidden", f"prefetch key {k!r} was not supplied and fhirServer is not on this service's allowlist", f"prefetch.{k}") for k in absent])
+                if (
+                    call.fhir_server is not None
+                    and self.allow_fhir_server is not None
+                    and not self.allow_fhir_server(call.fhir_server)
+                ):
+                    why = "was not supplied and fhirServer is not on this service's allowlist"
+                    raise RequestProblem(412, [("forbidden", f"prefetch key {k!r} {why}", f"prefetch.{k}") for k in absent])
                 started = time.perf_counter()
                 prefetch.update(await fetch_missing(call, templates, absent, timeout=self.fhir_timeout, client=self.http_client))
                 log.debug("fetched %d prefetch key(s) in %.1f ms", len(absent), (time.perf_counter() - started) * 1000)
@@ -277,7 +284,11 @@ class CdsHooksService:
             # A client that repeats a call (same hookInstance, same record, same instant) gets the
             # same decision and the same card uuids, which the log already holds: then the
             # decision is logged again without re-registering its cards. Any other failure is a 503.
-            if isinstance(result, LogUnavailable) and cards and await asyncio.to_thread(self._cards_logged, [c["uuid"] for c in cards]):
+            if (
+                isinstance(result, LogUnavailable)
+                and cards
+                and await asyncio.to_thread(self._cards_logged, [c["uuid"] for c in cards])
+            ):
                 try:
                     await asyncio.wrap_future(self.decision_log.record(entry(decision, [])))
                     continue
@@ -336,7 +347,9 @@ class CdsHooksService:
         """``needlepoint decisions overrides --format html`` as a page (``?since=`` an ISO 8601
         instant, as the command's ``--since``); 404 when the server keeps no decision log."""
         if self.decision_log is None:
-            return HTMLResponse("<!doctype html><title>No decision log</title><p>This server keeps no decision log.</p>", status_code=404)
+            return HTMLResponse(
+                "<!doctype html><title>No decision log</title><p>This server keeps no decision log.</p>", status_code=404
+            )
         from needlepoint.decisionlog.report import overrides_report, render_html
 
         since = _instant_param(request.query_params.get("since"))

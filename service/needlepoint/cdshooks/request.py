@@ -157,13 +157,21 @@ def is_hip_injection(resource: Mapping[str, Any]) -> bool:
     """
     if resource.get("resourceType") != "ServiceRequest":
         return False
-    sites = [coding for concept in resource.get("bodySite") or () for coding in _codings(concept)] if isinstance(resource.get("bodySite"), list) else []
-    if any(system == TARGET_SYSTEM for system, _ in sites) or any(system == SNOMED and code in _HIP_SNOMED for system, code in sites):
+    sites = (
+        [coding for concept in resource.get("bodySite") or () for coding in _codings(concept)]
+        if isinstance(resource.get("bodySite"), list)
+        else []
+    )
+    if any(system == TARGET_SYSTEM or (system == SNOMED and code in _HIP_SNOMED) for system, code in sites):
         return True
     codes = _codings(resource.get("code"))
     if any(system == CPT and code in _HIP_ONLY_CPT for system, code in codes):
         return True
-    intents = [c for detail in resource.get("orderDetail") or () for c in _codings(detail)] if isinstance(resource.get("orderDetail"), list) else []
+    intents = (
+        [c for detail in resource.get("orderDetail") or () for c in _codings(detail)]
+        if isinstance(resource.get("orderDetail"), list)
+        else []
+    )
     looks_like_injection = any(system == CPT and code in _JOINT_CPT for system, code in codes) or any(
         system == INTENT_SYSTEM for system, _ in intents
     )
@@ -232,9 +240,10 @@ async def fetch_missing(
     ``next`` links (up to a bound) and are merged into one searchset Bundle.
     """
     if call.fhir_server is None:
+        why = "was not supplied and the request has no fhirServer to fetch it from"
         raise RequestProblem(
             412,
-            [("not-found", f"prefetch key {key!r} was not supplied and the request has no fhirServer to fetch it from", f"prefetch.{key}") for key in keys],
+            [("not-found", f"prefetch key {key!r} {why}", f"prefetch.{key}") for key in keys],
         )
     base = call.fhir_server.rstrip("/") + "/"
     headers = {"Accept": "application/fhir+json"}
@@ -269,7 +278,12 @@ async def fetch_missing(
     if failures:
         raise RequestProblem(
             412,
-            [("not-found", f"prefetch key {key!r} was not supplied and could not be fetched: {failures[key]}", f"prefetch.{key}") for key in keys if key in failures],
+            [
+                ("not-found", f"prefetch key {key!r} was not supplied and could not be fetched: {failures[key]}",
+                 f"prefetch.{key}")
+                for key in keys
+                if key in failures
+            ],
         )
     return results
 
@@ -297,7 +311,10 @@ async def _fetch(http: httpx.AsyncClient, base: str, query: str, headers: Mappin
         if not is_search or data.get("resourceType") != "Bundle":
             return data
         entries.extend(data.get("entry") or [])
-        url = next((link.get("url") for link in data.get("link") or () if isinstance(link, dict) and link.get("relation") == "next"), None)
+        url = next(
+            (link.get("url") for link in data.get("link") or () if isinstance(link, dict) and link.get("relation") == "next"),
+            None,
+        )
         if not isinstance(url, str):
             return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
         if urlsplit(url).netloc != urlsplit(base).netloc:

@@ -2,10 +2,11 @@
 
 The rule-set front end (:mod:`needlepoint.rulesets`) parses a rule's YAML into these objects;
 this module only defines them and their semantics. A rule's ``when`` names facts by alias; each
-alias is one *pattern*: a fact kind and a set of field tests, or the negation of one (``not:``). A rule may list alternatives (``when_any``); it
-fires once per alternative that matches. Patterns never refer to each other's fields (joins are
-computed in :mod:`needlepoint.core.prepare` as derived fields such as ``same_side``), which keeps the
-compiled durable-rules network clear of the engine's cross-fact comparison defect.
+alias is one *pattern*: a fact kind and a set of field tests, or the negation of one (``not:``).
+A rule may list alternatives (``when_any``); it fires once per alternative that matches.
+Patterns never refer to each other's fields (joins are computed in :mod:`needlepoint.core.prepare`
+as derived fields such as ``same_side``), which keeps the compiled durable-rules network clear of
+the engine's cross-fact comparison defect.
 
 The engine (:mod:`needlepoint.core.engine`) decides which rules fire. This module's
 :func:`test_holds` is the same semantics in Python, used for aggregates, for ``explain`` and to

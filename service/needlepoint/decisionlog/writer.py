@@ -245,7 +245,11 @@ class DecisionLog:
                 rows = [{name: row[name] for name in columns} for _, row in decisions]
                 statement = insert(schema.decisions).returning(schema.decisions.c.id, sort_by_parameter_order=True)
                 ids = [r[0] for r in connection.execute(statement, rows)]
-                fired = [{"decision_row": i, "rule_id": rule} for i, (_, row) in zip(ids, decisions, strict=True) for rule in row["fired"]]
+                fired = [
+                    {"decision_row": i, "rule_id": rule}
+                    for i, (_, row) in zip(ids, decisions, strict=True)
+                    for rule in row["fired"]
+                ]
                 cards = [{"decision_row": i, **card} for i, (_, row) in zip(ids, decisions, strict=True) for card in row["cards"]]
                 if fired:
                     connection.execute(insert(schema.fired_rules), fired)

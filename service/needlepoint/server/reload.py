@@ -73,7 +73,9 @@ class Registry:
         versions = self._versions.setdefault(rs.id, OrderedDict())
         existing = versions.get(rs.version)
         if existing is not None and existing.ruleset.digest != rs.digest:
-            raise ValueError(f"{rs.id} {rs.version} is already loaded with other content ({existing.ruleset.digest}); bump the version")
+            raise ValueError(
+                f"{rs.id} {rs.version} is already loaded with other content ({existing.ruleset.digest}); bump the version"
+            )
         versions[rs.version] = evaluator
         versions.move_to_end(rs.version, last=False)
         self._serving[rs.id] = rs.version
@@ -186,7 +188,9 @@ class Accepted:
         """Build and compile this version, refusing documents that do not give the validated digest."""
         ruleset = build_ruleset(self.documents)
         if ruleset.digest != self.digest:
-            raise RuntimeError(f"{self.ruleset_id} {self.version}: built digest {ruleset.digest} is not the validated {self.digest}")
+            raise RuntimeError(
+                f"{self.ruleset_id} {self.version}: built digest {ruleset.digest} is not the validated {self.digest}"
+            )
         return Evaluator(ruleset)
 
 
@@ -216,7 +220,8 @@ def validate_snapshot(snapshot: Snapshot) -> dict[str, Any]:
         ruleset = result.ruleset
         if ruleset is None:
             return {"ok": False, "message": result.message, "files_digest": snapshot.digest}
-        verdict = {"ok": True, "id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest, "files_digest": snapshot.digest}
+        verdict = {"ok": True, "id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest,
+                   "files_digest": snapshot.digest}
         if not result.ok:
             return {**verdict, "ok": False, "message": result.message}
         if Snapshot.read(directory).digest != snapshot.digest:  # nothing may touch the private copy
@@ -249,7 +254,10 @@ def validate_in_subprocess(
         proc.communicate()
         return {"ok": False, "message": f"validation did not finish within {timeout:g}s (a rule set that hangs the engine?)"}
     if proc.returncode != 0:
-        return {"ok": False, "message": f"validation crashed (exit {proc.returncode}): {err.decode(errors='replace').strip()[-300:]}"}
+        return {
+            "ok": False,
+            "message": f"validation crashed (exit {proc.returncode}): {err.decode(errors='replace').strip()[-300:]}",
+        }
     verdict = pickle.loads(out)
     accepted = verdict.get("accepted")
     if verdict["ok"] and (accepted is None or accepted.files_digest != snapshot.digest):
@@ -380,7 +388,9 @@ def id_of(snapshot: Snapshot) -> str:
     try:
         from needlepoint.rulesets.reader import read_text
 
-        meta = read_text(snapshot.files.get("ruleset.yaml", b"").decode("utf-8"), "ruleset.yaml", "ruleset.yaml", positions=False).value
+        meta = read_text(
+            snapshot.files.get("ruleset.yaml", b"").decode("utf-8"), "ruleset.yaml", "ruleset.yaml", positions=False
+        ).value
         return str((meta or {}).get("id") or Path(snapshot.source).name)
     except Exception:  # noqa: BLE001 - an unreadable ruleset.yaml: the directory name will do
         return Path(snapshot.source).name

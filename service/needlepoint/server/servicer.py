@@ -88,7 +88,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         """Answers in request order, each only once its decision is committed to the log; but
         items are read and evaluated ahead (up to ``STREAM_WINDOW``) while earlier ones wait for
         their commit, so that one stream shares group commits instead of paying one per item."""
-        pending: asyncio.Queue[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError] | None] = asyncio.Queue()
+        pending: asyncio.Queue[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError] | None]
+        pending = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def read() -> None:
@@ -182,7 +183,9 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             return call()
         return await asyncio.get_running_loop().run_in_executor(self._heavy_lane, call)
 
-    def _checked_evaluate(self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None) -> decision_pb2.Decision:
+    def _checked_evaluate(
+        self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None
+    ) -> decision_pb2.Decision:
         """The engine's decision, after the correlation id has been checked."""
         problem = correlation_id_problem(request.correlation_id)
         if problem is not None:
@@ -232,7 +235,10 @@ MAX_CONNECTION_AGE_GRACE = 30.0  # seconds the calls on an aged connection get t
 
 
 def server_options(
-    *, reuse_port: bool, max_connection_age: float = MAX_CONNECTION_AGE, max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
+    *,
+    reuse_port: bool,
+    max_connection_age: float = MAX_CONNECTION_AGE,
+    max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE,
 ) -> list[tuple[str, int]]:
     """The channel options of the server: message limits, SO_REUSEPORT, and a maximum connection
     age, so that clients reconnect now and then and the kernel spreads them again across the

@@ -264,7 +264,8 @@ class Supervisor:
         elif message[0] == "installed":
             _, generation, error = message
             if error:
-                log.error("worker %d pid %d could not install rule sets generation %d: %s", worker.slot, worker.process.pid, generation, error)
+                log.error("worker %d pid %d could not install rule sets generation %d: %s",
+                          worker.slot, worker.process.pid, generation, error)
 
     def _reap(self, worker: _Worker) -> bool:
         """Forget an exited worker and schedule its replacement. False if start-up failed."""

@@ -257,8 +257,10 @@ def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log) -> dic
     tokens = config.security.tokens if config.security is not None else None
     if config.insecure_dev:
         log.warning(
-            "INSECURE-DEV: CDS Hooks on port %d accepts every caller without a token%s; development only, never with patient data",
-            config.http_port, " and lets any web page call it (CORS *)" if not config.cors_origins or "*" in config.cors_origins else "",
+            "INSECURE-DEV: CDS Hooks on port %d accepts every caller without a token%s; "
+            "development only, never with patient data",
+            config.http_port,
+            " and lets any web page call it (CORS *)" if not config.cors_origins or "*" in config.cors_origins else "",
         )
         options["insecure_dev"] = True
         if config.http_base_url:

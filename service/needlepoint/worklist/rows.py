@@ -217,7 +217,8 @@ def worklist_row(row: dict[str, Any], patient_name: str | None = None) -> Workli
     if any(d.get("reason") == DECEASED for d in now.get("deferrals", ())):
         return WorklistRow(**common, status=DEFERRED, reasons=tuple(_reasons(now, titles, False, set())),
                            decision_id=now["decisionId"], decisions=decisions,
-                           what_to_do=("Do not book: the record says the patient has died. Check the record with the referrer and close the referral.",))  # fmt: skip
+                           what_to_do=("Do not book: the record says the patient has died. "
+                                       "Check the record with the referrer and close the referral.",))  # fmt: skip
     status_now = decision_status(now)
     status_planned = decision_status(planned) if planned is not None else READY
     repeats = row.get("toRepeat") or []
@@ -243,4 +244,6 @@ def worklist_row(row: dict[str, Any], patient_name: str | None = None) -> Workli
         todo += [f"By the planned date, {day_words(row.get('plannedDate'))}: {_deferral_sentence(d)}" for d in later]
     if status == READY or not todo:
         todo.insert(0, _ready_sentence(now) if status == READY else DESCRIPTIONS[status])
-    return WorklistRow(**common, status=status, what_to_do=tuple(todo), reasons=tuple(reasons), decision_id=decision_id, decisions=decisions)
+    return WorklistRow(
+        **common, status=status, what_to_do=tuple(todo), reasons=tuple(reasons), decision_id=decision_id, decisions=decisions
+    )
