@@ -75,7 +75,9 @@ from needlepoint.cdshooks.stores import (
     LogFeedbackStore,
 )
 from needlepoint.cdshooks.validate import validate_feedback
+from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import RecordError
+from needlepoint.core.ruleset import RuleSet
 from needlepoint.limits import LARGE_REQUEST_BYTES, MAX_CDS_HOOKS_BODY_BYTES as MAX_BODY_BYTES, declared_size
 from needlepoint.server.engine import Engine, collector_paused
 from needlepoint.server.reload import UnknownVersion
@@ -153,13 +155,13 @@ class CdsHooksService:
 
     # -- helpers
 
-    def _evaluator(self, service_id: str):
+    def _evaluator(self, service_id: str) -> Evaluator:
         try:
             return self.engine.registry.get(service_id)
         except UnknownVersion:
             raise RequestProblem(404, [("not-found", f"no CDS service {service_id!r}", "")]) from None
 
-    def templates(self, ruleset) -> dict[str, str]:
+    def templates(self, ruleset: RuleSet) -> dict[str, str]:
         """The prefetch templates of the rule set serving now (recomputed when it is reloaded)."""
         cached = self._templates.get(ruleset.id)
         if cached is None or cached[0] != ruleset.digest:
@@ -263,7 +265,7 @@ class CdsHooksService:
         service_id = request.path_params["service_id"]
         caller = _caller(request, body)
 
-        def entry(decision: dict, cards: list[dict]):
+        def entry(decision: dict, cards: list[dict]) -> DecisionEntry:
             refs = [
                 CardRef(
                     c["uuid"],
@@ -284,11 +286,10 @@ class CdsHooksService:
             # A client that repeats a call (same hookInstance, same record, same instant) gets the
             # same decision and the same card uuids, which the log already holds: then the
             # decision is logged again without re-registering its cards. Any other failure is a 503.
-            if (
-                isinstance(result, LogUnavailable)
-                and cards
-                and await asyncio.to_thread(self._cards_logged, [c["uuid"] for c in cards])
-            ):
+            repeated = False
+            if isinstance(result, LogUnavailable) and cards:
+                repeated = await asyncio.to_thread(self._cards_logged, [c["uuid"] for c in cards])
+            if repeated:
                 try:
                     await asyncio.wrap_future(self.decision_log.record(entry(decision, [])))
                     continue

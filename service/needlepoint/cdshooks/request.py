@@ -183,8 +183,8 @@ def hip_injection_orders(drafts: Mapping[str, Any], selections: Sequence[str] | 
     only those named in ``selections``, on order-sign all of them."""
     wanted = set(selections) if selections is not None else None
     found: list[tuple[str, JSON]] = []
-    entries = drafts.get("entry") if isinstance(drafts.get("entry"), list) else []
-    for i, entry in enumerate(entries):
+    entries = drafts.get("entry")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or resource.get("resourceType") != "ServiceRequest":
             continue
@@ -311,14 +311,13 @@ async def _fetch(http: httpx.AsyncClient, base: str, query: str, headers: Mappin
         if not is_search or data.get("resourceType") != "Bundle":
             return data
         entries.extend(data.get("entry") or [])
-        url = next(
-            (link.get("url") for link in data.get("link") or () if isinstance(link, dict) and link.get("relation") == "next"),
-            None,
-        )
-        if not isinstance(url, str):
+        links = [link for link in data.get("link") or () if isinstance(link, dict)]
+        next_url = next((link.get("url") for link in links if link.get("relation") == "next"), None)
+        if not isinstance(next_url, str):
             return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
-        if urlsplit(url).netloc != urlsplit(base).netloc:
+        if urlsplit(next_url).netloc != urlsplit(base).netloc:
             raise FhirFetchError("a next link points away from the FHIR server")
+        url = next_url
     raise FhirFetchError(f"more than {_MAX_PAGES} pages of results")
 
 

@@ -16,6 +16,7 @@ no comparison (not even ``ne``) and only ``exists: false``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +150,7 @@ def alternative_matches(patterns: tuple[Pattern, ...], facts: list[dict], params
     return matched
 
 
-def compile_matcher(pattern: Pattern, params: dict[str, Any]):
+def compile_matcher(pattern: Pattern, params: dict[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
     """A fast predicate for facts *of the pattern's kind*, with the same semantics as
     :func:`test_holds`. Parameters are inlined; operands are validated literals (str, int,
     float, bool), rendered with ``repr`` into one expression compiled once per rule set."""

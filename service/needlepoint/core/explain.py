@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Iterator
 
-from needlepoint.core.conditions import ORDERING_OPERATORS, Pattern, resolve_operand, test_holds
+from needlepoint.core.conditions import ORDERING_OPERATORS, FieldTest, Pattern, resolve_operand, test_holds
 from needlepoint.core.evaluator import Evaluator, format_instant
-from needlepoint.core.prepare import PreparedFacts, _scope  # private: the same scoping as matching
+from needlepoint.core.prepare import FactInfo, PreparedFacts, _scope  # private: the same scoping as matching
 from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.resolve import field_value
 
@@ -47,7 +48,7 @@ def explain_rule(evaluator: Evaluator, record: PatientRecord, as_of: dt.datetime
     }
 
 
-def _candidates(pattern: Pattern, prepared: PreparedFacts, params: dict):
+def _candidates(pattern: Pattern, prepared: PreparedFacts, params: dict) -> Iterator[tuple[dict, FactInfo]]:
     """The facts a pattern is about, as (fact, info) pairs: those of its kind, and for a pattern
     that pins an observation concept (``concept: inr``), only results of that concept.
 
@@ -122,18 +123,8 @@ def counterfactuals(evaluator: Evaluator, record: PatientRecord, as_of: dt.datet
     return results
 
 
-def _try_change(
-    evaluator,
-    base: PreparedFacts,
-    fid: int,
-    test,
-    params: dict,
-    deferral: dict,
-    key,
-    rule_id: str,
-    as_of,
-    base_deferrals: list[dict],
-) -> dict:
+def _try_change(evaluator: Evaluator, base: PreparedFacts, fid: int, test: FieldTest, params: dict, deferral: dict,
+                key: tuple[str, str], rule_id: str, as_of: dt.datetime, base_deferrals: list[dict]) -> dict:
     fact, info = base.facts[fid], base.info[fid]
     threshold = resolve_operand(test.operand, params)
     integral = isinstance(fact[test.field], int) and isinstance(threshold, int)

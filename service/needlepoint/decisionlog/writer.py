@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import Connection, Insert, insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from needlepoint.decisionlog import database, schema
@@ -203,7 +203,11 @@ class DecisionLog:
         prepared: list[tuple[_Item, dict[str, Any]]] = []
         for item in work:
             try:
-                row = item.entry.row(self.masker) if item.kind == "decision" else item.feedback
+                if item.kind == "decision":
+                    assert item.entry is not None  # record() queues every decision with its entry
+                    row = item.entry.row(self.masker)
+                else:
+                    row = item.feedback
             except Exception as exc:  # a malformed entry fails alone
                 log.exception("decision log: cannot prepare an entry")
                 _settle(item.future, exc=LogUnavailable(f"cannot log this entry: {exc.__class__.__name__}"))
@@ -264,11 +268,16 @@ class DecisionLog:
         self.committed += len(decisions)
         return results
 
-    def _insert_feedback(self, connection, row: dict[str, Any]) -> bool:
+    def _insert_feedback(self, connection: Connection, row: dict[str, Any]) -> bool:
         """Insert unless an item with the same idempotency key is stored: True if inserted."""
+        key = ["idempotency_key"]
+        statement: Insert
         if connection.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            from sqlalchemy.dialects import postgresql
+
+            statement = postgresql.insert(schema.feedback).values(**row).on_conflict_do_nothing(index_elements=key)
         else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        statement = dialect_insert(schema.feedback).values(**row).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            from sqlalchemy.dialects import sqlite
+
+            statement = sqlite.insert(schema.feedback).values(**row).on_conflict_do_nothing(index_elements=key)
         return connection.execute(statement.returning(schema.feedback.c.id)).first() is not None

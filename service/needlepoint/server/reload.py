@@ -115,7 +115,8 @@ class Registry:
         return self._serving[ruleset_id]
 
     def digest_of(self, ruleset_id: str, version: str) -> str | None:
-        evaluator = self._versions.get(ruleset_id, {}).get(version)
+        versions = self._versions.get(ruleset_id)
+        evaluator = versions.get(version) if versions is not None else None
         return evaluator.ruleset.digest if evaluator else None
 
 

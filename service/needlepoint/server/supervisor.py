@@ -222,7 +222,8 @@ class Supervisor:
         while not self._stopping:
             by_sentinel = {w.process.sentinel: w for w in self._workers.values()}
             by_control = {id(w.control): w for w in self._workers.values() if w.control is not None}
-            waitables = [wake, *by_sentinel, *(w.control for w in by_control.values())]
+            controls = [w.control for w in by_control.values() if w.control is not None]
+            waitables: list[socket.socket | int | Connection] = [wake, *by_sentinel, *controls]
             for ready in mp_connection.wait(waitables, self._timeout(start_deadline)):
                 if ready is wake:
                     _drain(wake)
@@ -272,6 +273,7 @@ class Supervisor:
         worker.process.join()
         worker.close_control()
         del self._workers[worker.slot]
+        assert worker.process.pid is not None  # the process was started, so it has a pid
         metrics.process_gone(worker.process.pid)
         metrics.workers_serving(sum(w.ready for w in self._workers.values()))
         how = _exit_description(worker.process.exitcode)

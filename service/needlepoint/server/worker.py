@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.ruleset import RuleSet
@@ -39,6 +40,9 @@ from needlepoint.server.calls import CallGate
 from needlepoint.server.engine import Engine
 from needlepoint.server.reload import Accepted, Catalog, Registry
 from needlepoint.server.servicer import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, server_options, start_server
+
+if TYPE_CHECKING:  # imported where it is used: SQLAlchemy loads only when there is a decision log
+    from needlepoint.decisionlog import DecisionLog
 
 log = logging.getLogger("needlepoint.worker")
 
@@ -249,7 +253,7 @@ def http_base_url(config: WorkerConfig) -> str:
     return f"{scheme}://{format_address(config.host, config.http_port or 0)}"
 
 
-def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log) -> dict:
+def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log: DecisionLog | None) -> dict:
     """``create_app`` options for this worker: the JWT check (each endpoint's exact URL as the
     audience) when tokens are configured, or insecure development mode, said loudly at every
     start; the decision log; CORS origins; the public base URL for token audiences and links."""
@@ -277,7 +281,7 @@ def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log) -> dic
     return options
 
 
-def _open_decision_log(config: WorkerConfig):
+def _open_decision_log(config: WorkerConfig) -> DecisionLog | None:
     """The worker's decision log writer, or None when serving without one."""
     if not config.database:
         return None

@@ -123,7 +123,9 @@ def _name_of(patient: dict) -> str | None:
         if type(name.get("text")) is str and name["text"].strip():
             return name["text"].strip()
         given = [g for g in name.get("given") or () if type(g) is str]
-        family = name.get("family") if type(name.get("family")) is str else ""
+        family = name.get("family")
+        if type(family) is not str:
+            family = ""
         text = " ".join([*given, family]).strip()
         if text:
             return text

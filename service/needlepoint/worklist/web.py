@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -319,14 +320,14 @@ class WorklistPages:
                 (str(form.get(k)) if form.get(k) in allowed else None)
                 for k, allowed in (("target", TARGETS), ("side", SIDES), ("intent", INTENTS))
             )
-            uploads = [f for f in form.getlist("files") if hasattr(f, "filename") and f.filename]
+            uploads = [(f.filename, f) for f in form.getlist("files") if isinstance(f, UploadFile) and f.filename]
             folder_field = str(form.get("folder") or "").strip()
-            title = folder_field or ", ".join(_safe_name(f.filename) for f in uploads[:3]) + (" …" if len(uploads) > 3 else "")
+            title = folder_field or ", ".join(_safe_name(name) for name, _ in uploads[:3]) + (" …" if len(uploads) > 3 else "")
             if not uploads and not folder_field:
                 return self._error(request, "choose files to upload (or a folder on the server)", 400)
             job, folder = self.store.new_job(title or "worklist")
-            for upload in uploads:
-                (folder / "input" / _safe_name(upload.filename)).write_bytes(await upload.read())
+            for name, upload in uploads:
+                (folder / "input" / _safe_name(name)).write_bytes(await upload.read())
         try:
             work, csv_path = self.store.plan_folder(folder_field) if folder_field else self.store.plan_uploads(folder)
         except BatchError as exc:

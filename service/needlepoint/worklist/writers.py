@@ -62,9 +62,11 @@ def xlsx_bytes(rows: Sequence[WorklistRow], link: Link) -> bytes:
     from openpyxl import Workbook
     from openpyxl.styles import Alignment, Font
     from openpyxl.utils import get_column_letter
+    from openpyxl.worksheet.worksheet import Worksheet
 
     book = Workbook()
     sheet = book.active
+    assert isinstance(sheet, Worksheet)  # a new workbook's one sheet is a worksheet
     sheet.title = "Worklist"
     sheet.append(list(HEADER))
     for cell in sheet[1]:
