@@ -350,6 +350,6 @@ def referral_order(referral: Referral, defaults: OrderFields | None) -> Injectio
     command line's (``defaults``), or None when neither gives any. It supplies or overrides the
     record's order (:func:`needlepoint.intake.apply_order`): a row's field wins over the command
     line's, and either over the record's."""
-    given = tuple(own or default for own, default in zip(referral.order, defaults or (None, None, None), strict=True))
+    target, side, intent = (own or default for own, default in zip(referral.order, defaults or (None, None, None), strict=True))
     source = referral.where if any(referral.order) else COMMAND_LINE_ORDER
-    return order_from_fields(*given, source=source)
+    return order_from_fields(target, side, intent, source=source)

@@ -24,6 +24,7 @@ run goes on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -121,9 +122,9 @@ def spill(export: Path, referrals: dict[str, list[Referral]] | None, folder: Pat
     files = sorted(p for p in export.iterdir() if p.is_file() and p.suffix.lower() in bulk.NDJSON_SUFFIXES)
     total = sum(p.stat().st_size for p in files)
     count = max(jobs * 4, -(-total // BUCKET_BYTES), 1)
-    handles = [open(folder / f"bucket-{i:05d}", "wb") for i in range(count)]
     sizes = [0] * count
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(folder / f"bucket-{i:05d}", "wb")) for i in range(count)]
         for path in files:
             with path.open("rb") as fh:
                 for number, raw in enumerate(fh, start=1):
@@ -137,9 +138,6 @@ def spill(export: Path, referrals: dict[str, list[Referral]] | None, folder: Pat
                     record = orjson.dumps([pid, item.file, item.line, item.problem]) + b"\t" + item.raw + b"\n"
                     handles[b].write(record)
                     sizes[b] += len(record)
-    finally:
-        for h in handles:
-            h.close()
     by_bucket: list[dict[str, list[Referral]] | None] = [None] * count
     if referrals is not None:
         by_bucket = [{} for _ in range(count)]
@@ -187,7 +185,11 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
         total = sum(c.size for c in chunks)
         runs: list[Path] = []
         show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_BYTES)
-        bar = ProgressBar("batch", total, "{task.fields[rows]:,} referrals, {task.fields[errors]:,} errors", rows=0, errors=0) if show else None
+        bar = (
+            ProgressBar("batch", total, "{task.fields[rows]:,} referrals, {task.fields[errors]:,} errors", rows=0, errors=0)
+            if show
+            else None
+        )
 
         def collect(result: tuple[list[dict], int]) -> None:
             rows, size = result
@@ -214,7 +216,8 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
                     worker.evaluator.close()
             else:
                 outcome.processes = min(jobs, len(chunks))
-                run_pool(chunks, outcome.processes, options, make_worker, collect, lambda c, why: collect((lost_rows(options, c, why), c.size)))
+                run_pool(chunks, outcome.processes, options, make_worker, collect,
+                         lambda c, why: collect((lost_rows(options, c, why), c.size)))
         finally:
             if bar:
                 bar.stop()

@@ -42,8 +42,7 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import Sequence
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -76,9 +75,10 @@ from needlepoint.cdshooks.stores import (
     LogFeedbackStore,
 )
 from needlepoint.cdshooks.validate import validate_feedback
+from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import RecordError
-from needlepoint.limits import LARGE_REQUEST_BYTES, declared_size
-from needlepoint.limits import MAX_CDS_HOOKS_BODY_BYTES as MAX_BODY_BYTES
+from needlepoint.core.ruleset import RuleSet
+from needlepoint.limits import LARGE_REQUEST_BYTES, MAX_CDS_HOOKS_BODY_BYTES as MAX_BODY_BYTES, declared_size
 from needlepoint.server.engine import Engine, collector_paused
 from needlepoint.server.reload import UnknownVersion
 
@@ -155,13 +155,13 @@ class CdsHooksService:
 
     # -- helpers
 
-    def _evaluator(self, service_id: str):
+    def _evaluator(self, service_id: str) -> Evaluator:
         try:
             return self.engine.registry.get(service_id)
         except UnknownVersion:
             raise RequestProblem(404, [("not-found", f"no CDS service {service_id!r}", "")]) from None
 
-    def templates(self, ruleset) -> dict[str, str]:
+    def templates(self, ruleset: RuleSet) -> dict[str, str]:
         """The prefetch templates of the rule set serving now (recomputed when it is reloaded)."""
         cached = self._templates.get(ruleset.id)
         if cached is None or cached[0] != ruleset.digest:
@@ -188,7 +188,9 @@ class CdsHooksService:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise RequestProblem(400, [("structure", f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "")]) from None
+            raise RequestProblem(
+                400, [("structure", f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "")]
+            ) from None
 
     # -- routes
 
@@ -214,8 +216,13 @@ class CdsHooksService:
             prefetch = dict(call.body.get("prefetch") or {})
             absent = missing_keys(call, templates)
             if absent:
-                if call.fhir_server is not None and self.allow_fhir_server is not None and not self.allow_fhir_server(call.fhir_server):
-                    raise RequestProblem(412, [("forbidden", f"prefetch key {k!r} was not supplied and fhirServer is not on this service's allowlist", f"prefetch.{k}") for k in absent])
+                if (
+                    call.fhir_server is not None
+                    and self.allow_fhir_server is not None
+                    and not self.allow_fhir_server(call.fhir_server)
+                ):
+                    why = "was not supplied and fhirServer is not on this service's allowlist"
+                    raise RequestProblem(412, [("forbidden", f"prefetch key {k!r} {why}", f"prefetch.{k}") for k in absent])
                 started = time.perf_counter()
                 prefetch.update(await fetch_missing(call, templates, absent, timeout=self.fhir_timeout, client=self.http_client))
                 log.debug("fetched %d prefetch key(s) in %.1f ms", len(absent), (time.perf_counter() - started) * 1000)
@@ -258,7 +265,7 @@ class CdsHooksService:
         service_id = request.path_params["service_id"]
         caller = _caller(request, body)
 
-        def entry(decision: dict, cards: list[dict]):
+        def entry(decision: dict, cards: list[dict]) -> DecisionEntry:
             refs = [
                 CardRef(
                     c["uuid"],
@@ -273,13 +280,16 @@ class CdsHooksService:
 
         futures = [asyncio.wrap_future(self.decision_log.record(entry(d, c))) for d, c in decisions]
         results = await asyncio.gather(*futures, return_exceptions=True)
-        for (decision, cards), result in zip(decisions, results):
+        for (decision, cards), result in zip(decisions, results, strict=True):
             if not isinstance(result, BaseException):
                 continue
             # A client that repeats a call (same hookInstance, same record, same instant) gets the
             # same decision and the same card uuids, which the log already holds: then the
             # decision is logged again without re-registering its cards. Any other failure is a 503.
-            if isinstance(result, LogUnavailable) and cards and await asyncio.to_thread(self._cards_logged, [c["uuid"] for c in cards]):
+            repeated = False
+            if isinstance(result, LogUnavailable) and cards:
+                repeated = await asyncio.to_thread(self._cards_logged, [c["uuid"] for c in cards])
+            if repeated:
                 try:
                     await asyncio.wrap_future(self.decision_log.record(entry(decision, [])))
                     continue
@@ -293,6 +303,7 @@ class CdsHooksService:
     def _cards_logged(self, uuids: list[str]) -> bool:
         """Whether the log already holds every one of these card uuids (blocking)."""
         from sqlalchemy import func, select
+        from sqlalchemy.exc import SQLAlchemyError
 
         from needlepoint.decisionlog import schema
 
@@ -300,7 +311,7 @@ class CdsHooksService:
             with self.decision_log.engine.connect() as connection:
                 query = select(func.count()).select_from(schema.cards).where(schema.cards.c.card_uuid.in_(uuids))
                 return connection.execute(query).scalar_one() == len(set(uuids))
-        except Exception:  # the database is unreachable: the original failure stands
+        except SQLAlchemyError:  # the database is unreachable: the original failure stands
             return False
 
     async def feedback(self, request: Request) -> Response:
@@ -337,7 +348,9 @@ class CdsHooksService:
         """``needlepoint decisions overrides --format html`` as a page (``?since=`` an ISO 8601
         instant, as the command's ``--since``); 404 when the server keeps no decision log."""
         if self.decision_log is None:
-            return HTMLResponse("<!doctype html><title>No decision log</title><p>This server keeps no decision log.</p>", status_code=404)
+            return HTMLResponse(
+                "<!doctype html><title>No decision log</title><p>This server keeps no decision log.</p>", status_code=404
+            )
         from needlepoint.decisionlog.report import overrides_report, render_html
 
         since = _instant_param(request.query_params.get("since"))

@@ -157,13 +157,21 @@ def is_hip_injection(resource: Mapping[str, Any]) -> bool:
     """
     if resource.get("resourceType") != "ServiceRequest":
         return False
-    sites = [coding for concept in resource.get("bodySite") or () for coding in _codings(concept)] if isinstance(resource.get("bodySite"), list) else []
-    if any(system == TARGET_SYSTEM for system, _ in sites) or any(system == SNOMED and code in _HIP_SNOMED for system, code in sites):
+    sites = (
+        [coding for concept in resource.get("bodySite") or () for coding in _codings(concept)]
+        if isinstance(resource.get("bodySite"), list)
+        else []
+    )
+    if any(system == TARGET_SYSTEM or (system == SNOMED and code in _HIP_SNOMED) for system, code in sites):
         return True
     codes = _codings(resource.get("code"))
     if any(system == CPT and code in _HIP_ONLY_CPT for system, code in codes):
         return True
-    intents = [c for detail in resource.get("orderDetail") or () for c in _codings(detail)] if isinstance(resource.get("orderDetail"), list) else []
+    intents = (
+        [c for detail in resource.get("orderDetail") or () for c in _codings(detail)]
+        if isinstance(resource.get("orderDetail"), list)
+        else []
+    )
     looks_like_injection = any(system == CPT and code in _JOINT_CPT for system, code in codes) or any(
         system == INTENT_SYSTEM for system, _ in intents
     )
@@ -175,8 +183,8 @@ def hip_injection_orders(drafts: Mapping[str, Any], selections: Sequence[str] | 
     only those named in ``selections``, on order-sign all of them."""
     wanted = set(selections) if selections is not None else None
     found: list[tuple[str, JSON]] = []
-    entries = drafts.get("entry") if isinstance(drafts.get("entry"), list) else []
-    for i, entry in enumerate(entries):
+    entries = drafts.get("entry")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or resource.get("resourceType") != "ServiceRequest":
             continue
@@ -232,9 +240,10 @@ async def fetch_missing(
     ``next`` links (up to a bound) and are merged into one searchset Bundle.
     """
     if call.fhir_server is None:
+        why = "was not supplied and the request has no fhirServer to fetch it from"
         raise RequestProblem(
             412,
-            [("not-found", f"prefetch key {key!r} was not supplied and the request has no fhirServer to fetch it from", f"prefetch.{key}") for key in keys],
+            [("not-found", f"prefetch key {key!r} {why}", f"prefetch.{key}") for key in keys],
         )
     base = call.fhir_server.rstrip("/") + "/"
     headers = {"Accept": "application/fhir+json"}
@@ -255,10 +264,10 @@ async def fetch_missing(
 
     tasks = [asyncio.ensure_future(one(key)) for key in keys]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
-        for key, task in zip(keys, tasks):
+        for key, task in zip(keys, tasks, strict=True):
             if task in pending:
                 failures[key] = f"the FHIR server did not answer within {timeout:g} s"
         if pending:
@@ -269,7 +278,12 @@ async def fetch_missing(
     if failures:
         raise RequestProblem(
             412,
-            [("not-found", f"prefetch key {key!r} was not supplied and could not be fetched: {failures[key]}", f"prefetch.{key}") for key in keys if key in failures],
+            [
+                ("not-found", f"prefetch key {key!r} was not supplied and could not be fetched: {failures[key]}",
+                 f"prefetch.{key}")
+                for key in keys
+                if key in failures
+            ],
         )
     return results
 
@@ -277,7 +291,7 @@ async def fetch_missing(
 async def _fetch(http: httpx.AsyncClient, base: str, query: str, headers: Mapping[str, str]) -> Any:
     """One prefetch query: a read (resource or None on 404) or a search (one merged Bundle)."""
     url = urljoin(base, query)
-    is_search = "?" in query or "/" not in query.split("?")[0]
+    is_search = "?" in query or "/" not in query.split("?", maxsplit=1)[0]
     entries: list[Any] = []
     for _ in range(_MAX_PAGES):
         try:
@@ -297,11 +311,13 @@ async def _fetch(http: httpx.AsyncClient, base: str, query: str, headers: Mappin
         if not is_search or data.get("resourceType") != "Bundle":
             return data
         entries.extend(data.get("entry") or [])
-        url = next((link.get("url") for link in data.get("link") or () if isinstance(link, dict) and link.get("relation") == "next"), None)
-        if not isinstance(url, str):
+        links = [link for link in data.get("link") or () if isinstance(link, dict)]
+        next_url = next((link.get("url") for link in links if link.get("relation") == "next"), None)
+        if not isinstance(next_url, str):
             return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
-        if urlsplit(url).netloc != urlsplit(base).netloc:
+        if urlsplit(next_url).netloc != urlsplit(base).netloc:
             raise FhirFetchError("a next link points away from the FHIR server")
+        url = next_url
     raise FhirFetchError(f"more than {_MAX_PAGES} pages of results")
 
 

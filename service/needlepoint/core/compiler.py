@@ -16,6 +16,8 @@ property names whose 32-bit hashes collide.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .conditions import FACT_FIELDS, RESERVED_FIELDS, Pattern, durable_pattern
 from .engine import fnv1a_32
 from .ruleset import RuleSet, RuleSetError
@@ -32,7 +34,7 @@ def rule_id_of(engine_rule_name: str) -> tuple[str, int]:
     return rule_id, int(alternative)
 
 
-def _equality_tests(node, found: set) -> None:
+def _equality_tests(node: Any, found: set[tuple[str, Any]]) -> None:
     """Collect distinct (property, value) equality tests in a compiled condition tree."""
     if isinstance(node, dict):
         for key, value in node.items():
@@ -48,7 +50,7 @@ def _equality_tests(node, found: set) -> None:
                 found.add((key, orjsonable(value)))
 
 
-def orjsonable(value):
+def orjsonable(value: Any) -> Any:
     return value if not isinstance(value, list) else tuple(value)
 
 

@@ -2,10 +2,11 @@
 
 The rule-set front end (:mod:`needlepoint.rulesets`) parses a rule's YAML into these objects;
 this module only defines them and their semantics. A rule's ``when`` names facts by alias; each
-alias is one *pattern*: a fact kind and a set of field tests, or the negation of one (``not:``). A rule may list alternatives (``when_any``); it
-fires once per alternative that matches. Patterns never refer to each other's fields (joins are
-computed in :mod:`needlepoint.core.prepare` as derived fields such as ``same_side``), which keeps the
-compiled durable-rules network clear of the engine's cross-fact comparison defect.
+alias is one *pattern*: a fact kind and a set of field tests, or the negation of one (``not:``).
+A rule may list alternatives (``when_any``); it fires once per alternative that matches.
+Patterns never refer to each other's fields (joins are computed in :mod:`needlepoint.core.prepare`
+as derived fields such as ``same_side``), which keeps the compiled durable-rules network clear of
+the engine's cross-fact comparison defect.
 
 The engine (:mod:`needlepoint.core.engine`) decides which rules fire. This module's
 :func:`test_holds` is the same semantics in Python, used for aggregates, for ``explain`` and to
@@ -15,6 +16,7 @@ no comparison (not even ``ne``) and only ``exists: false``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +150,7 @@ def alternative_matches(patterns: tuple[Pattern, ...], facts: list[dict], params
     return matched
 
 
-def compile_matcher(pattern: Pattern, params: dict[str, Any]):
+def compile_matcher(pattern: Pattern, params: dict[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
     """A fast predicate for facts *of the pattern's kind*, with the same semantics as
     :func:`test_holds`. Parameters are inlined; operands are validated literals (str, int,
     float, bool), rendered with ``repr`` into one expression compiled once per rule set."""

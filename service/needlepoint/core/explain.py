@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Iterator
 
-from needlepoint.core.conditions import ORDERING_OPERATORS, Pattern, resolve_operand, test_holds
+from needlepoint.core.conditions import ORDERING_OPERATORS, FieldTest, Pattern, resolve_operand, test_holds
 from needlepoint.core.evaluator import Evaluator, format_instant
-from needlepoint.core.prepare import PreparedFacts, _scope  # noqa: PLC2701 (the same scoping as matching)
+from needlepoint.core.prepare import FactInfo, PreparedFacts, _scope  # private: the same scoping as matching
 from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.resolve import field_value
 
@@ -47,7 +48,7 @@ def explain_rule(evaluator: Evaluator, record: PatientRecord, as_of: dt.datetime
     }
 
 
-def _candidates(pattern: Pattern, prepared: PreparedFacts, params: dict):
+def _candidates(pattern: Pattern, prepared: PreparedFacts, params: dict) -> Iterator[tuple[dict, FactInfo]]:
     """The facts a pattern is about, as (fact, info) pairs: those of its kind, and for a pattern
     that pins an observation concept (``concept: inr``), only results of that concept.
 
@@ -69,12 +70,16 @@ def _explain_pattern(pattern: Pattern, prepared: PreparedFacts, params: dict) ->
         tests = []
         for t in pattern.tests:
             threshold = resolve_operand(t.operand, params) if t.op not in ("in", "exists") else t.operand
-            tests.append({"condition": t.describe(), "threshold": str(threshold), "saw": field_value(fact, info, t.field), "holds": test_holds(t, fact, params)})
-        candidates.append({"fact": info.label, "source": info.source, "matches": all(t["holds"] for t in tests), "conditions": tests})
+            saw, holds = field_value(fact, info, t.field), test_holds(t, fact, params)
+            tests.append({"condition": t.describe(), "threshold": str(threshold), "saw": saw, "holds": holds})
+        candidates.append(
+            {"fact": info.label, "source": info.source, "matches": all(t["holds"] for t in tests), "conditions": tests}
+        )
     matched = any(c["matches"] for c in candidates)
+    conditions = " and ".join(t.describe() for t in pattern.tests) or "anything"
     return {
         "alias": pattern.alias,
-        "pattern": ("no " if pattern.negated else "") + f"{pattern.kind} with " + (" and ".join(t.describe() for t in pattern.tests) or "anything"),
+        "pattern": ("no " if pattern.negated else "") + f"{pattern.kind} with {conditions}",
         "negated": pattern.negated,
         "holds": not matched if pattern.negated else matched,
         "candidates": candidates,
@@ -112,11 +117,14 @@ def counterfactuals(evaluator: Evaluator, record: PatientRecord, as_of: dt.datet
                     for fid in aliases.get(pattern.alias, []):
                         for test in pattern.tests:
                             if test.op in ORDERING_OPERATORS:
-                                results.append(_try_change(evaluator, base, fid, test, params, deferral, key, rule_id, as_of, decision.get("deferrals", [])))
+                                change = _try_change(evaluator, base, fid, test, params, deferral, key, rule_id, as_of,
+                                                     decision.get("deferrals", []))
+                                results.append(change)
     return results
 
 
-def _try_change(evaluator, base: PreparedFacts, fid: int, test, params: dict, deferral: dict, key, rule_id: str, as_of, base_deferrals: list[dict]) -> dict:
+def _try_change(evaluator: Evaluator, base: PreparedFacts, fid: int, test: FieldTest, params: dict, deferral: dict,
+                key: tuple[str, str], rule_id: str, as_of: dt.datetime, base_deferrals: list[dict]) -> dict:
     fact, info = base.facts[fid], base.info[fid]
     threshold = resolve_operand(test.operand, params)
     integral = isinstance(fact[test.field], int) and isinstance(threshold, int)
@@ -129,6 +137,7 @@ def _try_change(evaluator, base: PreparedFacts, fid: int, test, params: dict, de
     still = next((d for d in after.get("deferrals", []) if (d["reason"], d["scope"]) == key), None)
     before = {(d["reason"], d["scope"]) for d in base_deferrals}
     appearing = [d for d in after.get("deferrals", []) if (d["reason"], d["scope"]) not in before]
+    new_rules = [r for d in appearing for r in d["ruleIds"]]
     unit = info.units.get(test.field, "")
     saw = field_value(fact, info, test.field)
     bound = f"{threshold:g}{' ' + unit if unit else ''}" if isinstance(threshold, (int, float)) else str(threshold)
@@ -145,5 +154,5 @@ def _try_change(evaluator, base: PreparedFacts, fid: int, test, params: dict, de
         "newDeferrals": [f"{d['reason']}/{d['scope']}" for d in appearing],
         "text": text
         + ("; the deferral would lift" if still is None else f"; the deferral would stay ({', '.join(still['ruleIds'])})")
-        + (f", but {', '.join(d['reason'] for d in appearing)} would appear ({', '.join(r for d in appearing for r in d['ruleIds'])})." if appearing else "."),
+        + (f", but {', '.join(d['reason'] for d in appearing)} would appear ({', '.join(new_rules)})." if appearing else "."),
     }

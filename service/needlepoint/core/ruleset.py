@@ -83,7 +83,11 @@ TEMPLATE = re.compile(r"\{([^{}]+)\}")  # a placeholder in a message template
 #   {$param}                   a parameter with its unit ("7 days", "3")
 #   {$param.since}             the date that many days before the instant ("26 May 2025")
 TEMPLATE_FIELDS = ("display", "when", "age")  # placeholder fields every matched fact has
-_PLACEHOLDER = re.compile(r"^(?:\$(?P<param>[A-Za-z_][A-Za-z0-9_]*)(?:\.(?P<pmod>since))?|(?P<alias>[a-z][a-z0-9_]*)(?:\.(?P<field>[A-Za-z_][A-Za-z0-9_]*)(?:\+\$(?P<plus>[A-Za-z_][A-Za-z0-9_]*))?)?)$")
+_PLACEHOLDER = re.compile(
+    r"^(?:\$(?P<param>[A-Za-z_][A-Za-z0-9_]*)(?:\.(?P<pmod>since))?"  # $param, $param.since
+    r"|(?P<alias>[a-z][a-z0-9_]*)(?:\.(?P<field>[A-Za-z_][A-Za-z0-9_]*)"  # alias, alias.field
+    r"(?:\+\$(?P<plus>[A-Za-z_][A-Za-z0-9_]*))?)?)$"  # alias.field+$param
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +154,7 @@ class ValueSet:
     title: str
     codes: dict[str, frozenset[str]]  # system -> exact codes, each spelled as match_key gives it
     prefixes: dict[str, tuple[str, ...]]  # system -> code prefixes, spelled as match_key gives them
-    groups: dict[str, "ValueSet"] = field(default_factory=dict)  # named members (e.g. one per agent)
+    groups: dict[str, ValueSet] = field(default_factory=dict)  # named members (e.g. one per agent)
 
     def contains(self, system: str, code: str) -> bool:
         code = match_key(system, code)  # a record's code, as sent: L03.115 and L03115 are one code

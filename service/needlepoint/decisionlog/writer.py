@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import Connection, Insert, insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from needlepoint.decisionlog import database, schema
@@ -203,7 +203,11 @@ class DecisionLog:
         prepared: list[tuple[_Item, dict[str, Any]]] = []
         for item in work:
             try:
-                row = item.entry.row(self.masker) if item.kind == "decision" else item.feedback
+                if item.kind == "decision":
+                    assert item.entry is not None  # record() queues every decision with its entry
+                    row = item.entry.row(self.masker)
+                else:
+                    row = item.feedback
             except Exception as exc:  # a malformed entry fails alone
                 log.exception("decision log: cannot prepare an entry")
                 _settle(item.future, exc=LogUnavailable(f"cannot log this entry: {exc.__class__.__name__}"))
@@ -226,7 +230,7 @@ class DecisionLog:
                 else:
                     _settle(one[0].future, results_one[0])
             return
-        for (item, _), result in zip(prepared, results):
+        for (item, _), result in zip(prepared, results, strict=True):
             _settle(item.future, result)
 
     def _fail(self, prepared: list[tuple[_Item, dict[str, Any]]], exc: Exception) -> None:
@@ -245,13 +249,17 @@ class DecisionLog:
                 rows = [{name: row[name] for name in columns} for _, row in decisions]
                 statement = insert(schema.decisions).returning(schema.decisions.c.id, sort_by_parameter_order=True)
                 ids = [r[0] for r in connection.execute(statement, rows)]
-                fired = [{"decision_row": i, "rule_id": rule} for i, (_, row) in zip(ids, decisions) for rule in row["fired"]]
-                cards = [{"decision_row": i, **card} for i, (_, row) in zip(ids, decisions) for card in row["cards"]]
+                fired = [
+                    {"decision_row": i, "rule_id": rule}
+                    for i, (_, row) in zip(ids, decisions, strict=True)
+                    for rule in row["fired"]
+                ]
+                cards = [{"decision_row": i, **card} for i, (_, row) in zip(ids, decisions, strict=True) for card in row["cards"]]
                 if fired:
                     connection.execute(insert(schema.fired_rules), fired)
                 if cards:
                     connection.execute(insert(schema.cards), cards)
-                for (k, _), row_id in zip(decisions, ids):
+                for (k, _), row_id in zip(decisions, ids, strict=True):
                     results[k] = row_id
             for k, (item, row) in enumerate(prepared):
                 if item.kind == "feedback":
@@ -260,11 +268,16 @@ class DecisionLog:
         self.committed += len(decisions)
         return results
 
-    def _insert_feedback(self, connection, row: dict[str, Any]) -> bool:
+    def _insert_feedback(self, connection: Connection, row: dict[str, Any]) -> bool:
         """Insert unless an item with the same idempotency key is stored: True if inserted."""
+        key = ["idempotency_key"]
+        statement: Insert
         if connection.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            from sqlalchemy.dialects import postgresql
+
+            statement = postgresql.insert(schema.feedback).values(**row).on_conflict_do_nothing(index_elements=key)
         else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        statement = dialect_insert(schema.feedback).values(**row).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            from sqlalchemy.dialects import sqlite
+
+            statement = sqlite.insert(schema.feedback).values(**row).on_conflict_do_nothing(index_elements=key)
         return connection.execute(statement.returning(schema.feedback.c.id)).first() is not None

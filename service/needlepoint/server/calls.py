@@ -81,8 +81,10 @@ class CallGate(grpc.aio.ServerInterceptor):
             self._idle.set()
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -100,6 +102,7 @@ class CallGate(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, method, gated), handler.request_deserializer, handler.response_serializer
             )
+        assert handler.stream_stream is not None  # a method handler has exactly one of the four behaviours
         return grpc.stream_stream_rpc_method_handler(
             self._stream(handler.stream_stream, method, gated), handler.request_deserializer, handler.response_serializer
         )

@@ -16,6 +16,7 @@ import grpc
 from needlepoint.decisionlog.entries import DecisionEntry
 from needlepoint.decisionlog.writer import DecisionLog, LogUnavailable
 from needlepoint.server.errors import ServiceError
+from needlepoint.v1 import decision_pb2, decision_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,18 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     peer = context.peer() or ""
     try:
         names = context.auth_context().get("x509_common_name") or []
-    except Exception:  # no auth context on an insecure channel in some grpc versions
+    except Exception:  # noqa: BLE001 - no auth context on an insecure channel in some grpc versions
         names = []
     name = b",".join(names).decode(errors="replace") if names else ""
     return f"{name} {peer}".strip()
 
 
-async def log_decision(decision_log: DecisionLog, request, decision, context: grpc.aio.ServicerContext):
+async def log_decision(
+    decision_log: DecisionLog,
+    request: decision_service_pb2.EvaluateRequest,
+    decision: decision_pb2.Decision,
+    context: grpc.aio.ServicerContext,
+) -> decision_pb2.Decision | ServiceError:
     """``decision`` once it is committed to the log, or a ServiceError (UNAVAILABLE) if it cannot be."""
     entry = DecisionEntry.evaluate(request, decision, caller=caller_of(context), road="grpc")
     try:

@@ -43,7 +43,7 @@ ELLIPSIS = "…"
 # metadata value (printable ASCII) and short. Anything else is rejected, never rewritten, so the
 # id a caller gets back is always the id it sent.
 MAX_CORRELATION_ID_CHARS = 128
-_CORRELATION_ID = re.compile(r"[\x20-\x7e]{0,%d}" % MAX_CORRELATION_ID_CHARS)
+_CORRELATION_ID = re.compile(rf"[\x20-\x7e]{{0,{MAX_CORRELATION_ID_CHARS}}}")
 CORRELATION_ID_RULE = f"a correlation id is at most {MAX_CORRELATION_ID_CHARS} printable ASCII characters (0x20-0x7E)"
 
 

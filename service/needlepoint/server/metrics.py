@@ -63,12 +63,18 @@ def setup() -> bool:
         "needlepoint_request_duration_seconds", "gRPC call latency in seconds, by method.", ["method"], buckets=LATENCY_BUCKETS
     )
     _m["decisions"] = Counter(
-        "needlepoint_decisions", "Decisions made, by rule set, version and outcome (defer, review, proceed).", ["ruleset", "version", "outcome"]
+        "needlepoint_decisions",
+        "Decisions made, by rule set, version and outcome (defer, review, proceed).",
+        ["ruleset", "version", "outcome"],
     )
-    _m["reloads"] = Counter("needlepoint_reloads", "Hot-reload verdicts by rule set and outcome (accepted, rejected).", ["ruleset", "outcome"])
+    _m["reloads"] = Counter(
+        "needlepoint_reloads", "Hot-reload verdicts by rule set and outcome (accepted, rejected).", ["ruleset", "outcome"]
+    )
     _m["restarts"] = Counter("needlepoint_worker_restarts", "Worker processes replaced after dying.")
     _m["workers"] = Gauge("needlepoint_workers", "Worker processes serving now.", multiprocess_mode="livesum")
-    _m["worker_calls"] = Gauge("needlepoint_worker_calls", "Calls started by each live worker process.", multiprocess_mode="liveall")
+    _m["worker_calls"] = Gauge(
+        "needlepoint_worker_calls", "Calls started by each live worker process.", multiprocess_mode="liveall"
+    )
     return True
 
 

@@ -73,7 +73,9 @@ class Registry:
         versions = self._versions.setdefault(rs.id, OrderedDict())
         existing = versions.get(rs.version)
         if existing is not None and existing.ruleset.digest != rs.digest:
-            raise ValueError(f"{rs.id} {rs.version} is already loaded with other content ({existing.ruleset.digest}); bump the version")
+            raise ValueError(
+                f"{rs.id} {rs.version} is already loaded with other content ({existing.ruleset.digest}); bump the version"
+            )
         versions[rs.version] = evaluator
         versions.move_to_end(rs.version, last=False)
         self._serving[rs.id] = rs.version
@@ -113,7 +115,8 @@ class Registry:
         return self._serving[ruleset_id]
 
     def digest_of(self, ruleset_id: str, version: str) -> str | None:
-        evaluator = self._versions.get(ruleset_id, {}).get(version)
+        versions = self._versions.get(ruleset_id)
+        evaluator = versions.get(version) if versions is not None else None
         return evaluator.ruleset.digest if evaluator else None
 
 
@@ -186,7 +189,9 @@ class Accepted:
         """Build and compile this version, refusing documents that do not give the validated digest."""
         ruleset = build_ruleset(self.documents)
         if ruleset.digest != self.digest:
-            raise RuntimeError(f"{self.ruleset_id} {self.version}: built digest {ruleset.digest} is not the validated {self.digest}")
+            raise RuntimeError(
+                f"{self.ruleset_id} {self.version}: built digest {ruleset.digest} is not the validated {self.digest}"
+            )
         return Evaluator(ruleset)
 
 
@@ -210,13 +215,14 @@ def validate_snapshot(snapshot: Snapshot) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="needlepoint-validate-") as tmp:
         try:
             directory = snapshot.write(Path(tmp) / "ruleset")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops the files loading is the verdict
             return {"ok": False, "message": f"does not load: {exc}", "files_digest": snapshot.digest}
         result = validate_ruleset(directory, shown=snapshot.source)
         ruleset = result.ruleset
         if ruleset is None:
             return {"ok": False, "message": result.message, "files_digest": snapshot.digest}
-        verdict = {"ok": True, "id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest, "files_digest": snapshot.digest}
+        verdict = {"ok": True, "id": ruleset.id, "version": ruleset.version, "digest": ruleset.digest,
+                   "files_digest": snapshot.digest}
         if not result.ok:
             return {**verdict, "ok": False, "message": result.message}
         if Snapshot.read(directory).digest != snapshot.digest:  # nothing may touch the private copy
@@ -249,7 +255,10 @@ def validate_in_subprocess(
         proc.communicate()
         return {"ok": False, "message": f"validation did not finish within {timeout:g}s (a rule set that hangs the engine?)"}
     if proc.returncode != 0:
-        return {"ok": False, "message": f"validation crashed (exit {proc.returncode}): {err.decode(errors='replace').strip()[-300:]}"}
+        return {
+            "ok": False,
+            "message": f"validation crashed (exit {proc.returncode}): {err.decode(errors='replace').strip()[-300:]}",
+        }
     verdict = pickle.loads(out)
     accepted = verdict.get("accepted")
     if verdict["ok"] and (accepted is None or accepted.files_digest != snapshot.digest):
@@ -380,9 +389,11 @@ def id_of(snapshot: Snapshot) -> str:
     try:
         from needlepoint.rulesets.reader import read_text
 
-        meta = read_text(snapshot.files.get("ruleset.yaml", b"").decode("utf-8"), "ruleset.yaml", "ruleset.yaml", positions=False).value
+        meta = read_text(
+            snapshot.files.get("ruleset.yaml", b"").decode("utf-8"), "ruleset.yaml", "ruleset.yaml", positions=False
+        ).value
         return str((meta or {}).get("id") or Path(snapshot.source).name)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable ruleset.yaml: the directory name will do
         return Path(snapshot.source).name
 
 

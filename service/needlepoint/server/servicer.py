@@ -24,11 +24,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from needlepoint.security.logsafe import correlation_ref
-from needlepoint.security.transport import SecurityConfig, bind
-from needlepoint.security.transport import interceptors as security_interceptors
-from needlepoint.server import wire
 from needlepoint.limits import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES
+from needlepoint.security.logsafe import correlation_ref
+from needlepoint.security.transport import SecurityConfig, bind, interceptors as security_interceptors
+from needlepoint.server import wire
 from needlepoint.server.decision_log import log_decision
 from needlepoint.server.engine import Engine, request_size
 from needlepoint.server.errors import ServiceError, correlation_id_problem
@@ -67,7 +66,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         self._heavy_lane = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="needlepoint-heavy")
         self._log = decision_log  # every decision is committed to it before it is answered
 
-    async def Evaluate(
+    async def Evaluate(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> decision_pb2.Decision:
         # An invalid id goes back nowhere: it is refused (INVALID_ARGUMENT) before evaluation.
@@ -81,7 +80,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         context.set_trailing_metadata(trailer)
         return outcome
 
-    async def EvaluateStream(
+    async def EvaluateStream(  # noqa: N802 - the gRPC method's name
         self,
         request_iterator: AsyncIterator[decision_service_pb2.EvaluateRequest],
         context: grpc.aio.ServicerContext,
@@ -89,7 +88,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         """Answers in request order, each only once its decision is committed to the log; but
         items are read and evaluated ahead (up to ``STREAM_WINDOW``) while earlier ones wait for
         their commit, so that one stream shares group commits instead of paying one per item."""
-        pending: asyncio.Queue[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError] | None] = asyncio.Queue()
+        pending: asyncio.Queue[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError] | None]
+        pending = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def read() -> None:
@@ -137,7 +137,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             return decision_service_pb2.EvaluateStreamResponse(correlation_id=echoed, error=outcome.to_status_proto())
         return decision_service_pb2.EvaluateStreamResponse(correlation_id=request.correlation_id, decision=outcome)
 
-    async def ListRulesets(
+    async def ListRulesets(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.ListRulesetsRequest, context: grpc.aio.ServicerContext
     ) -> decision_service_pb2.ListRulesetsResponse:
         outcome = _guard("ListRulesets", "", self._engine.list_rulesets)
@@ -145,7 +145,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome
 
-    async def GetRuleset(
+    async def GetRuleset(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.GetRulesetRequest, context: grpc.aio.ServicerContext
     ) -> ruleset_pb2.Ruleset:
         outcome = _guard("GetRuleset", "", lambda: self._engine.get_ruleset(request.id, request.version))
@@ -153,7 +153,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome
 
-    async def Explain(
+    async def Explain(  # noqa: N802 - the gRPC method's name
         self, request: decision_service_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> decision_service_pb2.ExplainResponse:
         call = functools.partial(_guard, "Explain", request.request.correlation_id, lambda: self._engine.explain(request))
@@ -183,7 +183,9 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             return call()
         return await asyncio.get_running_loop().run_in_executor(self._heavy_lane, call)
 
-    def _checked_evaluate(self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None) -> decision_pb2.Decision:
+    def _checked_evaluate(
+        self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None
+    ) -> decision_pb2.Decision:
         """The engine's decision, after the correlation id has been checked."""
         problem = correlation_id_problem(request.correlation_id)
         if problem is not None:
@@ -233,7 +235,10 @@ MAX_CONNECTION_AGE_GRACE = 30.0  # seconds the calls on an aged connection get t
 
 
 def server_options(
-    *, reuse_port: bool, max_connection_age: float = MAX_CONNECTION_AGE, max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE
+    *,
+    reuse_port: bool,
+    max_connection_age: float = MAX_CONNECTION_AGE,
+    max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE,
 ) -> list[tuple[str, int]]:
     """The channel options of the server: message limits, SO_REUSEPORT, and a maximum connection
     age, so that clients reconnect now and then and the kernel spreads them again across the

@@ -115,7 +115,7 @@ class Supervisor:
         directory = self._config.rulesets_dir or bundled_rulesets_dir()
         try:
             self._catalog, seen = load_catalog(directory)
-        except Exception as exc:  # a broken rule set at start-up is a configuration error
+        except Exception as exc:  # noqa: BLE001 - a broken rule set at start-up is a configuration error
             log.error("cannot load rule sets: %s", exc)
             return 1
         if self._metrics_address:
@@ -222,7 +222,8 @@ class Supervisor:
         while not self._stopping:
             by_sentinel = {w.process.sentinel: w for w in self._workers.values()}
             by_control = {id(w.control): w for w in self._workers.values() if w.control is not None}
-            waitables = [wake, *by_sentinel, *(w.control for w in by_control.values())]
+            controls = [w.control for w in by_control.values() if w.control is not None]
+            waitables: list[socket.socket | int | Connection] = [wake, *by_sentinel, *controls]
             for ready in mp_connection.wait(waitables, self._timeout(start_deadline)):
                 if ready is wake:
                     _drain(wake)
@@ -264,13 +265,15 @@ class Supervisor:
         elif message[0] == "installed":
             _, generation, error = message
             if error:
-                log.error("worker %d pid %d could not install rule sets generation %d: %s", worker.slot, worker.process.pid, generation, error)
+                log.error("worker %d pid %d could not install rule sets generation %d: %s",
+                          worker.slot, worker.process.pid, generation, error)
 
     def _reap(self, worker: _Worker) -> bool:
         """Forget an exited worker and schedule its replacement. False if start-up failed."""
         worker.process.join()
         worker.close_control()
         del self._workers[worker.slot]
+        assert worker.process.pid is not None  # the process was started, so it has a pid
         metrics.process_gone(worker.process.pid)
         metrics.workers_serving(sum(w.ready for w in self._workers.values()))
         how = _exit_description(worker.process.exitcode)

@@ -55,7 +55,7 @@ def lenient_deserializer(message_type: type[Message], limit: int = MAX_MESSAGE_B
             return Rejected(ServiceError.too_large(name, problem), size)
         try:
             return message_type.FromString(data)
-        except Exception:  # DecodeError, and whatever else the decoder may raise on hostile bytes
+        except Exception:  # noqa: BLE001 - DecodeError, and whatever else the decoder may raise on hostile bytes
             problem = "the bytes are not a valid message of this type (protobuf decoding failed)"
             return Rejected(ServiceError.bad_input(name, problem), size)
 

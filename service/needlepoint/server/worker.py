@@ -20,6 +20,7 @@ error)`` after each catalog; the supervisor sends ``("catalog", Catalog)`` or ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.ruleset import RuleSet
@@ -38,6 +40,9 @@ from needlepoint.server.calls import CallGate
 from needlepoint.server.engine import Engine
 from needlepoint.server.reload import Accepted, Catalog, Registry
 from needlepoint.server.servicer import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, server_options, start_server
+
+if TYPE_CHECKING:  # imported where it is used: SQLAlchemy loads only when there is a decision log
+    from needlepoint.decisionlog import DecisionLog
 
 log = logging.getLogger("needlepoint.worker")
 
@@ -141,8 +146,8 @@ async def serve(config: WorkerConfig, control: Connection | None = None, catalog
     """Serve until SIGTERM or end of file on ``control``; then drain for ``grace`` s. Without a
     catalog (a worker run on its own) the rule sets are loaded from ``config.rulesets_dir``."""
     if catalog is None:
-        from needlepoint.server.reload import load_catalog
         from needlepoint.rulesets import bundled_rulesets_dir
+        from needlepoint.server.reload import load_catalog
 
         catalog, _ = load_catalog(config.rulesets_dir or bundled_rulesets_dir())
     registry = Registry()
@@ -219,10 +224,8 @@ async def _install_catalogs(catalogs: asyncio.Queue[Catalog], installer: Install
         except Exception as exc:  # the previous versions keep serving
             error = str(exc)
             log.exception("cannot install rule sets generation %d; the previous ones keep serving", catalog.generation)
-        try:
+        with contextlib.suppress(OSError, ValueError):
             control.send(("installed", catalog.generation, error))
-        except (OSError, ValueError):
-            pass
 
 
 def _on_control(
@@ -250,7 +253,7 @@ def http_base_url(config: WorkerConfig) -> str:
     return f"{scheme}://{format_address(config.host, config.http_port or 0)}"
 
 
-def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log) -> dict:
+def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log: DecisionLog | None) -> dict:
     """``create_app`` options for this worker: the JWT check (each endpoint's exact URL as the
     audience) when tokens are configured, or insecure development mode, said loudly at every
     start; the decision log; CORS origins; the public base URL for token audiences and links."""
@@ -258,8 +261,10 @@ def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log) -> dic
     tokens = config.security.tokens if config.security is not None else None
     if config.insecure_dev:
         log.warning(
-            "INSECURE-DEV: CDS Hooks on port %d accepts every caller without a token%s; development only, never with patient data",
-            config.http_port, " and lets any web page call it (CORS *)" if not config.cors_origins or "*" in config.cors_origins else "",
+            "INSECURE-DEV: CDS Hooks on port %d accepts every caller without a token%s; "
+            "development only, never with patient data",
+            config.http_port,
+            " and lets any web page call it (CORS *)" if not config.cors_origins or "*" in config.cors_origins else "",
         )
         options["insecure_dev"] = True
         if config.http_base_url:
@@ -276,7 +281,7 @@ def cds_hooks_options(config: WorkerConfig, engine: Engine, decision_log) -> dic
     return options
 
 
-def _open_decision_log(config: WorkerConfig):
+def _open_decision_log(config: WorkerConfig) -> DecisionLog | None:
     """The worker's decision log writer, or None when serving without one."""
     if not config.database:
         return None

@@ -76,7 +76,8 @@ SCRIPT = """
     var lines=[['Referral','Patient','Planned date','Status','What to do','Reasons']];
     rows.forEach(function(r){ if(!r.hidden) lines.push([r.dataset.referral,r.dataset.name,r.dataset.planned,
       r.dataset.status,r.dataset.todo,r.dataset.reasons]);});
-    var text=lines.map(function(l){return l.map(function(c){return '"'+String(c).replace(/"/g,'""')+'"';}).join(',');}).join('\\r\\n');
+    var text=lines.map(function(l){return l.map(function(c){return '"'+String(c).replace(/"/g,'""')+'"';}).join(',');})\
+.join('\\r\\n');
     var a=document.createElement('a'); a.href=URL.createObjectURL(new Blob([text],{type:'text/csv'}));
     a.download='worklist-visible.csv'; document.body.appendChild(a); a.click(); a.remove();});
   apply();
@@ -113,14 +114,16 @@ def filters(rows: Sequence[WorklistRow]) -> str:
 
     def select(ident: str, label: str, options: Iterable[str], everything: str) -> str:
         opts = "".join(f'<option value="{e(o)}">{e(o)}</option>' for o in options)
-        return f'<label for="{ident}">{label}<select id="{ident}" name="{ident[2:]}"><option value="">{everything}</option>{opts}</select></label>'
+        return (f'<label for="{ident}">{label}<select id="{ident}" name="{ident[2:]}">'
+                f'<option value="">{everything}</option>{opts}</select></label>')
 
     return (
         '<div class="filters" role="search">'
         + select("f-status", "Status", [s for s in STATUSES if any(r.status == s for r in rows)], "All statuses")
         + select("f-reason", "Reason", reasons, "All reasons")
         + select("f-week", "Planned week", weeks, "All weeks")
-        + '<label for="f-q">Search (name, referral, file, words)<input id="f-q" name="q" type="search" autocomplete="off"></label>'
+        + '<label for="f-q">Search (name, referral, file, words)'
+        + '<input id="f-q" name="q" type="search" autocomplete="off"></label>'
         + "</div>"
         + '<p id="count" role="status" aria-live="polite"></p>'
     )
@@ -128,7 +131,9 @@ def filters(rows: Sequence[WorklistRow]) -> str:
 
 def legend() -> str:
     """What each status means, in words."""
-    items = "".join(f'<dt><span class="status {status_class(s)}">{e(s)}</span></dt><dd>{e(DESCRIPTIONS[s])}</dd>' for s in reversed(STATUSES))
+    items = "".join(
+        f'<dt><span class="status {status_class(s)}">{e(s)}</span></dt><dd>{e(DESCRIPTIONS[s])}</dd>' for s in reversed(STATUSES)
+    )
     return f'<details><summary>What the statuses mean</summary><dl class="legend">{items}</dl></details>'
 
 
@@ -151,9 +156,11 @@ def table(rows: Sequence[WorklistRow], link: Callable[[int, WorklistRow], str | 
         todo = "".join(f"<p>{e(t)}</p>" for t in row.what_to_do)
         name = row.patient_name or row.patient_id or ""
         out.append(
-            f'<tr data-status="{e(row.status)}" data-rank="{STATUSES.index(row.status)}" data-reasons="{e("|".join(row.reason_words))}" '
+            f'<tr data-status="{e(row.status)}" data-rank="{STATUSES.index(row.status)}" '
+            f'data-reasons="{e("|".join(row.reason_words))}" '
             f'data-week="{e(row.planned_week)}" data-search="{e(search_text(row))}" data-name="{e(name.lower())}" '
-            f'data-referral="{e(row.referral_id)}" data-planned="{e(row.planned_date or "")}" data-todo="{e(row.what_to_do_text)}">'
+            f'data-referral="{e(row.referral_id)}" data-planned="{e(row.planned_date or "")}" '
+            f'data-todo="{e(row.what_to_do_text)}">'
             f'<td>{e(row.patient_name or "")}<br><small>{e(row.patient_id or "")}</small></td>'
             f"<td>{e(row.referral_id)}<br><small>{e(row.source)}</small></td>"
             f"<td>{e(day_words(row.planned_date)) if row.planned_date else '<span class=muted>none</span>'}"
@@ -169,7 +176,8 @@ def table(rows: Sequence[WorklistRow], link: Callable[[int, WorklistRow], str | 
 def document(title: str, body: str, *, script: bool = True) -> str:
     """A complete HTML document with the inline styles (and script)."""
     return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{e(title)}</title><style>{STYLE}</style></head><body>{body}"
         f"{'<script>' + SCRIPT + '</script>' if script else ''}</body></html>"
     )

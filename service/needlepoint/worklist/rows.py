@@ -202,10 +202,11 @@ def _ready_sentence(decision: dict) -> str:
 
 def worklist_row(row: dict[str, Any], patient_name: str | None = None) -> WorklistRow:
     """The worklist row of one batch result row (see the module's docstring)."""
-    common = dict(
-        referral_id=row["referralId"], patient_id=row.get("patientId"), patient_name=patient_name, source=row.get("source") or "",
-        as_of=row.get("asOf"), planned_date=row.get("plannedDate"), batch_status=row["status"],
-    )  # fmt: skip
+    common = {
+        "referral_id": row["referralId"], "patient_id": row.get("patientId"), "patient_name": patient_name,
+        "source": row.get("source") or "", "as_of": row.get("asOf"), "planned_date": row.get("plannedDate"),
+        "batch_status": row["status"],
+    }  # fmt: skip
     if row["status"] == "error" or row.get("decision") is None:
         problem = row.get("error") or "not evaluated"
         return WorklistRow(**common, status=CANNOT, what_to_do=(f"Fix the input, then run the worklist again: {problem}",),
@@ -214,9 +215,10 @@ def worklist_row(row: dict[str, Any], patient_name: str | None = None) -> Workli
     titles = _titles(now, planned)
     decisions = {now["decisionId"]: now}
     if any(d.get("reason") == DECEASED for d in now.get("deferrals", ())):
-        reasons = tuple(_reasons(now, titles, False, set()))
-        return WorklistRow(**common, status=DEFERRED, reasons=reasons, decision_id=now["decisionId"], decisions=decisions,
-                           what_to_do=("Do not book: the record says the patient has died. Check the record with the referrer and close the referral.",))  # fmt: skip
+        return WorklistRow(**common, status=DEFERRED, reasons=tuple(_reasons(now, titles, False, set())),
+                           decision_id=now["decisionId"], decisions=decisions,
+                           what_to_do=("Do not book: the record says the patient has died. "
+                                       "Check the record with the referrer and close the referral.",))  # fmt: skip
     status_now = decision_status(now)
     status_planned = decision_status(planned) if planned is not None else READY
     repeats = row.get("toRepeat") or []
@@ -242,4 +244,6 @@ def worklist_row(row: dict[str, Any], patient_name: str | None = None) -> Workli
         todo += [f"By the planned date, {day_words(row.get('plannedDate'))}: {_deferral_sentence(d)}" for d in later]
     if status == READY or not todo:
         todo.insert(0, _ready_sentence(now) if status == READY else DESCRIPTIONS[status])
-    return WorklistRow(**common, status=status, what_to_do=tuple(todo), reasons=tuple(reasons), decision_id=decision_id, decisions=decisions)
+    return WorklistRow(
+        **common, status=status, what_to_do=tuple(todo), reasons=tuple(reasons), decision_id=decision_id, decisions=decisions
+    )

@@ -30,13 +30,15 @@ import orjson
 from needlepoint.batch import local, output
 from needlepoint.batch.evaluate import Options
 from needlepoint.batch.referrals import Plan
-from needlepoint.workpool import ProgressBar, can_spawn, run_pool
 from needlepoint.worklist.rows import WorklistRow, worklist_row
+from needlepoint.workpool import ProgressBar, can_spawn, run_pool
 
 Progress = Callable[[int, int, int, int], None]  # done, total (units of work), rows, errors
 
 
-def evaluate(plan: Plan, options: Options, *, jobs: int | None = None, on_progress: Progress | None = None, in_process: bool | None = None) -> list[dict]:
+def evaluate(
+    plan: Plan, options: Options, *, jobs: int | None = None, on_progress: Progress | None = None, in_process: bool | None = None
+) -> list[dict]:
     """The batch result rows of every referral of ``plan``, sorted by referral id. ``jobs``:
     worker processes (default one per CPU); ``in_process``: evaluate here rather than in a pool
     (default: when there is one job, one chunk or a small input, as the batch engine does)."""
@@ -94,7 +96,9 @@ def terminal_progress(label: str = "worklist") -> tuple[Progress, Callable[[], N
     def update(done: int, total: int, rows: int, errors: int) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = ProgressBar(label, total, "{task.fields[rows]:,} referrals, {task.fields[errors]:,} cannot be evaluated", rows=0, errors=0)
+            bar = state["bar"] = ProgressBar(
+                label, total, "{task.fields[rows]:,} referrals, {task.fields[errors]:,} cannot be evaluated", rows=0, errors=0
+            )
             bar.start()
         bar.progress.update(bar.task, completed=done, rows=rows, errors=errors)
 
@@ -119,7 +123,9 @@ def _name_of(patient: dict) -> str | None:
         if type(name.get("text")) is str and name["text"].strip():
             return name["text"].strip()
         given = [g for g in name.get("given") or () if type(g) is str]
-        family = name.get("family") if type(name.get("family")) is str else ""
+        family = name.get("family")
+        if type(family) is not str:
+            family = ""
         text = " ".join([*given, family]).strip()
         if text:
             return text

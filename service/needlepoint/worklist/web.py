@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -79,7 +80,9 @@ def row_to_json(row: WorklistRow) -> dict[str, Any]:
 
 
 def row_from_json(data: dict[str, Any]) -> WorklistRow:
-    reasons = tuple(Reason(r["words"], r["severity"], tuple(tuple(x) for x in r["rules"]), r["planned_only"]) for r in data["reasons"])
+    reasons = tuple(
+        Reason(r["words"], r["severity"], tuple(tuple(x) for x in r["rules"]), r["planned_only"]) for r in data["reasons"]
+    )
     return WorklistRow(**{**data, "reasons": reasons, "what_to_do": tuple(data["what_to_do"])})
 
 
@@ -93,7 +96,7 @@ def _inside(root: Path, relative: str) -> Path | None:
     """``root/relative`` if it stays inside ``root`` (judged on the path's text: no ``..`` out,
     not absolute), else None."""
     norm = posixpath.normpath(relative.replace("\\", "/"))
-    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+    if norm == ".." or norm.startswith(("/", "../")):
         return None
     return root / norm
 
@@ -202,7 +205,11 @@ class JobStore:
             here = _inside(base, rel)
             shared = _inside(self.allow_dir, rel) if self.allow_dir is not None and here is not None else None
             if here is None:
-                referrals.append(dataclasses.replace(r, bundle_path=None, problem=f"{r.where}: bundle {rel!r} is outside the folders this server may read"))
+                referrals.append(
+                    dataclasses.replace(
+                        r, bundle_path=None, problem=f"{r.where}: bundle {rel!r} is outside the folders this server may read"
+                    )
+                )
             elif not here.exists() and shared is not None and shared.exists():
                 referrals.append(dataclasses.replace(r, bundle_path=str(shared)))
             else:  # an upload (or, when absent, the batch reader's own "cannot read" error row)
@@ -220,7 +227,14 @@ class JobStore:
             try:
                 rows = run.worklist(work, options, csv_path=csv_path, jobs=self.jobs, on_progress=progress)
                 _write_atomic(folder / "rows.json", orjson.dumps([row_to_json(r) for r in rows]))
-                self._status(folder, state="done", rows=len(rows), summary=html.summary(rows), seconds=round(time.perf_counter() - started, 1), finished=_now())
+                self._status(
+                    folder,
+                    state="done",
+                    rows=len(rows),
+                    summary=html.summary(rows),
+                    seconds=round(time.perf_counter() - started, 1),
+                    finished=_now(),
+                )
             except Exception as exc:  # noqa: BLE001 - the job fails and says why; the server goes on
                 self._status(folder, state="failed", message=f"{type(exc).__name__}: {exc}", finished=_now())
 
@@ -266,7 +280,8 @@ class WorklistPages:
 
         def choice(name: str, values: tuple[str, ...]) -> str:
             opts = "".join(f'<option value="{html.e(v)}">{html.e(v)}</option>' for v in values)
-            return f'<label for="{name}">{name.capitalize()}<select id="{name}" name="{name}"><option value="">from each referral</option>{opts}</select></label>'
+            return (f'<label for="{name}">{name.capitalize()}<select id="{name}" name="{name}">'
+                    f'<option value="">from each referral</option>{opts}</select></label>')
 
         recent = "".join(
             f'<li><a href="{base}/jobs/{html.e(job)}">{html.e(s.get("title", job))}</a>, {html.e(s.get("created", ""))}: '
@@ -274,13 +289,16 @@ class WorklistPages:
             for job, s in self.store.recent()
         )
         body = (
-            "<h1>Worklist</h1><p>Upload a CSV of referrals (columns: referral_id, patient_name, patient_id or bundle, target, side, "
-            "intent, planned_date, as_of) with the Bundle files it names, or Bundle files alone (each carrying its own order), "
+            "<h1>Worklist</h1><p>Upload a CSV of referrals "
+            "(columns: referral_id, patient_name, patient_id or bundle, target, side, intent, planned_date, as_of) "
+            "with the Bundle files it names, or Bundle files alone (each carrying its own order), "
             "or a Bulk Data export's NDJSON files.</p>"
             f'<form method="post" action="{base}/jobs" enctype="multipart/form-data">'
-            '<p><label for="files">Files<input id="files" name="files" type="file" multiple accept=".csv,.json,.ndjson"></label></p>'
+            '<p><label for="files">Files'
+            '<input id="files" name="files" type="file" multiple accept=".csv,.json,.ndjson"></label></p>'
             f"{folder}"
-            '<div class="filters"><label for="as_of">As of (ISO 8601; empty: now)<input id="as_of" name="as_of" type="text" placeholder="2025-06-02T09:00:00Z"></label>'
+            '<div class="filters"><label for="as_of">As of (ISO 8601; empty: now)'
+            '<input id="as_of" name="as_of" type="text" placeholder="2025-06-02T09:00:00Z"></label>'
             '<label for="planned">Planned date for referrals without one<input id="planned" name="planned" type="date"></label>'
             f"{choice('target', TARGETS)}{choice('side', SIDES)}{choice('intent', INTENTS)}</div>"
             '<p><button type="submit">Evaluate the worklist</button></p></form>'
@@ -298,15 +316,18 @@ class WorklistPages:
                 planned = parse_when(str(form.get("planned")), "planned date", end_of_day=True) if form.get("planned") else None
             except ValueError as exc:
                 return self._error(request, str(exc), 400)
-            order = tuple((str(form.get(k)) if form.get(k) in allowed else None) for k, allowed in (("target", TARGETS), ("side", SIDES), ("intent", INTENTS)))
-            uploads = [f for f in form.getlist("files") if hasattr(f, "filename") and f.filename]
+            order = tuple(
+                (str(form.get(k)) if form.get(k) in allowed else None)
+                for k, allowed in (("target", TARGETS), ("side", SIDES), ("intent", INTENTS))
+            )
+            uploads = [(f.filename, f) for f in form.getlist("files") if isinstance(f, UploadFile) and f.filename]
             folder_field = str(form.get("folder") or "").strip()
-            title = folder_field or ", ".join(_safe_name(f.filename) for f in uploads[:3]) + (" …" if len(uploads) > 3 else "")
+            title = folder_field or ", ".join(_safe_name(name) for name, _ in uploads[:3]) + (" …" if len(uploads) > 3 else "")
             if not uploads and not folder_field:
                 return self._error(request, "choose files to upload (or a folder on the server)", 400)
             job, folder = self.store.new_job(title or "worklist")
-            for upload in uploads:
-                (folder / "input" / _safe_name(upload.filename)).write_bytes(await upload.read())
+            for name, upload in uploads:
+                (folder / "input" / _safe_name(name)).write_bytes(await upload.read())
         try:
             work, csv_path = self.store.plan_folder(folder_field) if folder_field else self.store.plan_uploads(folder)
         except BatchError as exc:
@@ -319,7 +340,12 @@ class WorklistPages:
         return RedirectResponse(f"{self._base(request)}/jobs/{job}", status_code=303)
 
     def _error(self, request: Request, message: str, code: int) -> HTMLResponse:
-        response = self._page("Worklist: cannot start", f'<h1>Cannot start the worklist</h1><p role="alert">{html.e(message)}</p>', request, script=False)
+        response = self._page(
+            "Worklist: cannot start",
+            f'<h1>Cannot start the worklist</h1><p role="alert">{html.e(message)}</p>',
+            request,
+            script=False,
+        )
         response.status_code = code
         return response
 
@@ -337,7 +363,12 @@ class WorklistPages:
         base = self._base(request)
         title = f"Worklist: {status.get('title', job)}"
         if status.get("state") == "failed":
-            return self._page(title, f'<h1>{html.e(title)}</h1><p role="alert">This worklist could not run: {html.e(status.get("message", ""))}</p>', request, script=False)
+            return self._page(
+                title,
+                f'<h1>{html.e(title)}</h1><p role="alert">This worklist could not run: {html.e(status.get("message", ""))}</p>',
+                request,
+                script=False,
+            )
         rows = self.store.rows(job) if status.get("state") == "done" else None
         if rows is None:
             done, total = status.get("done", 0), max(status.get("total", 0), 1)
@@ -347,16 +378,20 @@ class WorklistPages:
                 f'<p id="progress-text" role="status" aria-live="polite">{status.get("rows", 0)} referrals evaluated so far.</p>'
                 '<noscript><meta http-equiv="refresh" content="2"></noscript>'
             )
+            status_url = orjson.dumps(f"{base}/jobs/{job}/status").decode()
             poll = (
                 "<script>(function(){var p=document.getElementById('progress'),t=document.getElementById('progress-text');"
-                f"function tick(){{fetch({orjson.dumps(f'{base}/jobs/{job}/status').decode()},{{cache:'no-store'}}).then(function(r){{return r.json();}}).then(function(s){{"
+                f"function tick(){{fetch({status_url},{{cache:'no-store'}})"
+                ".then(function(r){return r.json();}).then(function(s){"
                 "if(s.state==='done'||s.state==='failed'){location.reload();return;}"
-                "p.max=Math.max(s.total,1);p.value=s.done;t.textContent=s.rows+' referrals evaluated so far'+(s.errors?', '+s.errors+' cannot be evaluated':'')+'.';"
+                "p.max=Math.max(s.total,1);p.value=s.done;"
+                "t.textContent=s.rows+' referrals evaluated so far'+(s.errors?', '+s.errors+' cannot be evaluated':'')+'.';"
                 "setTimeout(tick,500);}).catch(function(){setTimeout(tick,1000);});}setTimeout(tick,300);})();</script>"
             )
             return self._page(title, body, request, script=False, extra=poll)
         exports = "".join(
-            f'<a data-export="{html.e(f"{base}/jobs/{job}/export.{fmt}")}" href="{html.e(f"{base}/jobs/{job}/export.{fmt}")}" download>{label}</a> '
+            f'<a data-export="{html.e(f"{base}/jobs/{job}/export.{fmt}")}" '
+            f'href="{html.e(f"{base}/jobs/{job}/export.{fmt}")}" download>{label}</a> '
             for fmt, label in (("csv", "CSV"), ("xlsx", "Excel (XLSX)"), ("html", "HTML report"))
         )
         body = (
@@ -384,7 +419,11 @@ class WorklistPages:
             data = writers.xlsx_bytes(shown, link)
         else:
             data = writers.html_report(shown).encode("utf-8")
-        return Response(data, media_type=MEDIA[fmt], headers={"Content-Disposition": f'attachment; filename="worklist-{job}.{fmt}"', "Cache-Control": "no-store"})
+        return Response(
+            data,
+            media_type=MEDIA[fmt],
+            headers={"Content-Disposition": f'attachment; filename="worklist-{job}.{fmt}"', "Cache-Control": "no-store"},
+        )
 
     async def decision(self, request: Request) -> Response:
         job, decision_id = request.path_params["job"], request.path_params["decision_id"]

@@ -37,9 +37,9 @@ Link = Callable[[WorklistRow], "str | None"]
 
 def values(row: WorklistRow, link: Link) -> list[str]:
     """A row's cells in :data:`HEADER` order."""
-    return [row.referral_id, row.patient_name or "", row.patient_id or "", row.source, day_words(row.planned_date) if row.planned_date else "",
-            row.planned_week, row.status, row.what_to_do_text, row.reasons_text, link(row) or "", row.decision_id or "",
-            row.as_of or "", row.error or ""]  # fmt: skip
+    return [row.referral_id, row.patient_name or "", row.patient_id or "", row.source,
+            day_words(row.planned_date) if row.planned_date else "", row.planned_week, row.status, row.what_to_do_text,
+            row.reasons_text, link(row) or "", row.decision_id or "", row.as_of or "", row.error or ""]  # fmt: skip
 
 
 def _as_text(cell: str) -> str:
@@ -62,9 +62,11 @@ def xlsx_bytes(rows: Sequence[WorklistRow], link: Link) -> bytes:
     from openpyxl import Workbook
     from openpyxl.styles import Alignment, Font
     from openpyxl.utils import get_column_letter
+    from openpyxl.worksheet.worksheet import Worksheet
 
     book = Workbook()
     sheet = book.active
+    assert isinstance(sheet, Worksheet)  # a new workbook's one sheet is a worksheet
     sheet.title = "Worklist"
     sheet.append(list(HEADER))
     for cell in sheet[1]:
@@ -100,7 +102,8 @@ def explanation_section(decision: dict) -> str:
         body = body.replace(f"<h{level}>", f"<h{level + 1}>").replace(f"</h{level}>", f"</h{level + 1}>")
     did = decision.get("decisionId", "")
     body = re.sub(r'(id="|href="#)rule-', lambda m: f"{m.group(1)}{html.e(did)}-rule-", body)
-    return f'<section class="explanation" id="explain-{html.e(did)}" aria-label="Explanation of decision {html.e(did)}">{body}<p><a href="#top">Back to the worklist</a></p></section>'
+    return (f'<section class="explanation" id="explain-{html.e(did)}" aria-label="Explanation of decision {html.e(did)}">'
+            f'{body}<p><a href="#top">Back to the worklist</a></p></section>')
 
 
 def html_report(rows: Sequence[WorklistRow], *, title: str = "Needlepoint worklist", note: str = "") -> str:
