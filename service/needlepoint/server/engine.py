@@ -102,12 +102,12 @@ def _freed(size: int) -> None:
     requests since the last return add up to RETURN_MEMORY_BYTES (a single request that large
     returns it at once).
 
-    Returning costs more than its own call: about 0.8 ms for malloc_trim, and as much again for
-    the next request, which takes its pages back one page fault at a time. After every request
-    over 256 KiB that was a quarter of the cost of a Synthea-size bundle (0.1-3 MB). In between,
-    the heap keeps what the last requests freed, and the next ones reuse it: a worker's resident
-    size stays within one batch of large requests of its size after a return, and does not grow
-    (bench/memory.py)."""
+    Returning costs more than its own call: the malloc_trim, then the page faults of the next
+    request taking the pages back. After every request over 256 KiB, as before, that was 0.5 to
+    1.2 ms of a Synthea-size bundle (0.1-3 MB), a fifth to a quarter of its cost (measured with
+    bench/inprocess.py). In between, the heap keeps what the last large requests freed and the
+    next ones reuse it, so a worker's resident size is bounded by what those few requests need
+    at once, and does not grow (bench/memory.py --synthea-every 10)."""
     global _unreturned
     with _paused_lock:
         _unreturned += size
