@@ -62,7 +62,8 @@ def main() -> None:
         large = [_request(compact_bundle("conditions", 65000)), _request(compact_bundle("warfarin", 20000))]
         small = _request(ORDER_BUNDLE.read_bytes())
         shared = Path(os.environ.get("NEEDLEPOINT_SHARED") or ROOT.parent / "shared") / "fixtures"
-        synthea = [_request(path.read_bytes()) for folder in ("synthea", "synthea-r4-sample") for path in sorted((shared / folder).glob("*.json"))]
+        paths = [path for folder in ("synthea", "synthea-r4-sample") for path in sorted((shared / folder).glob("*.json"))]
+        synthea = [_request(path.read_bytes()) for path in paths]
         if args.synthea_every and not synthea:
             raise SystemExit(f"no Synthea bundles under {shared}")
         for request in synthea:
