@@ -36,8 +36,8 @@ MAX_WORKLIST_UPLOAD_BYTES = 512 * MIB
 LARGE_REQUEST_BYTES = 256 * 1024
 
 # The memory large requests free is given back to the system once they add up to this many bytes
-# (needlepoint.server.engine.collector_paused): after every 8 MiB request, after every tenth or so
-# of Synthea size (about 0.8 MB).
+# (needlepoint.server.engine.collector_paused): after every 8 MiB request, after about every ninth
+# of Synthea size (0.9 MB on average).
 RETURN_MEMORY_BYTES = 8 * MIB
 
 

@@ -136,12 +136,18 @@ _malloc_trim = _load_malloc_trim()
 
 
 def request_size(request: decision_service_pb2.EvaluateRequest) -> int:
-    """How large a request is, cheaply: the bundle's bytes, or the typed context's encoded size.
-    (Each read of ``request.fhir_bundle`` copies the bundle out of the message: a caller that needs
-    the bytes too reads them once, as :meth:`Engine.evaluate` does.)"""
+    """How large a request is, cheaply: the bundle's bytes, or the typed context's encoded size."""
+    return bundle_and_size(request)[1]
+
+
+def bundle_and_size(request: decision_service_pb2.EvaluateRequest) -> tuple[bytes | None, int]:
+    """The request's FHIR bundle (None for a typed context) and how large the request is (see
+    :func:`request_size`). Each read of ``request.fhir_bundle`` copies the bundle out of the
+    message: a caller that needs the bytes as well as the size reads them here, once."""
     if request.WhichOneof("patient") == "fhir_bundle":
-        return len(request.fhir_bundle)
-    return request.ByteSize()
+        bundle = request.fhir_bundle
+        return bundle, len(bundle)
+    return None, request.ByteSize()
 
 
 def _deadline_check(deadline: float | None) -> Callable[[], None] | None:
@@ -194,9 +200,7 @@ class Engine:
         who has given up stops costing CPU."""
         evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
         checkpoint = _deadline_check(deadline)
-        # the bundle is read out of the request once (each read copies it), measured and mapped
-        bundle = request.fhir_bundle if request.WhichOneof("patient") == "fhir_bundle" else None
-        size = len(bundle) if bundle is not None else request.ByteSize()
+        bundle, size = bundle_and_size(request)  # (read once: each read copies the bundle)
         with collector_paused(size > LARGE_REQUEST_BYTES, size):
             try:
                 record = self.record(request, bundle)
