@@ -1,12 +1,14 @@
 """Does a worker's memory come back after large requests? Not a test; prints figures.
 
-    python bench/memory.py [--requests 10000] [--large-every 50]
+    python bench/memory.py [--requests 10000] [--large-every 50] [--synthea-every 0]
 
 Starts ``needlepoint serve`` with one worker on a loopback port and sends REQUESTS evaluations
 from one client: the order-time bundle, and every LARGE_EVERY-th request an 8 MiB record (65,000
-conditions, or 20,000 warfarin prescriptions with long displays, in turn). Prints the worker's
-resident memory after the first 1,000 requests and at the end, and their ratio (issue 8: within
-10 %).
+conditions, or 20,000 warfarin prescriptions with long displays, in turn). With SYNTHEA_EVERY,
+every such request (that is not an 8 MiB one) is the next Synthea bundle of ``../shared/fixtures``
+(0.1 to 3 MB: large requests, whose freed memory is given back only once they add up to
+``needlepoint.limits.RETURN_MEMORY_BYTES``). Prints the worker's resident memory after the first
+1,000 requests and at the end, and their ratio (issue 8: within 10 %).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--large-every", type=int, default=50)
+    parser.add_argument("--synthea-every", type=int, default=0, help="every Nth request a Synthea bundle (default 0: none)")
     parser.add_argument("--database", default=None, help="the server's decision log (default: serve's default; 'none': no log)")
     args = parser.parse_args()
     with socket.socket() as probe:
@@ -58,12 +61,24 @@ def main() -> None:
         threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
         large = [_request(compact_bundle("conditions", 65000)), _request(compact_bundle("warfarin", 20000))]
         small = _request(ORDER_BUNDLE.read_bytes())
+        shared = Path(os.environ.get("NEEDLEPOINT_SHARED") or ROOT.parent / "shared") / "fixtures"
+        paths = [path for folder in ("synthea", "synthea-r4-sample") for path in sorted((shared / folder).glob("*.json"))]
+        synthea = [_request(path.read_bytes()) for path in paths]
+        if args.synthea_every and not synthea:
+            raise SystemExit(f"no Synthea bundles under {shared}")
+        for request in synthea:
+            request.order.target, request.order.side, request.order.intent = "hip-intra-articular", "right", "therapeutic"
         marks: dict[int, float] = {}
         started = time.monotonic()
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
             stub = decision_service_pb2_grpc.DecisionServiceStub(channel)
             for i in range(1, args.requests + 1):
-                request = large[(i // args.large_every) % 2] if i % args.large_every == 0 else small
+                if i % args.large_every == 0:
+                    request = large[(i // args.large_every) % 2]
+                elif args.synthea_every and i % args.synthea_every == 0:
+                    request = synthea[(i // args.synthea_every) % len(synthea)]
+                else:
+                    request = small
                 stub.Evaluate(request, timeout=60)
                 if i in (1000, args.requests) or i % 2000 == 0:
                     marks[i] = rss_mib(worker)

@@ -80,10 +80,14 @@ def order_from_fields(target: str | None, side: str | None, intent: str | None, 
 
 def record_from_request(request: decision_service_pb2.EvaluateRequest, bundle: Any = None) -> rec.PatientRecord:
     """The patient record of an ``EvaluateRequest``, with its ``order`` applied. ``bundle``, when
-    given, is the request's FHIR Bundle already parsed (an exported request may carry it so).
-    Raises RecordError naming the request field."""
+    given, is the request's FHIR Bundle already read: its bytes (``request.fhir_bundle``, which
+    a server reads once to measure the request: each read copies them out of the message), or
+    the Bundle already parsed (an exported request may carry it so). Raises RecordError naming
+    the request field."""
     road = request.WhichOneof("patient")
-    if bundle is not None:
+    if type(bundle) is bytes:
+        record = record_from_bundle_bytes(bundle)
+    elif bundle is not None:
         record = record_from_bundle(bundle)
     elif road == "context":
         record = record_from_context(request.context)

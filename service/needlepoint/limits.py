@@ -35,6 +35,11 @@ MAX_WORKLIST_UPLOAD_BYTES = 512 * MIB
 # (needlepoint.server.engine.collector_paused), on the gRPC and CDS Hooks roads alike.
 LARGE_REQUEST_BYTES = 256 * 1024
 
+# The memory large requests free is given back to the system once they add up to this many bytes
+# (needlepoint.server.engine.collector_paused): after every 8 MiB request, after about every ninth
+# of Synthea size (0.9 MB on average).
+RETURN_MEMORY_BYTES = 8 * MIB
+
 
 def declared_size(content_length: str | None) -> int | None:
     """The size an HTTP request declares (its ``Content-Length``), or None when it declares none

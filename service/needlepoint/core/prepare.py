@@ -671,7 +671,7 @@ def _signature_plans(ruleset: RuleSet, params: dict) -> dict[str, Callable[[dict
 
 def _signature(predicates: tuple, fields: tuple) -> Callable[[dict], tuple]:
     def signature(fact: dict) -> tuple:
-        return (tuple(fact.get("_tags", ())), tuple(p(fact) for p in predicates), tuple(fact.get(f) for f in fields))
+        return (tuple(fact.get("_tags", ())), tuple([p(fact) for p in predicates]), tuple([fact.get(f) for f in fields]))
 
     return signature
 

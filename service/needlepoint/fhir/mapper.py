@@ -188,16 +188,38 @@ def _codes(concept: Any, path: str, key: str | None = None, j: int | None = None
     vocabulary of one of Needlepoint's own code systems raises.
     """
     if type(concept) is dict:
-        usual = _usual_codings(concept)
-        if usual is not None:
-            return [Code(short, code, d if type(d := coding.get("display")) is str else None) for short, code, coding in usual]
+        # the fast path, as _usual_codings but building the Codes in the same pass (this runs
+        # for every coded resource): anything unusual breaks off to the checked path
+        codings = concept.get("coding")
+        if codings is None:
+            return []
+        if type(codings) is list:
+            codes: list[Code] = []
+            for coding in codings:
+                if type(coding) is not dict:
+                    break
+                system, code = coding.get("system"), coding.get("code")
+                if type(system) is not str or type(code) is not str or not system or not code:
+                    break
+                known = _KNOWN_SYSTEMS.get(system)
+                if known is None:
+                    short = system_short_name(system)
+                    vocabulary = _OWN_VOCABULARIES.get(short)
+                else:
+                    short, vocabulary = known
+                if vocabulary is not None and code not in vocabulary:
+                    break
+                display = coding.get("display")
+                codes.append(Code(short, code, display if type(display) is str else None))
+            else:
+                return codes
     elif concept is None:
         return []
     return _checked_codes(concept, _at(path, key, j))
 
 
 def _usual_codings(concept: JSON) -> list[tuple[str, str, JSON]] | None:
-    """The fast path of :func:`_codes` and :func:`_code_keys`: ``(short system, code, coding)``
+    """The fast path of :func:`_code_keys` (and, inline, of :func:`_codes`): ``(short system, code, coding)``
     for every coding when the concept has the usual shape (each coding an object with string
     system and code, any code of an own system in its vocabulary); None when anything is unusual,
     and the caller starts over with :func:`_checked_codes`, which skips or names the odd coding

@@ -73,7 +73,10 @@ def encode_decision(decision: core_decision.Decision) -> decision_pb2.Decision:
             if len(heads) >= _MAX_HEADS:  # rule sets come and go (hot reload): start again
                 heads.clear()
             cached = heads[id(head)] = (head, _head_bytes(head))
-        exp = add(outcome=e.outcome, matched=[{"fact": fact, "value": value} for fact, value in e.matched])
+        exp = add(outcome=e.outcome)
+        add_matched = exp.matched.add  # (one add per entry: faster than a list of dicts for the runtime to convert)
+        for fact, value in e.matched:
+            add_matched(fact=fact, value=value)
         exp.MergeFromString(cached[1])
         if e.overridden_by:
             exp.overridden_by.extend(e.overridden_by)

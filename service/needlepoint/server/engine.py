@@ -25,7 +25,7 @@ from needlepoint.core.explain import counterfactuals, explain_rule
 from needlepoint.core.record import PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.intake import as_of_to_datetime, record_from_request
-from needlepoint.limits import LARGE_REQUEST_BYTES
+from needlepoint.limits import LARGE_REQUEST_BYTES, RETURN_MEMORY_BYTES
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, discover, load_ruleset
 from needlepoint.server import convert
 from needlepoint.server.errors import ServiceError
@@ -70,11 +70,15 @@ def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike
 # same; the collector resumes afterwards.
 _paused = 0  # requests being evaluated with the collector paused (threads: the heavy lane and the loop)
 _paused_lock = threading.Lock()
+_unreturned = 0  # bytes of the large requests evaluated since freed memory was last given back
 
 
 @contextlib.contextmanager
-def collector_paused(pause: bool) -> Iterator[None]:
-    """Pause the cyclic garbage collector for a large request (see ``LARGE_REQUEST_BYTES``)."""
+def collector_paused(pause: bool, size: int | None = None) -> Iterator[None]:
+    """Pause the cyclic garbage collector for a large request (see ``LARGE_REQUEST_BYTES``), and
+    afterwards give the memory large requests freed back to the system once they add up to
+    ``RETURN_MEMORY_BYTES`` (``size``: this request's bytes; None counts as that much, so a caller
+    that cannot say gives memory back after every large request)."""
     global _paused
     if not pause:
         yield
@@ -90,13 +94,33 @@ def collector_paused(pause: bool) -> Iterator[None]:
             _paused -= 1
             if _paused == 0:
                 gc.enable()
-        _return_freed_memory()
+        _freed(RETURN_MEMORY_BYTES if size is None else size)
+
+
+def _freed(size: int) -> None:
+    """Count a large request of ``size`` bytes as done, and return freed memory once the large
+    requests since the last return add up to RETURN_MEMORY_BYTES (a single request that large
+    returns it at once).
+
+    Returning costs more than its own call: the malloc_trim, then the page faults of the next
+    request taking the pages back. After every request over 256 KiB, as before, that was 0.5 to
+    1.2 ms of a Synthea-size bundle (0.1-3 MB), a fifth to a quarter of its cost (measured with
+    bench/inprocess.py). In between, the heap keeps what the last large requests freed and the
+    next ones reuse it, so a worker's resident size is bounded by what those few requests need
+    at once, and does not grow (bench/memory.py --synthea-every 10)."""
+    global _unreturned
+    with _paused_lock:
+        _unreturned += size
+        if _unreturned < RETURN_MEMORY_BYTES:
+            return
+        _unreturned = 0
+    _return_freed_memory()
 
 
 def _return_freed_memory() -> None:
     """Hand the memory a large request freed back to the system (glibc keeps freed heap pages
     otherwise, so a worker's resident size would stay at its largest request's). A few
-    milliseconds, after large requests only; nothing where there is no glibc."""
+    milliseconds; nothing where there is no glibc."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -113,9 +137,17 @@ _malloc_trim = _load_malloc_trim()
 
 def request_size(request: decision_service_pb2.EvaluateRequest) -> int:
     """How large a request is, cheaply: the bundle's bytes, or the typed context's encoded size."""
+    return bundle_and_size(request)[1]
+
+
+def bundle_and_size(request: decision_service_pb2.EvaluateRequest) -> tuple[bytes | None, int]:
+    """The request's FHIR bundle (None for a typed context) and how large the request is (see
+    :func:`request_size`). Each read of ``request.fhir_bundle`` copies the bundle out of the
+    message: a caller that needs the bytes as well as the size reads them here, once."""
     if request.WhichOneof("patient") == "fhir_bundle":
-        return len(request.fhir_bundle)
-    return request.ByteSize()
+        bundle = request.fhir_bundle
+        return bundle, len(bundle)
+    return None, request.ByteSize()
 
 
 def _deadline_check(deadline: float | None) -> Callable[[], None] | None:
@@ -168,9 +200,10 @@ class Engine:
         who has given up stops costing CPU."""
         evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
         checkpoint = _deadline_check(deadline)
-        with collector_paused(request_size(request) > LARGE_REQUEST_BYTES):
+        bundle, size = bundle_and_size(request)  # (read once: each read copies the bundle)
+        with collector_paused(size > LARGE_REQUEST_BYTES, size):
             try:
-                record = self.record(request)
+                record = self.record(request, bundle)
                 if checkpoint is not None:
                     checkpoint()
                 has_as_of = request.HasField("as_of")
@@ -180,10 +213,10 @@ class Engine:
                 raise ServiceError.from_record_error(exc) from None
             return convert.encode_decision(decision)
 
-    def record(self, request: decision_service_pb2.EvaluateRequest) -> PatientRecord:
-        """The patient record of a request, with its order applied (:mod:`needlepoint.intake`).
-        Raises RecordError."""
-        return record_from_request(request)
+    def record(self, request: decision_service_pb2.EvaluateRequest, bundle: bytes | None = None) -> PatientRecord:
+        """The patient record of a request, with its order applied (:mod:`needlepoint.intake`);
+        ``bundle``: its ``fhir_bundle`` when the caller has already read it. Raises RecordError."""
+        return record_from_request(request, bundle)
 
     def explain(self, request: decision_service_pb2.ExplainRequest) -> decision_service_pb2.ExplainResponse:
         """Why a rule did or did not fire, and verified counterfactuals, for one evaluation."""
