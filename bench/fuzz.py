@@ -206,8 +206,9 @@ class Corpus:
 
     @classmethod
     def load(cls, *, synthea: bool = True, seed: int = 1) -> Corpus:
-        from needlepoint.intake import context_from_record
         from tests.patients import random_patients
+
+        from needlepoint.intake import context_from_record
 
         bundles = [ORDER_BUNDLE.read_bytes()]
         if synthea and SYNTHEA.is_dir():
@@ -536,7 +537,7 @@ class InProcessRunner:
 
     def __init__(self) -> None:
         from needlepoint.server import wire
-        from needlepoint.server.engine import Engine
+        from needlepoint.server.service import Engine
         from needlepoint.server.servicer import DecisionServicer, _guard
 
         self.wire = wire

@@ -93,13 +93,12 @@ def main() -> None:
     from needlepoint.core.evaluator import Evaluator
     from needlepoint.fhir.mapper import record_from_bundle
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
-
-    from needlepoint.server.engine import collector_paused
+    from needlepoint.server.service import collector_paused
 
     evaluator = Evaluator(load_ruleset(bundled_rulesets_dir() / "hip-injection"))
 
     def decide(data: bytes) -> dict:
-        # as the server evaluates a request over 256 KiB: the cyclic collector paused (server/engine.py)
+        # as the server evaluates a request over 256 KiB: the cyclic collector paused (server/service.py)
         with collector_paused(len(data) > 256 * 1024):
             return evaluator.evaluate(record_from_bundle(data), AS_OF)
 

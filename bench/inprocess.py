@@ -8,7 +8,7 @@
 Roads (the bundled rule set):
 
 * ``order``: an order-time FHIR bundle (tests/data/fhir/hip_injection_order.json) as request
-  bytes to a protobuf ``Decision``, through ``server.engine.Engine.evaluate`` as the gRPC servicer
+  bytes to a protobuf ``Decision``, through ``server.service.Engine.evaluate`` as the gRPC servicer
   calls it. The inputs are the bundle at 200 seeded instants, so each decision differs (ages,
   days since each result, the decision id).
 * ``record``: a mapped ``PatientRecord`` (1,000 seeded generated patients, ``tests/patients.py``)
@@ -61,11 +61,11 @@ class Roads:
 
     def __init__(self, seed: int) -> None:
         from google.protobuf import timestamp_pb2
-        from needlepoint.server import convert
-        from needlepoint.server.engine import Engine
-        from needlepoint.v1 import decision_service_pb2, patient_pb2
-
         from tests.patients import random_patients
+
+        from needlepoint.server import convert
+        from needlepoint.server.service import Engine
+        from needlepoint.v1 import decision_service_pb2, patient_pb2
 
         self.engine = Engine.load()
         self.evaluator = self.engine.evaluator("hip-injection")

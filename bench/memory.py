@@ -28,7 +28,6 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from isolation import ORDER_BUNDLE, _request, compact_bundle  # noqa: E402
-
 from needlepoint.v1 import decision_service_pb2_grpc  # noqa: E402
 
 

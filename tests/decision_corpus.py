@@ -1,7 +1,7 @@
 """A recorded corpus of decisions: the proof that a refactor or a speed-up changed no answer.
 
 Each item is one ``EvaluateRequest`` built from seeded or shared data, answered by the server's
-in-process road (``server.engine.Engine``: request -> patient record -> decision -> protobuf),
+in-process road (``server.service.Engine``: request -> patient record -> decision -> protobuf),
 and kept as what a caller sees:
 
 * ``json``: the contract JSON exactly as ``needlepoint evaluate --json`` prints it, and
@@ -87,7 +87,7 @@ def answer(engine: Any, request: Any) -> dict[str, str]:
 
 def compute(engine: Any | None = None) -> dict[str, dict[str, str]]:
     """Every item's answer, by id, from the code as it is now."""
-    from needlepoint.server.engine import Engine
+    from needlepoint.server.service import Engine
 
     engine = engine or Engine.load()
     out: dict[str, dict[str, str]] = {}

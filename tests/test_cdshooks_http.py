@@ -30,7 +30,7 @@ from needlepoint.cdshooks.discovery import discovery_document, prefetch_template
 from needlepoint.cdshooks.server import start_http
 from needlepoint.cdshooks.stores import InMemoryFeedbackStore
 from needlepoint.cdshooks.validate import validate_discovery, validate_response
-from needlepoint.server.engine import Engine
+from needlepoint.server.service import Engine
 from needlepoint.server.servicer import start_server
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -13,11 +13,10 @@ from typing import Any, ClassVar
 import grpc
 import pytest
 
-from needlepoint.core import decision
-from needlepoint.core import record as rec
 from needlepoint import intake
-from needlepoint.server.engine import Engine
+from needlepoint.core import decision, record as rec
 from needlepoint.server.errors import ServiceError
+from needlepoint.server.service import Engine
 from needlepoint.server.servicer import RunningServer, start_server
 from needlepoint.v1 import patient_pb2
 from needlepoint_client import (

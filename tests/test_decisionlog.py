@@ -40,7 +40,7 @@ from needlepoint.decisionlog import (
 from needlepoint.decisionlog.export import export_lines
 from needlepoint.decisionlog.pgtest import PostgresUnavailable, TemporaryPostgres
 from needlepoint.decisionlog.store import FeedbackStore
-from needlepoint.server.engine import Engine
+from needlepoint.server.service import Engine
 from needlepoint.v1 import decision_pb2, decision_service_pb2, patient_pb2
 
 AS_OF = dt.datetime(2025, 6, 2, 9, 0, tzinfo=dt.timezone.utc)

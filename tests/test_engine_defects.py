@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from needlepoint.core.compiler import compile_ruleset
-from needlepoint.core.engine import MAX_FACT_PROPERTIES, CompiledRules, EngineError, SidPool, fnv1a_32
+from needlepoint.core.durable import MAX_FACT_PROPERTIES, CompiledRules, EngineError, SidPool, fnv1a_32
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import Code, Condition, InjectionOrder, PatientRecord
 from needlepoint.core.ruleset import RuleSetError
@@ -83,7 +83,7 @@ _NOTHING_FIRES = """
     import durable_rules_engine as d, orjson, sys
     rules = {"r": {"all": [{"m": {"$and": [{"t": "x"}, {"v": 1}]}}]}}
     if sys.argv[-1] == "sentinel":
-        from needlepoint.core.engine import CompiledRules
+        from needlepoint.core.durable import CompiledRules
         engine = CompiledRules(rules)
         for i in range(300):
             assert engine.run([{"t": "y", "v": 2, "_fid": 0}]) == []
@@ -112,8 +112,8 @@ def test_sentinel_rule_makes_sessions_where_nothing_fires_safe() -> None:
 # The adapter's failure path: a session where nothing fired is deleted because its retraction
 # failed. The sentinel rule is what makes that delete safe; without it the same code crashes.
 _FAILED_RETRACTION = """
-    import needlepoint.core.engine as engine_module
-    from needlepoint.core.engine import CompiledRules
+    import needlepoint.core.durable as engine_module
+    from needlepoint.core.durable import CompiledRules
     engine = CompiledRules({"r": {"all": [{"m": {"$and": [{"t": "x"}, {"v": 1}]}}]}}, pool_size=1, sentinel=SENTINEL)
     engine_module._dre.retract_facts = lambda handle, payload: (5, 0)  # every retraction fails
     for i in range(300):
@@ -365,7 +365,7 @@ def test_a_failed_retraction_retires_the_session(monkeypatch) -> None:
     first = engine.pool.acquire()
     engine.pool.release(first)
     assert [n for n, _ in engine.run([{"k": "good", "_fid": 0}])] == ["r"]
-    import needlepoint.core.engine as engine_module
+    import needlepoint.core.durable as engine_module
 
     monkeypatch.setattr(engine_module._dre, "retract_facts", lambda handle, payload: (5, 0))
     engine.run([{"k": "good", "_fid": 0}])

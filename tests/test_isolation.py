@@ -13,9 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from needlepoint.core.engine import CompiledRules, EngineError
-from needlepoint.server.engine import Engine
+from needlepoint.core.durable import CompiledRules, EngineError
 from needlepoint.server.errors import ServiceError
+from needlepoint.server.service import Engine
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

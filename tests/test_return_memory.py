@@ -1,5 +1,5 @@
 """Large requests on the server's road: the bundle read out of the request once, and the memory
-they free given back once they add up to ``limits.RETURN_MEMORY_BYTES`` (server/engine.py)."""
+they free given back once they add up to ``limits.RETURN_MEMORY_BYTES`` (server/service.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from needlepoint.core.record import RecordError
 from needlepoint.intake import record_from_request
 from needlepoint.limits import LARGE_REQUEST_BYTES, MAX_BUNDLE_BYTES, RETURN_MEMORY_BYTES
-from needlepoint.server import engine
+from needlepoint.server import service as engine
 from needlepoint.v1 import decision_service_pb2, patient_pb2
 
 ORDER_BUNDLE = Path(__file__).parent / "data" / "fhir" / "hip_injection_order.json"

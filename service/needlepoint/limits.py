@@ -32,11 +32,11 @@ MAX_CDS_HOOKS_BODY_BYTES = 16 * MIB
 MAX_WORKLIST_UPLOAD_BYTES = 512 * MIB
 
 # A request larger than this is read and evaluated with the cyclic garbage collector paused
-# (needlepoint.server.engine.collector_paused), on the gRPC and CDS Hooks roads alike.
+# (needlepoint.server.service.collector_paused), on the gRPC and CDS Hooks roads alike.
 LARGE_REQUEST_BYTES = 256 * 1024
 
 # The memory large requests free is given back to the system once they add up to this many bytes
-# (needlepoint.server.engine.collector_paused): after every 8 MiB request, after about every ninth
+# (needlepoint.server.service.collector_paused): after every 8 MiB request, after about every ninth
 # of Synthea size (0.9 MB on average).
 RETURN_MEMORY_BYTES = 8 * MIB
 

@@ -79,8 +79,8 @@ from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import RecordError
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.limits import LARGE_REQUEST_BYTES, MAX_CDS_HOOKS_BODY_BYTES as MAX_BODY_BYTES, declared_size
-from needlepoint.server.engine import Engine, collector_paused
 from needlepoint.server.reload import UnknownVersion
+from needlepoint.server.service import Engine, collector_paused
 
 log = logging.getLogger("needlepoint.cdshooks")
 

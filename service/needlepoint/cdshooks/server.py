@@ -27,7 +27,7 @@ from starlette.routing import Mount
 
 from needlepoint.cdshooks.app import create_app
 from needlepoint.security.transport import TlsConfig
-from needlepoint.server.engine import Engine
+from needlepoint.server.service import Engine
 
 log = logging.getLogger("needlepoint.cdshooks")
 

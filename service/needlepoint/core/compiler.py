@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .conditions import FACT_FIELDS, RESERVED_FIELDS, Pattern, durable_pattern
-from .engine import fnv1a_32
+from .durable import fnv1a_32
 from .ruleset import RuleSet, RuleSetError
 
 MAX_EQUALITY_TESTS = 400

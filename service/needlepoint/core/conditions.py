@@ -8,7 +8,7 @@ Patterns never refer to each other's fields (joins are computed in :mod:`needlep
 as derived fields such as ``same_side``), which keeps the compiled durable-rules network clear of
 the engine's cross-fact comparison defect.
 
-The engine (:mod:`needlepoint.core.engine`) decides which rules fire. This module's
+The engine (:mod:`needlepoint.core.durable`) decides which rules fire. This module's
 :func:`test_holds` is the same semantics in Python, used for aggregates, for ``explain`` and to
 cross-check the engine in tests. Semantics follow the engine exactly: a missing field satisfies
 no comparison (not even ``ne``) and only ``exists: false``.

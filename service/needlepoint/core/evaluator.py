@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .compiler import compile_ruleset, rule_id_of
 from .decision import Decision
-from .engine import CompiledRules
+from .durable import CompiledRules
 from .prepare import Preparer
 from .record import PatientRecord, RecordError
 from .resolve import Firing, Resolver

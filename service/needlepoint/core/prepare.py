@@ -32,7 +32,6 @@ from .record import Code, DataIssue, PatientRecord, RecordError
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
 
-
 @dataclass(slots=True)
 class FactInfo:
     """What explanations need to show about one asserted fact."""

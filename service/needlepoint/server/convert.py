@@ -25,7 +25,6 @@ from needlepoint.core import decision as core_decision
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.v1 import decision_pb2, ruleset_pb2
 
-
 # -- the way out --------------------------------------------------------------------------------
 
 

@@ -29,8 +29,8 @@ from needlepoint.security.logsafe import correlation_ref
 from needlepoint.security.transport import SecurityConfig, bind, interceptors as security_interceptors
 from needlepoint.server import wire
 from needlepoint.server.decision_log import log_decision
-from needlepoint.server.engine import Engine, request_size
 from needlepoint.server.errors import ServiceError, correlation_id_problem
+from needlepoint.server.service import Engine, request_size
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, ruleset_pb2
 
 if TYPE_CHECKING:

@@ -37,8 +37,8 @@ from needlepoint.security import logsafe
 from needlepoint.security.transport import SecurityConfig
 from needlepoint.server import metrics
 from needlepoint.server.calls import CallGate
-from needlepoint.server.engine import Engine
 from needlepoint.server.reload import Accepted, Catalog, Registry
+from needlepoint.server.service import Engine
 from needlepoint.server.servicer import MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, server_options, start_server
 
 if TYPE_CHECKING:  # imported where it is used: SQLAlchemy loads only when there is a decision log

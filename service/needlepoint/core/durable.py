@@ -1,4 +1,4 @@
-"""The durable-rules engine, behind one small interface. No other module imports it.
+"""durable-rules, behind one small interface: compiled rule sets and their session pool. No other module imports the binding.
 
 We use the raw C binding (``durable_rules_engine``), never ``durable.lang``/``engine.Host``,
 whose timer threads run other sessions' actions and crash under a thread pool. Each

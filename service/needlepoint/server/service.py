@@ -1,4 +1,4 @@
-"""The evaluation engine behind the gRPC servicer and the CLI's in-process path.
+"""The service behind every road (gRPC, CDS Hooks, the CLI in-process): requests in, Decision messages out.
 
 Rule sets are loaded once into ``{id: Evaluator}``; :meth:`Engine.evaluate` takes an
 ``EvaluateRequest`` and returns a ``Decision`` or raises :class:`ServiceError`. Because the CLI
