@@ -37,9 +37,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from needlepoint.fhir.mapper import record_from_bundle
 from needlepoint.rulesets import DEFAULT_RULESET
-from needlepoint.server.engine import Engine
 from needlepoint.server import metrics
 from needlepoint.server.calls import CallGate
+from needlepoint.server.engine import Engine
 from needlepoint.server.servicer import server_options, start_server
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc
 

@@ -93,7 +93,6 @@ def main() -> None:
     from needlepoint.core.evaluator import Evaluator
     from needlepoint.fhir.mapper import record_from_bundle
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
-
     from needlepoint.server.engine import collector_paused
 
     evaluator = Evaluator(load_ruleset(bundled_rulesets_dir() / "hip-injection"))

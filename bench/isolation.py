@@ -29,7 +29,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import heavy  # noqa: E402
-
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc  # noqa: E402
 
 ORDER_BUNDLE = ROOT / "tests" / "data" / "fhir" / "hip_injection_order.json"
@@ -69,11 +68,10 @@ def _request(bundle: bytes) -> decision_service_pb2.EvaluateRequest:
 
 
 def in_process(bundles: dict[str, bytes]) -> None:
-    from needlepoint.core.explain import counterfactuals
     from needlepoint.core.evaluator import Evaluator
+    from needlepoint.core.explain import counterfactuals
     from needlepoint.fhir.mapper import record_from_bundle
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
-
     from needlepoint.server.engine import Engine
 
     engine = Engine.load()  # the request road the server takes: bytes in, Decision message out

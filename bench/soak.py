@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fuzz  # noqa: E402  (bench/fuzz.py: generators, runner, server)
+import fuzz  # bench/fuzz.py: generators, runner, server
 
 # Shares of the load.
 MIX = {"bundle": 30, "synthea": 5, "context": 30, "stream": 5, "hostile": 30}

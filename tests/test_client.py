@@ -13,9 +13,8 @@ from typing import Any, ClassVar
 import grpc
 import pytest
 
-from needlepoint.core import decision
-from needlepoint.core import record as rec
 from needlepoint import intake
+from needlepoint.core import decision, record as rec
 from needlepoint.server.engine import Engine
 from needlepoint.server.errors import ServiceError
 from needlepoint.server.servicer import RunningServer, start_server

@@ -6,6 +6,7 @@ import dataclasses
 
 import orjson
 import pytest
+
 from needlepoint.core.decision import (
     Caution,
     Decision,

@@ -60,7 +60,6 @@ from .core.record import (
 )
 from .rulesets.reader import load_yaml
 
-
 EXPECT_KEYS = {
     "fired",
     "not_fired",

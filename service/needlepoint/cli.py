@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 import click
 
 from needlepoint import __version__
-from needlepoint.cli_cds import cds as cds_command
 from needlepoint.cli_batch import command as batch_command
-from needlepoint.cli_options import order_options, parse_instant
+from needlepoint.cli_cds import cds as cds_command
 from needlepoint.cli_decisions import DATABASE_OPTION, MASK_OPTION, decisions, migrate_for_serve
+from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.cli_rules import LazyGroup, rules
 from needlepoint.cli_worklist import command as worklist_command
 from needlepoint.rulesets import DEFAULT_RULESET
@@ -234,6 +234,7 @@ def evaluate(
 
 def _remote(server: str, request: EvaluateRequest, timeout: float, connection: dict[str, Any]) -> Decision:
     import grpc
+
     from needlepoint_client import EvaluationError, NeedlepointClient, NeedlepointError
 
     with NeedlepointClient(server, timeout=timeout, **connection) as client:

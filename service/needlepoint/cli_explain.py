@@ -19,7 +19,7 @@ from needlepoint.core.record import RecordError
 
 def _facts_of(pattern_text: str) -> str:
     """The facts a pattern is about, from its description: ``observation inr facts``."""
-    kind = pattern_text.split(" with ")[0].removeprefix("no ")
+    kind = pattern_text.split(" with ", maxsplit=1)[0].removeprefix("no ")
     concept = re.search(r"\bconcept = ([\w-]+)", pattern_text)
     return f"{kind} {concept.group(1)} facts" if concept else f"{kind} facts"
 

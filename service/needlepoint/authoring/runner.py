@@ -120,7 +120,7 @@ def run(path: Path, *, overlay: Path | None = None, select: str | None = None) -
     conditions = list(condition_labels(ruleset))
     coverage = Coverage(
         rules_fired={r.id: 0 for r in ruleset.rules},
-        outcomes={o: 0 for o in sorted(possible_outcomes(ruleset))},
+        outcomes=dict.fromkeys(sorted(possible_outcomes(ruleset)), 0),
         conditions={label: set() for label, _, _ in conditions},
     )
     results: list[CaseResult] = []

@@ -19,8 +19,9 @@ overlay, NP015 a duplicate definition.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from needlepoint.core.conditions import Pattern
 from needlepoint.core.ruleset import (

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from needlepoint.core.conditions import FACT_FIELDS, RESERVED_FIELDS
-from needlepoint.core.record import FLAGS, INTENTS, SEXES, SIDES, TARGETS
-from needlepoint.core.record import INJECTATE_CATEGORIES as INJECTATE_CODES
+from needlepoint.core.record import FLAGS, INJECTATE_CATEGORIES as INJECTATE_CODES, INTENTS, SEXES, SIDES, TARGETS
 from needlepoint.core.ruleset import (
     CATEGORIES,
     CODE_SYSTEMS,
@@ -33,6 +32,7 @@ from needlepoint.core.ruleset import (
     STATUSES,
     UNIT_CONVERSIONS,
 )
+
 from .diagnostics import describe, suggest
 
 SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")

@@ -9,9 +9,10 @@ exception. Duplicate keys (which YAML silently collapses to the last) are record
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -53,7 +54,7 @@ class Document:
     duplicates: list[Duplicate] = field(default_factory=list, repr=False)
 
     @classmethod
-    def plain(cls, rel: str, value: Any) -> "Document":
+    def plain(cls, rel: str, value: Any) -> Document:
         return cls(file="", rel=rel, value=value, loaded=True)
 
     def pos(self, path: Iterable, *, key: bool = True) -> tuple[int, int]:

@@ -122,7 +122,7 @@ class RuleChecks:
         if not isinstance(body, dict):
             self.error("NP002", doc, bpath, f"{what}: the field tests of {kind} are a mapping of field to test; got {describe(body)}", key=False)
             return None
-        fields = {name: "number" for name in summary_fields} if kind == "summary" else FACT_FIELDS[kind]
+        fields = dict.fromkeys(summary_fields, "number") if kind == "summary" else FACT_FIELDS[kind]
         tests: list[FieldTest] | None = []
         for fld, spec in body.items():
             fpath = bpath + (fld,)
@@ -278,7 +278,7 @@ class RuleChecks:
         evidence at all is lint's policy, NP011 there.)"""
         if "rationale" not in raw:
             self.error("NP011", doc, path, f"{what} has no rationale: say why the rule exists (every explanation shows it)", key=False)
-        elif isinstance(raw["rationale"], str) and not raw["rationale"].strip() or raw["rationale"] is None:
+        elif (isinstance(raw["rationale"], str) and not raw["rationale"].strip()) or raw["rationale"] is None:
             self.error("NP011", doc, path + ("rationale",), f"{what}: the rationale is empty")
         elif not isinstance(raw["rationale"], str):
             self.error("NP002", doc, path + ("rationale",), f"{what}: rationale must be text; got {describe(raw['rationale'])}", key=False)

@@ -16,9 +16,10 @@ that travels between processes and that the rule-set digest is computed over.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .reader import Document, read_file
 

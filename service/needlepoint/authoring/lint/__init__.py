@@ -102,7 +102,7 @@ class Finding:
         return (self.file, self.line, self.column, self.code, self.message)
 
     @classmethod
-    def of(cls, d: Diagnostic) -> "Finding":
+    def of(cls, d: Diagnostic) -> Finding:
         """A diagnostic as lint shows it: the key path in brackets after the message."""
         return cls(d.code, d.severity, d.file, d.line, d.column, d.message + (f" [{d.key_path}]" if d.key_path else ""))
 

@@ -9,8 +9,9 @@ ignores (NP001 warnings).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import combinations
-from typing import Any, Iterable
+from typing import Any
 
 from needlepoint.core.conditions import FieldTest, ParamRef
 from needlepoint.core.ruleset import RECOMMENDATIONS
@@ -227,9 +228,7 @@ class Linter(Semantics):
                 # the band that should fit against the other.
                 if a[2].hi_test is not None and a[2].hi_test.op == "lte":
                     here, there = a, b
-                elif b[2].lo_test is not None and b[2].lo_test.op == "gt":
-                    here, there = b, a
-                elif ib.two_sided() or not ia.two_sided():
+                elif (b[2].lo_test is not None and b[2].lo_test.op == "gt") or ib.two_sided() or not ia.two_sided():
                     here, there = b, a
                 else:
                     here, there = a, b

@@ -14,7 +14,7 @@ from needlepoint.rulesets.format import CODE_PATTERNS, CODE_SHAPES, CODE_VOCABUL
 
 def article(phrase: str) -> str:
     """The phrase with its indefinite article (by sound for the code-system names)."""
-    an = phrase[:1].lower() in "aeiou" or phrase.split(" ")[0] in ("icd10cm", "rxnorm", "snomed", "np-target", "np-intent", "np-injectate", "np-flag", "np-obs")
+    an = phrase[:1].lower() in "aeiou" or phrase.split(" ", maxsplit=1)[0] in ("icd10cm", "rxnorm", "snomed", "np-target", "np-intent", "np-injectate", "np-flag", "np-obs")
     return f"{'an' if an else 'a'} {phrase}"
 
 

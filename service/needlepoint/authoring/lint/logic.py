@@ -8,8 +8,9 @@ conflicts, bands) are built on these. Everything works on the builder's entries
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from needlepoint.core.conditions import FACT_FIELDS, FieldTest, ParamRef
 from needlepoint.rulesets.builder import AggregateEntry, ConceptEntry, ParamEntry, PatternEntry, RuleEntry, ValueSetEntry
@@ -64,7 +65,7 @@ class Interval:
     hi: float = math.inf
     hi_in: bool = False
 
-    def __and__(self, other: "Interval") -> "Interval":
+    def __and__(self, other: Interval) -> Interval:
         if self.lo > other.lo or (self.lo == other.lo and not self.lo_in):
             lo, lo_in = self.lo, self.lo_in
         else:
@@ -81,7 +82,7 @@ class Interval:
     def has(self, x: float) -> bool:
         return (self.lo < x or (self.lo == x and self.lo_in)) and (x < self.hi or (x == self.hi and self.hi_in))
 
-    def contains(self, other: "Interval") -> bool:
+    def contains(self, other: Interval) -> bool:
         lo_ok = self.lo < other.lo or (self.lo == other.lo and (self.lo_in or not other.lo_in))
         hi_ok = self.hi > other.hi or (self.hi == other.hi and (self.hi_in or not other.hi_in))
         return lo_ok and hi_ok
@@ -89,7 +90,7 @@ class Interval:
     def two_sided(self) -> bool:
         return math.isfinite(self.lo) and math.isfinite(self.hi)
 
-    def integers(self) -> "Interval":
+    def integers(self) -> Interval:
         """The same set of integers, with inclusive integer ends."""
         lo = self.lo if math.isinf(self.lo) else (math.ceil(self.lo) if self.lo_in else math.floor(self.lo) + 1)
         hi = self.hi if math.isinf(self.hi) else (math.floor(self.hi) if self.hi_in else math.ceil(self.hi) - 1)
