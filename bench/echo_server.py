@@ -151,7 +151,9 @@ def main() -> None:
     args = parser.parse_args()
     bundle = args.bundle.read_bytes()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args.port, bundle, args.as_of, args.work, args.stack)) for _ in range(args.workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(args.port, bundle, args.as_of, args.work, args.stack)) for _ in range(args.workers)
+    ]
     for p in procs:
         p.start()
 

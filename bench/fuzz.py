@@ -334,7 +334,9 @@ def gen_protobuf_bytes(corpus: Corpus, rng: random.Random) -> bytes:
         junk = rng.choice([b"\xff\xfe", b"\xed\xa0\x80", b"\xc3", b"ok\x80"])
         return bytes(valid) + tag + bytes([len(junk)]) + junk
     if op == 4:  # a wrong wire type for a known field, or an unknown field with a big varint
-        return bytes(valid) + rng.choice([b"\x30\x01", b"\x1d\x00\x00\x00\x00", b"\xf8\xff\xff\xff\x0f\x01", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"])
+        return bytes(valid) + rng.choice(
+            [b"\x30\x01", b"\x1d\x00\x00\x00\x00", b"\xf8\xff\xff\xff\x0f\x01", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]
+        )
     if op == 5:  # deep groups / nested messages
         depth = rng.randrange(50, 2000)
         return rng.choice([b"\x0b" * depth, b"\x0a\x7f" * depth]) + bytes(valid)
@@ -646,7 +648,9 @@ class Tally:
             rows.append([kind, *(str(counter.get(c, 0)) for c in codes), str(total)])
         rows.append(["all", *(str(totals.get(c, 0)) for c in codes), str(sum(v for c, v in totals.items() if c != "FAILED"))])
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+        return "\n".join(
+            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+        )
 
 
 def run(runner: Any, corpus: Corpus, *, inputs: int, seconds: float, seed: int, progress: bool = True) -> Tally:

@@ -167,7 +167,9 @@ def figures(corpus: Corpus, paths: list[Path], labels: list[str], truncation_lab
             "deceased_at_instant": sum(i.deceased for _, i in at),
             "deceased_findings": sum(bool(i.findings["deceased"]) for _, i in at),
             "missing_data_by_code": dict(missing.most_common()),
-            "stale_missing_data": [{"bundle": _short(s.path), "finding": f} for s, i in at for f in i.findings["stale-missing-data"]],
+            "stale_missing_data": [
+                {"bundle": _short(s.path), "finding": f} for s, i in at for f in i.findings["stale-missing-data"]
+            ],
             "invariant_violations": sum(violations.values()),
             "decisions_with_violations": sum(bool(i.findings["invariants"]) for _, i in at),
             "violations_by_kind": dict(violations.most_common()),
@@ -180,14 +182,24 @@ def figures(corpus: Corpus, paths: list[Path], labels: list[str], truncation_lab
             "records_removed": sum(i.removed for _, i in at),
             "bundles_truncated": sum(i.removed > 0 for _, i in at),
             "not_evaluable_both_ways": sum(i.full.error is not None and i.full.error == i.truncated.error for _, i in at),
-            "mismatches": [{"bundle": _short(s.path), "instant": f"{i.instant:%Y-%m-%dT%H:%M:%SZ}", "difference": i.findings["truncation"]} for s, i in at if i.findings["truncation"]],
+            "mismatches": [
+                {"bundle": _short(s.path), "instant": f"{i.instant:%Y-%m-%dT%H:%M:%SZ}", "difference": i.findings["truncation"]}
+                for s, i in at
+                if i.findings["truncation"]
+            ],
         }
     return out
 
 
 def render(data: dict, report: Report, examples: int) -> None:
-    report.line(f"Real records: {data['bundles']} bundles ({data['distinct_patients']} distinct patients; " + ", ".join(f"{k} {v}" for k, v in data["folders"].items()) + f"), rule set {data['ruleset']}")
-    report.line(f"Order supplied: hip-intra-articular, right, therapeutic. Pregnancy window: {data['pregnancy_window_days']:g} days.")
+    report.line(
+        f"Real records: {data['bundles']} bundles ({data['distinct_patients']} distinct patients; "
+        + ", ".join(f"{k} {v}" for k, v in data["folders"].items())
+        + f"), rule set {data['ruleset']}"
+    )
+    report.line(
+        f"Order supplied: hip-intra-articular, right, therapeutic. Pregnancy window: {data['pregnancy_window_days']:g} days."
+    )
     report.line("")
     for label, f in data["instants"].items():
         report.section(
@@ -198,12 +210,30 @@ def render(data: dict, report: Report, examples: int) -> None:
         report.section(
             f"At {label}: pregnancy deferrals ({len(f['pregnancy_deferrals'])}; {f['stale_pregnancy_deferrals']} on evidence older than the window)",
             ("bundle", "evidence age (days)", "stale", "newest evidence"),
-            [(p["bundle"], p["evidence_age_days"] if p["evidence_age_days"] is not None else "-", "STALE" if p["stale"] else "ok", p["evidence"]) for p in f["pregnancy_deferrals"]],
+            [
+                (
+                    p["bundle"],
+                    p["evidence_age_days"] if p["evidence_age_days"] is not None else "-",
+                    "STALE" if p["stale"] else "ok",
+                    p["evidence"],
+                )
+                for p in f["pregnancy_deferrals"]
+            ],
         )
         report.section(
             f"At {label}: deceased patients ({f['deceased_at_instant']} dead at the instant; {f['deceased_findings']} not handled as the contract says)",
             ("bundle", "died", "dead at T", "ok", "deferrals", "missing data"),
-            [(d["bundle"], d["died"], "yes" if d["dead_at_instant"] else "no", "ok" if d["ok"] else "WRONG", ", ".join(d["deferrals"]) or d["error"] or "none", ", ".join(d["missingData"]) or "none") for d in f["deceased"]],
+            [
+                (
+                    d["bundle"],
+                    d["died"],
+                    "yes" if d["dead_at_instant"] else "no",
+                    "ok" if d["ok"] else "WRONG",
+                    ", ".join(d["deferrals"]) or d["error"] or "none",
+                    ", ".join(d["missingData"]) or "none",
+                )
+                for d in f["deceased"]
+            ],
         )
         stale = f["stale_missing_data"]
         report.section(
@@ -219,7 +249,16 @@ def render(data: dict, report: Report, examples: int) -> None:
         )
     rows, details = [], []
     for label, t in data["truncation"].items():
-        rows.append((label, t["bundles"], t["bundles_truncated"], t["records_removed"], t["not_evaluable_both_ways"], len(t["mismatches"])))
+        rows.append(
+            (
+                label,
+                t["bundles"],
+                t["bundles_truncated"],
+                t["records_removed"],
+                t["not_evaluable_both_ways"],
+                len(t["mismatches"]),
+            )
+        )
         for m in t["mismatches"][:examples]:
             details.append((label, m["bundle"], m["instant"], " | ".join(m["difference"])))
         if len(t["mismatches"]) > examples:
@@ -247,7 +286,11 @@ def render(data: dict, report: Report, examples: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instant", action="append", help="an ISO instant, or 'last-encounter'; repeat for several (default: 2025-06-02T09:00:00Z and last-encounter)")
+    parser.add_argument(
+        "--instant",
+        action="append",
+        help="an ISO instant, or 'last-encounter'; repeat for several (default: 2025-06-02T09:00:00Z and last-encounter)",
+    )
     parser.add_argument("--examples", type=int, default=5, help="how many examples to list per kind (default 5)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a report")
     args = parser.parse_args(argv)

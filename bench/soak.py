@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'all':10} {len(everything):9,} {sum(stats.failures.values()):8} {statistics.median(everything) * 1e3:8.1f} "
           f"{percentile(everything, 0.99) * 1e3:8.1f} {max(everything) * 1e3:8.1f}")
     for pid, samples in rss.items():
-        print(f"RSS pid {pid}: start {samples[0] / 1024:.0f} MiB, peak {max(samples) / 1024:.0f} MiB, end {samples[-1] / 1024:.0f} MiB")
+        print(
+            f"RSS pid {pid}: start {samples[0] / 1024:.0f} MiB, peak {max(samples) / 1024:.0f} MiB, end {samples[-1] / 1024:.0f} MiB"
+        )
     problems: dict[str, int] = {}
     if server is not None:
         problems = fuzz.log_problems(server.log_path.read_text(errors="replace"))

@@ -178,7 +178,13 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
         onset = _prefixed(c, "onset", as_of, path)
         recorded = _prefixed(c, "recorded", as_of, path)
         rec.conditions.append(
-            Condition(_codes(c, path), source=path, begun=_begun(onset, recorded), since=onset or recorded, ended=_prefixed(c, "ended", as_of, path))
+            Condition(
+                _codes(c, path),
+                source=path,
+                begun=_begun(onset, recorded),
+                since=onset or recorded,
+                ended=_prefixed(c, "ended", as_of, path),
+            )
         )
     for i, m in enumerate(patient.get("medications", [])):
         path = f"{where}.medications[{i}]"
@@ -201,7 +207,13 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
         path = f"{where}.allergies[{i}]"
         a = a if isinstance(a, dict) else {"code": a}
         rec.allergies.append(
-            Allergy(_codes(a, path), severity=a.get("severity"), criticality=a.get("criticality"), source=path, begun=_prefixed(a, "recorded", as_of, path))
+            Allergy(
+                _codes(a, path),
+                severity=a.get("severity"),
+                criticality=a.get("criticality"),
+                source=path,
+                begun=_prefixed(a, "recorded", as_of, path),
+            )
         )
     for i, p in enumerate(patient.get("prior_injections", [])):
         path = f"{where}.prior_injections[{i}]"
@@ -218,7 +230,13 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
     for i, s in enumerate(patient.get("planned_surgeries", [])):
         path = f"{where}.planned_surgeries[{i}]"
         rec.planned_surgeries.append(
-            PlannedSurgery(_codes(s, path), date=_when(s, "at", as_of, path), side=s.get("side"), source=path, begun=_prefixed(s, "ordered", as_of, path))
+            PlannedSurgery(
+                _codes(s, path),
+                date=_when(s, "at", as_of, path),
+                side=s.get("side"),
+                source=path,
+                begun=_prefixed(s, "ordered", as_of, path),
+            )
         )
     if "order" in patient:
         o = patient["order"] or {}
@@ -231,7 +249,9 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
             source=f"{where}.order",
         )
     for i, inj in enumerate(patient.get("injectates", [])):
-        rec.planned_injectates.append(PlannedInjectate(_codes(inj, f"{where}.injectates[{i}]"), source=f"{where}.injectates[{i}]"))
+        rec.planned_injectates.append(
+            PlannedInjectate(_codes(inj, f"{where}.injectates[{i}]"), source=f"{where}.injectates[{i}]")
+        )
     rec.flags = list(patient.get("flags", []))
     return rec
 
@@ -249,7 +269,16 @@ def load_cases(path: Path) -> list[Case]:
         if unknown:
             raise RecordError(f"{where}.expect", f"unknown key(s) {', '.join(sorted(unknown))}")
         as_of = _instant(raw.get("as_of", "2025-06-02T09:00:00Z"), f"{where}.as_of")
-        cases.append(Case(raw["name"], where, as_of, record_from_shorthand(raw.get("patient") or {}, as_of, f"{where}.patient"), raw["expect"], raw.get("tags", [])))
+        cases.append(
+            Case(
+                raw["name"],
+                where,
+                as_of,
+                record_from_shorthand(raw.get("patient") or {}, as_of, f"{where}.patient"),
+                raw["expect"],
+                raw.get("tags", []),
+            )
+        )
     return cases
 
 
@@ -298,11 +327,16 @@ def check(case: Case, decision: dict) -> list[str]:
     for category, want in (exp.get("injectates") or {}).items():
         if recs.get(category) != want:
             problems.append(f"injectate {category}: expected {want}, got {recs.get(category, 'nothing')}")
-    by_key = {(d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}"): d["severity"] for d in decision.get("deferrals", [])}
+    by_key = {
+        (d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}"): d["severity"]
+        for d in decision.get("deferrals", [])
+    }
     for key, want in (exp.get("severities") or {}).items():
         if by_key.get(key) != want:
             problems.append(f"deferral {key}: expected severity {want}, got {by_key.get(key, 'no such deferral')}")
-    messages = [m.get("message", "") for part in ("injectates", "deferrals", "cautions", "missingData") for m in decision.get(part, [])]
+    messages = [
+        m.get("message", "") for part in ("injectates", "deferrals", "cautions", "missingData") for m in decision.get(part, [])
+    ]
     for text in exp.get("messages_include", []):
         if not any(text in m for m in messages):
             problems.append(f"no message contains {text!r}")

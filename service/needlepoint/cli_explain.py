@@ -27,7 +27,9 @@ def _facts_of(pattern_text: str) -> str:
 def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
     lines = []
     if rule_report is not None:
-        lines.append(f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: {'FIRED' if rule_report['fired'] else 'did not fire'}")
+        lines.append(
+            f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: {'FIRED' if rule_report['fired'] else 'did not fire'}"
+        )
         for alt in rule_report["alternatives"]:
             lines.append(f"  alternative {alt['index']}: {'holds' if alt['holds'] else 'does not hold'}")
             for p in alt["patterns"]:
@@ -37,7 +39,9 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
                 for c in p["candidates"]:
                     lines.append(f"      {c['fact']}")
                     for t in c["conditions"]:
-                        lines.append(f"        {'✓' if t['holds'] else '✗'} {t['condition']} (threshold {t['threshold']}): saw {t['saw']}")
+                        lines.append(
+                            f"        {'✓' if t['holds'] else '✗'} {t['condition']} (threshold {t['threshold']}): saw {t['saw']}"
+                        )
     lines.append("What would change the deferrals:" if changes else "No deferral depends on a numeric value that could change.")
     lines += [f"  {c['deferral']}: {c['text']}" for c in changes]
     return lines
@@ -48,7 +52,12 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
 @click.option("--rule", "rule_id", help="Explain this rule: each condition with the value it saw.")
 @click.option("--as-of", callback=parse_instant, help="Evaluation instant, ISO 8601 (default: now; UTC if no zone).")
 @order_options("supplies or overrides the order's.")
-@click.option("--ruleset", "ruleset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Rule set directory (default: the bundled hip-injection).")
+@click.option(
+    "--ruleset",
+    "ruleset_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Rule set directory (default: the bundled hip-injection).",
+)
 @click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def command(file, rule_id, as_of, target, side, intent, ruleset_dir, overlay, as_json) -> None:

@@ -151,7 +151,12 @@ def unit_mutants(docs: dict) -> Iterator[Mutant]:
                     def convert_by(spec: dict, key=key, unit=unit, other=other) -> None:
                         spec[key][unit] = other
 
-                    yield Mutant("unit", f"{label}: {_show(conversion)} -> {_show(other)}", _with_observations(docs, cid, convert_by), concept=cid)
+                    yield Mutant(
+                        "unit",
+                        f"{label}: {_show(conversion)} -> {_show(other)}",
+                        _with_observations(docs, cid, convert_by),
+                        concept=cid,
+                    )
 
                 def drop(spec: dict, key=key, unit=unit) -> None:
                     del spec[key][unit]
@@ -191,7 +196,10 @@ def plausible_mutants(docs: dict, cases: Iterable[Case]) -> Iterator[Mutant]:
             ends = [(0, low, least + max(abs(least) / 1000, 0.001), f"excludes {least:g}, the lowest value a case gives"),
                     (1, high, most - max(abs(most) / 1000, 0.001), f"excludes {most:g}, the highest value a case gives")]  # fmt: skip
         else:
-            ends = [(0, low, low + (high - low) / 10, "no case gives a value"), (1, high, high - (high - low) / 10, "no case gives a value")]
+            ends = [
+                (0, low, low + (high - low) / 10, "no case gives a value"),
+                (1, high, high - (high - low) / 10, "no case gives a value"),
+            ]
         for end, old, new, why in ends:
             if not low < new < high:
                 continue  # the cases' values fill the range: there is no inward to move to
@@ -200,7 +208,12 @@ def plausible_mutants(docs: dict, cases: Iterable[Case]) -> Iterator[Mutant]:
                 spec["plausible"] = [new, spec["plausible"][1]] if end == 0 else [spec["plausible"][0], new]
 
             what = "low" if end == 0 else "high"
-            yield Mutant("plausible", f"{cid} plausible {what}: {old:g} -> {new:g} ({why})", _with_observations(docs, cid, narrow), concept=cid)
+            yield Mutant(
+                "plausible",
+                f"{cid} plausible {what}: {old:g} -> {new:g} ({why})",
+                _with_observations(docs, cid, narrow),
+                concept=cid,
+            )
 
 
 def mutants(docs: dict, kinds: tuple[str, ...], cases: Iterable[Case] = ()) -> Iterator[Mutant]:
@@ -236,7 +249,9 @@ def run(path: Path, kinds: tuple[str, ...] = KINDS, progress=None, match: str = 
                 killer = _first_failing(evaluator, cases)
             else:  # only a case with a result of that concept can notice; try those first
                 about = [c for c in cases if mutant.concept in concepts_of[id(c)]]
-                killer = _first_failing(evaluator, about) or _first_failing(evaluator, [c for c in cases if mutant.concept not in concepts_of[id(c)]])
+                killer = _first_failing(evaluator, about) or _first_failing(
+                    evaluator, [c for c in cases if mutant.concept not in concepts_of[id(c)]]
+                )
         finally:
             evaluator.close()
         if killer is None:
@@ -253,7 +268,15 @@ def run(path: Path, kinds: tuple[str, ...] = KINDS, progress=None, match: str = 
 def _concepts_of(docs: dict, cases: list[Case]) -> dict[int, set[str]]:
     """For each case (by id), the observation concepts its record has a result of."""
     concept_of_code = {code: cid for cid, spec in (docs.get("observations") or {}).items() for code in spec.get("codes") or ()}
-    return {id(case): {concept_of_code[f"{c.system}#{c.code}"] for o in case.record.observations for c in o.codes if f"{c.system}#{c.code}" in concept_of_code} for case in cases}
+    return {
+        id(case): {
+            concept_of_code[f"{c.system}#{c.code}"]
+            for o in case.record.observations
+            for c in o.codes
+            if f"{c.system}#{c.code}" in concept_of_code
+        }
+        for case in cases
+    }
 
 
 def _first_failing(evaluator: Evaluator, cases: list[Case]) -> Case | None:
@@ -269,7 +292,12 @@ def _first_failing(evaluator: Evaluator, cases: list[Case]) -> Case | None:
 @click.command(name="mutate")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(KINDS), help="Only these kinds of mutant (repeatable).")
-@click.option("--match", default="", metavar="TEXT", help="Only the mutants whose description contains TEXT (e.g. a concept or parameter name).")
+@click.option(
+    "--match",
+    default="",
+    metavar="TEXT",
+    help="Only the mutants whose description contains TEXT (e.g. a concept or parameter name).",
+)
 def command(path: Path, kinds: tuple[str, ...], match: str) -> None:
     """Check that the rule set's own cases notice every small change to its thresholds,
     comparisons, value sets, unit conversions and plausible ranges; list the changes they would

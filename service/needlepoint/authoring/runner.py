@@ -171,11 +171,21 @@ def format_report(path: Path, results: list[CaseResult], coverage: Coverage | No
     if coverage is not None:
         never = [rid for rid, n in coverage.rules_fired.items() if not n]
         missing = [o for o, n in coverage.outcomes.items() if not n]
-        partial = [f"{label}: seen only {'true' if True in seen else 'false' if seen else 'never'}" for label, seen in coverage.conditions.items() if len(seen) < 2]
+        partial = [
+            f"{label}: seen only {'true' if True in seen else 'false' if seen else 'never'}"
+            for label, seen in coverage.conditions.items()
+            if len(seen) < 2
+        ]
         lines.append("-" * 30 + " coverage " + "-" * 30)
-        lines.append(f"rules       {sum(1 for n in coverage.rules_fired.values() if n)}/{len(coverage.rules_fired)} fired ({coverage.rule_percent:.1f}%)")
-        lines.append(f"outcomes    {sum(1 for n in coverage.outcomes.values() if n)}/{len(coverage.outcomes)} produced ({coverage.outcome_percent:.1f}%)")
-        lines.append(f"conditions  {sum(1 for s in coverage.conditions.values() if len(s) == 2)}/{len(coverage.conditions)} seen true and false ({coverage.condition_percent:.1f}%)")
+        lines.append(
+            f"rules       {sum(1 for n in coverage.rules_fired.values() if n)}/{len(coverage.rules_fired)} fired ({coverage.rule_percent:.1f}%)"
+        )
+        lines.append(
+            f"outcomes    {sum(1 for n in coverage.outcomes.values() if n)}/{len(coverage.outcomes)} produced ({coverage.outcome_percent:.1f}%)"
+        )
+        lines.append(
+            f"conditions  {sum(1 for s in coverage.conditions.values() if len(s) == 2)}/{len(coverage.conditions)} seen true and false ({coverage.condition_percent:.1f}%)"
+        )
         lines += [f"  never fired: {rid}" for rid in never]
         lines += [f"  never produced: {o}" for o in missing]
         lines += [f"  {p}" for p in partial]
@@ -191,8 +201,13 @@ def html_report(ruleset: RuleSet, results: list[CaseResult], coverage: Coverage)
         conds = [(label, seen) for label, seen in coverage.conditions.items() if label.split(":")[0].split(" ")[0] == rule.id]
         full = sum(1 for _, seen in conds if len(seen) == 2)
         status = "hit" if n and full == len(conds) else ("partial" if n else "miss")
-        detail = "".join(f"<li class='{'ok' if len(seen) == 2 else 'gap'}'>{esc(label.split(': ', 1)[1])} — seen {esc('/'.join(sorted(str(v).lower() for v in seen)) or 'never')}</li>" for label, seen in conds)
-        rows.append(f"<tr class='{status}'><td>{esc(rule.id)}</td><td>{esc(rule.title)}</td><td>{n}</td><td>{full}/{len(conds)}</td><td><ul>{detail}</ul></td></tr>")
+        detail = "".join(
+            f"<li class='{'ok' if len(seen) == 2 else 'gap'}'>{esc(label.split(': ', 1)[1])} — seen {esc('/'.join(sorted(str(v).lower() for v in seen)) or 'never')}</li>"
+            for label, seen in conds
+        )
+        rows.append(
+            f"<tr class='{status}'><td>{esc(rule.id)}</td><td>{esc(rule.title)}</td><td>{n}</td><td>{full}/{len(conds)}</td><td><ul>{detail}</ul></td></tr>"
+        )
     outcomes = "".join(f"<li class='{'ok' if n else 'gap'}'>{esc(o)} ({n})</li>" for o, n in coverage.outcomes.items())
     failed = sum(1 for r in results if not r.passed)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Coverage of {esc(ruleset.id)} {esc(ruleset.version)}</title>
@@ -209,12 +224,16 @@ seen one way only; red: never fired.</p>
 
 @click.command(name="test")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay to test under.")
+@click.option(
+    "--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay to test under."
+)
 @click.option("-k", "select", help="Only cases whose name contains this text.")
 @click.option("--coverage", "show_coverage", is_flag=True, help="Report rule, outcome and condition coverage.")
 @click.option("--min-coverage", type=click.FloatRange(0, 100), help="Fail below this rule and outcome coverage (percent).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a coverage page here.")
-def command(path: Path, overlay: Path | None, select: str | None, show_coverage: bool, min_coverage: float | None, html_file: Path | None) -> None:
+def command(
+    path: Path, overlay: Path | None, select: str | None, show_coverage: bool, min_coverage: float | None, html_file: Path | None
+) -> None:
     """Run the rule set's own test cases (PATH/tests/*.yaml)."""
     start = time.perf_counter()
     try:
@@ -230,5 +249,8 @@ def command(path: Path, overlay: Path | None, select: str | None, show_coverage:
     failed = any(not r.passed for r in results)
     below = min_coverage is not None and min(coverage.rule_percent, coverage.outcome_percent) < min_coverage
     if below:
-        click.echo(f"coverage below {min_coverage:g}%: rules {coverage.rule_percent:.1f}%, outcomes {coverage.outcome_percent:.1f}%", err=True)
+        click.echo(
+            f"coverage below {min_coverage:g}%: rules {coverage.rule_percent:.1f}%, outcomes {coverage.outcome_percent:.1f}%",
+            err=True,
+        )
     raise SystemExit(1 if failed or below else 0)

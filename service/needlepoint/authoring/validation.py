@@ -37,10 +37,20 @@ def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Val
     errors = [f for f in run_lint(directory, shown=shown).findings if f.severity == ERROR]
     if errors:
         first = errors[0]
-        return Validation(False, f"{len(errors)} lint error(s), first {first.file}:{first.line}:{first.column}: {first.code} {first.message}", ruleset, documents)
+        return Validation(
+            False,
+            f"{len(errors)} lint error(s), first {first.file}:{first.line}:{first.column}: {first.code} {first.message}",
+            ruleset,
+            documents,
+        )
     _, results, _ = run_cases(directory)
     failed = [r for r in results if not r.passed]
     if failed:
         first = failed[0]
-        return Validation(False, f"{len(failed)} of {len(results)} test case(s) fail, first {first.case.source} {first.case.name}: {first.problems[0]}", ruleset, documents)
+        return Validation(
+            False,
+            f"{len(failed)} of {len(results)} test case(s) fail, first {first.case.source} {first.case.name}: {first.problems[0]}",
+            ruleset,
+            documents,
+        )
     return Validation(True, f"{len(results)} test cases pass", ruleset, documents)

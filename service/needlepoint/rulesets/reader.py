@@ -161,7 +161,9 @@ def _index(doc: Document, node: yaml.Node, path: tuple, loader: Any, active: set
             if text is not None and text != "<<":
                 if text in seen:
                     earlier = seen[text]
-                    doc.duplicates.append(Duplicate(path + (text,), knode.start_mark.line + 1, knode.start_mark.column + 1, earlier.line + 1))
+                    doc.duplicates.append(
+                        Duplicate(path + (text,), knode.start_mark.line + 1, knode.start_mark.column + 1, earlier.line + 1)
+                    )
                 seen[text] = knode.start_mark
             key = _key(knode, loader)
             doc.keys[path + (key,)] = (knode.start_mark.line, knode.start_mark.column)

@@ -29,7 +29,11 @@ def _pattern_defs(kinds: Iterable[str]) -> dict:
     assert set(docs) == set(OPERATORS)
     number = {"anyOf": [{"type": "number"}, {"$ref": "#/$defs/param"}]}
     defs: dict[str, Any] = {
-        "param": {"type": "string", "pattern": fmt.PARAM_REF, "description": "A site parameter from parameters.yaml, e.g. $inr_defer_above."},
+        "param": {
+            "type": "string",
+            "pattern": fmt.PARAM_REF,
+            "description": "A site parameter from parameters.yaml, e.g. $inr_defer_above.",
+        },
         "number": number,
         "numberTest": {
             "description": "A number, $parameter, or {operator: value}.",
@@ -40,7 +44,10 @@ def _pattern_defs(kinds: Iterable[str]) -> dict:
                     "minProperties": 1,
                     "additionalProperties": False,
                     "properties": {
-                        **{op: {"$ref": "#/$defs/number", "description": docs[op]} for op in ("eq", "ne", "gt", "gte", "lt", "lte")},
+                        **{
+                            op: {"$ref": "#/$defs/number", "description": docs[op]}
+                            for op in ("eq", "ne", "gt", "gte", "lt", "lte")
+                        },
                         "in": {"type": "array", "minItems": 1, "items": {"type": "number"}, "description": docs["in"]},
                         "exists": {"type": "boolean", "description": docs["exists"]},
                     },
@@ -70,14 +77,18 @@ def _pattern_defs(kinds: Iterable[str]) -> dict:
             "type": "object",
             "minProperties": 1,
             "additionalProperties": False,
-            "properties": {"in": {"type": "string", "minLength": 1, "description": "a value set id (valuesets/*.yaml)"}, "exists": {"type": "boolean", "description": docs["exists"]}},
+            "properties": {
+                "in": {"type": "string", "minLength": 1, "description": "a value set id (valuesets/*.yaml)"},
+                "exists": {"type": "boolean", "description": docs["exists"]},
+            },
         },
     }
 
     def string_test(name: str, values: tuple[str, ...] | None) -> str:
         literal = {"type": "string", "enum": list(values)} if values else {"type": "string"}
         defs[name] = {
-            "description": "A value, $parameter, or {eq|ne: value, in: [values], exists: bool}." + (f" Values: {', '.join(values)}." if values else ""),
+            "description": "A value, $parameter, or {eq|ne: value, in: [values], exists: bool}."
+            + (f" Values: {', '.join(values)}." if values else ""),
             "anyOf": [
                 literal,
                 {"$ref": "#/$defs/param"},
@@ -114,7 +125,12 @@ def _pattern_defs(kinds: Iterable[str]) -> dict:
             else:
                 ref = {"number": "numberTest", "bool": "boolTest", "codes": "codesTest"}[ftype]
             properties[fld] = {"$ref": f"#/$defs/{ref}"}
-        defs[f"fields-{kind}"] = {"description": fmt.KIND_DOCS[kind], "type": ["object", "null"], "additionalProperties": False, "properties": properties}
+        defs[f"fields-{kind}"] = {
+            "description": fmt.KIND_DOCS[kind],
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": properties,
+        }
     kind_props = {kind: {"$ref": f"#/$defs/fields-{kind}"} for kind in kinds}
     defs["positivePattern"] = {
         "description": "One fact kind mapped to its field tests, e.g. {observation: {concept: inr, value: {gt: $inr_defer_above}}}.",
@@ -173,7 +189,11 @@ def _valuesets_schema() -> dict:
         codes = {"type": "array", "items": _code_item(system, False)}
         long_form = {"codes": codes}
         if system in PREFIX_SYSTEMS:
-            long_form["prefixes"] = {"type": "array", "items": _code_item(system, True), "description": "codes that start with one of these match"}
+            long_form["prefixes"] = {
+                "type": "array",
+                "items": _code_item(system, True),
+                "description": "codes that start with one of these match",
+            }
         systems[system] = {"anyOf": [codes, {"type": "object", "additionalProperties": False, "properties": long_form}]}
     code_lists = {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": systems}
     return {

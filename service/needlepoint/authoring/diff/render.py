@@ -27,7 +27,10 @@ def to_json(report: DiffReport) -> dict:
         if o.as_of:
             out["asOf"] = o.as_of
         if o.changes:
-            out["changes"] = [{"field": c.field, "item": c.item, "old": value(c.old), "new": value(c.new), "rules": list(c.rules)} for c in o.changes]
+            out["changes"] = [
+                {"field": c.field, "item": c.item, "old": value(c.old), "new": value(c.new), "rules": list(c.rules)}
+                for c in o.changes
+            ]
         if o.firings:
             out["firings"] = [{"rule": f.rule, "how": f.how, "old": list(f.old), "new": list(f.new)} for f in o.firings]
         if o.status == "error":
@@ -39,7 +42,10 @@ def to_json(report: DiffReport) -> dict:
         "old": version(report.old),
         "new": version(report.new),
         "rulesetChanges": {
-            "parameters": [{"name": p.name, "old": p.old, "new": p.new, "oldLayer": p.old_layer, "newLayer": p.new_layer} for p in ch.parameters],
+            "parameters": [
+                {"name": p.name, "old": p.old, "new": p.new, "oldLayer": p.old_layer, "newLayer": p.new_layer}
+                for p in ch.parameters
+            ],
             "rulesAdded": ch.rules_added,
             "rulesRemoved": ch.rules_removed,
             "rulesModified": ch.rules_modified,
@@ -61,10 +67,18 @@ def to_json(report: DiffReport) -> dict:
             "skippedFiles": len(report.skipped),
             "fields": report.field_counts(),
         },
-        "transitions": [{"field": f, "item": i, "old": value(o), "new": value(n), "cases": k} for f, i, o, n, k in report.transitions()],
+        "transitions": [
+            {"field": f, "item": i, "old": value(o), "new": value(n), "cases": k} for f, i, o, n, k in report.transitions()
+        ],
         "rules": [
-            {"rule": s.rule, "title": s.title, "firedDifferently": s.fired_differently, "how": dict(s.how),
-             "decisionsChanged": s.decisions_changed, "fields": dict(s.fields)}
+            {
+                "rule": s.rule,
+                "title": s.title,
+                "firedDifferently": s.fired_differently,
+                "how": dict(s.how),
+                "decisionsChanged": s.decisions_changed,
+                "fields": dict(s.fields),
+            }
             for s in report.by_rule()
         ],  # fmt: skip
         "changed": [case(o) for o in report.changed],
@@ -123,7 +137,11 @@ def _ruleset_change_lines(report: DiffReport) -> list[tuple[str, str]]:
         lines.append(("parameter", f"{p.name}: {old} → {new}"))
     for kind, ids in (("rule added", ch.rules_added), ("rule removed", ch.rules_removed), ("rule edited", ch.rules_modified)):
         lines += [(kind, f"{rid}: {report.titles.get(rid, '')}") for rid in ids]
-    for kind, names in (("value set changed", ch.value_sets), ("observation concept changed", ch.observations), ("aggregate changed", ch.aggregates)):
+    for kind, names in (
+        ("value set changed", ch.value_sets),
+        ("observation concept changed", ch.observations),
+        ("aggregate changed", ch.aggregates),
+    ):
         lines += [(kind, name) for name in names]
     return lines
 
@@ -195,7 +213,9 @@ def render_markdown(report: DiffReport, *, max_cases: int | None = None) -> str:
         add("| Rule | Title | Decisions changed | Fields changed | Fired differently | How |")
         add("|---|---|---:|---|---:|---|")
         for s in rules:
-            fields_text = ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            fields_text = (
+                ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            )
             how = "; ".join(f"{_HOW[h]} ({k:,})" for h, k in s.how.most_common()) or "—"
             add(f"| `{s.rule}` | {_md(s.title)} | {s.decisions_changed:,} | {fields_text} | {s.fired_differently:,} | {how} |")
         add("")
@@ -266,7 +286,9 @@ def _md_firings(firings: list[FiringDiff]) -> list[str]:
         elif f.how == "new only":
             line += f"; it matched {_md('; '.join(f.new))}" if f.new else ""
         elif f.how == "matched facts differ":
-            line += f"; only under OLD: {_md('; '.join(f.old) or 'nothing')}; only under NEW: {_md('; '.join(f.new) or 'nothing')}"
+            line += (
+                f"; only under OLD: {_md('; '.join(f.old) or 'nothing')}; only under NEW: {_md('; '.join(f.new) or 'nothing')}"
+            )
         else:
             line += f"; OLD by {_md_rules(f.old)}, NEW by {_md_rules(f.new)}"
         lines.append(line)
@@ -300,7 +322,9 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     out: list[str] = []
     add = out.append
     title = f"Rule-set diff: {o.id} {o.version} → {n.id} {n.version}"
-    add(f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title><style>{_CSS}</style></head><body>')
+    add(
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title><style>{_CSS}</style></head><body>'
+    )
     add(f"<h1>{_h(title)}</h1>")
     add("<table><tr><th></th><th>Rule set</th><th>Version</th><th>Layers</th><th>Digest</th><th>From</th></tr>")
     for name, v in (("OLD", o), ("NEW", n)):
@@ -332,9 +356,13 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     rules = report.by_rule()
     if rules:
         add("<h2>By rule</h2>")
-        add("<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th><th>Fired differently</th><th>How</th></tr>")
+        add(
+            "<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th><th>Fired differently</th><th>How</th></tr>"
+        )
         for s in rules:
-            fields_text = ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            fields_text = (
+                ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            )
             how = "; ".join(f"{_HOW[h]} ({k:,})" for h, k in s.how.most_common()) or "—"
             add(f'<tr><td><code>{_h(s.rule)}</code></td><td>{_h(s.title)}</td><td class="n">{s.decisions_changed:,}</td>'
                 f'<td>{_h(fields_text)}</td><td class="n">{s.fired_differently:,}</td><td>{_h(how)}</td></tr>')  # fmt: skip
@@ -367,7 +395,10 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     if errors:
         add(f"<h2>Errors ({len(report.of('error')):,})</h2>")
         add("<table><tr><th>Case</th><th>OLD</th><th>NEW</th></tr>")
-        out += [f"<tr><td>{_h(c.case)}</td><td>{_h(c.old_error or 'evaluated')}</td><td>{_h(c.new_error or 'evaluated')}</td></tr>" for c in errors]
+        out += [
+            f"<tr><td>{_h(c.case)}</td><td>{_h(c.old_error or 'evaluated')}</td><td>{_h(c.new_error or 'evaluated')}</td></tr>"
+            for c in errors
+        ]
         add("</table>")
         if more:
             add(f"<p>… and {more:,} more.</p>")

@@ -98,7 +98,9 @@ class Comparer:
             else:
                 result.new_seconds += elapsed
         if decisions[0] is not None and decisions[1] is not None:
-            outcome.changes, outcome.firings = compare(decisions[0], decisions[1], self.order, self.options.affected, self.rule_fields)
+            outcome.changes, outcome.firings = compare(
+                decisions[0], decisions[1], self.order, self.options.affected, self.rule_fields
+            )
         return outcome
 
 
@@ -119,7 +121,10 @@ def _version_info(version: Version, ruleset: RuleSet) -> VersionInfo:
 
 
 def _crashed(chunk: list[WorkItem], why: str) -> ChunkResult:
-    outcomes = [CaseOutcome((item.rel, item.first_line if item.kind == "ndjson" else 0), item.label, "", "", old_error=why, new_error=why) for item in chunk]
+    outcomes = [
+        CaseOutcome((item.rel, item.first_line if item.kind == "ndjson" else 0), item.label, "", "", old_error=why, new_error=why)
+        for item in chunk
+    ]
     return ChunkResult(outcomes, 0, [], sum(item.size for item in chunk))
 
 
@@ -149,7 +154,13 @@ def run_diff(
     outcomes: list[CaseOutcome] = []
     totals = {"same": 0, "old": 0.0, "new": 0.0, "cases": 0, "changed": 0}
     show = progress if progress is not None else (sys.stderr.isatty() and total_bytes >= PROGRESS_BYTES)
-    bar = ProgressBar("rules diff", total_bytes, "{task.fields[cases]:,} cases, {task.fields[changed]:,} changed", cases=0, changed=0) if show else None
+    bar = (
+        ProgressBar(
+            "rules diff", total_bytes, "{task.fields[cases]:,} cases, {task.fields[changed]:,} changed", cases=0, changed=0
+        )
+        if show
+        else None
+    )
 
     def collect(result: ChunkResult) -> None:
         outcomes.extend(result.outcomes)

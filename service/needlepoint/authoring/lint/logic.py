@@ -37,7 +37,10 @@ ALWAYS_SET = frozenset(
 )
 # Fields no prepared fact carries. Coded fields become value-set tags, never fields. The order
 # fact has no requested_modality: ruleset.yaml's requested_modality reads the order's codes.
-NEVER_SET = frozenset({(kind, f) for kind, fields in FACT_FIELDS.items() for f, t in fields.items() if t == "codes"} | {("order", "requested_modality")})
+NEVER_SET = frozenset(
+    {(kind, f) for kind, fields in FACT_FIELDS.items() for f, t in fields.items() if t == "codes"}
+    | {("order", "requested_modality")}
+)
 # Kinds with exactly one fact per evaluation (and one observation per concept, the newest).
 SINGLETON_KINDS = ("patient", "order", "summary")
 INTEGER_FIELDS = frozenset({("patient", "age_years"), ("prior_injection", "days_ago"), ("planned_surgery", "days_until")})
@@ -170,7 +173,12 @@ class Semantics:
                 num.excluded.add(v)
                 continue
             else:
-                bound = {"gt": Interval(v, False), "gte": Interval(v, True), "lt": Interval(hi=v, hi_in=False), "lte": Interval(hi=v, hi_in=True)}[t.op]
+                bound = {
+                    "gt": Interval(v, False),
+                    "gte": Interval(v, True),
+                    "lt": Interval(hi=v, hi_in=False),
+                    "lte": Interval(hi=v, hi_in=True),
+                }[t.op]
             before = num.iv
             num.iv = num.iv & bound
             if num.iv.lo != before.lo or num.iv.lo_in != before.lo_in:
@@ -218,7 +226,12 @@ class Semantics:
             concept = self.concept_of(tests)
             if concept is not None and concept.plausible is not None:
                 lo, hi = concept.plausible
-                return Interval(max(0, lo), True, hi, True), f"{concept.id} values outside the plausible range {fmt(lo)}-{fmt(hi)} {concept.unit or ''} are set aside".replace("  ", " ")
+                return (
+                    Interval(max(0, lo), True, hi, True),
+                    f"{concept.id} values outside the plausible range {fmt(lo)}-{fmt(hi)} {concept.unit or ''} are set aside".replace(
+                        "  ", " "
+                    ),
+                )
             return Interval(0, True), "observation values are never negative"
         if (kind, fld) in (("observation", "age_days"), ("patient", "age_years")):
             return Interval(0, True), f"{fld} is never negative"
@@ -240,17 +253,27 @@ class Semantics:
                 return absent[0], f"{fld} cannot both exist and not exist"
             if absent:
                 if compares:
-                    return compares[0], f"{fld} exists: false, but a missing field satisfies no comparison ({self.show(compares[0])})"
+                    return compares[
+                        0
+                    ], f"{fld} exists: false, but a missing field satisfies no comparison ({self.show(compares[0])})"
                 if (kind, fld) in ALWAYS_SET or kind == "summary":
                     return absent[0], f"every {kind} fact carries {fld}, so exists: false never holds"
                 continue
             if (kind, fld) in NEVER_SET:
                 if ftype == "codes" and present:
-                    return present[0], f"{kind}.{fld} is coded: prepared facts carry value-set tags, not the field, so exists: true never holds; test {{in: value-set}}"
+                    return (
+                        present[0],
+                        f"{kind}.{fld} is coded: prepared facts carry value-set tags, not the field, so exists: true never holds; test {{in: value-set}}",
+                    )
                 if ftype != "codes" and ts:
-                    return ts[0], f"the prepared {kind} fact never carries {fld} (requested modalities are read from the order's codes through ruleset.yaml requested_modality)"
+                    return (
+                        ts[0],
+                        f"the prepared {kind} fact never carries {fld} (requested modalities are read from the order's codes through ruleset.yaml requested_modality)",
+                    )
             if concept is not None and fld == "value" and concept.unit is None:
-                return ts[0], f"concept {concept.id} is coded (no unit in observations.yaml): its facts carry value_code, never value"
+                return ts[
+                    0
+                ], f"concept {concept.id} is coded (no unit in observations.yaml): its facts carry value_code, never value"
             if concept is not None and fld == "value_code" and concept.unit is not None:
                 return ts[0], f"concept {concept.id} is numeric (unit {concept.unit}): its facts carry value, never value_code"
             if not compares:
@@ -285,7 +308,12 @@ class Semantics:
         compares = [t for t in pts if t.op != "exists"]
         if q.op == "exists":
             if q.operand:
-                return bool(compares) or any(t.op == "exists" and t.operand for t in pts) or (kind, q.field) in ALWAYS_SET or kind == "summary"
+                return (
+                    bool(compares)
+                    or any(t.op == "exists" and t.operand for t in pts)
+                    or (kind, q.field) in ALWAYS_SET
+                    or kind == "summary"
+                )
             return any(t.op == "exists" and not t.operand for t in pts) or (kind, q.field) in NEVER_SET
         if not compares:
             return False
@@ -385,7 +413,11 @@ class Semantics:
                 return n, None, f"{n.alias}: there is always a {n.kind} fact, so this negation never holds"
             for p in positives:
                 if p.kind == n.kind and self.implies(p.kind, p.tests, n.tests):
-                    return n, None, f"{n.alias} negates what {p.alias} requires: every {n.kind} fact that matches {p.alias} also matches {n.alias}"
+                    return (
+                        n,
+                        None,
+                        f"{n.alias} negates what {p.alias} requires: every {n.kind} fact that matches {p.alias} also matches {n.alias}",
+                    )
             key = self.singleton_key(n)
             if key in groups and len(groups[key]) > 1:
                 merged = [t for p in groups[key] for t in p.tests]
