@@ -144,12 +144,14 @@ def main() -> None:
         )
         print(
             f"patient {name}: prefetch {prefetch_bytes / 1e6:.2f} MB, CDS Hooks body {len(cds_body) / 1e6:.2f} MB, "
-            f"gRPC request {len(grpc_body) / 1e6:.2f} MB; {args.workers} workers, {args.concurrency} in flight, {args.requests} requests each"
+            f"gRPC request {len(grpc_body) / 1e6:.2f} MB; {args.workers} workers, {args.concurrency} in flight, {args.requests} "
+            "requests each"
         )
         for key, label in (("cds", "CDS Hooks order-sign"), ("grpc", "gRPC Evaluate (same record)")):
             ms = [t * 1000 for t in timings[key]]
             print(
-                f"  {label:<30} p50 {pct(ms, 50):6.1f} ms   p99 {pct(ms, 99):6.1f} ms   max {max(ms):6.1f} ms   {len(ms) / spent[key]:6.1f} req/s"
+                f"  {label:<30} p50 {pct(ms, 50):6.1f} ms   p99 {pct(ms, 99):6.1f} ms   max {max(ms):6.1f} ms   "
+                f"{len(ms) / spent[key]:6.1f} req/s"
             )
         for c in clients:
             c.close()

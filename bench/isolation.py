@@ -85,7 +85,8 @@ def in_process(bundles: dict[str, bytes]) -> None:
             engine.evaluate(request)
             times.append(time.perf_counter() - start)
         print(
-            f"in process: {name} ({len(data) / 1048576:.2f} MiB), request to decision: median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
+            f"in process: {name} ({len(data) / 1048576:.2f} MiB), request to decision: median "
+            f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
         )
     evaluator = Evaluator(load_ruleset(bundled_rulesets_dir() / "hip-injection"))
     record = record_from_bundle(heavy.bundle("injections", 1001))

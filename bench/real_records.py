@@ -203,12 +203,14 @@ def render(data: dict, report: Report, examples: int) -> None:
     report.line("")
     for label, f in data["instants"].items():
         report.section(
-            f"At {label}: {f['bundles']} bundles, {len(f['errors'])} errors, {f['decisions_with_a_deferral']} decisions with a deferral",
+            f"At {label}: {f['bundles']} bundles, {len(f['errors'])} errors, {f['decisions_with_a_deferral']} decisions with a "
+            "deferral",
             ("reason", "decisions"),
             [(k, v) for k, v in f["deferrals_by_reason"].items()] + [(f"error: {e['bundle']}", e["error"]) for e in f["errors"]],
         )
         report.section(
-            f"At {label}: pregnancy deferrals ({len(f['pregnancy_deferrals'])}; {f['stale_pregnancy_deferrals']} on evidence older than the window)",
+            f"At {label}: pregnancy deferrals ({len(f['pregnancy_deferrals'])}; {f['stale_pregnancy_deferrals']} on evidence "
+            "older than the window)",
             ("bundle", "evidence age (days)", "stale", "newest evidence"),
             [
                 (
@@ -221,7 +223,8 @@ def render(data: dict, report: Report, examples: int) -> None:
             ],
         )
         report.section(
-            f"At {label}: deceased patients ({f['deceased_at_instant']} dead at the instant; {f['deceased_findings']} not handled as the contract says)",
+            f"At {label}: deceased patients ({f['deceased_at_instant']} dead at the instant; {f['deceased_findings']} not "
+            "handled as the contract says)",
             ("bundle", "died", "dead at T", "ok", "deferrals", "missing data"),
             [
                 (
@@ -237,7 +240,8 @@ def render(data: dict, report: Report, examples: int) -> None:
         )
         stale = f["stale_missing_data"]
         report.section(
-            f"At {label}: missing-data entries by code ({sum(f['missing_data_by_code'].values())}; {len(stale)} about values too old for every rule)",
+            f"At {label}: missing-data entries by code ({sum(f['missing_data_by_code'].values())}; {len(stale)} about values "
+            "too old for every rule)",
             ("code", "decisions"),
             list(f["missing_data_by_code"].items()),
             note="\n  ".join(f"too old: {x['bundle']}: {x['finding']}" for x in stale[: examples * 4]),

@@ -548,11 +548,13 @@ def main() -> None:
 
     load_avg = os.getloadavg()[0]
     say(
-        f"Needlepoint benchmark, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}; load average {load_avg:.2f} at the start"
+        f"Needlepoint benchmark, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}; load average "
+        f"{load_avg:.2f} at the start"
     )
     say(
         f"Load generator: {generator.name}; {args.workers} server processes; {bodies:,} distinct requests of each kind, "
-        f"{PER_BODY} times each per capacity run, a quarter of them 8 times per fixed-load run; {SLOTS} connections at a time; {rounds} interleaved round(s); medians (min–max)."
+        f"{PER_BODY} times each per capacity run, a quarter of them 8 times per fixed-load run; {SLOTS} connections at a time; "
+        f"{rounds} interleaved round(s); medians (min–max)."
     )
     say()
 
@@ -560,7 +562,8 @@ def main() -> None:
         payloads = Payloads.make(bodies, args.seed, Path(tmp))
         sizes = [len(m) for m in payloads.hip]
         say(
-            f"Payloads: order bundles of {min(sizes):,}–{max(sizes):,} bytes (median {statistics.median(sizes):,.0f}); seed {args.seed}."
+            f"Payloads: order bundles of {min(sizes):,}–{max(sizes):,} bytes (median {statistics.median(sizes):,.0f}); seed "
+            f"{args.seed}."
         )
         servers: dict[str, Server] = {}
         try:
@@ -572,7 +575,8 @@ def main() -> None:
                 check_answers(server, payloads.hip, digest, expect_decision=True)
             check_answers(servers["Evaluate"], payloads.not_for_us, digest, expect_decision=False)
             say(
-                f"Checked: every one of the {bodies:,} requests answered with a decision of rule set digest {digest[:19]}… by every server; "
+                f"Checked: every one of the {bodies:,} requests answered with a decision of rule set digest {digest[:19]}… by "
+                "every server; "
                 f"every 'not for us' request refused INVALID_ARGUMENT at order.target by Evaluate."
             )
             say()
@@ -672,7 +676,8 @@ def main() -> None:
     say()
     cap = statistics.median(load.rate for load in capacity)
     say(
-        f"Latency of Evaluate at fixed offered loads (capacity above: {cap:,.0f} requests/s; open loop, {'h2load --rps' if isinstance(generator, H2load) else 'paced Python client'}):"
+        f"Latency of Evaluate at fixed offered loads (capacity above: {cap:,.0f} requests/s; open loop, "
+        f"{'h2load --rps' if isinstance(generator, H2load) else 'paced Python client'}):"
     )
     say()
     say("| Offered load | requests/s achieved | p50 ms | p99 ms | p99.9 ms |")
@@ -684,7 +689,8 @@ def main() -> None:
         if p99 <= args.p99_ms:  # (open loop: a server that cannot keep up has an unbounded p99)
             best = (share, achieved, p99)
         say(
-            f"| {share:.0%} ({share * cap:,.0f}/s) | {spread([l.rate for l in loads])} | {spread([l.pct(50) / 1000 for l in loads], '{:.2f}')} "
+            f"| {share:.0%} ({share * cap:,.0f}/s) | {spread([l.rate for l in loads])} | "
+            f"{spread([l.pct(50) / 1000 for l in loads], '{:.2f}')} "
             f"| {spread([l.pct(99) / 1000 for l in loads], '{:.2f}')} | {spread([l.pct(99.9) / 1000 for l in loads], '{:.2f}')} |"
         )
     say()
@@ -692,7 +698,8 @@ def main() -> None:
         say(f"No offered load was served within p99 ≤ {args.p99_ms:g} ms.")
     else:
         say(
-            f"Highest load served within p99 ≤ {args.p99_ms:g} ms: {best[1]:,.0f} requests/s ({best[0]:.0%} of capacity, p99 {best[2]:.1f} ms)."
+            f"Highest load served within p99 ≤ {args.p99_ms:g} ms: {best[1]:,.0f} requests/s ({best[0]:.0%} of capacity, p99 "
+            f"{best[2]:.1f} ms)."
         )
     if not args.skip_in_process:
         say()

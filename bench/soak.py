@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{percentile(everything, 0.99) * 1e3:8.1f} {max(everything) * 1e3:8.1f}")
     for pid, samples in rss.items():
         print(
-            f"RSS pid {pid}: start {samples[0] / 1024:.0f} MiB, peak {max(samples) / 1024:.0f} MiB, end {samples[-1] / 1024:.0f} MiB"
+            f"RSS pid {pid}: start {samples[0] / 1024:.0f} MiB, peak {max(samples) / 1024:.0f} MiB, end "
+            f"{samples[-1] / 1024:.0f} MiB"
         )
     problems: dict[str, int] = {}
     if server is not None:

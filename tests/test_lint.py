@@ -853,7 +853,8 @@ def test_a_parameter_named_after_an_engine_reserved_field_is_refused_at_its_line
     ("then", "code", "line", "column", "words"),
     [
         (
-            "    injectates:\n      - {category: CORTICOSTEROID, recommendation: SUGGESTED}\n      - {category: CORTICOSTEROID, recommendation: AVOID}\n",
+            "    injectates:\n      - {category: CORTICOSTEROID, recommendation: SUGGESTED}\n      - {category: CORTICOSTEROID, "
+            "recommendation: AVOID}\n",
             "NP015", 10, 20, "CORTICOSTEROID is recommended twice in one outcome",
         ),
         ("    modality: {preferred: ULTRASOUND, avoid: [ULTRASOUND]}\n", "NP002", 8, 39, "prefers ULTRASOUND and avoids it too"),

@@ -28,7 +28,8 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
     lines = []
     if rule_report is not None:
         lines.append(
-            f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: {'FIRED' if rule_report['fired'] else 'did not fire'}"
+            f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: "
+            f"{'FIRED' if rule_report['fired'] else 'did not fire'}"
         )
         for alt in rule_report["alternatives"]:
             lines.append(f"  alternative {alt['index']}: {'holds' if alt['holds'] else 'does not hold'}")

@@ -178,13 +178,16 @@ def format_report(path: Path, results: list[CaseResult], coverage: Coverage | No
         ]
         lines.append("-" * 30 + " coverage " + "-" * 30)
         lines.append(
-            f"rules       {sum(1 for n in coverage.rules_fired.values() if n)}/{len(coverage.rules_fired)} fired ({coverage.rule_percent:.1f}%)"
+            f"rules       {sum(1 for n in coverage.rules_fired.values() if n)}/{len(coverage.rules_fired)} fired "
+            f"({coverage.rule_percent:.1f}%)"
         )
         lines.append(
-            f"outcomes    {sum(1 for n in coverage.outcomes.values() if n)}/{len(coverage.outcomes)} produced ({coverage.outcome_percent:.1f}%)"
+            f"outcomes    {sum(1 for n in coverage.outcomes.values() if n)}/{len(coverage.outcomes)} produced "
+            f"({coverage.outcome_percent:.1f}%)"
         )
         lines.append(
-            f"conditions  {sum(1 for s in coverage.conditions.values() if len(s) == 2)}/{len(coverage.conditions)} seen true and false ({coverage.condition_percent:.1f}%)"
+            f"conditions  {sum(1 for s in coverage.conditions.values() if len(s) == 2)}/{len(coverage.conditions)} seen true "
+            f"and false ({coverage.condition_percent:.1f}%)"
         )
         lines += [f"  never fired: {rid}" for rid in never]
         lines += [f"  never produced: {o}" for o in missing]
@@ -202,7 +205,8 @@ def html_report(ruleset: RuleSet, results: list[CaseResult], coverage: Coverage)
         full = sum(1 for _, seen in conds if len(seen) == 2)
         status = "hit" if n and full == len(conds) else ("partial" if n else "miss")
         detail = "".join(
-            f"<li class='{'ok' if len(seen) == 2 else 'gap'}'>{esc(label.split(': ', 1)[1])} — seen {esc('/'.join(sorted(str(v).lower() for v in seen)) or 'never')}</li>"
+            f"<li class='{'ok' if len(seen) == 2 else 'gap'}'>{esc(label.split(': ', 1)[1])} — seen "
+            f"{esc('/'.join(sorted(str(v).lower() for v in seen)) or 'never')}</li>"
             for label, seen in conds
         )
         rows.append(

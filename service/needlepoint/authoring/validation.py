@@ -49,7 +49,8 @@ def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Val
         first = failed[0]
         return Validation(
             False,
-            f"{len(failed)} of {len(results)} test case(s) fail, first {first.case.source} {first.case.name}: {first.problems[0]}",
+            f"{len(failed)} of {len(results)} test case(s) fail, first {first.case.source} {first.case.name}: "
+            f"{first.problems[0]}",
             ruleset,
             documents,
         )

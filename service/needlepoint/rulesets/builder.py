@@ -341,7 +341,8 @@ class Builder(RuleChecks):
                         "NP002",
                         doc,
                         bpath,
-                        f"modality_bound_injectates: {category!r} is not one of {', '.join(categories)}{suggest(category, categories)}",
+                        f"modality_bound_injectates: {category!r} is not one of "
+                        f"{', '.join(categories)}{suggest(category, categories)}",
                     )
                     continue
                 listed = [modalities_of] if isinstance(modalities_of, str) else modalities_of
@@ -473,7 +474,8 @@ class Builder(RuleChecks):
                     "NP014",
                     doc,
                     ppath,
-                    f"parameter {name}: expected {'a number' if number(default) else type(default).__name__} like {default!r}; got {describe(value)}",
+                    f"parameter {name}: expected {'a number' if number(default) else type(default).__name__} like {default!r}; "
+                    f"got {describe(value)}",
                     key=False,
                 )
             elif param.allowed is not None and value not in param.allowed:
@@ -547,7 +549,8 @@ class Builder(RuleChecks):
                     "NP002",
                     doc,
                     spath,
-                    f"{what}: unknown code system {system!r}{suggest(system, CODE_SYSTEMS)}; use one of {', '.join(CODE_SYSTEMS)}",
+                    f"{what}: unknown code system {system!r}{suggest(system, CODE_SYSTEMS)}; use one of "
+                    f"{', '.join(CODE_SYSTEMS)}",
                 )
                 continue
             lists: list[tuple[tuple, Any, bool]] = []
@@ -644,7 +647,8 @@ class Builder(RuleChecks):
                         "NP015",
                         doc,
                         ipath,
-                        f"{what}: {item} already belongs to concept {other} (line {doc.pos(opath, key=False)[0]}); a code names one concept",
+                        f"{what}: {item} already belongs to concept {other} (line {doc.pos(opath, key=False)[0]}); a code names "
+                        "one concept",
                         key=False,
                     )
                 else:
@@ -671,7 +675,8 @@ class Builder(RuleChecks):
                         "NP002",
                         doc,
                         path + ("display_units", u),
-                        f"{what}: display unit {u!r}: display text is matched with surrounding spaces removed, so write it without them",
+                        f"{what}: display unit {u!r}: display text is matched with surrounding spaces removed, so write it "
+                        "without them",
                     )
                 if units and u in units:
                     if units[u] != conv:
@@ -679,7 +684,8 @@ class Builder(RuleChecks):
                             "NP002",
                             doc,
                             path + ("display_units", u),
-                            f"{what}: display unit {u!r} is also a UCUM code of this concept converting by {units[u]!r}; one text cannot mean two things",
+                            f"{what}: display unit {u!r} is also a UCUM code of this concept converting by {units[u]!r}; one "
+                            "text cannot mean two things",
                         )
                     else:
                         self.warn(
@@ -693,7 +699,8 @@ class Builder(RuleChecks):
                     "NP002",
                     doc,
                     path + ("display_units",),
-                    f"{what}: display units need a canonical unit; without unit: the concept is read as coded and numeric values are set aside",
+                    f"{what}: display units need a canonical unit; without unit: the concept is read as coded and numeric "
+                    "values are set aside",
                 )
             if unit is not None:
                 if not units or unit not in units:
@@ -701,7 +708,8 @@ class Builder(RuleChecks):
                         "NP002",
                         doc,
                         path + ("unit",),
-                        f"{what}: the canonical unit {unit!r} is not among the accepted units, so every value in it would be set aside as unit-unknown",
+                        f"{what}: the canonical unit {unit!r} is not among the accepted units, so every value in it would be "
+                        "set aside as unit-unknown",
                         key=False,
                     )
                 elif units[unit] != 1:
@@ -709,7 +717,8 @@ class Builder(RuleChecks):
                         "NP002",
                         doc,
                         path + ("units", unit),
-                        f"{what}: the canonical unit {unit!r} must be an accepted UCUM code with factor 1; got {describe(units[unit])}",
+                        f"{what}: the canonical unit {unit!r} must be an accepted UCUM code with factor 1; got "
+                        f"{describe(units[unit])}",
                         key=False,
                     )
             elif units:
@@ -717,7 +726,8 @@ class Builder(RuleChecks):
                     "NP002",
                     doc,
                     path + ("units",),
-                    f"{what}: accepted units need a canonical unit; without unit: the concept is read as coded and numeric values are set aside",
+                    f"{what}: accepted units need a canonical unit; without unit: the concept is read as coded and numeric "
+                    "values are set aside",
                 )
             plausible = spec.get("plausible")
             pl: tuple[float, float] | None = None
@@ -764,7 +774,8 @@ class Builder(RuleChecks):
                         "NP002",
                         doc,
                         path + (key, u),
-                        f"{what}: unknown conversion {conv!r}{suggest(conv, UNIT_CONVERSIONS)}; known: {', '.join(UNIT_CONVERSIONS)}",
+                        f"{what}: unknown conversion {conv!r}{suggest(conv, UNIT_CONVERSIONS)}; known: "
+                        f"{', '.join(UNIT_CONVERSIONS)}",
                         key=False,
                     )
             elif not number(conv) or not 0 < conv < math.inf:
@@ -772,7 +783,8 @@ class Builder(RuleChecks):
                     "NP002",
                     doc,
                     path + (key, u),
-                    f"{what}: unit {u}: a positive factor to {unit or 'the canonical unit'} or a named conversion; got {describe(conv)}",
+                    f"{what}: unit {u}: a positive factor to {unit or 'the canonical unit'} or a named conversion; got "
+                    f"{describe(conv)}",
                     key=False,
                 )
         return conversions
@@ -844,7 +856,8 @@ class Builder(RuleChecks):
                             "NP002",
                             doc,
                             cpath + ("not",),
-                            f"{what}: criterion {i} is negated, but aggregates count facts that match their criteria, so the negation would be ignored",
+                            f"{what}: criterion {i} is negated, but aggregates count facts that match their criteria, so the "
+                            "negation would be ignored",
                         )
                         continue
                     pat = self.check_pattern(doc, cpath, criterion, f"{name}_{i}", set(), f"{what} criterion {i}")

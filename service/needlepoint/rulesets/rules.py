@@ -113,14 +113,16 @@ class RuleChecks:
                     "NP001",
                     doc,
                     ipath + (second,),
-                    f"{what}: a pattern tests one fact kind, but this one names {', '.join(map(str, inner))}; give each its own alias",
+                    f"{what}: a pattern tests one fact kind, but this one names {', '.join(map(str, inner))}; give each its own "
+                    "alias",
                 )
             else:
                 self.error(
                     "NP002",
                     doc,
                     ipath,
-                    f"{what}: a pattern is one fact kind mapped to its field tests, e.g. {{observation: {{concept: inr}}}}; got {describe(inner)}",
+                    f"{what}: a pattern is one fact kind mapped to its field tests, e.g. {{observation: {{concept: inr}}}}; got "
+                    f"{describe(inner)}",
                     key=False,
                 )
             return None
@@ -301,7 +303,8 @@ class RuleChecks:
             "NP005",
             doc,
             path,
-            f"{what}: unknown observation concept {shown}{suggest(value, self.concepts)}; observations.yaml defines {', '.join(self.concepts) or 'none'}",
+            f"{what}: unknown observation concept {shown}{suggest(value, self.concepts)}; observations.yaml defines "
+            f"{', '.join(self.concepts) or 'none'}",
             key=False,
         )
         return False
@@ -362,7 +365,8 @@ class RuleChecks:
                 "NP002",
                 doc,
                 path + ("precedence",),
-                f"{what}: precedence is a whole number from {fmt.MIN_PRECEDENCE} to {fmt.MAX_PRECEDENCE} (higher wins); got {describe(precedence)}",
+                f"{what}: precedence is a whole number from {fmt.MIN_PRECEDENCE} to {fmt.MAX_PRECEDENCE} (higher wins); got "
+                f"{describe(precedence)}",
                 key=False,
             )
             precedence, valid = 0, False
@@ -448,7 +452,8 @@ class RuleChecks:
                     "NP002",
                     doc,
                     bpath,
-                    f"{what}: a mapping of alias to pattern, e.g. {{inr: {{observation: {{concept: inr}}}}}}; got {describe(block)}",
+                    f"{what}: a mapping of alias to pattern, e.g. {{inr: {{observation: {{concept: inr}}}}}}; got "
+                    f"{describe(block)}",
                     key=False,
                 )
                 alts = None
@@ -506,7 +511,8 @@ class RuleChecks:
                             "NP002",
                             doc,
                             mpath + ("preferred",),
-                            f"{what}: {pref} can be {bad[0]!r}, which is not a modality ({', '.join(modalities)}); give the parameter allowed: [...] modalities",
+                            f"{what}: {pref} can be {bad[0]!r}, which is not a modality ({', '.join(modalities)}); give the "
+                            "parameter allowed: [...] modalities",
                             key=False,
                         )
                         ok = False
@@ -609,7 +615,8 @@ class RuleChecks:
                         "NP005",
                         doc,
                         kpath,
-                        f"{what} then.{key}: {{{ref}}} is not a placeholder: {{alias}}, {{alias.field}}, {{alias.when+$param}}, {{$param}} or {{$param.since}}",
+                        f"{what} then.{key}: {{{ref}}} is not a placeholder: {{alias}}, {{alias.field}}, {{alias.when+$param}}, "
+                        "{$param} or {$param.since}",
                         at=at,
                     )
                     continue
@@ -645,7 +652,8 @@ class RuleChecks:
                         "NP005",
                         doc,
                         kpath,
-                        f"{what} then.{key}: {{{ref}}} names no matched fact; the aliases are {', '.join(known)}{suggest(alias, known)}",
+                        f"{what} then.{key}: {{{ref}}} names no matched fact; the aliases are "
+                        f"{', '.join(known)}{suggest(alias, known)}",
                         at=at,
                     )
                     continue
@@ -655,7 +663,8 @@ class RuleChecks:
                         "NP005",
                         doc,
                         kpath,
-                        f"{what} then.{key}: {{{ref}}} names {alias!r}, which alternative {missing} does not match; every alternative must bind it",
+                        f"{what} then.{key}: {{{ref}}} names {alias!r}, which alternative {missing} does not match; every "
+                        "alternative must bind it",
                         at=at,
                     )
                     continue

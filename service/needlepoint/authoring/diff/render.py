@@ -323,7 +323,8 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     add = out.append
     title = f"Rule-set diff: {o.id} {o.version} → {n.id} {n.version}"
     add(
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title><style>{_CSS}</style></head><body>'
+        '<!doctype html>\n<html lang="en"><head><meta '
+        f'charset="utf-8"><title>{_h(title)}</title><style>{_CSS}</style></head><body>'
     )
     add(f"<h1>{_h(title)}</h1>")
     add("<table><tr><th></th><th>Rule set</th><th>Version</th><th>Layers</th><th>Digest</th><th>From</th></tr>")
@@ -357,7 +358,8 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     if rules:
         add("<h2>By rule</h2>")
         add(
-            "<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th><th>Fired differently</th><th>How</th></tr>"
+            "<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th><th>Fired "
+            "differently</th><th>How</th></tr>"
         )
         for s in rules:
             fields_text = (

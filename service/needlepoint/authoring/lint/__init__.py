@@ -172,6 +172,7 @@ def command(path: Path, overlay: Path | None, fmt: str, strict: bool) -> None:
             click.echo(str(f))
         plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
         click.echo(
-            f"{plural(errors, 'error')}, {plural(warnings, 'warning')} in {path} ({plural(report.rules, 'rule')}, {plural(report.files, 'file')})"
+            f"{plural(errors, 'error')}, {plural(warnings, 'warning')} in {path} ({plural(report.rules, 'rule')}, "
+            f"{plural(report.files, 'file')})"
         )
     raise click.exceptions.Exit(1 if errors or (strict and warnings) else 0)

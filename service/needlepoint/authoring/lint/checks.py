@@ -87,7 +87,8 @@ class Linter(Semantics):
                         dup.column,
                         doc.rel,
                         "",
-                        f"duplicate key {dup.path[-1]!r}: it is already given at line {dup.earlier_line}, and YAML keeps only the last one",
+                        f"duplicate key {dup.path[-1]!r}: it is already given at line {dup.earlier_line}, and YAML keeps only "
+                        "the last one",
                     )
                 )
         for file, message in self.sources.ignored:
@@ -164,7 +165,8 @@ class Linter(Semantics):
                         "NP011",
                         doc,
                         (i, "evidence") if has else (i,),
-                        f"{what} cites no evidence: add evidence: [{{citation: ..., strength: ...}}] (a local convention is cited as such)",
+                        f"{what} cites no evidence: add evidence: [{{citation: ..., strength: ...}}] (a local convention is "
+                        "cited as such)",
                         key=has,
                     )
 
@@ -195,7 +197,8 @@ class Linter(Semantics):
             "NP007",
             pat.doc,
             path,
-            f"{pat.owner}: {shown} is not {article(name)} ({', '.join(vocabulary)}){suggest(value, vocabulary)}, so it can never match",
+            f"{pat.owner}: {shown} is not {article(name)} ({', '.join(vocabulary)}){suggest(value, vocabulary)}, so it can "
+            "never match",
             key=False,
         )
 
@@ -296,14 +299,16 @@ class Linter(Semantics):
                         "NP010",
                         here[1].doc,
                         here[1].test_path(here_test),
-                        f"{head}: {values} matches neither band; adjacent bands must meet exactly (the same parameter, gte on one side and lt on the other)",
+                        f"{head}: {values} matches neither band; adjacent bands must meet exactly (the same parameter, gte on "
+                        "one side and lt on the other)",
                     )
                 else:
                     self.warn(
                         "NP010",
                         here[1].doc,
                         here[1].test_path(here_test),
-                        f"{head}: {values} matches both bands; adjacent bands should meet, not overlap (gte on one side, lt on the other)",
+                        f"{head}: {values} matches both bands; adjacent bands should meet, not overlap (gte on one side, lt on "
+                        "the other)",
                     )
 
     def _context_term(self, t: FieldTest) -> tuple[str, str]:
@@ -341,7 +346,8 @@ class Linter(Semantics):
                         "NP009",
                         later.doc,
                         at,
-                        f"{later.id} and {earlier.id} ({earlier.where}) both have precedence {later.precedence} and can fire together, but {clash}: the outcome then depends on file order; give one of them a higher precedence",
+                        f"{later.id} and {earlier.id} ({earlier.where}) both have precedence {later.precedence} and can fire "
+                        f"together, but {clash}: the outcome then depends on file order; give one of them a higher precedence",
                     )
         for low in modal:
             if low.preferred is None:
@@ -359,7 +365,8 @@ class Linter(Semantics):
                             "NP008",
                             low.doc,
                             low.path + ("then", "modality", "preferred"),
-                            f"{low.id}'s preferred {low.preferred} never takes effect: whenever it fires, {high.id} ({high.where}, precedence {high.precedence} > {low.precedence}) fires too and {does}",
+                            f"{low.id}'s preferred {low.preferred} never takes effect: whenever it fires, {high.id} "
+                            f"({high.where}, precedence {high.precedence} > {low.precedence}) fires too and {does}",
                         )
                         break
 
@@ -398,7 +405,8 @@ class Linter(Semantics):
                         "NP008",
                         rule.doc,
                         rule.path + ("then", "injectates"),
-                        f"{rule.id} never decides: whenever it fires, {other.id} ({other.where}) fires too and recommends {shown}, which is more restrictive",
+                        f"{rule.id} never decides: whenever it fires, {other.id} ({other.where}) fires too and recommends "
+                        f"{shown}, which is more restrictive",
                     )
                     break
 
@@ -426,7 +434,8 @@ class Linter(Semantics):
                     "NP012",
                     pat.doc,
                     path,
-                    f"{owner}: {pat.kind} {t.field} {t.op}: {fmt(t.operand)} is a hard-coded threshold; define it in parameters.yaml with unit, provenance and source, and write $name{hint}",
+                    f"{owner}: {pat.kind} {t.field} {t.op}: {fmt(t.operand)} is a hard-coded threshold; define it in "
+                    f"parameters.yaml with unit, provenance and source, and write $name{hint}",
                 )
 
     # -- NP013 --

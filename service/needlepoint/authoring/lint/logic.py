@@ -263,12 +263,14 @@ class Semantics:
                 if ftype == "codes" and present:
                     return (
                         present[0],
-                        f"{kind}.{fld} is coded: prepared facts carry value-set tags, not the field, so exists: true never holds; test {{in: value-set}}",
+                        f"{kind}.{fld} is coded: prepared facts carry value-set tags, not the field, so exists: true never "
+                        "holds; test {in: value-set}",
                     )
                 if ftype != "codes" and ts:
                     return (
                         ts[0],
-                        f"the prepared {kind} fact never carries {fld} (requested modalities are read from the order's codes through ruleset.yaml requested_modality)",
+                        f"the prepared {kind} fact never carries {fld} (requested modalities are read from the order's codes "
+                        "through ruleset.yaml requested_modality)",
                     )
             if concept is not None and fld == "value" and concept.unit is None:
                 return ts[
@@ -416,7 +418,8 @@ class Semantics:
                     return (
                         n,
                         None,
-                        f"{n.alias} negates what {p.alias} requires: every {n.kind} fact that matches {p.alias} also matches {n.alias}",
+                        f"{n.alias} negates what {p.alias} requires: every {n.kind} fact that matches {p.alias} also matches "
+                        f"{n.alias}",
                     )
             key = self.singleton_key(n)
             if key in groups and len(groups[key]) > 1:
