@@ -58,8 +58,12 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--skip-spark", action="store_true")
     args = parser.parse_args()
-    options = Options(load_ruleset(bundled_rulesets_dir() / "hip-injection"), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-                      dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc), ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
+    options = Options(
+        load_ruleset(bundled_rulesets_dir() / "hip-injection"),
+        dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+        dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc),
+        ("hip-intra-articular", "right", "therapeutic"),
+    )
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="needlepoint-bench-batch-") as tmp:
         root = Path(tmp)

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def payloads() -> tuple[str, bytes, bytes, int]:
@@ -107,7 +107,7 @@ def main() -> None:
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start")
+                    raise SystemExit("the server did not start") from None
                 time.sleep(0.2)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)])
         grpc_call = channel.unary_unary(

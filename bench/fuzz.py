@@ -576,7 +576,7 @@ class Server:
             self.port = sock.getsockname()[1]
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w")  # noqa: SIM115  (the server's stderr for its lifetime; closed in close())
         command = [sys.executable, "-m", "needlepoint.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--workers", str(workers), "--grace", "2"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "service"), str(ROOT / "clients"),
@@ -649,7 +649,8 @@ class Tally:
         rows.append(["all", *(str(totals.get(c, 0)) for c in codes), str(sum(v for c, v in totals.items() if c != "FAILED"))])
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join(
-            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+            for row in rows
         )
 
 
@@ -669,7 +670,7 @@ def run(runner: Any, corpus: Corpus, *, inputs: int, seconds: float, seed: int, 
             items = stream_items(corpus, rng)
             call, answers = runner.evaluate_stream([data for _, data in items])
             tally.add("stream (call)", call, [data for _, data in items])
-            for (item_kind, data), answer in zip(items, answers):
+            for (item_kind, data), answer in zip(items, answers, strict=False):
                 tally.add(f"stream item: {item_kind}", answer, data)
         else:
             data = GENERATORS[kind](corpus, rng)

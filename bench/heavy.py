@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import orjson
@@ -151,14 +152,17 @@ def main() -> None:
         for n in map(int, args.sizes.split(",")):
             data = bundle(kind, n)
             decision = decide(data)
-            seconds = _time(lambda: decide(data), args.repeat)
-            line = f"{kind:<11} {n:>6} {len(data) / 1048576:>7.2f}MB {seconds * 1000:>7.0f}ms {seconds / n * 1e6:>7.1f} {len(orjson.dumps(decision)) / 1024:>8.0f}KB"
+            seconds = _time(partial(decide, data), args.repeat)
+            line = (
+                f"{kind:<11} {n:>6} {len(data) / 1048576:>7.2f}MB {seconds * 1000:>7.0f}ms {seconds / n * 1e6:>7.1f} "
+                f"{len(orjson.dumps(decision)) / 1024:>8.0f}KB"
+            )
             if args.explain:
                 from needlepoint.core.explain import counterfactuals
 
                 record = record_from_bundle(data)
                 with collector_paused(len(data) > 256 * 1024):
-                    line += f" {_time(lambda: counterfactuals(evaluator, record, AS_OF), 1) * 1000:>7.0f}ms"
+                    line += f" {_time(partial(counterfactuals, evaluator, record, AS_OF), 1) * 1000:>7.0f}ms"
             print(line, flush=True)
             if seconds > args.max_seconds:
                 print(f"{kind}: stopping, one run took {seconds:.0f}s", file=sys.stderr)

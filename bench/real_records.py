@@ -78,9 +78,9 @@ class Report:
         else:
             widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
             widths[-1] = 0  # the last column is free text
-            print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+            print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
             for row in rows:
-                print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+                print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
         if note:
             print(f"  {note}")
         print()

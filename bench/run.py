@@ -289,7 +289,7 @@ class Load:
 
 def pct(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 class H2load:
@@ -331,7 +331,7 @@ class H2load:
                     cmd += ["--rps", f"{(per_body - 1) / spacing if per_body > 1 else rate / SLOTS:.3f}"]
                 log.unlink(missing_ok=True)  # h2load appends
                 began = time.perf_counter()
-                out = subprocess.run([*cmd, url], capture_output=True, text=True).stdout
+                out = subprocess.run([*cmd, url], capture_output=True, text=True, check=False).stdout
                 if rate is not None and per_body > 1:
                     overhead = 0.7 * overhead + 0.3 * (time.perf_counter() - began - spacing)  # (h2load may also run early)
                 lines = log.read_text().splitlines() if log.exists() else []
@@ -417,14 +417,10 @@ def load_generator(allow_install: bool) -> H2load | PythonLoad:
             print("bench: installing h2load (Debian's nghttp2-client)", file=sys.stderr)
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
-            if (
-                subprocess.run(
-                    [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"], **quiet
-                ).returncode
-                != 0
-            ):
-                subprocess.run([*sudo, "apt-get", "update", "-qq"], **quiet)
-                subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"], **quiet)
+            install = [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"]
+            if subprocess.run(install, check=False, **quiet).returncode != 0:
+                subprocess.run([*sudo, "apt-get", "update", "-qq"], check=False, **quiet)
+                subprocess.run(install, check=False, **quiet)
             found = shutil.which("h2load")
     return H2load(found) if found else PythonLoad()
 
@@ -487,7 +483,7 @@ def _own_in_process(repeats: int) -> dict[str, dict[str, float]]:
         "synthea": lambda: sum(1 for r in synthea if engine.evaluate(r)),
     }
     rates: dict[str, list[float]] = {road: [] for road in roads}
-    for road, run in roads.items():
+    for run in roads.values():
         run()  # warm-up
     for _ in range(repeats):
         for road, run in roads.items():
@@ -652,20 +648,25 @@ def main() -> None:
     say("| Run (closed loop, 16 in flight) | requests/s | p50 ms | p99 ms | server CPU ms per request |")
     say("|---|---|---|---|---|")
     for label, loads in runs.items():
-        say(f"| {label} | {spread([l.rate for l in loads])} | {spread([l.pct(50) / 1000 for l in loads], '{:.2f}')} "
-            f"| {spread([l.pct(99) / 1000 for l in loads], '{:.2f}')} | {spread(cpu_ms(loads), '{:.3f}')} |")
+        say(f"| {label} | {spread([load.rate for load in loads])} | {spread([load.pct(50) / 1000 for load in loads], '{:.2f}')} "
+            f"| {spread([load.pct(99) / 1000 for load in loads], '{:.2f}')} | {spread(cpu_ms(loads), '{:.3f}')} |")
     say()
     echo = cpu_ms(runs["echo, same payloads"])
-    added = [e - c for e, c in zip(cpu_ms(runs["Evaluate (order bundles)"]), echo)]
-    cheap = [n / c for n, c in zip(cpu_ms(runs["Evaluate, 'not for us' orders"]), cpu_ms(runs["echo, 'not for us' payloads"]))]
+    added = [e - c for e, c in zip(cpu_ms(runs["Evaluate (order bundles)"]), echo, strict=True)]
+    cheap = [
+        n / c
+        for n, c in zip(cpu_ms(runs["Evaluate, 'not for us' orders"]), cpu_ms(runs["echo, 'not for us' payloads"]), strict=True)
+    ]
     cheap_long = [
         n / c
         for n, c in zip(
-            cpu_ms(runs["Evaluate, one 'not for us' body, long connections"]), cpu_ms(runs["echo, one body, long connections"])
+            cpu_ms(runs["Evaluate, one 'not for us' body, long connections"]),
+            cpu_ms(runs["echo, one body, long connections"]),
+            strict=True,
         )
     ]
-    flavour = [a - s for a, s in zip(cpu_ms(runs["bare grpc.aio echo"]), cpu_ms(runs["bare sync grpc.server echo"]))]
-    rotation = [a - b for a, b in zip(echo, cpu_ms(runs["echo, one body, long connections"]))]
+    flavour = [a - s for a, s in zip(cpu_ms(runs["bare grpc.aio echo"]), cpu_ms(runs["bare sync grpc.server echo"]), strict=True)]
+    rotation = [a - b for a, b in zip(echo, cpu_ms(runs["echo, one body, long connections"]), strict=True)]
     say("| Derived (per request, same round) | median (min–max) |")
     say("|---|---|")
     say(f"| Added server CPU of a decision: Evaluate − echo | {spread(added, '{:.3f}')} ms |")
@@ -684,14 +685,15 @@ def main() -> None:
     say("|---|---|---|---|---|")
     best = None
     for share, loads in at_load.items():
-        p99 = statistics.median(l.pct(99) / 1000 for l in loads)
-        achieved = statistics.median(l.rate for l in loads)
+        p99 = statistics.median(load.pct(99) / 1000 for load in loads)
+        achieved = statistics.median(load.rate for load in loads)
         if p99 <= args.p99_ms:  # (open loop: a server that cannot keep up has an unbounded p99)
             best = (share, achieved, p99)
         say(
-            f"| {share:.0%} ({share * cap:,.0f}/s) | {spread([l.rate for l in loads])} | "
-            f"{spread([l.pct(50) / 1000 for l in loads], '{:.2f}')} "
-            f"| {spread([l.pct(99) / 1000 for l in loads], '{:.2f}')} | {spread([l.pct(99.9) / 1000 for l in loads], '{:.2f}')} |"
+            f"| {share:.0%} ({share * cap:,.0f}/s) | {spread([load.rate for load in loads])} | "
+            f"{spread([load.pct(50) / 1000 for load in loads], '{:.2f}')} "
+            f"| {spread([load.pct(99) / 1000 for load in loads], '{:.2f}')} | "
+            f"{spread([load.pct(99.9) / 1000 for load in loads], '{:.2f}')} |"
         )
     say()
     if best is None:
