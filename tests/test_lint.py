@@ -840,7 +840,10 @@ def test_an_aggregate_named_after_an_engine_reserved_field_is_refused_at_its_lin
 
 @pytest.mark.parametrize("name", ["t", "id", "sid", "_tags", "_fid"])
 def test_a_parameter_named_after_an_engine_reserved_field_is_refused_at_its_line(tmp_path: Path, name: str) -> None:
-    params = f"limit:\n  value: 3\n  provenance: C\n  source: x\n  description: x\n{name}:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n"
+    params = (
+        "limit:\n  value: 3\n  provenance: C\n  source: x\n  description: x\n"
+        f"{name}:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n"
+    )
     root = make(tmp_path, "    ord: {order: {intent: diagnostic}}", files={"parameters.yaml": params})
     reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
     assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "parameters.yaml", 6, 1)]

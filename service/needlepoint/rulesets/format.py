@@ -77,7 +77,8 @@ KIND_DOCS = {
     "patient": "The patient (one fact): age in completed years, sex.",
     "condition": "An active condition; test its code by value set.",
     "medication": "An active medication; test its code by value set.",
-    "observation": "The newest usable result per concept (observations.yaml), in the concept's canonical unit; age_days is its age.",
+    "observation": "The newest usable result per concept (observations.yaml), "
+        "in the concept's canonical unit; age_days is its age.",
     "allergy": "A recorded allergy; severity is mild, moderate, severe or unknown.",
     "prior_injection": "A completed injection: days_ago, target, same_target, same_side, agents by value set.",
     "planned_surgery": "A planned procedure: days_until, ipsilateral, code by value set.",
@@ -217,7 +218,8 @@ RULESET = Record(
                 "type": "object",
                 "propertyNames": {"enum": list(INJECTATE_CATEGORIES)},
                 "additionalProperties": {"oneOf": [_MODALITY, {"type": "array", "items": _MODALITY, "minItems": 1}]},
-                "description": "Injectate category -> the modality (or modalities) it is only used with, e.g. IODINATED_CONTRAST: FLUOROSCOPY."
+                "description": "Injectate category -> the modality (or modalities) it is only used with, e.g. "
+                    "IODINATED_CONTRAST: FLUOROSCOPY."
                 " A decision whose modality avoids or does not retain them does not suggest the injectate.",
             },
             values=INJECTATE_CATEGORIES,
@@ -295,7 +297,8 @@ CONCEPT = Record(
                 "type": "object",
                 "propertyNames": {"pattern": "^[!-~]+$"},
                 "additionalProperties": _CONVERSION,
-                "description": "Accepted UCUM codes, matched exactly (case-sensitive), each with its factor to the canonical unit or a named conversion.",
+                "description": "Accepted UCUM codes, matched exactly (case-sensitive), each with its factor to the canonical "
+                    "unit or a named conversion.",
             },
         ),
         Key(
@@ -304,7 +307,8 @@ CONCEPT = Record(
                 "type": "object",
                 "propertyNames": {"minLength": 1, "pattern": "^\\S(.*\\S)?$"},
                 "additionalProperties": _CONVERSION,
-                "description": "Free-text units as lab reports show them (FHIR Quantity.unit, e.g. K/uL), read only for a value without a UCUM code; list only text that cannot mean anything else for the concept.",
+                "description": "Free-text units as lab reports show them (FHIR Quantity.unit, e.g. K/uL), read only for a value "
+                    "without a UCUM code; list only text that cannot mean anything else for the concept.",
             },
         ),
         Key(
@@ -444,7 +448,8 @@ RULE = Record(
             "exclusive",
             {
                 "type": "boolean",
-                "description": "When this rule fires its outcome is the whole decision: no other rule's outcome is added (default false).",
+                "description": "When this rule fires its outcome is the whole decision: "
+                    "no other rule's outcome is added (default false).",
             },
         ),
         Key("when", {"$ref": "#/$defs/alternative"}),
@@ -506,7 +511,8 @@ CODE_VOCABULARIES: dict[str, tuple[str, ...]] = {
     "np-flag": FLAGS,
 }
 CODE_SHAPES = {
-    "icd10cm": "a letter, two characters and optionally 1-4 more, with or without the dot (M16.11 or M1611; prefixes may be shorter: M16, M25.55)",
+    "icd10cm": "a letter, two characters and optionally 1-4 more, with or without the dot "
+        "(M16.11 or M1611; prefixes may be shorter: M16, M25.55)",
     "loinc": "digits, a hyphen and a check digit (6301-6)",
     "rxnorm": "an RxCUI: digits only (855332)",
     "atc": "an ATC level: B, B01, B01A, B01AA or B01AA03",

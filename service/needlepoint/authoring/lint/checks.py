@@ -293,7 +293,10 @@ class Linter(Semantics):
                 values = f"{axis} = {fmt(between.lo)}" if between.lo == between.hi else f"{axis} in {between}"
                 edge = "starts at" if here is b else "ends at"
                 other_edge = "ends at" if here is b else "starts at"
-                head = f"{here[0].id} {edge} {self.show(here_test)}, but {there[0].id} ({there[0].where}) {other_edge} {self.show(there_test)}"
+                head = (
+                    f"{here[0].id} {edge} {self.show(here_test)}, but {there[0].id} ({there[0].where}) {other_edge} "
+                    f"{self.show(there_test)}"
+                )
                 if relation == "gap":
                     self.error(
                         "NP010",
