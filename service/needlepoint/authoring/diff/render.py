@@ -80,7 +80,7 @@ def to_json(report: DiffReport) -> dict:
                 "fields": dict(s.fields),
             }
             for s in report.by_rule()
-        ],  # fmt: skip
+        ],
         "changed": [case(o) for o in report.changed],
         "firingsOnly": [case(o) for o in report.of("firings")],
         "errors": [case(o) for o in report.of("error")],
@@ -104,8 +104,12 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n:,} {word if n == 1 else (plural or word + 's')}"
 
 
-_HOW = {"old only": "fired only under OLD", "new only": "fired only under NEW",
-        "matched facts differ": "fired under both, on different facts", "overridden differently": "overridden differently"}  # fmt: skip
+_HOW = {
+    "old only": "fired only under OLD",
+    "new only": "fired only under NEW",
+    "matched facts differ": "fired under both, on different facts",
+    "overridden differently": "overridden differently",
+}
 
 
 def headline(report: DiffReport) -> str:
@@ -351,8 +355,11 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
         out += [f'<tr><td>{_h(name)}</td><td class="n">{count:,}</td></tr>' for name, count in fields.items()]
         add("</table>")
         add("<table><tr><th>Field</th><th>Item</th><th>OLD</th><th>NEW</th><th>Cases</th></tr>")
-        out += [f'<tr><td>{_h(f)}</td><td>{_h(i)}</td><td class="old">{_h(a)}</td><td class="new">{_h(b)}</td><td class="n">{k:,}</td></tr>'
-                for f, i, a, b, k in report.transitions()]  # fmt: skip
+        out += [
+            f'<tr><td>{_h(f)}</td><td>{_h(i)}</td><td class="old">{_h(a)}</td><td class="new">{_h(b)}</td>'
+            f'<td class="n">{k:,}</td></tr>'
+            for f, i, a, b, k in report.transitions()
+        ]
         add("</table>")
     rules = report.by_rule()
     if rules:
@@ -377,8 +384,11 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
             if c.as_of:
                 add(f'<p class="muted">As of {_h(c.as_of)}.</p>')
             add("<table><tr><th>Field</th><th>Item</th><th>OLD</th><th>NEW</th><th>Rules responsible</th></tr>")
-            out += [f'<tr><td>{_h(x.field)}</td><td>{_h(x.item)}</td><td class="old">{_h(x.old)}</td><td class="new">{_h(x.new)}</td><td>{_h_rules(x.rules)}</td></tr>'
-                    for x in c.changes]  # fmt: skip
+            out += [
+                f'<tr><td>{_h(x.field)}</td><td>{_h(x.item)}</td><td class="old">{_h(x.old)}</td><td class="new">{_h(x.new)}</td>'
+                f"<td>{_h_rules(x.rules)}</td></tr>"
+                for x in c.changes
+            ]
             add("</table>")
             out += _html_firings(c.firings)
         if more:
@@ -409,8 +419,11 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
         out += [f"<li>{_h(f)}: {_h(r)}</li>" for f, r in report.skipped]
         add("</ul>")
     t = _timing(report)
-    add(f'<hr><p class="muted">{report.total:,} cases in {t["seconds"]:.2f} s on {_h(_plural(t["processes"], "process", "processes"))}; '
-        f'evaluation {t["oldMsPerCase"]:.2f} ms per case under OLD, {t["newMsPerCase"]:.2f} ms under NEW.</p>')  # fmt: skip
+    processes = _plural(t["processes"], "process", "processes")
+    add(
+        f'<hr><p class="muted">{report.total:,} cases in {t["seconds"]:.2f} s on {_h(processes)}; '
+        f'evaluation {t["oldMsPerCase"]:.2f} ms per case under OLD, {t["newMsPerCase"]:.2f} ms under NEW.</p>'
+    )
     add("</body></html>")
     return "\n".join(out) + "\n"
 
