@@ -86,9 +86,10 @@ def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> d
     default=None,
     help="Local engine: progress bar on standard error [default: on a terminal, for long runs].",
 )
-def command(input_path: str, out: str, engine: str, master: str | None, fmt: str, as_of: dt.datetime | None, planned: dt.datetime | None,
-            target: str | None, side: str | None, intent: str | None, export: Path | None, ruleset_id: str, rulesets_dir: Path | None,
-            overlay: Path | None, jobs: int | None, partitions: int | None, overwrite: bool, progress: bool | None) -> None:  # fmt: skip
+def command(input_path: str, out: str, engine: str, master: str | None, fmt: str, as_of: dt.datetime | None,
+            planned: dt.datetime | None, target: str | None, side: str | None, intent: str | None, export: Path | None,
+            ruleset_id: str, rulesets_dir: Path | None, overlay: Path | None, jobs: int | None, partitions: int | None,
+            overwrite: bool, progress: bool | None) -> None:  # fmt: skip
     """Evaluate every referral of INPUT and write one row per referral to the folder OUT.
 
     \b

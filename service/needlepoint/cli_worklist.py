@@ -62,10 +62,10 @@ from needlepoint.security.transport import is_loopback
     type=click.Path(file_okay=False, path_type=Path),
     help="--serve: where worklists are kept [default: <state dir>/worklists].",
 )
-def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime | None, planned: dt.datetime | None, target: str | None,
-            side: str | None, intent: str | None, export: Path | None, ruleset_id: str, rulesets_dir: Path | None, overlay: Path | None,
-            jobs: int | None, progress: bool | None, link_base: str | None, serve: bool, host: str, port: int, allow_dir: Path | None,
-            state_dir: Path | None) -> None:  # fmt: skip
+def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime | None, planned: dt.datetime | None,
+            target: str | None, side: str | None, intent: str | None, export: Path | None, ruleset_id: str,
+            rulesets_dir: Path | None, overlay: Path | None, jobs: int | None, progress: bool | None, link_base: str | None,
+            serve: bool, host: str, port: int, allow_dir: Path | None, state_dir: Path | None) -> None:  # fmt: skip
     """Evaluate every referral of INPUT and write a worklist a coordinator can act on.
 
     \b

@@ -193,8 +193,10 @@ def plausible_mutants(docs: dict, cases: Iterable[Case]) -> Iterator[Mutant]:
             least, most = min(values), max(values)
             # just past the value: a thousandth of it, and never less than ten times the rounding
             # of prepared values (1e-4), so the value itself is surely outside
-            ends = [(0, low, least + max(abs(least) / 1000, 0.001), f"excludes {least:g}, the lowest value a case gives"),
-                    (1, high, most - max(abs(most) / 1000, 0.001), f"excludes {most:g}, the highest value a case gives")]  # fmt: skip
+            ends = [
+                (0, low, least + max(abs(least) / 1000, 0.001), f"excludes {least:g}, the lowest value a case gives"),
+                (1, high, most - max(abs(most) / 1000, 0.001), f"excludes {most:g}, the highest value a case gives"),
+            ]
         else:
             ends = [
                 (0, low, low + (high - low) / 10, "no case gives a value"),

@@ -210,20 +210,28 @@ def html_report(ruleset: RuleSet, results: list[CaseResult], coverage: Coverage)
             for label, seen in conds
         )
         rows.append(
-            f"<tr class='{status}'><td>{esc(rule.id)}</td><td>{esc(rule.title)}</td><td>{n}</td><td>{full}/{len(conds)}</td><td><ul>{detail}</ul></td></tr>"
+            f"<tr class='{status}'><td>{esc(rule.id)}</td><td>{esc(rule.title)}</td><td>{n}</td><td>{full}/{len(conds)}</td>"
+            f"<td><ul>{detail}</ul></td></tr>"
         )
     outcomes = "".join(f"<li class='{'ok' if n else 'gap'}'>{esc(o)} ({n})</li>" for o, n in coverage.outcomes.items())
     failed = sum(1 for r in results if not r.passed)
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Coverage of {esc(ruleset.id)} {esc(ruleset.version)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
-tr.hit{{background:#e6f4ea}}tr.partial{{background:#fff4ce}}tr.miss{{background:#fde7e9}}li.gap{{color:#a4262c}}li.ok{{color:#1e7b34}}ul{{margin:0;padding-left:1.2em}}</style></head><body>
-<h1>Rule set {esc(ruleset.id)} {esc(ruleset.version)}</h1>
-<p>{len(results) - failed} passed, {failed} failed. Rules {coverage.rule_percent:.1f}% fired; outcomes {coverage.outcome_percent:.1f}% produced;
-conditions {coverage.condition_percent:.1f}% seen true and false. Green: fired, every condition seen both ways; yellow: fired, some condition
-seen one way only; red: never fired.</p>
-<table><tr><th>Rule</th><th>Title</th><th>Cases fired</th><th>Conditions both ways</th><th>Conditions</th></tr>{''.join(rows)}</table>
-<h2>Outcomes</h2><ul>{outcomes}</ul></body></html>
-"""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>Coverage of {esc(ruleset.id)} {esc(ruleset.version)}</title>\n"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}\n"
+        "tr.hit{background:#e6f4ea}tr.partial{background:#fff4ce}tr.miss{background:#fde7e9}"
+        "li.gap{color:#a4262c}li.ok{color:#1e7b34}ul{margin:0;padding-left:1.2em}</style></head><body>\n"
+        f"<h1>Rule set {esc(ruleset.id)} {esc(ruleset.version)}</h1>\n"
+        f"<p>{len(results) - failed} passed, {failed} failed. Rules {coverage.rule_percent:.1f}% fired; "
+        f"outcomes {coverage.outcome_percent:.1f}% produced;\n"
+        f"conditions {coverage.condition_percent:.1f}% seen true and false. Green: fired, every condition seen both ways; "
+        "yellow: fired, some condition\n"
+        "seen one way only; red: never fired.</p>\n"
+        "<table><tr><th>Rule</th><th>Title</th><th>Cases fired</th><th>Conditions both ways</th><th>Conditions</th></tr>"
+        f"{''.join(rows)}</table>\n"
+        f"<h2>Outcomes</h2><ul>{outcomes}</ul></body></html>\n"
+    )
 
 
 @click.command(name="test")

@@ -302,14 +302,19 @@ def _md_firings(firings: list[FiringDiff]) -> list[str]:
 
 # HTML
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:76em;color:#1d2330;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #d8dde6;padding-bottom:.2em}h3{font-size:1em;margin:1.4em 0 .4em}
-table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #d8dde6;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f1f3f7}td.n{text-align:right;font-variant-numeric:tabular-nums}code{font:12px ui-monospace,Menlo,Consolas,monospace}
-.old{background:#fdecea}.new{background:#e6f4ea}.headline{font-size:1.1em;font-weight:600}.muted{color:#5d6678}
-ul.facts{margin:.2em 0;padding-left:1.2em}details{margin:.3em 0}summary{cursor:pointer}
-"""
+_CSS = (
+    "\n"
+    'body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:76em;color:#1d2330;'
+    'padding:0 1em}\n'
+    "h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #d8dde6;padding-bottom:.2em}"
+    "h3{font-size:1em;margin:1.4em 0 .4em}\n"
+    "table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #d8dde6;padding:.25em .6em;text-align:left;"
+    "vertical-align:top}\n"
+    "th{background:#f1f3f7}td.n{text-align:right;font-variant-numeric:tabular-nums}"
+    "code{font:12px ui-monospace,Menlo,Consolas,monospace}\n"
+    ".old{background:#fdecea}.new{background:#e6f4ea}.headline{font-size:1.1em;font-weight:600}.muted{color:#5d6678}\n"
+    "ul.facts{margin:.2em 0;padding-left:1.2em}details{margin:.3em 0}summary{cursor:pointer}\n"
+)
 
 
 def _h(value: Any) -> str:
@@ -327,8 +332,8 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     add = out.append
     title = f"Rule-set diff: {o.id} {o.version} → {n.id} {n.version}"
     add(
-        '<!doctype html>\n<html lang="en"><head><meta '
-        f'charset="utf-8"><title>{_h(title)}</title><style>{_CSS}</style></head><body>'
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title>'
+        f"<style>{_CSS}</style></head><body>"
     )
     add(f"<h1>{_h(title)}</h1>")
     add("<table><tr><th></th><th>Rule set</th><th>Version</th><th>Layers</th><th>Digest</th><th>From</th></tr>")
@@ -365,8 +370,8 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     if rules:
         add("<h2>By rule</h2>")
         add(
-            "<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th><th>Fired "
-            "differently</th><th>How</th></tr>"
+            "<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th>"
+            "<th>Fired differently</th><th>How</th></tr>"
         )
         for s in rules:
             fields_text = (

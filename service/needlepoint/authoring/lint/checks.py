@@ -361,17 +361,16 @@ class Linter(Semantics):
                 wins = high.preferred not in (None, low.preferred) and not any(
                     high.preferred in r.avoid and r.precedence >= high.precedence for r in modal
                 )
-                if wins or low.preferred in high.avoid:
-                    if self.rule_implies(low, high):
-                        does = f"avoids {low.preferred}" if low.preferred in high.avoid else f"prefers {high.preferred}"
-                        self.warn(
-                            "NP008",
-                            low.doc,
-                            low.path + ("then", "modality", "preferred"),
-                            f"{low.id}'s preferred {low.preferred} never takes effect: whenever it fires, {high.id} "
-                            f"({high.where}, precedence {high.precedence} > {low.precedence}) fires too and {does}",
-                        )
-                        break
+                if (wins or low.preferred in high.avoid) and self.rule_implies(low, high):
+                    does = f"avoids {low.preferred}" if low.preferred in high.avoid else f"prefers {high.preferred}"
+                    self.warn(
+                        "NP008",
+                        low.doc,
+                        low.path + ("then", "modality", "preferred"),
+                        f"{low.id}'s preferred {low.preferred} never takes effect: whenever it fires, {high.id} "
+                        f"({high.where}, precedence {high.precedence} > {low.precedence}) fires too and {does}",
+                    )
+                    break
 
     @staticmethod
     def _modality_clash(r1: RuleEntry, r2: RuleEntry) -> str:

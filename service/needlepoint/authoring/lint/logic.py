@@ -226,12 +226,8 @@ class Semantics:
             concept = self.concept_of(tests)
             if concept is not None and concept.plausible is not None:
                 lo, hi = concept.plausible
-                return (
-                    Interval(max(0, lo), True, hi, True),
-                    f"{concept.id} values outside the plausible range {fmt(lo)}-{fmt(hi)} {concept.unit or ''} are set aside".replace(
-                        "  ", " "
-                    ),
-                )
+                aside = f"{concept.id} values outside the plausible range {fmt(lo)}-{fmt(hi)} {concept.unit or ''} are set aside"
+                return Interval(max(0, lo), True, hi, True), aside.replace("  ", " ")
             return Interval(0, True), "observation values are never negative"
         if (kind, fld) in (("observation", "age_days"), ("patient", "age_years")):
             return Interval(0, True), f"{fld} is never negative"
@@ -301,10 +297,7 @@ class Semantics:
         by_field: dict[str, list[FieldTest]] = {}
         for t in p_tests:
             by_field.setdefault(t.field, []).append(t)
-        for q in q_tests:
-            if not self._test_implied(kind, q, by_field.get(q.field, []), p_tests):
-                return False
-        return True
+        return all(self._test_implied(kind, q, by_field.get(q.field, []), p_tests) for q in q_tests)
 
     def _test_implied(self, kind: str, q: FieldTest, pts: list[FieldTest], all_p: list[FieldTest]) -> bool:
         compares = [t for t in pts if t.op != "exists"]
