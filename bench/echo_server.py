@@ -89,12 +89,12 @@ class _BareEcho(decision_service_pb2_grpc.DecisionServiceServicer):
 
 
 class _BareAioEcho(_BareEcho):
-    async def Evaluate(self, request, context):  # noqa: N802  (the gRPC method's name)
+    async def Evaluate(self, request, context):  # noqa: N802 - the gRPC method's name
         return self.evaluate(request, context)
 
 
 class _BareSyncEcho(_BareEcho):
-    def Evaluate(self, request, context):  # noqa: N802  (the gRPC method's name)
+    def Evaluate(self, request, context):  # noqa: N802 - the gRPC method's name
         return self.evaluate(request, context)
 
 

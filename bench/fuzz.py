@@ -576,7 +576,7 @@ class Server:
             self.port = sock.getsockname()[1]
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.log = open(log_path, "w")  # noqa: SIM115  (the server's stderr for its lifetime; closed in close())
+        self.log = open(log_path, "w")  # noqa: SIM115 - the server's stderr for its lifetime, closed in close()
         command = [sys.executable, "-m", "needlepoint.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--workers", str(workers), "--grace", "2"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "service"), str(ROOT / "clients"),

@@ -113,7 +113,7 @@ def load_thread(target: str, corpus: Any, seed: int, stop: threading.Event, stat
             started = time.perf_counter()
             try:
                 problem = one_request(runner, corpus, rng, kind)
-            except Exception as exc:  # noqa: BLE001  a client-side failure is a failure too, and the load goes on
+            except Exception as exc:  # noqa: BLE001 - a client-side failure is a failure too, and the load goes on
                 problem = f"{type(exc).__name__}: {exc}"
             stats.add(kind, time.perf_counter() - started, problem)
     finally:

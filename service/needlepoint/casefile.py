@@ -23,9 +23,10 @@ Codes are ``system#code`` with the short system names of :mod:`needlepoint.core.
 are ISO dates or instants, or ``days_before`` / ``days_after`` relative to ``as_of``. A condition
 or medication may be a plain code or a mapping with its times: ``{code: snomed#72892002,
 onset_days_before: 400}`` (``started_days_before`` for a medication), ``recorded`` /
-``recorded_days_before``, ``ended`` / ``ended_days_before`` (each also ``..._days_after``); an allergy or planned surgery takes ``recorded_days_before`` /
-``ordered_days_before``. The patient may be ``deceased: true`` or ``deceased_days_before: N``,
-and ``birth_date`` may be partial (``2014-03``).
+``recorded_days_before``, ``ended`` / ``ended_days_before`` (each also ``..._days_after``); an
+allergy or planned surgery takes ``recorded_days_before`` / ``ordered_days_before``. The patient
+may be ``deceased: true`` or ``deceased_days_before: N``, and ``birth_date`` may be partial
+(``2014-03``).
 ``deferrals`` lists ``REASON`` or ``REASON/SCOPE`` and must match the decision's deferrals
 exactly; ``cautions`` and ``missing`` likewise (use ``*_include`` keys for a subset check).
 ``severities`` maps a deferral (same key form) to HARD or SOFT; ``messages_include`` lists texts

@@ -322,14 +322,14 @@ def _in_process(rulesets_dir: Path | None, request: EvaluateRequest) -> Decision
 
     try:
         engine = Engine.load(rulesets_dir)
-    except Exception as exc:  # a broken rule set: say what, without a traceback
+    except Exception as exc:  # noqa: BLE001 - a broken rule set: say what, without a traceback
         _fail(f"cannot load rule sets: {exc}", EXIT_FAILURE)
     try:
         return engine.evaluate(request)
     except ServiceError as exc:
         bad_input = exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         _fail(exc.message, EXIT_BAD_INPUT if bad_input else EXIT_FAILURE)
-    except Exception as exc:  # a fault of the service: say so in one line, as the server would
+    except Exception as exc:  # noqa: BLE001 - a fault of the service: say so in one line, as the server would
         _fail(f"internal error ({type(exc).__name__}); please report it with the input", EXIT_FAILURE)
 
 

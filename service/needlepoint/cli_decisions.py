@@ -143,7 +143,7 @@ def migrate_for_serve(database: str | None, mask: str) -> str | None:
     url = db.normalize_url(database)
     try:
         db.migrate(url)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any driver error means the log cannot be opened
         click.echo(f"error: cannot open the decision log at {db.redacted(url)}: {exc}", err=True)
         sys.exit(1)
     return url

@@ -31,7 +31,7 @@ def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Val
     try:
         loaded = load(directory, shown=shown)
         Evaluator(loaded.ruleset).close()  # compiles into the engine
-    except Exception as exc:  # anything that stops loading is a rejection, with its message
+    except Exception as exc:  # noqa: BLE001 - anything that stops loading is a rejection, with its message
         return Validation(False, f"does not load: {exc}")
     ruleset, documents = loaded.ruleset, loaded.documents
     errors = [f for f in run_lint(directory, shown=shown).findings if f.severity == ERROR]
