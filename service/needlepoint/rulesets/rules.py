@@ -5,8 +5,9 @@ read before the rules."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from needlepoint.core.conditions import FACT_FIELDS, OPERATORS, ORDERING_OPERATORS, FieldTest, ParamRef, Pattern
 from needlepoint.core.ruleset import TEMPLATE, TEMPLATE_FIELDS, parse_placeholder
@@ -14,6 +15,9 @@ from needlepoint.core.ruleset import TEMPLATE, TEMPLATE_FIELDS, parse_placeholde
 from . import format as fmt
 from .diagnostics import describe, suggest
 from .reader import Document
+
+if TYPE_CHECKING:
+    from .builder import AggregateEntry, ConceptEntry, ParamEntry
 
 
 @dataclass
@@ -88,6 +92,41 @@ def fits(ftype: str, value: Any) -> bool:
 
 
 class RuleChecks:
+    if TYPE_CHECKING:
+        # What Builder supplies: the definitions read before the rules, the rules read so far
+        # and the reporting and structure helpers (mypy checks Builder's against these).
+        params: dict[str, ParamEntry]
+        values: dict[str, Any]
+        concepts: dict[str, ConceptEntry]
+        aggregates: dict[str, AggregateEntry]
+        rules: list[RuleEntry]
+        rule_ids: dict[str, tuple[Document, tuple]]
+        rule_count: int
+        used_params: set[str]
+
+        def error(
+            self, code: str, doc: Document, path: Iterable, message: str, *, key: bool = True, at: tuple[int, int] | None = None
+        ) -> None: ...
+
+        def mapping(
+            self,
+            doc: Document,
+            path: tuple,
+            value: Any,
+            record: fmt.Record | None,
+            what: str,
+            *,
+            allowed: Iterable[str] | None = None,
+        ) -> bool: ...
+
+        def check_scalars(self, doc: Document, path: tuple, value: dict, record: fmt.Record, what: str) -> bool: ...
+
+        def enum(self, doc: Document, path: tuple, value: Any, allowed: tuple, what: str) -> bool: ...
+
+        def param_ref(self, doc: Document, path: tuple, name: str, what: str) -> bool: ...
+
+        def value_set_ref(self, doc: Document, path: tuple, vs_id: Any, what: str) -> bool: ...
+
     # -- patterns --
 
     def check_pattern(
