@@ -11,17 +11,21 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
 
+if TYPE_CHECKING:
+    from needlepoint.batch.evaluate import Options
+
 
 def evaluation_options(
     rulesets_dir: Path | None, ruleset_id: str, overlay: Path | None, as_of: dt.datetime | None, planned: dt.datetime | None,
     target: str | None, side: str | None, intent: str | None,
-):
+) -> Options:
     """The batch evaluation's options from the command line (shared by ``batch`` and ``worklist``);
     a rule set that does not load exits 1 with what is wrong, without a traceback."""
     from needlepoint.batch.evaluate import Options

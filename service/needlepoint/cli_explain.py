@@ -9,6 +9,7 @@ import datetime as dt
 import re
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 import orjson
@@ -61,7 +62,17 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
 )
 @click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def command(file, rule_id, as_of, target, side, intent, ruleset_dir, overlay, as_json) -> None:
+def command(
+    file: BinaryIO,
+    rule_id: str | None,
+    as_of: dt.datetime | None,
+    target: str | None,
+    side: str | None,
+    intent: str | None,
+    ruleset_dir: Path | None,
+    overlay: Path | None,
+    as_json: bool,
+) -> None:
     """Explain a rule for one patient (a FHIR Bundle, or - for stdin), and what would change each deferral."""
     # imported here, so that `needlepoint --help` does not load the engine to list this command
     from needlepoint.core.evaluator import Evaluator

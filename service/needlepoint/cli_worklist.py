@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +22,10 @@ from needlepoint.cli_batch import _planned, evaluation_options
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.security.transport import is_loopback
+
+if TYPE_CHECKING:
+    from needlepoint.batch.evaluate import Options
+    from needlepoint.worklist.rows import WorklistRow
 
 
 @click.command(name="worklist")
@@ -109,7 +114,7 @@ def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime |
         stop()
     html_out = next((o for o in outs if o.suffix.lower() == ".html"), None)
 
-    def link(row) -> str | None:
+    def link(row: WorklistRow) -> str | None:
         if not row.decision_id:
             return None
         if html_out is not None:
@@ -124,7 +129,7 @@ def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime |
 def _serve(
     input_path: str | None,
     export: Path | None,
-    options,
+    options: Options,
     host: str,
     port: int,
     allow_dir: Path | None,

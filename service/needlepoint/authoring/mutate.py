@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -65,7 +66,7 @@ def parameter_mutants(docs: dict) -> Iterator[Mutant]:
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
             continue
         elif isinstance(value, int):
-            step = max(1, round(abs(value) * 0.1))
+            step: float = max(1, round(abs(value) * 0.1))
             for new in (value - step, value + step):
                 yield Mutant("parameter", f"{name}: {value} -> {new}", docs, {name: new})
         else:
@@ -74,7 +75,7 @@ def parameter_mutants(docs: dict) -> Iterator[Mutant]:
                 yield Mutant("parameter", f"{name}: {value:g} -> {new:g}", docs, {name: new})
 
 
-def _ordering_tests(node, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
+def _ordering_tests(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
     """Paths to every {op: operand} mapping with an ordering operator inside a rule's conditions."""
     if isinstance(node, dict):
         for key, value in node.items():
@@ -125,7 +126,7 @@ def value_set_mutants(docs: dict) -> Iterator[Mutant]:
                     yield Mutant("value-set", f"{vs_id}{suffix}: remove {system} {what} {code}", mutated)
 
 
-def _with_observations(docs: dict, cid: str, change) -> dict:
+def _with_observations(docs: dict, cid: str, change: Callable[[dict], None]) -> dict:
     """``docs`` with ``change`` applied to a copy of concept ``cid``; the rest is shared, since
     build_ruleset only reads its documents."""
     mutated = dict(docs)
@@ -148,7 +149,7 @@ def unit_mutants(docs: dict) -> Iterator[Mutant]:
                     others = [conversion * 10, conversion / 10]
                 for other in others:
 
-                    def convert_by(spec: dict, key=key, unit=unit, other=other) -> None:
+                    def convert_by(spec: dict, key: str = key, unit: str = unit, other: float | str = other) -> None:
                         spec[key][unit] = other
 
                     yield Mutant(
@@ -158,7 +159,7 @@ def unit_mutants(docs: dict) -> Iterator[Mutant]:
                         concept=cid,
                     )
 
-                def drop(spec: dict, key=key, unit=unit) -> None:
+                def drop(spec: dict, key: str = key, unit: str = unit) -> None:
                     del spec[key][unit]
 
                 yield Mutant("unit", f"{label}: no longer accepted", _with_observations(docs, cid, drop), concept=cid)
@@ -206,7 +207,7 @@ def plausible_mutants(docs: dict, cases: Iterable[Case]) -> Iterator[Mutant]:
             if not low < new < high:
                 continue  # the cases' values fill the range: there is no inward to move to
 
-            def narrow(spec: dict, end=end, new=new) -> None:
+            def narrow(spec: dict, end: int = end, new: float = new) -> None:
                 spec["plausible"] = [new, spec["plausible"][1]] if end == 0 else [spec["plausible"][0], new]
 
             what = "low" if end == 0 else "high"
@@ -231,7 +232,9 @@ def mutants(docs: dict, kinds: tuple[str, ...], cases: Iterable[Case] = ()) -> I
         yield from plausible_mutants(docs, cases)
 
 
-def run(path: Path, kinds: tuple[str, ...] = KINDS, progress=None, match: str = "") -> MutationReport:
+def run(
+    path: Path, kinds: tuple[str, ...] = KINDS, progress: Callable[[int], object] | None = None, match: str = ""
+) -> MutationReport:
     """Mutate the rule set in ``path`` and run its cases against each mutant. ``match`` keeps
     only the mutants whose description contains it (e.g. a concept or parameter name)."""
     docs = read_documents(path)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
 from needlepoint.casefile import Case, check, load_cases
-from needlepoint.core.conditions import test_holds
+from needlepoint.core.conditions import FieldTest, Pattern, test_holds
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import RecordError
 from needlepoint.core.resolve import preferred_modality
@@ -101,7 +102,7 @@ def decision_outcomes(decision: dict) -> set[str]:
     return out
 
 
-def condition_labels(ruleset: RuleSet):
+def condition_labels(ruleset: RuleSet) -> Iterator[tuple[str, Pattern, FieldTest]]:
     """(label, pattern, test) for every field test of every rule pattern."""
     for rule in ruleset.rules:
         for i, alternative in enumerate(rule.alternatives):
@@ -135,7 +136,14 @@ def run(path: Path, *, overlay: Path | None = None, select: str | None = None) -
     return ruleset, results, coverage
 
 
-def _run_case(case: Case, file_name: str, evaluator: Evaluator, params: dict, conditions, coverage: Coverage) -> CaseResult:
+def _run_case(
+    case: Case,
+    file_name: str,
+    evaluator: Evaluator,
+    params: dict,
+    conditions: list[tuple[str, Pattern, FieldTest]],
+    coverage: Coverage,
+) -> CaseResult:
     case.source = f"{file_name}{case.source[case.source.index('['):]}" if "[" in case.source else case.source
     try:
         prepared, decision = evaluator.evaluate_with_facts(case.record, case.as_of)

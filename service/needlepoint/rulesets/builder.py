@@ -876,6 +876,7 @@ class Builder(RuleChecks):
 
     def assemble(self) -> RuleSet:
         s = self.sources
+        assert s.meta is not None  # without ruleset.yaml the rule set has an NP000 error and is not assembled
         meta = s.meta.value or {}
         rs_id = meta["id"]
         params = {

@@ -145,7 +145,7 @@ def _key(node: yaml.Node, loader: Any) -> Any:
             return key
         except Exception:  # noqa: BLE001 - an unhashable or odd key is named by its text
             return node.value
-    return f"<{node.id} key>"
+    return f"<{'sequence' if isinstance(node, yaml.SequenceNode) else 'mapping'} key>"  # the node's id
 
 
 def _index(doc: Document, node: yaml.Node, path: tuple, loader: Any, active: set[int]) -> None:

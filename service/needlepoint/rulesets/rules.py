@@ -678,11 +678,9 @@ class RuleChecks:
                             f"{what} then.{key}: {{{ref}}} names no parameter{suggest(placeholder.param, self.params)}",
                             at=at,
                         )
-                    if placeholder.alias is None:
-                        continue
-                if alts is None:
-                    continue
                 alias, fld = placeholder.alias, placeholder.field
+                if alias is None or alts is None:  # a parameter, checked above; or no patterns to bind it
+                    continue
                 bound = [{p.alias: p for p in alt if not p.negated} for alt in alts]
                 having = [i for i, b in enumerate(bound) if alias in b]
                 if not having:
