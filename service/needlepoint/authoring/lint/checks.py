@@ -218,9 +218,9 @@ class Linter(Semantics):
                 self.error("NP007", pat.doc, pat.test_path(test), prefix + message)
         for agg in self.aggregates.values():
             for pat in agg.patterns:
-                why = self.unsat(pat.kind, pat.tests)
-                if why is not None:
-                    self.error("NP007", pat.doc, pat.test_path(why[0]), f"{pat.owner} can never match: {why[1]}")
+                unsat = self.unsat(pat.kind, pat.tests)
+                if unsat is not None:
+                    self.error("NP007", pat.doc, pat.test_path(unsat[0]), f"{pat.owner} can never match: {unsat[1]}")
 
     # -- NP010 --
 
@@ -284,6 +284,8 @@ class Linter(Semantics):
                     here, there = a, b
                 here_test = here[2].lo_test if here is b else here[2].hi_test
                 there_test = there[2].hi_test if here is b else there[2].lo_test
+                # bands that do not nest have finite facing bounds, and numeric() notes the test of each
+                assert here_test is not None and there_test is not None
                 axis = " ".join(
                     [kind] + [shown.split(" = ", 1)[1] for f, shown in context if f == "concept" and " = " in shown] + [fld]
                 )

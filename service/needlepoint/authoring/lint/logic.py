@@ -157,7 +157,7 @@ class Semantics:
     def numeric(self, tests: Iterable[FieldTest]) -> Numeric:
         num = Numeric(Interval(), None, set())
         for t in tests:
-            v = self.resolve(t.operand) if not isinstance(t.operand, tuple) else t.operand
+            v: Any = self.resolve(t.operand) if not isinstance(t.operand, tuple) else t.operand  # a value of any type
             if v is UNKNOWN or t.op == "exists":
                 continue
             if t.op == "in":
@@ -319,7 +319,7 @@ class Semantics:
             dom, _ = self.domain(kind, q.field, all_p)
             iv = num.iv & dom
             iv = iv.integers() if integer else iv
-            value = self.resolve(q.operand) if not isinstance(q.operand, tuple) else q.operand
+            value: Any = self.resolve(q.operand) if not isinstance(q.operand, tuple) else q.operand
             if value is UNKNOWN:
                 return False
             if num.points is not None:
@@ -338,8 +338,8 @@ class Semantics:
                 return value in excluded or (allowed is not None and value not in allowed)
             if allowed is None:
                 return False
-            target = set(q.operand) if isinstance(q.operand, tuple) else {self.resolve(q.operand)}
-            return (allowed - excluded) <= target
+            accepted = set(q.operand) if isinstance(q.operand, tuple) else {self.resolve(q.operand)}
+            return (allowed - excluded) <= accepted
         if ftype == "codes" and q.op == "in":
             return any(t.op == "in" and self._vs_subset(t.operand, q.operand) for t in compares)
         return False
@@ -414,11 +414,11 @@ class Semantics:
                         f"{n.alias} negates what {p.alias} requires: every {n.kind} fact that matches {p.alias} also matches "
                         f"{n.alias}",
                     )
-            key = self.singleton_key(n)
-            if key in groups and len(groups[key]) > 1:
-                merged = [t for p in groups[key] for t in p.tests]
+            n_key = self.singleton_key(n)
+            if n_key in groups and len(groups[n_key]) > 1:
+                merged = [t for p in groups[n_key] for t in p.tests]
                 if self.implies(n.kind, merged, n.tests):
-                    return n, None, f"{n.alias} negates what {' and '.join(p.alias for p in groups[key])} require together"
+                    return n, None, f"{n.alias} negates what {' and '.join(p.alias for p in groups[n_key])} require together"
         return None
 
     def alt_implies(self, a: list[PatternEntry], b: list[PatternEntry]) -> bool:
