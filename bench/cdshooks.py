@@ -144,8 +144,8 @@ def main() -> None:
         )
         print(
             f"patient {name}: prefetch {prefetch_bytes / 1e6:.2f} MB, CDS Hooks body {len(cds_body) / 1e6:.2f} MB, "
-            f"gRPC request {len(grpc_body) / 1e6:.2f} MB; {args.workers} workers, {args.concurrency} in flight, {args.requests} "
-            "requests each"
+            f"gRPC request {len(grpc_body) / 1e6:.2f} MB; "
+            f"{args.workers} workers, {args.concurrency} in flight, {args.requests} requests each"
         )
         for key, label in (("cds", "CDS Hooks order-sign"), ("grpc", "gRPC Evaluate (same record)")):
             ms = [t * 1000 for t in timings[key]]

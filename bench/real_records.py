@@ -203,8 +203,8 @@ def render(data: dict, report: Report, examples: int) -> None:
     report.line("")
     for label, f in data["instants"].items():
         report.section(
-            f"At {label}: {f['bundles']} bundles, {len(f['errors'])} errors, {f['decisions_with_a_deferral']} decisions with a "
-            "deferral",
+            f"At {label}: {f['bundles']} bundles, {len(f['errors'])} errors, "
+            f"{f['decisions_with_a_deferral']} decisions with a deferral",
             ("reason", "decisions"),
             [(k, v) for k, v in f["deferrals_by_reason"].items()] + [(f"error: {e['bundle']}", e["error"]) for e in f["errors"]],
         )

@@ -558,8 +558,8 @@ def main() -> None:
         payloads = Payloads.make(bodies, args.seed, Path(tmp))
         sizes = [len(m) for m in payloads.hip]
         say(
-            f"Payloads: order bundles of {min(sizes):,}–{max(sizes):,} bytes (median {statistics.median(sizes):,.0f}); seed "
-            f"{args.seed}."
+            f"Payloads: order bundles of {min(sizes):,}–{max(sizes):,} bytes (median {statistics.median(sizes):,.0f}); "
+            f"seed {args.seed}."
         )
         servers: dict[str, Server] = {}
         try:
@@ -571,8 +571,8 @@ def main() -> None:
                 check_answers(server, payloads.hip, digest, expect_decision=True)
             check_answers(servers["Evaluate"], payloads.not_for_us, digest, expect_decision=False)
             say(
-                f"Checked: every one of the {bodies:,} requests answered with a decision of rule set digest {digest[:19]}… by "
-                "every server; "
+                f"Checked: every one of the {bodies:,} requests answered with a decision "
+                f"of rule set digest {digest[:19]}… by every server; "
                 f"every 'not for us' request refused INVALID_ARGUMENT at order.target by Evaluate."
             )
             say()
@@ -700,8 +700,8 @@ def main() -> None:
         say(f"No offered load was served within p99 ≤ {args.p99_ms:g} ms.")
     else:
         say(
-            f"Highest load served within p99 ≤ {args.p99_ms:g} ms: {best[1]:,.0f} requests/s ({best[0]:.0%} of capacity, p99 "
-            f"{best[2]:.1f} ms)."
+            f"Highest load served within p99 ≤ {args.p99_ms:g} ms: {best[1]:,.0f} requests/s "
+            f"({best[0]:.0%} of capacity, p99 {best[2]:.1f} ms)."
         )
     if not args.skip_in_process:
         say()

@@ -87,8 +87,8 @@ class Linter(Semantics):
                         dup.column,
                         doc.rel,
                         "",
-                        f"duplicate key {dup.path[-1]!r}: it is already given at line {dup.earlier_line}, and YAML keeps only "
-                        "the last one",
+                        f"duplicate key {dup.path[-1]!r}: it is already given at line {dup.earlier_line}, "
+                        "and YAML keeps only the last one",
                     )
                 )
         for file, message in self.sources.ignored:
