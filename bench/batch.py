@@ -58,8 +58,12 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--skip-spark", action="store_true")
     args = parser.parse_args()
-    options = Options(load_ruleset(bundled_rulesets_dir() / "hip-injection"), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-                      dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc), ("hip-intra-articular", "right", "therapeutic"))  # fmt: skip
+    options = Options(
+        load_ruleset(bundled_rulesets_dir() / "hip-injection"),
+        dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+        dt.datetime(2020, 2, 1, 23, 59, 59, tzinfo=dt.timezone.utc),
+        ("hip-intra-articular", "right", "therapeutic"),
+    )
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="needlepoint-bench-batch-") as tmp:
         root = Path(tmp)
@@ -77,7 +81,12 @@ def main() -> None:
                 reference = reference or output.ndjson_bytes(out)
                 assert output.ndjson_bytes(out) == reference
                 best = outcome if best is None or outcome.seconds < best.seconds else best
-            rows.append((f"--engine local, {jobs} process{'es' if jobs > 1 else ''}", f"{best.rows / best.seconds:,.1f} decisions/s ({best.seconds:.1f} s)"))
+            rows.append(
+                (
+                    f"--engine local, {jobs} process{'es' if jobs > 1 else ''}",
+                    f"{best.rows / best.seconds:,.1f} decisions/s ({best.seconds:.1f} s)",
+                )
+            )
         if not args.skip_spark:
             from needlepoint.batch import spark
 
@@ -101,7 +110,9 @@ def main() -> None:
                     started = time.perf_counter()
                     sc.parallelize(range(n), n).mapPartitions(lambda it: [sum(1 for _ in it)]).collect()
                     empty[n] = time.perf_counter() - started
-                rows.append(("Spark overhead per partition (an empty Python task)", f"{(empty[66] - empty[2]) / 64 * 1000:,.0f} ms"))
+                rows.append(
+                    ("Spark overhead per partition (an empty Python task)", f"{(empty[66] - empty[2]) / 64 * 1000:,.0f} ms")
+                )
             finally:
                 session.stop()
     print("| Run | Measured |\n|---|---|")

@@ -52,7 +52,7 @@ def free_port() -> int:
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def payloads() -> tuple[str, bytes, bytes, int]:
@@ -86,7 +86,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="measured requests per protocol")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight per protocol")
-    parser.add_argument("--database", default=None, help="the server's decision log (default: serve's default, a SQLite file; 'none': no log)")
+    parser.add_argument(
+        "--database", default=None, help="the server's decision log (default: serve's default, a SQLite file; 'none': no log)"
+    )
     args = parser.parse_args()
 
     name, cds_body, grpc_body, prefetch_bytes = payloads()
@@ -105,10 +107,12 @@ def main() -> None:
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start")
+                    raise SystemExit("the server did not start") from None
                 time.sleep(0.2)
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)])
-        grpc_call = channel.unary_unary("/needlepoint.v1.DecisionService/Evaluate", request_serializer=None, response_deserializer=None)
+        grpc_call = channel.unary_unary(
+            "/needlepoint.v1.DecisionService/Evaluate", request_serializer=None, response_deserializer=None
+        )
         clients = [httpx.Client(timeout=30) for _ in range(args.concurrency)]
         headers = {"Content-Type": "application/json"}
 
@@ -135,12 +139,20 @@ def main() -> None:
                     began = time.perf_counter()
                     timings[key] += pool.map(fn, range(start, min(start + block, args.requests)))
                     spent[key] += time.perf_counter() - began
-        print(f"needlepoint CDS Hooks benchmark: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-        print(f"patient {name}: prefetch {prefetch_bytes / 1e6:.2f} MB, CDS Hooks body {len(cds_body) / 1e6:.2f} MB, "
-              f"gRPC request {len(grpc_body) / 1e6:.2f} MB; {args.workers} workers, {args.concurrency} in flight, {args.requests} requests each")
+        print(
+            f"needlepoint CDS Hooks benchmark: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        )
+        print(
+            f"patient {name}: prefetch {prefetch_bytes / 1e6:.2f} MB, CDS Hooks body {len(cds_body) / 1e6:.2f} MB, "
+            f"gRPC request {len(grpc_body) / 1e6:.2f} MB; "
+            f"{args.workers} workers, {args.concurrency} in flight, {args.requests} requests each"
+        )
         for key, label in (("cds", "CDS Hooks order-sign"), ("grpc", "gRPC Evaluate (same record)")):
             ms = [t * 1000 for t in timings[key]]
-            print(f"  {label:<30} p50 {pct(ms, 50):6.1f} ms   p99 {pct(ms, 99):6.1f} ms   max {max(ms):6.1f} ms   {len(ms) / spent[key]:6.1f} req/s")
+            print(
+                f"  {label:<30} p50 {pct(ms, 50):6.1f} ms   p99 {pct(ms, 99):6.1f} ms   max {max(ms):6.1f} ms   "
+                f"{len(ms) / spent[key]:6.1f} req/s"
+            )
         for c in clients:
             c.close()
         channel.close()

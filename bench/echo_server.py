@@ -89,12 +89,12 @@ class _BareEcho(decision_service_pb2_grpc.DecisionServiceServicer):
 
 
 class _BareAioEcho(_BareEcho):
-    async def Evaluate(self, request, context):
+    async def Evaluate(self, request, context):  # noqa: N802 - the gRPC method's name
         return self.evaluate(request, context)
 
 
 class _BareSyncEcho(_BareEcho):
-    def Evaluate(self, request, context):
+    def Evaluate(self, request, context):  # noqa: N802 - the gRPC method's name
         return self.evaluate(request, context)
 
 
@@ -151,7 +151,9 @@ def main() -> None:
     args = parser.parse_args()
     bundle = args.bundle.read_bytes()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(args.port, bundle, args.as_of, args.work, args.stack)) for _ in range(args.workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(args.port, bundle, args.as_of, args.work, args.stack)) for _ in range(args.workers)
+    ]
     for p in procs:
         p.start()
 

@@ -335,7 +335,9 @@ def gen_protobuf_bytes(corpus: Corpus, rng: random.Random) -> bytes:
         junk = rng.choice([b"\xff\xfe", b"\xed\xa0\x80", b"\xc3", b"ok\x80"])
         return bytes(valid) + tag + bytes([len(junk)]) + junk
     if op == 4:  # a wrong wire type for a known field, or an unknown field with a big varint
-        return bytes(valid) + rng.choice([b"\x30\x01", b"\x1d\x00\x00\x00\x00", b"\xf8\xff\xff\xff\x0f\x01", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"])
+        return bytes(valid) + rng.choice(
+            [b"\x30\x01", b"\x1d\x00\x00\x00\x00", b"\xf8\xff\xff\xff\x0f\x01", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]
+        )
     if op == 5:  # deep groups / nested messages
         depth = rng.randrange(50, 2000)
         return rng.choice([b"\x0b" * depth, b"\x0a\x7f" * depth]) + bytes(valid)
@@ -575,7 +577,7 @@ class Server:
             self.port = sock.getsockname()[1]
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w")  # noqa: SIM115 - the server's stderr for its lifetime, closed in close()
         command = [sys.executable, "-m", "needlepoint.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--workers", str(workers), "--grace", "2"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "service"), str(ROOT / "clients"),
@@ -647,7 +649,10 @@ class Tally:
             rows.append([kind, *(str(counter.get(c, 0)) for c in codes), str(total)])
         rows.append(["all", *(str(totals.get(c, 0)) for c in codes), str(sum(v for c, v in totals.items() if c != "FAILED"))])
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+        return "\n".join(
+            "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+            for row in rows
+        )
 
 
 def run(runner: Any, corpus: Corpus, *, inputs: int, seconds: float, seed: int, progress: bool = True) -> Tally:
@@ -666,7 +671,7 @@ def run(runner: Any, corpus: Corpus, *, inputs: int, seconds: float, seed: int, 
             items = stream_items(corpus, rng)
             call, answers = runner.evaluate_stream([data for _, data in items])
             tally.add("stream (call)", call, [data for _, data in items])
-            for (item_kind, data), answer in zip(items, answers):
+            for (item_kind, data), answer in zip(items, answers, strict=False):
                 tally.add(f"stream item: {item_kind}", answer, data)
         else:
             data = GENERATORS[kind](corpus, rng)

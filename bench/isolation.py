@@ -58,7 +58,9 @@ def _percentiles(values: list[float]) -> str:
     if not values:
         return "none"
     p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
-    return f"n={len(values)} p50 {statistics.median(values) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {values[-1] * 1000:.1f} ms"
+    return (
+        f"n={len(values)} p50 {statistics.median(values) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {values[-1] * 1000:.1f} ms"
+    )
 
 
 def _request(bundle: bytes) -> decision_service_pb2.EvaluateRequest:
@@ -82,7 +84,10 @@ def in_process(bundles: dict[str, bytes]) -> None:
             start = time.perf_counter()
             engine.evaluate(request)
             times.append(time.perf_counter() - start)
-        print(f"in process: {name} ({len(data) / 1048576:.2f} MiB), request to decision: median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+        print(
+            f"in process: {name} ({len(data) / 1048576:.2f} MiB), request to decision: median "
+            f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
+        )
     evaluator = Evaluator(load_ruleset(bundled_rulesets_dir() / "hip-injection"))
     record = record_from_bundle(heavy.bundle("injections", 1001))
     start = time.perf_counter()
@@ -98,7 +103,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
-    bundles = {"65,000 conditions": compact_bundle("conditions", 65000), "20,000 warfarin prescriptions": compact_bundle("warfarin", 20000)}
+    bundles = {
+        "65,000 conditions": compact_bundle("conditions", 65000),
+        "20,000 warfarin prescriptions": compact_bundle("warfarin", 20000),
+    }
     for name, data in bundles.items():
         assert len(data) <= LIMIT, (name, len(data))
     in_process(bundles)
@@ -106,8 +114,12 @@ def main() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "needlepoint.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
-                              stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "needlepoint.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
         target = f"127.0.0.1:{port}"
         for line in server.stderr:

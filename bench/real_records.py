@@ -79,9 +79,9 @@ class Report:
         else:
             widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
             widths[-1] = 0  # the last column is free text
-            print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+            print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
             for row in rows:
-                print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+                print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
         if note:
             print(f"  {note}")
         print()
@@ -168,7 +168,9 @@ def figures(corpus: Corpus, paths: list[Path], labels: list[str], truncation_lab
             "deceased_at_instant": sum(i.deceased for _, i in at),
             "deceased_findings": sum(bool(i.findings["deceased"]) for _, i in at),
             "missing_data_by_code": dict(missing.most_common()),
-            "stale_missing_data": [{"bundle": _short(s.path), "finding": f} for s, i in at for f in i.findings["stale-missing-data"]],
+            "stale_missing_data": [
+                {"bundle": _short(s.path), "finding": f} for s, i in at for f in i.findings["stale-missing-data"]
+            ],
             "invariant_violations": sum(violations.values()),
             "decisions_with_violations": sum(bool(i.findings["invariants"]) for _, i in at),
             "violations_by_kind": dict(violations.most_common()),
@@ -181,34 +183,66 @@ def figures(corpus: Corpus, paths: list[Path], labels: list[str], truncation_lab
             "records_removed": sum(i.removed for _, i in at),
             "bundles_truncated": sum(i.removed > 0 for _, i in at),
             "not_evaluable_both_ways": sum(i.full.error is not None and i.full.error == i.truncated.error for _, i in at),
-            "mismatches": [{"bundle": _short(s.path), "instant": f"{i.instant:%Y-%m-%dT%H:%M:%SZ}", "difference": i.findings["truncation"]} for s, i in at if i.findings["truncation"]],
+            "mismatches": [
+                {"bundle": _short(s.path), "instant": f"{i.instant:%Y-%m-%dT%H:%M:%SZ}", "difference": i.findings["truncation"]}
+                for s, i in at
+                if i.findings["truncation"]
+            ],
         }
     return out
 
 
 def render(data: dict, report: Report, examples: int) -> None:
-    report.line(f"Real records: {data['bundles']} bundles ({data['distinct_patients']} distinct patients; " + ", ".join(f"{k} {v}" for k, v in data["folders"].items()) + f"), rule set {data['ruleset']}")
-    report.line(f"Order supplied: hip-intra-articular, right, therapeutic. Pregnancy window: {data['pregnancy_window_days']:g} days.")
+    report.line(
+        f"Real records: {data['bundles']} bundles ({data['distinct_patients']} distinct patients; "
+        + ", ".join(f"{k} {v}" for k, v in data["folders"].items())
+        + f"), rule set {data['ruleset']}"
+    )
+    report.line(
+        f"Order supplied: hip-intra-articular, right, therapeutic. Pregnancy window: {data['pregnancy_window_days']:g} days."
+    )
     report.line("")
     for label, f in data["instants"].items():
         report.section(
-            f"At {label}: {f['bundles']} bundles, {len(f['errors'])} errors, {f['decisions_with_a_deferral']} decisions with a deferral",
+            f"At {label}: {f['bundles']} bundles, {len(f['errors'])} errors, "
+            f"{f['decisions_with_a_deferral']} decisions with a deferral",
             ("reason", "decisions"),
             [(k, v) for k, v in f["deferrals_by_reason"].items()] + [(f"error: {e['bundle']}", e["error"]) for e in f["errors"]],
         )
         report.section(
-            f"At {label}: pregnancy deferrals ({len(f['pregnancy_deferrals'])}; {f['stale_pregnancy_deferrals']} on evidence older than the window)",
+            f"At {label}: pregnancy deferrals ({len(f['pregnancy_deferrals'])}; {f['stale_pregnancy_deferrals']} on evidence "
+            "older than the window)",
             ("bundle", "evidence age (days)", "stale", "newest evidence"),
-            [(p["bundle"], p["evidence_age_days"] if p["evidence_age_days"] is not None else "-", "STALE" if p["stale"] else "ok", p["evidence"]) for p in f["pregnancy_deferrals"]],
+            [
+                (
+                    p["bundle"],
+                    p["evidence_age_days"] if p["evidence_age_days"] is not None else "-",
+                    "STALE" if p["stale"] else "ok",
+                    p["evidence"],
+                )
+                for p in f["pregnancy_deferrals"]
+            ],
         )
         report.section(
-            f"At {label}: deceased patients ({f['deceased_at_instant']} dead at the instant; {f['deceased_findings']} not handled as the contract says)",
+            f"At {label}: deceased patients ({f['deceased_at_instant']} dead at the instant; {f['deceased_findings']} not "
+            "handled as the contract says)",
             ("bundle", "died", "dead at T", "ok", "deferrals", "missing data"),
-            [(d["bundle"], d["died"], "yes" if d["dead_at_instant"] else "no", "ok" if d["ok"] else "WRONG", ", ".join(d["deferrals"]) or d["error"] or "none", ", ".join(d["missingData"]) or "none") for d in f["deceased"]],
+            [
+                (
+                    d["bundle"],
+                    d["died"],
+                    "yes" if d["dead_at_instant"] else "no",
+                    "ok" if d["ok"] else "WRONG",
+                    ", ".join(d["deferrals"]) or d["error"] or "none",
+                    ", ".join(d["missingData"]) or "none",
+                )
+                for d in f["deceased"]
+            ],
         )
         stale = f["stale_missing_data"]
         report.section(
-            f"At {label}: missing-data entries by code ({sum(f['missing_data_by_code'].values())}; {len(stale)} about values too old for every rule)",
+            f"At {label}: missing-data entries by code ({sum(f['missing_data_by_code'].values())}; {len(stale)} about values "
+            "too old for every rule)",
             ("code", "decisions"),
             list(f["missing_data_by_code"].items()),
             note="\n  ".join(f"too old: {x['bundle']}: {x['finding']}" for x in stale[: examples * 4]),
@@ -220,7 +254,16 @@ def render(data: dict, report: Report, examples: int) -> None:
         )
     rows, details = [], []
     for label, t in data["truncation"].items():
-        rows.append((label, t["bundles"], t["bundles_truncated"], t["records_removed"], t["not_evaluable_both_ways"], len(t["mismatches"])))
+        rows.append(
+            (
+                label,
+                t["bundles"],
+                t["bundles_truncated"],
+                t["records_removed"],
+                t["not_evaluable_both_ways"],
+                len(t["mismatches"]),
+            )
+        )
         for m in t["mismatches"][:examples]:
             details.append((label, m["bundle"], m["instant"], " | ".join(m["difference"])))
         if len(t["mismatches"]) > examples:
@@ -248,7 +291,11 @@ def render(data: dict, report: Report, examples: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instant", action="append", help="an ISO instant, or 'last-encounter'; repeat for several (default: 2025-06-02T09:00:00Z and last-encounter)")
+    parser.add_argument(
+        "--instant",
+        action="append",
+        help="an ISO instant, or 'last-encounter'; repeat for several (default: 2025-06-02T09:00:00Z and last-encounter)",
+    )
     parser.add_argument("--examples", type=int, default=5, help="how many examples to list per kind (default 5)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a report")
     args = parser.parse_args(argv)

@@ -254,7 +254,9 @@ def check_answers(server: Server, messages: Sequence[bytes], digest: str, *, exp
                 )
                 continue
             assert expect_decision, f"{server.name}: 'not for us' request {i} got a decision"
-            assert decision.ruleset.digest == digest and decision.decision_id, f"{server.name}: request {i}: wrong rule set digest"
+            assert decision.ruleset.digest == digest and decision.decision_id, (
+                f"{server.name}: request {i}: wrong rule set digest"
+            )
 
 
 def _violations(detail) -> list:
@@ -287,7 +289,7 @@ class Load:
 
 def pct(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 class H2load:
@@ -298,7 +300,9 @@ class H2load:
     def __init__(self, binary: str) -> None:
         self.binary = binary
 
-    def run(self, port: int, bodies: Sequence[Path], *, per_body: int, rate: float | None, streams: int = STREAMS) -> tuple[int, int, list[float], float]:
+    def run(
+        self, port: int, bodies: Sequence[Path], *, per_body: int, rate: float | None, streams: int = STREAMS
+    ) -> tuple[int, int, list[float], float]:
         queue = list(reversed(bodies))
         lock = threading.Lock()
         latencies: list[float] = []
@@ -327,7 +331,7 @@ class H2load:
                     cmd += ["--rps", f"{(per_body - 1) / spacing if per_body > 1 else rate / SLOTS:.3f}"]
                 log.unlink(missing_ok=True)  # h2load appends
                 began = time.perf_counter()
-                out = subprocess.run([*cmd, url], capture_output=True, text=True).stdout
+                out = subprocess.run([*cmd, url], capture_output=True, text=True, check=False).stdout
                 if rate is not None and per_body > 1:
                     overhead = 0.7 * overhead + 0.3 * (time.perf_counter() - began - spacing)  # (h2load may also run early)
                 lines = log.read_text().splitlines() if log.exists() else []
@@ -354,12 +358,18 @@ class PythonLoad:
 
     name = "Python grpc.aio client (h2load unavailable)"
 
-    def run(self, port: int, bodies: Sequence[Path], *, per_body: int, rate: float | None, streams: int = STREAMS) -> tuple[int, int, list[float], float]:
+    def run(
+        self, port: int, bodies: Sequence[Path], *, per_body: int, rate: float | None, streams: int = STREAMS
+    ) -> tuple[int, int, list[float], float]:
         messages = [p.read_bytes()[5:] for p in bodies for _ in range(per_body)]
         return asyncio.run(self._run(port, messages, rate, streams))
 
-    async def _run(self, port: int, messages: list[bytes], rate: float | None, streams: int) -> tuple[int, int, list[float], float]:
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(SLOTS)]
+    async def _run(
+        self, port: int, messages: list[bytes], rate: float | None, streams: int
+    ) -> tuple[int, int, list[float], float]:
+        channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(SLOTS)
+        ]
         calls = [c.unary_unary(EVALUATE_PATH, request_serializer=None, response_deserializer=None) for c in channels]
         latencies: list[float] = []
         ok = 0
@@ -407,14 +417,17 @@ def load_generator(allow_install: bool) -> H2load | PythonLoad:
             print("bench: installing h2load (Debian's nghttp2-client)", file=sys.stderr)
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
-            if subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"], **quiet).returncode != 0:
-                subprocess.run([*sudo, "apt-get", "update", "-qq"], **quiet)
-                subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"], **quiet)
+            install = [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"]
+            if subprocess.run(install, check=False, **quiet).returncode != 0:
+                subprocess.run([*sudo, "apt-get", "update", "-qq"], check=False, **quiet)
+                subprocess.run(install, check=False, **quiet)
             found = shutil.which("h2load")
     return H2load(found) if found else PythonLoad()
 
 
-def measure(generator, server: Server, bodies: Sequence[Path], *, per_body: int, rate: float | None, expect: str, streams: int = STREAMS) -> Load:
+def measure(
+    generator, server: Server, bodies: Sequence[Path], *, per_body: int, rate: float | None, expect: str, streams: int = STREAMS
+) -> Load:
     """One run against ``server``; every request must have ended ``expect`` (by the server's
     metrics, when it has them) and been answered HTTP 200."""
     before_codes, cpu0 = server.codes(), server.cpu_seconds()
@@ -471,7 +484,7 @@ def _own_in_process(repeats: int) -> dict[str, dict[str, float]]:
         "synthea": lambda: sum(1 for r in synthea if engine.evaluate(r)),
     }
     rates: dict[str, list[float]] = {road: [] for road in roads}
-    for road, run in roads.items():
+    for run in roads.values():
         run()  # warm-up
     for _ in range(repeats):
         for road, run in roads.items():
@@ -507,8 +520,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server processes (default: one per core)")
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--p99-ms", type=float, default=P99_BOUND_MS, help=f"the p99 bound for the highest load served (default {P99_BOUND_MS:g} ms)")
-    parser.add_argument("--no-install", action="store_true", help="never install h2load; use the Python client when it is missing")
+    parser.add_argument(
+        "--p99-ms",
+        type=float,
+        default=P99_BOUND_MS,
+        help=f"the p99 bound for the highest load served (default {P99_BOUND_MS:g} ms)",
+    )
+    parser.add_argument(
+        "--no-install", action="store_true", help="never install h2load; use the Python client when it is missing"
+    )
     parser.add_argument("--python-client", action="store_true", help="use the Python client even when h2load is there")
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -524,15 +544,24 @@ def main() -> None:
         lines.append(text)
 
     load_avg = os.getloadavg()[0]
-    say(f"Needlepoint benchmark, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}; load average {load_avg:.2f} at the start")
-    say(f"Load generator: {generator.name}; {args.workers} server processes; {bodies:,} distinct requests of each kind, "
-        f"{PER_BODY} times each per capacity run, a quarter of them 8 times per fixed-load run; {SLOTS} connections at a time; {rounds} interleaved round(s); medians (min–max).")
+    say(
+        f"Needlepoint benchmark, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}; load average "
+        f"{load_avg:.2f} at the start"
+    )
+    say(
+        f"Load generator: {generator.name}; {args.workers} server processes; {bodies:,} distinct requests of each kind, "
+        f"{PER_BODY} times each per capacity run, a quarter of them 8 times per fixed-load run; {SLOTS} connections at a time; "
+        f"{rounds} interleaved round(s); medians (min–max)."
+    )
     say()
 
     with tempfile.TemporaryDirectory(prefix="needlepoint-bench-") as tmp:
         payloads = Payloads.make(bodies, args.seed, Path(tmp))
         sizes = [len(m) for m in payloads.hip]
-        say(f"Payloads: order bundles of {min(sizes):,}–{max(sizes):,} bytes (median {statistics.median(sizes):,.0f}); seed {args.seed}.")
+        say(
+            f"Payloads: order bundles of {min(sizes):,}–{max(sizes):,} bytes (median {statistics.median(sizes):,.0f}); "
+            f"seed {args.seed}."
+        )
         servers: dict[str, Server] = {}
         try:
             servers["Evaluate"] = start_needlepoint(args.workers)
@@ -542,8 +571,11 @@ def main() -> None:
             for server in servers.values():
                 check_answers(server, payloads.hip, digest, expect_decision=True)
             check_answers(servers["Evaluate"], payloads.not_for_us, digest, expect_decision=False)
-            say(f"Checked: every one of the {bodies:,} requests answered with a decision of rule set digest {digest[:19]}… by every server; "
-                f"every 'not for us' request refused INVALID_ARGUMENT at order.target by Evaluate.")
+            say(
+                f"Checked: every one of the {bodies:,} requests answered with a decision "
+                f"of rule set digest {digest[:19]}… by every server; "
+                f"every 'not for us' request refused INVALID_ARGUMENT at order.target by Evaluate."
+            )
             say()
             runs: dict[str, list[Load]] = {}
             capacity: list[Load] = []
@@ -556,19 +588,56 @@ def main() -> None:
                 evaluate = measure(generator, servers["Evaluate"], payloads.hip_files, per_body=PER_BODY, rate=None, expect="OK")
                 capacity.append(evaluate)
                 add("Evaluate (order bundles)", evaluate)
-                add("echo, same payloads", measure(generator, servers["echo"], payloads.hip_files, per_body=PER_BODY, rate=None, expect="OK"))
-                add("Evaluate, 'not for us' orders", measure(generator, servers["Evaluate"], payloads.not_for_us_files, per_body=PER_BODY, rate=None, expect="INVALID_ARGUMENT"))
-                add("echo, 'not for us' payloads", measure(generator, servers["echo"], payloads.not_for_us_files, per_body=PER_BODY, rate=None, expect="OK"))
-                add("bare grpc.aio echo", measure(generator, servers["bare aio echo"], payloads.hip_files, per_body=PER_BODY, rate=None, expect="OK"))
-                add("bare sync grpc.server echo", measure(generator, servers["bare sync echo"], payloads.hip_files, per_body=PER_BODY, rate=None, expect="OK"))
+                add(
+                    "echo, same payloads",
+                    measure(generator, servers["echo"], payloads.hip_files, per_body=PER_BODY, rate=None, expect="OK"),
+                )
+                add(
+                    "Evaluate, 'not for us' orders",
+                    measure(
+                        generator,
+                        servers["Evaluate"],
+                        payloads.not_for_us_files,
+                        per_body=PER_BODY,
+                        rate=None,
+                        expect="INVALID_ARGUMENT",
+                    ),
+                )
+                add(
+                    "echo, 'not for us' payloads",
+                    measure(generator, servers["echo"], payloads.not_for_us_files, per_body=PER_BODY, rate=None, expect="OK"),
+                )
+                add(
+                    "bare grpc.aio echo",
+                    measure(generator, servers["bare aio echo"], payloads.hip_files, per_body=PER_BODY, rate=None, expect="OK"),
+                )
+                add(
+                    "bare sync grpc.server echo",
+                    measure(generator, servers["bare sync echo"], payloads.hip_files, per_body=PER_BODY, rate=None, expect="OK"),
+                )
                 long = bodies * PER_BODY // SLOTS  # requests per connection when one body is sent throughout
-                add("echo, one body, long connections", measure(generator, servers["echo"], [payloads.hip_files[0]] * SLOTS, per_body=long, rate=None, expect="OK"))
-                add("Evaluate, one 'not for us' body, long connections", measure(generator, servers["Evaluate"], [payloads.not_for_us_files[0]] * SLOTS, per_body=long, rate=None, expect="INVALID_ARGUMENT"))
+                add(
+                    "echo, one body, long connections",
+                    measure(generator, servers["echo"], [payloads.hip_files[0]] * SLOTS, per_body=long, rate=None, expect="OK"),
+                )
+                add(
+                    "Evaluate, one 'not for us' body, long connections",
+                    measure(
+                        generator,
+                        servers["Evaluate"],
+                        [payloads.not_for_us_files[0]] * SLOTS,
+                        per_body=long,
+                        rate=None,
+                        expect="INVALID_ARGUMENT",
+                    ),
+                )
                 cap = statistics.median(load.rate for load in capacity)
                 for k, share in enumerate(LOADS):  # a quarter of the bodies each, another in every round
                     part = (r + k) % 4 * len(payloads.hip_files) // 4
                     bodies_now = payloads.hip_files[part : part + len(payloads.hip_files) // 4]
-                    at_load[share].append(measure(generator, servers["Evaluate"], bodies_now, per_body=8, rate=share * cap, expect="OK"))
+                    at_load[share].append(
+                        measure(generator, servers["Evaluate"], bodies_now, per_body=8, rate=share * cap, expect="OK")
+                    )
                 print(f"  (round {r + 1} of {rounds} done, {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         finally:
             for server in servers.values():
@@ -580,15 +649,25 @@ def main() -> None:
     say("| Run (closed loop, 16 in flight) | requests/s | p50 ms | p99 ms | server CPU ms per request |")
     say("|---|---|---|---|---|")
     for label, loads in runs.items():
-        say(f"| {label} | {spread([l.rate for l in loads])} | {spread([l.pct(50) / 1000 for l in loads], '{:.2f}')} "
-            f"| {spread([l.pct(99) / 1000 for l in loads], '{:.2f}')} | {spread(cpu_ms(loads), '{:.3f}')} |")
+        say(f"| {label} | {spread([load.rate for load in loads])} | {spread([load.pct(50) / 1000 for load in loads], '{:.2f}')} "
+            f"| {spread([load.pct(99) / 1000 for load in loads], '{:.2f}')} | {spread(cpu_ms(loads), '{:.3f}')} |")
     say()
     echo = cpu_ms(runs["echo, same payloads"])
-    added = [e - c for e, c in zip(cpu_ms(runs["Evaluate (order bundles)"]), echo)]
-    cheap = [n / c for n, c in zip(cpu_ms(runs["Evaluate, 'not for us' orders"]), cpu_ms(runs["echo, 'not for us' payloads"]))]
-    cheap_long = [n / c for n, c in zip(cpu_ms(runs["Evaluate, one 'not for us' body, long connections"]), cpu_ms(runs["echo, one body, long connections"]))]
-    flavour = [a - s for a, s in zip(cpu_ms(runs["bare grpc.aio echo"]), cpu_ms(runs["bare sync grpc.server echo"]))]
-    rotation = [a - b for a, b in zip(echo, cpu_ms(runs["echo, one body, long connections"]))]
+    added = [e - c for e, c in zip(cpu_ms(runs["Evaluate (order bundles)"]), echo, strict=True)]
+    cheap = [
+        n / c
+        for n, c in zip(cpu_ms(runs["Evaluate, 'not for us' orders"]), cpu_ms(runs["echo, 'not for us' payloads"]), strict=True)
+    ]
+    cheap_long = [
+        n / c
+        for n, c in zip(
+            cpu_ms(runs["Evaluate, one 'not for us' body, long connections"]),
+            cpu_ms(runs["echo, one body, long connections"]),
+            strict=True,
+        )
+    ]
+    flavour = [a - s for a, s in zip(cpu_ms(runs["bare grpc.aio echo"]), cpu_ms(runs["bare sync grpc.server echo"]), strict=True)]
+    rotation = [a - b for a, b in zip(echo, cpu_ms(runs["echo, one body, long connections"]), strict=True)]
     say("| Derived (per request, same round) | median (min–max) |")
     say("|---|---|")
     say(f"| Added server CPU of a decision: Evaluate − echo | {spread(added, '{:.3f}')} ms |")
@@ -598,23 +677,33 @@ def main() -> None:
     say(f"| The rotation's own cost: echo rotating bodies − echo on long connections | {spread(rotation, '{:.3f}')} ms |")
     say()
     cap = statistics.median(load.rate for load in capacity)
-    say(f"Latency of Evaluate at fixed offered loads (capacity above: {cap:,.0f} requests/s; open loop, {'h2load --rps' if isinstance(generator, H2load) else 'paced Python client'}):")
+    say(
+        f"Latency of Evaluate at fixed offered loads (capacity above: {cap:,.0f} requests/s; open loop, "
+        f"{'h2load --rps' if isinstance(generator, H2load) else 'paced Python client'}):"
+    )
     say()
     say("| Offered load | requests/s achieved | p50 ms | p99 ms | p99.9 ms |")
     say("|---|---|---|---|---|")
     best = None
     for share, loads in at_load.items():
-        p99 = statistics.median(l.pct(99) / 1000 for l in loads)
-        achieved = statistics.median(l.rate for l in loads)
+        p99 = statistics.median(load.pct(99) / 1000 for load in loads)
+        achieved = statistics.median(load.rate for load in loads)
         if p99 <= args.p99_ms:  # (open loop: a server that cannot keep up has an unbounded p99)
             best = (share, achieved, p99)
-        say(f"| {share:.0%} ({share * cap:,.0f}/s) | {spread([l.rate for l in loads])} | {spread([l.pct(50) / 1000 for l in loads], '{:.2f}')} "
-            f"| {spread([l.pct(99) / 1000 for l in loads], '{:.2f}')} | {spread([l.pct(99.9) / 1000 for l in loads], '{:.2f}')} |")
+        say(
+            f"| {share:.0%} ({share * cap:,.0f}/s) | {spread([load.rate for load in loads])} | "
+            f"{spread([load.pct(50) / 1000 for load in loads], '{:.2f}')} "
+            f"| {spread([load.pct(99) / 1000 for load in loads], '{:.2f}')} | "
+            f"{spread([load.pct(99.9) / 1000 for load in loads], '{:.2f}')} |"
+        )
     say()
     if best is None:
         say(f"No offered load was served within p99 ≤ {args.p99_ms:g} ms.")
     else:
-        say(f"Highest load served within p99 ≤ {args.p99_ms:g} ms: {best[1]:,.0f} requests/s ({best[0]:.0%} of capacity, p99 {best[2]:.1f} ms).")
+        say(
+            f"Highest load served within p99 ≤ {args.p99_ms:g} ms: {best[1]:,.0f} requests/s "
+            f"({best[0]:.0%} of capacity, p99 {best[2]:.1f} ms)."
+        )
     if not args.skip_in_process:
         say()
         source, roads = in_process(args.quick)

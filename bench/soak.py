@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import fuzz  # noqa: E402  (bench/fuzz.py: generators, runner, server)
+import fuzz  # bench/fuzz.py: generators, runner, server
 
 # Shares of the load.
 MIX = {"bundle": 30, "synthea": 5, "context": 30, "stream": 5, "hostile": 30}
@@ -113,7 +113,7 @@ def load_thread(target: str, corpus: Any, seed: int, stop: threading.Event, stat
             started = time.perf_counter()
             try:
                 problem = one_request(runner, corpus, rng, kind)
-            except Exception as exc:  # a client-side failure is a failure too, and the load goes on
+            except Exception as exc:  # noqa: BLE001 - a client-side failure is a failure too, and the load goes on
                 problem = f"{type(exc).__name__}: {exc}"
             stats.add(kind, time.perf_counter() - started, problem)
     finally:
@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'all':10} {len(everything):9,} {sum(stats.failures.values()):8} {statistics.median(everything) * 1e3:8.1f} "
           f"{percentile(everything, 0.99) * 1e3:8.1f} {max(everything) * 1e3:8.1f}")
     for pid, samples in rss.items():
-        print(f"RSS pid {pid}: start {samples[0] / 1024:.0f} MiB, peak {max(samples) / 1024:.0f} MiB, end {samples[-1] / 1024:.0f} MiB")
+        print(
+            f"RSS pid {pid}: start {samples[0] / 1024:.0f} MiB, peak {max(samples) / 1024:.0f} MiB, end "
+            f"{samples[-1] / 1024:.0f} MiB"
+        )
     problems: dict[str, int] = {}
     if server is not None:
         problems = fuzz.log_problems(server.log_path.read_text(errors="replace"))

@@ -78,7 +78,14 @@ def bundle_from_record(record: PatientRecord, patient_id: str, rng: random.Rando
             resource["recordedDate"] = _instant(as_of - dt.timedelta(days=rng.uniform(1, 2000)))
         out.add(resource)
     for medication in record.medications:
-        out.add({"resourceType": "MedicationRequest", "status": "active", "intent": "order", "medicationCodeableConcept": _concept(*medication.codes)})
+        out.add(
+            {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "intent": "order",
+                "medicationCodeableConcept": _concept(*medication.codes),
+            }
+        )
     for observation in record.observations:
         resource = {"resourceType": "Observation", "status": "final", "code": _concept(*observation.codes)}
         if observation.effective is not None:
@@ -120,7 +127,12 @@ def bundle_from_record(record: PatientRecord, patient_id: str, rng: random.Rando
         site = [Code("np-target", order.target)] if order.target else []
         if order.side is not None:
             site.append(Code("snomed", SIDES[order.side]))
-        resource = {"resourceType": "ServiceRequest", "status": "draft", "intent": "order", "authoredOn": _instant(as_of - dt.timedelta(minutes=5))}
+        resource = {
+            "resourceType": "ServiceRequest",
+            "status": "draft",
+            "intent": "order",
+            "authoredOn": _instant(as_of - dt.timedelta(minutes=5)),
+        }
         if order.codes:
             resource["code"] = _concept(*order.codes)
         if site:
@@ -133,7 +145,14 @@ def bundle_from_record(record: PatientRecord, patient_id: str, rng: random.Rando
             resource["reasonCode"] = [_concept(reason) for reason in order.reasons]
         out.add(resource)
     for injectate in record.planned_injectates:
-        out.add({"resourceType": "MedicationRequest", "status": "draft", "intent": "order", "medicationCodeableConcept": _concept(*injectate.codes)})
+        out.add(
+            {
+                "resourceType": "MedicationRequest",
+                "status": "draft",
+                "intent": "order",
+                "medicationCodeableConcept": _concept(*injectate.codes),
+            }
+        )
     return {"resourceType": "Bundle", "id": f"order-{patient_id}", "type": "collection", "entry": out.entries}
 
 
@@ -164,7 +183,13 @@ def not_for_us_bundle(rng: random.Random, index: int, as_of: dt.datetime = AS_OF
     record = random_patient(rng, as_of)
     record.order, record.flags, record.planned_injectates = None, [], []
     bundle = bundle_from_record(record, f"other-{index:06d}", rng, as_of)
-    order = {"resourceType": "ServiceRequest", "id": "draft-order", "status": "draft", "intent": "order", **NOT_FOR_US_ORDERS[index % len(NOT_FOR_US_ORDERS)]}
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "draft-order",
+        "status": "draft",
+        "intent": "order",
+        **NOT_FOR_US_ORDERS[index % len(NOT_FOR_US_ORDERS)],
+    }
     order["subject"] = {"reference": f"Patient/other-{index:06d}"}
     bundle["entry"].append({"fullUrl": f"urn:uuid:{uuid.UUID(int=rng.getrandbits(128), version=4)}", "resource": order})
     return bundle

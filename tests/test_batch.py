@@ -132,7 +132,9 @@ def test_a_csv_of_referrals_points_at_bundles_and_at_an_export(export: Path, tmp
 
 
 @pytest.mark.slow  # worker processes
-def test_several_processes_write_the_same_bytes_as_one(export: Path, bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_several_processes_write_the_same_bytes_as_one(
+    export: Path, bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
 
     options = Options(load_ruleset(bundled_rulesets_dir() / "hip-injection"), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),

@@ -53,7 +53,9 @@ def test_not_for_us_is_refused_at_order_target_by_both_roads(kind: int, hip_eval
 
 def test_no_order_is_refused_with_the_core_s_words(bundles: list[bytes], hip_evaluator) -> None:
     bundle = orjson.loads(bundles[0])
-    bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "ServiceRequest" or e["resource"]["status"] != "draft"]
+    bundle["entry"] = [
+        e for e in bundle["entry"] if e["resource"]["resourceType"] != "ServiceRequest" or e["resource"]["status"] != "draft"
+    ]
     raw = orjson.dumps(bundle)
     with pytest.raises(RecordError) as quick:
         record_from_bundle_with_hip_order(raw)
@@ -68,7 +70,11 @@ def test_unusual_orders_go_to_the_full_mapping(bundles: list[bytes]) -> None:
         record_from_bundle_with_hip_order(b'{"resourceType": "Bundle", "entry": [1]}')
     assert caught.value.path == "Bundle.entry[0]"
     bundle = orjson.loads(bundles[1])
-    order = next(e["resource"] for e in bundle["entry"] if e["resource"].get("status") == "draft" and e["resource"]["resourceType"] == "ServiceRequest")
+    order = next(
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"].get("status") == "draft" and e["resource"]["resourceType"] == "ServiceRequest"
+    )
     order["bodySite"] = [{"text": "right hip"}]  # text alone: the mapping names it
     with pytest.raises(RecordError) as caught:
         record_from_bundle_with_hip_order(orjson.dumps(bundle))

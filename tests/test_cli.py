@@ -179,7 +179,10 @@ def test_the_entry_point_reads_standard_input(
 def test_needlepoint_imports_no_authoring_tool_until_one_runs() -> None:
     import sys
 
-    probe = "import sys; import needlepoint.cli; print(sorted(m for m in sys.modules if m.startswith(('needlepoint.authoring', 'needlepoint.cli_diff', 'needlepoint.cli_explain'))))"
+    probe = (
+        "import sys; import needlepoint.cli; print(sorted(m for m in sys.modules if "
+        "m.startswith(('needlepoint.authoring', 'needlepoint.cli_diff', 'needlepoint.cli_explain'))))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

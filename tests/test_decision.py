@@ -47,8 +47,23 @@ def _decision(**changes) -> Decision:
 
 def test_the_json_has_the_contracts_members_in_the_contracts_order() -> None:
     out = _decision().to_json()
-    assert list(out) == ["decisionId", "asOf", "ruleset", "modality", "injectates", "deferrals", "cautions", "missingData", "explanations"]
-    assert out["modality"] == {"preferred": "FLUOROSCOPY", "acceptable": ["ULTRASOUND"], "avoid": ["LANDMARK"], "ruleIds": ["MOD-A"]}
+    assert list(out) == [
+        "decisionId",
+        "asOf",
+        "ruleset",
+        "modality",
+        "injectates",
+        "deferrals",
+        "cautions",
+        "missingData",
+        "explanations",
+    ]
+    assert out["modality"] == {
+        "preferred": "FLUOROSCOPY",
+        "acceptable": ["ULTRASOUND"],
+        "avoid": ["LANDMARK"],
+        "ruleIds": ["MOD-A"],
+    }
     members = ["ruleId", "ruleVersion", "title", "category", "outcome", "rationale", "evidence", "matched", "parameters"]
     assert list(out["explanations"][0]) == members
     assert out["explanations"][0]["matched"] == [{"fact": "observation inr.value", "value": "3.4 {INR}"}]
@@ -64,7 +79,16 @@ def test_empty_parts_are_left_out_and_an_overruled_rule_says_by_whom() -> None:
     ).to_json()  # fmt: skip
     assert list(out) == ["decisionId", "asOf", "ruleset", "modality", "explanations"]
     assert out["modality"] == {"ruleIds": ["MOD-A"]}
-    assert list(out["explanations"][0]) == ["ruleId", "ruleVersion", "title", "category", "outcome", "rationale", "matched", "overriddenBy"]
+    assert list(out["explanations"][0]) == [
+        "ruleId",
+        "ruleVersion",
+        "title",
+        "category",
+        "outcome",
+        "rationale",
+        "matched",
+        "overriddenBy",
+    ]
     assert "modality" not in _decision(modality=None).to_json()
 
 

@@ -24,7 +24,9 @@ CPT = Code("cpt", "20610")
 
 
 def _with_order(**fields) -> PatientRecord:
-    return PatientRecord(order=InjectionOrder(**{"target": None, "side": None, "intent": None, **fields}, source="Bundle.entry[3]"))
+    return PatientRecord(
+        order=InjectionOrder(**{"target": None, "side": None, "intent": None, **fields}, source="Bundle.entry[3]")
+    )
 
 
 def test_an_order_overrides_the_fields_it_gives_and_keeps_the_others() -> None:
@@ -46,7 +48,9 @@ def test_command_line_fields_make_an_order_only_when_one_is_given() -> None:
 
 
 def test_the_request_road_applies_the_request_order() -> None:
-    request = decision_service_pb2.EvaluateRequest(fhir_bundle=ORDER_BUNDLE.read_bytes(), order=patient_pb2.InjectionOrder(side="left"))
+    request = decision_service_pb2.EvaluateRequest(
+        fhir_bundle=ORDER_BUNDLE.read_bytes(), order=patient_pb2.InjectionOrder(side="left")
+    )
     record = intake.record_from_request(request)
     assert (record.order.target, record.order.side) == ("hip-intra-articular", "left")
     assert record.order.source.startswith("Bundle.entry")
@@ -56,15 +60,23 @@ def test_the_request_road_names_what_is_wrong() -> None:
     with pytest.raises(RecordError, match=r"^patient: one of context or fhir_bundle is required$"):
         intake.record_from_request(decision_service_pb2.EvaluateRequest())
     too_big = decision_service_pb2.EvaluateRequest(fhir_bundle=b" " * (MAX_BUNDLE_BYTES + 1))
-    with pytest.raises(RecordError, match=rf"^fhir_bundle: the bundle is {MAX_BUNDLE_BYTES + 1} bytes; the limit is {MAX_BUNDLE_BYTES} bytes$"):
+    with pytest.raises(
+        RecordError, match=rf"^fhir_bundle: the bundle is {MAX_BUNDLE_BYTES + 1} bytes; the limit is {MAX_BUNDLE_BYTES} bytes$"
+    ):
         intake.record_from_request(too_big)
     with pytest.raises(RecordError, match=r"^order\.intent: unknown code 'curative'"):
-        intake.record_from_request(decision_service_pb2.EvaluateRequest(context=patient_pb2.PatientContext(), order=patient_pb2.InjectionOrder(intent="curative")))
+        intake.record_from_request(
+            decision_service_pb2.EvaluateRequest(
+                context=patient_pb2.PatientContext(), order=patient_pb2.InjectionOrder(intent="curative")
+            )
+        )
 
 
 def test_an_exported_request_carries_its_bundle_as_an_object() -> None:
     bundle = orjson.loads(ORDER_BUNDLE.read_bytes())
-    request, carried = intake.request_from_json({"correlationId": "r-1", "asOf": AS_OF, "fhirBundle": bundle, "order": {"side": "left"}})
+    request, carried = intake.request_from_json(
+        {"correlationId": "r-1", "asOf": AS_OF, "fhirBundle": bundle, "order": {"side": "left"}}
+    )
     assert carried == bundle and request.correlation_id == "r-1" and not request.fhir_bundle
     assert intake.record_from_request(request, carried).order.side == "left"
     with pytest.raises(RecordError, match=r"^request: not an evaluate request"):
@@ -96,7 +108,9 @@ def test_any_json_input_gives_its_record_instant_and_name() -> None:
     bundle = orjson.loads(ORDER_BUNDLE.read_bytes())
     record, as_of, name = intake.record_from_json(bundle)
     assert record.order.target == "hip-intra-articular" and (as_of, name) == (None, "")
-    record, as_of, name = intake.record_from_json({"correlationId": "r-7", "asOf": AS_OF, "fhirBundle": bundle, "order": {"side": "left"}})
+    record, as_of, name = intake.record_from_json(
+        {"correlationId": "r-7", "asOf": AS_OF, "fhirBundle": bundle, "order": {"side": "left"}}
+    )
     assert (record.order.side, as_of.isoformat(), name) == ("left", "2025-06-02T09:00:00+00:00", "r-7")
     with pytest.raises(RecordError, match=r"^line: not a FHIR Bundle, a CDS Hooks request or an evaluate request$"):
         intake.record_from_json({"resourceType": "Patient"})

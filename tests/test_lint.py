@@ -362,7 +362,9 @@ def test_loading_refuses_what_lint_reports_as_builder_errors_with_every_file_lin
     message = str(caught.value)
     for f in errors:
         assert f"{f.file}:{f.line}:{f.column}" in message
-    assert [(d.code, d.line, d.column) for d in caught.value.diagnostics] == [(f.code, f.line, f.column) for f in sorted(errors, key=lambda f: (f.line, f.column))]
+    assert [(d.code, d.line, d.column) for d in caught.value.diagnostics] == [
+        (f.code, f.line, f.column) for f in sorted(errors, key=lambda f: (f.line, f.column))
+    ]
     assert caught.value.where.startswith("rules/rules.yaml:") and "DEF-PLT-LOW" in caught.value.where
 
 
@@ -838,7 +840,10 @@ def test_an_aggregate_named_after_an_engine_reserved_field_is_refused_at_its_lin
 
 @pytest.mark.parametrize("name", ["t", "id", "sid", "_tags", "_fid"])
 def test_a_parameter_named_after_an_engine_reserved_field_is_refused_at_its_line(tmp_path: Path, name: str) -> None:
-    params = f"limit:\n  value: 3\n  provenance: C\n  source: x\n  description: x\n{name}:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n"
+    params = (
+        "limit:\n  value: 3\n  provenance: C\n  source: x\n  description: x\n"
+        f"{name}:\n  value: 1\n  provenance: C\n  source: x\n  description: x\n"
+    )
     root = make(tmp_path, "    ord: {order: {intent: diagnostic}}", files={"parameters.yaml": params})
     reserved = [f for f in lint(root) if "reserved by the engine" in f.message]
     assert [(f.code, Path(f.file).name, f.line, f.column) for f in reserved] == [("NP002", "parameters.yaml", 6, 1)]
@@ -851,13 +856,16 @@ def test_a_parameter_named_after_an_engine_reserved_field_is_refused_at_its_line
     ("then", "code", "line", "column", "words"),
     [
         (
-            "    injectates:\n      - {category: CORTICOSTEROID, recommendation: SUGGESTED}\n      - {category: CORTICOSTEROID, recommendation: AVOID}\n",
+            "    injectates:\n      - {category: CORTICOSTEROID, recommendation: SUGGESTED}\n      - {category: CORTICOSTEROID, "
+            "recommendation: AVOID}\n",
             "NP015", 10, 20, "CORTICOSTEROID is recommended twice in one outcome",
         ),
         ("    modality: {preferred: ULTRASOUND, avoid: [ULTRASOUND]}\n", "NP002", 8, 39, "prefers ULTRASOUND and avoids it too"),
     ],
 )  # fmt: skip
-def test_contradictory_outcomes_are_decided_once_by_the_builder(tmp_path: Path, then: str, code: str, line: int, column: int, words: str) -> None:
+def test_contradictory_outcomes_are_decided_once_by_the_builder(
+    tmp_path: Path, then: str, code: str, line: int, column: int, words: str
+) -> None:
     """A duplicate injectate category and a modality preferred and avoided: the loader refuses
     them, and lint reports the builder's diagnostic with its code at its place."""
     root = make(tmp_path, "    ord: {order: {intent: diagnostic}}")

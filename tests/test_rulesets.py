@@ -42,7 +42,10 @@ def test_a_diagnostic_carries_code_severity_place_key_path_message_and_suggestio
     (d,) = built.diagnostics
     assert (d.code, d.severity, Path(d.file).name, d.line, d.column) == ("NP004", "error", "rules.yaml", 9, 21)
     assert d.key_path == "when.plt.observation.value.lt" and d.suggestion == "platelet_defer_below"
-    assert d.where == "rules/rules.yaml:1 DEF-PLT-LOW.when.plt.observation.value.lt" and "unknown parameter $platelet_defer_belw" in d.message
+    assert (
+        d.where == "rules/rules.yaml:1 DEF-PLT-LOW.when.plt.observation.value.lt"
+        and "unknown parameter $platelet_defer_belw" in d.message
+    )
     assert built.ruleset is None
 
 
@@ -66,11 +69,16 @@ def test_validation_names_files_under_the_directory_they_came_from(tmp_path: Pat
     copy = tmp_path / "copy"
     shutil.copytree(HIP, copy)
     bleeding = copy / "rules" / "10-bleeding.yaml"
-    bleeding.write_text(bleeding.read_text(encoding="utf-8").replace("category: deferral", "category: deferal", 1), encoding="utf-8")
+    bleeding.write_text(
+        bleeding.read_text(encoding="utf-8").replace("category: deferral", "category: deferal", 1), encoding="utf-8"
+    )
     result = validate_ruleset(copy, shown="rulesets/hip-injection")
     assert not result.ok and result.ruleset is None and result.message.startswith("does not load: ")
     line = next(n for n, text in enumerate(bleeding.read_text(encoding="utf-8").splitlines(), 1) if "category: deferal" in text)
-    assert f"(rulesets/hip-injection/rules/10-bleeding.yaml:{line}:13)" in result.message and "did you mean 'deferral'" in result.message
+    assert (
+        f"(rulesets/hip-injection/rules/10-bleeding.yaml:{line}:13)" in result.message
+        and "did you mean 'deferral'" in result.message
+    )
     with pytest.raises(RuleSetError, match=f"{copy}/rules/10-bleeding.yaml:{line}:13"):
         load(copy)
 

@@ -23,9 +23,10 @@ Codes are ``system#code`` with the short system names of :mod:`needlepoint.core.
 are ISO dates or instants, or ``days_before`` / ``days_after`` relative to ``as_of``. A condition
 or medication may be a plain code or a mapping with its times: ``{code: snomed#72892002,
 onset_days_before: 400}`` (``started_days_before`` for a medication), ``recorded`` /
-``recorded_days_before``, ``ended`` / ``ended_days_before`` (each also ``..._days_after``); an allergy or planned surgery takes ``recorded_days_before`` /
-``ordered_days_before``. The patient may be ``deceased: true`` or ``deceased_days_before: N``,
-and ``birth_date`` may be partial (``2014-03``).
+``recorded_days_before``, ``ended`` / ``ended_days_before`` (each also ``..._days_after``); an
+allergy or planned surgery takes ``recorded_days_before`` / ``ordered_days_before``. The patient
+may be ``deceased: true`` or ``deceased_days_before: N``, and ``birth_date`` may be partial
+(``2014-03``).
 ``deferrals`` lists ``REASON`` or ``REASON/SCOPE`` and must match the decision's deferrals
 exactly; ``cautions`` and ``missing`` likewise (use ``*_include`` keys for a subset check).
 ``severities`` maps a deferral (same key form) to HARD or SOFT; ``messages_include`` lists texts
@@ -178,7 +179,13 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
         onset = _prefixed(c, "onset", as_of, path)
         recorded = _prefixed(c, "recorded", as_of, path)
         rec.conditions.append(
-            Condition(_codes(c, path), source=path, begun=_begun(onset, recorded), since=onset or recorded, ended=_prefixed(c, "ended", as_of, path))
+            Condition(
+                _codes(c, path),
+                source=path,
+                begun=_begun(onset, recorded),
+                since=onset or recorded,
+                ended=_prefixed(c, "ended", as_of, path),
+            )
         )
     for i, m in enumerate(patient.get("medications", [])):
         path = f"{where}.medications[{i}]"
@@ -201,7 +208,13 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
         path = f"{where}.allergies[{i}]"
         a = a if isinstance(a, dict) else {"code": a}
         rec.allergies.append(
-            Allergy(_codes(a, path), severity=a.get("severity"), criticality=a.get("criticality"), source=path, begun=_prefixed(a, "recorded", as_of, path))
+            Allergy(
+                _codes(a, path),
+                severity=a.get("severity"),
+                criticality=a.get("criticality"),
+                source=path,
+                begun=_prefixed(a, "recorded", as_of, path),
+            )
         )
     for i, p in enumerate(patient.get("prior_injections", [])):
         path = f"{where}.prior_injections[{i}]"
@@ -218,7 +231,13 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
     for i, s in enumerate(patient.get("planned_surgeries", [])):
         path = f"{where}.planned_surgeries[{i}]"
         rec.planned_surgeries.append(
-            PlannedSurgery(_codes(s, path), date=_when(s, "at", as_of, path), side=s.get("side"), source=path, begun=_prefixed(s, "ordered", as_of, path))
+            PlannedSurgery(
+                _codes(s, path),
+                date=_when(s, "at", as_of, path),
+                side=s.get("side"),
+                source=path,
+                begun=_prefixed(s, "ordered", as_of, path),
+            )
         )
     if "order" in patient:
         o = patient["order"] or {}
@@ -231,7 +250,9 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
             source=f"{where}.order",
         )
     for i, inj in enumerate(patient.get("injectates", [])):
-        rec.planned_injectates.append(PlannedInjectate(_codes(inj, f"{where}.injectates[{i}]"), source=f"{where}.injectates[{i}]"))
+        rec.planned_injectates.append(
+            PlannedInjectate(_codes(inj, f"{where}.injectates[{i}]"), source=f"{where}.injectates[{i}]")
+        )
     rec.flags = list(patient.get("flags", []))
     return rec
 
@@ -249,7 +270,16 @@ def load_cases(path: Path) -> list[Case]:
         if unknown:
             raise RecordError(f"{where}.expect", f"unknown key(s) {', '.join(sorted(unknown))}")
         as_of = _instant(raw.get("as_of", "2025-06-02T09:00:00Z"), f"{where}.as_of")
-        cases.append(Case(raw["name"], where, as_of, record_from_shorthand(raw.get("patient") or {}, as_of, f"{where}.patient"), raw["expect"], raw.get("tags", [])))
+        cases.append(
+            Case(
+                raw["name"],
+                where,
+                as_of,
+                record_from_shorthand(raw.get("patient") or {}, as_of, f"{where}.patient"),
+                raw["expect"],
+                raw.get("tags", []),
+            )
+        )
     return cases
 
 
@@ -298,11 +328,16 @@ def check(case: Case, decision: dict) -> list[str]:
     for category, want in (exp.get("injectates") or {}).items():
         if recs.get(category) != want:
             problems.append(f"injectate {category}: expected {want}, got {recs.get(category, 'nothing')}")
-    by_key = {(d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}"): d["severity"] for d in decision.get("deferrals", [])}
+    by_key = {
+        (d["reason"] if d["scope"] == "PROCEDURE" else f"{d['reason']}/{d['scope']}"): d["severity"]
+        for d in decision.get("deferrals", [])
+    }
     for key, want in (exp.get("severities") or {}).items():
         if by_key.get(key) != want:
             problems.append(f"deferral {key}: expected severity {want}, got {by_key.get(key, 'no such deferral')}")
-    messages = [m.get("message", "") for part in ("injectates", "deferrals", "cautions", "missingData") for m in decision.get(part, [])]
+    messages = [
+        m.get("message", "") for part in ("injectates", "deferrals", "cautions", "missingData") for m in decision.get(part, [])
+    ]
     for text in exp.get("messages_include", []):
         if not any(text in m for m in messages):
             problems.append(f"no message contains {text!r}")

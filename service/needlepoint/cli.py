@@ -57,7 +57,12 @@ main.add_command(worklist_command)
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default; others need TLS and auth, or --insecure).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind (loopback by default; others need TLS and auth, or --insecure).",
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=50051, show_default=True)
 @click.option(
     "--workers",
@@ -72,29 +77,62 @@ main.add_command(worklist_command)
     "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default="INFO"
 )
 @click.option("--watch", is_flag=True, help="Hot-reload rule sets that change on disk (validated, tested, then swapped in).")
-@click.option("--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets.")
+@click.option(
+    "--watch-interval", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Seconds between looks at the rule sets."
+)
 @click.option("--http-port", type=click.IntRange(1, 65535),
               help="Also serve CDS Hooks 2.0 on this port (/cds-services): TLS from --tls-cert/--tls-key, JWTs per --auth-*.")
-@click.option("--http-base-url", metavar="URL",
-              help="Public base URL of CDS Hooks, e.g. https://cds.example.org:8443 (tokens' aud; default from --host and --http-port).")
-@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
-              help="A browser origin allowed to call CDS Hooks (CORS), e.g. https://ehr.example.org; repeatable; none by default.")
-@click.option("--insecure-dev", is_flag=True, help="CDS Hooks without client authentication and CORS open: local trials only, logged as a warning.")
+@click.option(
+    "--http-base-url",
+    metavar="URL",
+    help="Public base URL of CDS Hooks, e.g. https://cds.example.org:8443 (tokens' aud; default from --host and --http-port).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="A browser origin allowed to call CDS Hooks (CORS), e.g. https://ehr.example.org; repeatable; none by default.",
+)
+@click.option(
+    "--insecure-dev",
+    is_flag=True,
+    help="CDS Hooks without client authentication and CORS open: local trials only, logged as a warning.",
+)
 @click.option("--worklist-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The folder the worklist page (/worklist, served with --http-port --insecure-dev) may read.")
 @click.option("--max-connection-age", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds before a client connection is asked to reconnect, so load spreads onto replaced workers (0: never).")
 @click.option("--max-connection-age-grace", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds the calls on an aged connection get to finish.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port (off by default).")
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port (off by default)."
+)
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics endpoint binds.")
 @server_security_options
 @DATABASE_OPTION
 @MASK_OPTION
 def serve(
-    host: str, port: int, workers: int, rulesets_dir: Path | None, grace: float, log_level: str, watch: bool, watch_interval: float,
-    http_port: int | None, http_base_url: str | None, cors_origins: tuple[str, ...], insecure_dev: bool, worklist_dir: Path | None, max_connection_age: float, max_connection_age_grace: float, metrics_port: int | None,
-    metrics_host: str, security: SecurityConfig, database: str | None, mask: str,
+    host: str,
+    port: int,
+    workers: int,
+    rulesets_dir: Path | None,
+    grace: float,
+    log_level: str,
+    watch: bool,
+    watch_interval: float,
+    http_port: int | None,
+    http_base_url: str | None,
+    cors_origins: tuple[str, ...],
+    insecure_dev: bool,
+    worklist_dir: Path | None,
+    max_connection_age: float,
+    max_connection_age_grace: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    security: SecurityConfig,
+    database: str | None,
+    mask: str,
 ) -> None:
     """Serve the gRPC API until SIGTERM.
 
@@ -116,7 +154,9 @@ def serve(
 
     _check_cds_hooks_options(host, http_port, http_base_url, cors_origins, insecure_dev, security)
     if worklist_dir is not None and not (http_port is not None and insecure_dev):
-        raise click.UsageError("--worklist-dir is for the worklist page, served with --http-port --insecure-dev only (it has no sign-in yet)")
+        raise click.UsageError(
+            "--worklist-dir is for the worklist page, served with --http-port --insecure-dev only (it has no sign-in yet)"
+        )
     setup_logging(log_level)
     if http_port is not None and insecure_dev:
         import logging
@@ -128,17 +168,35 @@ def serve(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     config = WorkerConfig(
-        host=host, port=port, rulesets_dir=rulesets_dir, grace=grace, log_level=log_level, watch=watch, watch_interval=watch_interval,
-        security=security, http_port=http_port, insecure_dev=insecure_dev, http_base_url=http_base_url, cors_origins=cors_origins, worklist_dir=worklist_dir,
-        max_connection_age=max_connection_age, max_connection_age_grace=max_connection_age_grace,
-        database=migrate_for_serve(database, mask), mask=mask,
+        host=host,
+        port=port,
+        rulesets_dir=rulesets_dir,
+        grace=grace,
+        log_level=log_level,
+        watch=watch,
+        watch_interval=watch_interval,
+        security=security,
+        http_port=http_port,
+        insecure_dev=insecure_dev,
+        http_base_url=http_base_url,
+        cors_origins=cors_origins,
+        worklist_dir=worklist_dir,
+        max_connection_age=max_connection_age,
+        max_connection_age_grace=max_connection_age_grace,
+        database=migrate_for_serve(database, mask),
+        mask=mask,
     )
     metrics_address = (metrics_host, metrics_port) if metrics_port is not None else None
     sys.exit(Supervisor(config, workers, metrics_address=metrics_address).run())
 
 
 def _check_cds_hooks_options(
-    host: str, http_port: int | None, base_url: str | None, cors_origins: tuple[str, ...], insecure_dev: bool, security: SecurityConfig
+    host: str,
+    http_port: int | None,
+    base_url: str | None,
+    cors_origins: tuple[str, ...],
+    insecure_dev: bool,
+    security: SecurityConfig,
 ) -> None:
     """Usage errors for CDS Hooks options that cannot be served safely or correctly: no client
     authentication without --insecure-dev, CORS '*' outside it, a base URL that is not one, and a
@@ -149,7 +207,9 @@ def _check_cds_hooks_options(
 
     if http_port is None:
         if base_url or cors_origins or insecure_dev:
-            raise click.UsageError("--http-base-url, --cors-origin and --insecure-dev are CDS Hooks options: they need --http-port")
+            raise click.UsageError(
+                "--http-base-url, --cors-origin and --insecure-dev are CDS Hooks options: they need --http-port"
+            )
         return
     if not insecure_dev and security.tokens is None:
         raise click.UsageError(
@@ -166,7 +226,9 @@ def _check_cds_hooks_options(
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
             raise click.UsageError(f"--http-base-url {base_url!r}: give an http(s) URL without query, e.g. https://cds.example.org:8443")
     elif not insecure_dev and host.strip("[]") in ("0.0.0.0", "::", ""):
-        raise click.UsageError("--http-base-url is needed with --host 0.0.0.0 or [::]: tokens must name the exact URL the EHR calls")
+        raise click.UsageError(
+            "--http-base-url is needed with --host 0.0.0.0 or [::]: tokens must name the exact URL the EHR calls"
+        )
     if insecure_dev and not is_loopback(host) and not security.insecure:
         raise click.UsageError(f"--insecure-dev on {host}, which other machines can reach: bind 127.0.0.1, or add --insecure too")
 
@@ -176,7 +238,11 @@ def _check_cds_hooks_options(
 @click.option("--as-of", callback=parse_instant, help="Evaluation instant, ISO 8601 (default: now; UTC if no zone).")
 @order_options("supplies or overrides the order's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision JSON, nothing else.")
-@click.option("--width", type=click.IntRange(20), help="Wrap the summary at this many columns (default: the terminal's width; no wrapping when piped).")
+@click.option(
+    "--width",
+    type=click.IntRange(20),
+    help="Wrap the summary at this many columns (default: the terminal's width; no wrapping when piped).",
+)
 @click.option("--server", metavar="HOST:PORT", help="Evaluate on a running server instead of in-process.")
 @click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id.")
 @_RULESETS_OPTION
@@ -256,14 +322,14 @@ def _in_process(rulesets_dir: Path | None, request: EvaluateRequest) -> Decision
 
     try:
         engine = Engine.load(rulesets_dir)
-    except Exception as exc:  # a broken rule set: say what, without a traceback
+    except Exception as exc:  # noqa: BLE001 - a broken rule set: say what, without a traceback
         _fail(f"cannot load rule sets: {exc}", EXIT_FAILURE)
     try:
         return engine.evaluate(request)
     except ServiceError as exc:
         bad_input = exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         _fail(exc.message, EXIT_BAD_INPUT if bad_input else EXIT_FAILURE)
-    except Exception as exc:  # a fault of the service: say so in one line, as the server would
+    except Exception as exc:  # noqa: BLE001 - a fault of the service: say so in one line, as the server would
         _fail(f"internal error ({type(exc).__name__}); please report it with the input", EXIT_FAILURE)
 
 

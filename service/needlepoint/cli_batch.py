@@ -11,17 +11,21 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset
 
+if TYPE_CHECKING:
+    from needlepoint.batch.evaluate import Options
+
 
 def evaluation_options(
     rulesets_dir: Path | None, ruleset_id: str, overlay: Path | None, as_of: dt.datetime | None, planned: dt.datetime | None,
     target: str | None, side: str | None, intent: str | None,
-):
+) -> Options:
     """The batch evaluation's options from the command line (shared by ``batch`` and ``worklist``);
     a rule set that does not load exits 1 with what is wrong, without a traceback."""
     from needlepoint.batch.evaluate import Options
@@ -57,10 +61,16 @@ def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> d
 @click.argument("out", metavar="OUT")
 @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
               help="local: a process pool on this machine; spark: PySpark (needs the 'spark' extra).")
-@click.option("--master", metavar="URL", help="Spark master (local[2], spark://host:7077, yarn…) [default: spark-submit's, else local[*]].")
+@click.option(
+    "--master", metavar="URL", help="Spark master (local[2], spark://host:7077, yarn…) [default: spark-submit's, else local[*]]."
+)
 @click.option("--format", "fmt", type=click.Choice(["ndjson", "parquet"]), default="ndjson", show_default=True)
-@click.option("--as-of", callback=parse_instant, help="Evaluation instant for referrals without their own (ISO 8601) [default: now].")
-@click.option("--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC).")
+@click.option(
+    "--as-of", callback=parse_instant, help="Evaluation instant for referrals without their own (ISO 8601) [default: now]."
+)
+@click.option(
+    "--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC)."
+)
 @order_options("supplies or overrides the record's order where a row leaves it empty.")
 @click.option("--export", "export", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The Bulk Data export a CSV's patient_id column refers to [default: the CSV's folder].")
@@ -68,13 +78,22 @@ def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> d
 @click.option("--rulesets", "rulesets_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of rule sets [default: the bundled ones].")
 @click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A site overlay for the rule set.")
-@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Local engine: worker processes [default: one per CPU].")
-@click.option("--partitions", type=click.IntRange(1), default=None, help="Spark engine: partitions of the patient shuffle and the output.")
+@click.option(
+    "--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Local engine: worker processes [default: one per CPU]."
+)
+@click.option(
+    "--partitions", type=click.IntRange(1), default=None, help="Spark engine: partitions of the patient shuffle and the output."
+)
 @click.option("--overwrite", is_flag=True, help="Replace what OUT holds.")
-@click.option("--progress/--no-progress", default=None, help="Local engine: progress bar on standard error [default: on a terminal, for long runs].")
-def command(input_path: str, out: str, engine: str, master: str | None, fmt: str, as_of: dt.datetime | None, planned: dt.datetime | None,
-            target: str | None, side: str | None, intent: str | None, export: Path | None, ruleset_id: str, rulesets_dir: Path | None,
-            overlay: Path | None, jobs: int | None, partitions: int | None, overwrite: bool, progress: bool | None) -> None:  # fmt: skip
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Local engine: progress bar on standard error [default: on a terminal, for long runs].",
+)
+def command(input_path: str, out: str, engine: str, master: str | None, fmt: str, as_of: dt.datetime | None,
+            planned: dt.datetime | None, target: str | None, side: str | None, intent: str | None, export: Path | None,
+            ruleset_id: str, rulesets_dir: Path | None, overlay: Path | None, jobs: int | None, partitions: int | None,
+            overwrite: bool, progress: bool | None) -> None:  # fmt: skip
     """Evaluate every referral of INPUT and write one row per referral to the folder OUT.
 
     \b
@@ -111,6 +130,10 @@ def command(input_path: str, out: str, engine: str, master: str | None, fmt: str
             click.echo(f"error: the Spark engine needs PySpark and Java (scripts/setup-spark): {exc}", err=True)
             sys.exit(1)
         outcome = spark.run(work, options, out, fmt, master=master, partitions=partitions, overwrite=overwrite)
-    counts = ", ".join(f"{outcome.statuses[s]:,} {s}" for s in ("go-ahead", "to-repeat", "review", "not-now", "error") if outcome.statuses.get(s))
+    counts = ", ".join(
+        f"{outcome.statuses[s]:,} {s}" for s in ("go-ahead", "to-repeat", "review", "not-now", "error") if outcome.statuses.get(s)
+    )
     rate = outcome.rows / outcome.seconds if outcome.seconds else 0.0
-    click.echo(f"{outcome.rows:,} referrals ({counts or 'none'}) in {outcome.seconds:.1f} s ({rate:,.1f}/s, {engine}) -> {out}", err=True)
+    click.echo(
+        f"{outcome.rows:,} referrals ({counts or 'none'}) in {outcome.seconds:.1f} s ({rate:,.1f}/s, {engine}) -> {out}", err=True
+    )

@@ -16,8 +16,15 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+from typing import IO, TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from needlepoint.v1.decision_pb2 import Decision
+    from needlepoint.v1.decision_service_pb2 import EvaluateRequest
 
 DATABASE_OPTION = click.option(
     "--database",
@@ -53,7 +60,7 @@ def _instant(ctx: click.Context, param: click.Parameter, value: str | None) -> s
     return utc_text(instant if instant.tzinfo else instant.replace(tzinfo=dt.timezone.utc))
 
 
-def _engine(database: str | None):
+def _engine(database: str | None) -> Engine:
     """An engine on a migrated log, or exit 1 saying what to do."""
     from needlepoint.decisionlog import database as db
 
@@ -88,7 +95,7 @@ def migrate(database: str | None) -> None:
 @click.option("--road", type=click.Choice(["grpc", "cds-hooks", "cli"]), help="Only decisions that came this way.")
 @click.option("-o", "--output", type=click.File("wb"), default="-", help="File to write (default: standard output).")
 @DATABASE_OPTION
-def export(since: str, until: str | None, road: str | None, output, database: str | None) -> None:
+def export(since: str, until: str | None, road: str | None, output: IO[bytes], database: str | None) -> None:
     """Past requests as NDJSON, one a line, for `needlepoint rules diff OLD NEW --cases FILE`.
 
     Each line is the request as logged (direct identifiers masked) with the instant its decision
@@ -143,13 +150,13 @@ def migrate_for_serve(database: str | None, mask: str) -> str | None:
     url = db.normalize_url(database)
     try:
         db.migrate(url)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any driver error means the log cannot be opened
         click.echo(f"error: cannot open the decision log at {db.redacted(url)}: {exc}", err=True)
         sys.exit(1)
     return url
 
 
-def record_cli_decision(database: str | None, mask: str, request, decision) -> None:
+def record_cli_decision(database: str | None, mask: str, request: EvaluateRequest, decision: Decision) -> None:
     """``evaluate --record``: commit an in-process decision to the log (road ``cli``)."""
     import getpass
 

@@ -26,9 +26,18 @@ from needlepoint.cli_options import order_options, parse_instant
 @click.option("--new-overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site overlay for NEW.")
 @order_options("supplies or overrides the order of FHIR inputs.")
 @click.option("--format", "fmt", type=click.Choice(["markdown", "html", "json"]), default="markdown", show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write the report here (default: standard output).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write the report here (default: standard output).",
+)
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Worker processes [default: one per CPU].")
-@click.option("--progress/--no-progress", default=None, help="Draw a progress bar on standard error [default: on a terminal, for long runs].")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Draw a progress bar on standard error [default: on a terminal, for long runs].",
+)
 @click.option("--max-cases", type=click.IntRange(0), default=0, show_default=True,
               help="List at most this many cases per section in Markdown and HTML (0: all); counts always cover every case.")
 def command(

@@ -9,6 +9,7 @@ import datetime as dt
 import re
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 import orjson
@@ -19,7 +20,7 @@ from needlepoint.core.record import RecordError
 
 def _facts_of(pattern_text: str) -> str:
     """The facts a pattern is about, from its description: ``observation inr facts``."""
-    kind = pattern_text.split(" with ")[0].removeprefix("no ")
+    kind = pattern_text.split(" with ", maxsplit=1)[0].removeprefix("no ")
     concept = re.search(r"\bconcept = ([\w-]+)", pattern_text)
     return f"{kind} {concept.group(1)} facts" if concept else f"{kind} facts"
 
@@ -27,7 +28,10 @@ def _facts_of(pattern_text: str) -> str:
 def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
     lines = []
     if rule_report is not None:
-        lines.append(f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: {'FIRED' if rule_report['fired'] else 'did not fire'}")
+        lines.append(
+            f"{rule_report['ruleId']} {rule_report['ruleVersion']}: {rule_report['title']}: "
+            f"{'FIRED' if rule_report['fired'] else 'did not fire'}"
+        )
         for alt in rule_report["alternatives"]:
             lines.append(f"  alternative {alt['index']}: {'holds' if alt['holds'] else 'does not hold'}")
             for p in alt["patterns"]:
@@ -37,7 +41,9 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
                 for c in p["candidates"]:
                     lines.append(f"      {c['fact']}")
                     for t in c["conditions"]:
-                        lines.append(f"        {'✓' if t['holds'] else '✗'} {t['condition']} (threshold {t['threshold']}): saw {t['saw']}")
+                        lines.append(
+                            f"        {'✓' if t['holds'] else '✗'} {t['condition']} (threshold {t['threshold']}): saw {t['saw']}"
+                        )
     lines.append("What would change the deferrals:" if changes else "No deferral depends on a numeric value that could change.")
     lines += [f"  {c['deferral']}: {c['text']}" for c in changes]
     return lines
@@ -48,10 +54,25 @@ def _render(rule_report: dict | None, changes: list[dict]) -> list[str]:
 @click.option("--rule", "rule_id", help="Explain this rule: each condition with the value it saw.")
 @click.option("--as-of", callback=parse_instant, help="Evaluation instant, ISO 8601 (default: now; UTC if no zone).")
 @order_options("supplies or overrides the order's.")
-@click.option("--ruleset", "ruleset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Rule set directory (default: the bundled hip-injection).")
+@click.option(
+    "--ruleset",
+    "ruleset_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Rule set directory (default: the bundled hip-injection).",
+)
 @click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def command(file, rule_id, as_of, target, side, intent, ruleset_dir, overlay, as_json) -> None:
+def command(
+    file: BinaryIO,
+    rule_id: str | None,
+    as_of: dt.datetime | None,
+    target: str | None,
+    side: str | None,
+    intent: str | None,
+    ruleset_dir: Path | None,
+    overlay: Path | None,
+    as_json: bool,
+) -> None:
     """Explain a rule for one patient (a FHIR Bundle, or - for stdin), and what would change each deferral."""
     # imported here, so that `needlepoint --help` does not load the engine to list this command
     from needlepoint.core.evaluator import Evaluator

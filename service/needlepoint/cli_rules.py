@@ -8,6 +8,7 @@ Each command is named here with the module and the click command that implement 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
@@ -34,7 +35,7 @@ def load_command(spec: str) -> click.Command:
 class LazyGroup(click.Group):
     """A click group whose commands are imported when first asked for (:data:`COMMANDS`)."""
 
-    def __init__(self, *args, lazy_commands: dict[str, str], **kwargs) -> None:
+    def __init__(self, *args: Any, lazy_commands: dict[str, str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy_commands = dict(lazy_commands)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,13 +23,21 @@ from needlepoint.cli_options import order_options, parse_instant
 from needlepoint.rulesets import DEFAULT_RULESET
 from needlepoint.security.transport import is_loopback
 
+if TYPE_CHECKING:
+    from needlepoint.batch.evaluate import Options
+    from needlepoint.worklist.rows import WorklistRow
+
 
 @click.command(name="worklist")
 @click.argument("input_path", metavar="INPUT", required=False)
 @click.option("--out", "outs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The report: .html (self-contained), .csv or .xlsx. Repeat for several formats.")
-@click.option("--as-of", callback=parse_instant, help="Evaluation instant for referrals without their own (ISO 8601) [default: now].")
-@click.option("--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC).")
+@click.option(
+    "--as-of", callback=parse_instant, help="Evaluation instant for referrals without their own (ISO 8601) [default: now]."
+)
+@click.option(
+    "--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC)."
+)
 @order_options("supplies or overrides the record's order where a row leaves it empty.")
 @click.option("--export", "export", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The Bulk Data export a CSV's patient_id column refers to [default: the CSV's folder].")
@@ -38,17 +47,30 @@ from needlepoint.security.transport import is_loopback
 @click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A site overlay for the rule set.")
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Worker processes [default: one per CPU].")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on standard error [default: on a terminal].")
-@click.option("--link-base", metavar="URL", help="CSV/XLSX without an HTML report beside them: link each row to URL/decisions/<id>.")
-@click.option("--serve", is_flag=True, help="Serve the worklist page instead of writing a report (INPUT, if given, starts a worklist).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="--serve: address to bind (loopback only: the page has no authentication).")
+@click.option(
+    "--link-base", metavar="URL", help="CSV/XLSX without an HTML report beside them: link each row to URL/decisions/<id>."
+)
+@click.option(
+    "--serve", is_flag=True, help="Serve the worklist page instead of writing a report (INPUT, if given, starts a worklist)."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="--serve: address to bind (loopback only: the page has no authentication).",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="--serve: HTTP port.")
 @click.option("--allow-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="--serve: a folder the page may read (Bundles a CSV names, CSVs and folders given by path, a Bulk export).")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="--serve: where worklists are kept [default: <state dir>/worklists].")
-def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime | None, planned: dt.datetime | None, target: str | None,
-            side: str | None, intent: str | None, export: Path | None, ruleset_id: str, rulesets_dir: Path | None, overlay: Path | None,
-            jobs: int | None, progress: bool | None, link_base: str | None, serve: bool, host: str, port: int, allow_dir: Path | None,
-            state_dir: Path | None) -> None:  # fmt: skip
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="--serve: where worklists are kept [default: <state dir>/worklists].",
+)
+def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime | None, planned: dt.datetime | None,
+            target: str | None, side: str | None, intent: str | None, export: Path | None, ruleset_id: str,
+            rulesets_dir: Path | None, overlay: Path | None, jobs: int | None, progress: bool | None, link_base: str | None,
+            serve: bool, host: str, port: int, allow_dir: Path | None, state_dir: Path | None) -> None:  # fmt: skip
     """Evaluate every referral of INPUT and write a worklist a coordinator can act on.
 
     \b
@@ -81,12 +103,18 @@ def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime |
     show = progress if progress is not None else sys.stderr.isatty()
     update, stop = terminal_progress() if show else (None, lambda: None)
     try:
-        rows = worklist(work, options, csv_path=Path(input_path) if input_path.lower().endswith(".csv") else None, jobs=jobs, on_progress=update)
+        rows = worklist(
+            work,
+            options,
+            csv_path=Path(input_path) if input_path.lower().endswith(".csv") else None,
+            jobs=jobs,
+            on_progress=update,
+        )
     finally:
         stop()
     html_out = next((o for o in outs if o.suffix.lower() == ".html"), None)
 
-    def link(row) -> str | None:
+    def link(row: WorklistRow) -> str | None:
         if not row.decision_id:
             return None
         if html_out is not None:
@@ -98,7 +126,16 @@ def command(input_path: str | None, outs: tuple[Path, ...], as_of: dt.datetime |
     click.echo(f"{html.summary(rows)} -> {', '.join(str(o) for o in outs)}", err=True)
 
 
-def _serve(input_path: str | None, export: Path | None, options, host: str, port: int, allow_dir: Path | None, state_dir: Path | None, jobs: int | None) -> None:
+def _serve(
+    input_path: str | None,
+    export: Path | None,
+    options: Options,
+    host: str,
+    port: int,
+    allow_dir: Path | None,
+    state_dir: Path | None,
+    jobs: int | None,
+) -> None:
     """Serve the worklist page alone, at / (and start INPUT as the first worklist, if given)."""
     import uvicorn
     from starlette.applications import Starlette
@@ -109,7 +146,9 @@ def _serve(input_path: str | None, export: Path | None, options, host: str, port
     from needlepoint.worklist.web import JobStore, create_worklist_app, default_root
 
     if not is_loopback(host):
-        raise click.UsageError(f"--host {host}: the worklist page has no authentication and binds loopback only (127.0.0.0/8, ::1, localhost)")
+        raise click.UsageError(
+            f"--host {host}: the worklist page has no authentication and binds loopback only (127.0.0.0/8, ::1, localhost)"
+        )
     store = JobStore(state_dir or default_root(), lambda: options.ruleset, allow_dir=allow_dir, jobs=jobs)
     if input_path is not None:
         try:
@@ -119,6 +158,8 @@ def _serve(input_path: str | None, export: Path | None, options, host: str, port
         job, folder = store.new_job(Path(input_path).name)
         store.start(job, folder, work, Path(input_path) if input_path.lower().endswith(".csv") else None, options)
         click.echo(f"worklist {job}: http://{host}:{port}/worklist/jobs/{job}", err=True)
-    app = Starlette(routes=[Route("/", lambda request: RedirectResponse("/worklist/")), Mount("/worklist", create_worklist_app(store))])
+    app = Starlette(
+        routes=[Route("/", lambda request: RedirectResponse("/worklist/")), Mount("/worklist", create_worklist_app(store))]
+    )
     click.echo(f"worklist page on http://{host}:{port}/worklist/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

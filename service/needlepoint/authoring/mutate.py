@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -65,7 +66,7 @@ def parameter_mutants(docs: dict) -> Iterator[Mutant]:
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value == 0:
             continue
         elif isinstance(value, int):
-            step = max(1, round(abs(value) * 0.1))
+            step: float = max(1, round(abs(value) * 0.1))
             for new in (value - step, value + step):
                 yield Mutant("parameter", f"{name}: {value} -> {new}", docs, {name: new})
         else:
@@ -74,7 +75,7 @@ def parameter_mutants(docs: dict) -> Iterator[Mutant]:
                 yield Mutant("parameter", f"{name}: {value:g} -> {new:g}", docs, {name: new})
 
 
-def _ordering_tests(node, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
+def _ordering_tests(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
     """Paths to every {op: operand} mapping with an ordering operator inside a rule's conditions."""
     if isinstance(node, dict):
         for key, value in node.items():
@@ -125,7 +126,7 @@ def value_set_mutants(docs: dict) -> Iterator[Mutant]:
                     yield Mutant("value-set", f"{vs_id}{suffix}: remove {system} {what} {code}", mutated)
 
 
-def _with_observations(docs: dict, cid: str, change) -> dict:
+def _with_observations(docs: dict, cid: str, change: Callable[[dict], None]) -> dict:
     """``docs`` with ``change`` applied to a copy of concept ``cid``; the rest is shared, since
     build_ruleset only reads its documents."""
     mutated = dict(docs)
@@ -148,12 +149,17 @@ def unit_mutants(docs: dict) -> Iterator[Mutant]:
                     others = [conversion * 10, conversion / 10]
                 for other in others:
 
-                    def convert_by(spec: dict, key=key, unit=unit, other=other) -> None:
+                    def convert_by(spec: dict, key: str = key, unit: str = unit, other: float | str = other) -> None:
                         spec[key][unit] = other
 
-                    yield Mutant("unit", f"{label}: {_show(conversion)} -> {_show(other)}", _with_observations(docs, cid, convert_by), concept=cid)
+                    yield Mutant(
+                        "unit",
+                        f"{label}: {_show(conversion)} -> {_show(other)}",
+                        _with_observations(docs, cid, convert_by),
+                        concept=cid,
+                    )
 
-                def drop(spec: dict, key=key, unit=unit) -> None:
+                def drop(spec: dict, key: str = key, unit: str = unit) -> None:
                     del spec[key][unit]
 
                 yield Mutant("unit", f"{label}: no longer accepted", _with_observations(docs, cid, drop), concept=cid)
@@ -188,19 +194,29 @@ def plausible_mutants(docs: dict, cases: Iterable[Case]) -> Iterator[Mutant]:
             least, most = min(values), max(values)
             # just past the value: a thousandth of it, and never less than ten times the rounding
             # of prepared values (1e-4), so the value itself is surely outside
-            ends = [(0, low, least + max(abs(least) / 1000, 0.001), f"excludes {least:g}, the lowest value a case gives"),
-                    (1, high, most - max(abs(most) / 1000, 0.001), f"excludes {most:g}, the highest value a case gives")]  # fmt: skip
+            ends = [
+                (0, low, least + max(abs(least) / 1000, 0.001), f"excludes {least:g}, the lowest value a case gives"),
+                (1, high, most - max(abs(most) / 1000, 0.001), f"excludes {most:g}, the highest value a case gives"),
+            ]
         else:
-            ends = [(0, low, low + (high - low) / 10, "no case gives a value"), (1, high, high - (high - low) / 10, "no case gives a value")]
+            ends = [
+                (0, low, low + (high - low) / 10, "no case gives a value"),
+                (1, high, high - (high - low) / 10, "no case gives a value"),
+            ]
         for end, old, new, why in ends:
             if not low < new < high:
                 continue  # the cases' values fill the range: there is no inward to move to
 
-            def narrow(spec: dict, end=end, new=new) -> None:
+            def narrow(spec: dict, end: int = end, new: float = new) -> None:
                 spec["plausible"] = [new, spec["plausible"][1]] if end == 0 else [spec["plausible"][0], new]
 
             what = "low" if end == 0 else "high"
-            yield Mutant("plausible", f"{cid} plausible {what}: {old:g} -> {new:g} ({why})", _with_observations(docs, cid, narrow), concept=cid)
+            yield Mutant(
+                "plausible",
+                f"{cid} plausible {what}: {old:g} -> {new:g} ({why})",
+                _with_observations(docs, cid, narrow),
+                concept=cid,
+            )
 
 
 def mutants(docs: dict, kinds: tuple[str, ...], cases: Iterable[Case] = ()) -> Iterator[Mutant]:
@@ -216,7 +232,9 @@ def mutants(docs: dict, kinds: tuple[str, ...], cases: Iterable[Case] = ()) -> I
         yield from plausible_mutants(docs, cases)
 
 
-def run(path: Path, kinds: tuple[str, ...] = KINDS, progress=None, match: str = "") -> MutationReport:
+def run(
+    path: Path, kinds: tuple[str, ...] = KINDS, progress: Callable[[int], object] | None = None, match: str = ""
+) -> MutationReport:
     """Mutate the rule set in ``path`` and run its cases against each mutant. ``match`` keeps
     only the mutants whose description contains it (e.g. a concept or parameter name)."""
     docs = read_documents(path)
@@ -236,7 +254,9 @@ def run(path: Path, kinds: tuple[str, ...] = KINDS, progress=None, match: str = 
                 killer = _first_failing(evaluator, cases)
             else:  # only a case with a result of that concept can notice; try those first
                 about = [c for c in cases if mutant.concept in concepts_of[id(c)]]
-                killer = _first_failing(evaluator, about) or _first_failing(evaluator, [c for c in cases if mutant.concept not in concepts_of[id(c)]])
+                killer = _first_failing(evaluator, about) or _first_failing(
+                    evaluator, [c for c in cases if mutant.concept not in concepts_of[id(c)]]
+                )
         finally:
             evaluator.close()
         if killer is None:
@@ -253,7 +273,15 @@ def run(path: Path, kinds: tuple[str, ...] = KINDS, progress=None, match: str = 
 def _concepts_of(docs: dict, cases: list[Case]) -> dict[int, set[str]]:
     """For each case (by id), the observation concepts its record has a result of."""
     concept_of_code = {code: cid for cid, spec in (docs.get("observations") or {}).items() for code in spec.get("codes") or ()}
-    return {id(case): {concept_of_code[f"{c.system}#{c.code}"] for o in case.record.observations for c in o.codes if f"{c.system}#{c.code}" in concept_of_code} for case in cases}
+    return {
+        id(case): {
+            concept_of_code[f"{c.system}#{c.code}"]
+            for o in case.record.observations
+            for c in o.codes
+            if f"{c.system}#{c.code}" in concept_of_code
+        }
+        for case in cases
+    }
 
 
 def _first_failing(evaluator: Evaluator, cases: list[Case]) -> Case | None:
@@ -269,7 +297,12 @@ def _first_failing(evaluator: Evaluator, cases: list[Case]) -> Case | None:
 @click.command(name="mutate")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(KINDS), help="Only these kinds of mutant (repeatable).")
-@click.option("--match", default="", metavar="TEXT", help="Only the mutants whose description contains TEXT (e.g. a concept or parameter name).")
+@click.option(
+    "--match",
+    default="",
+    metavar="TEXT",
+    help="Only the mutants whose description contains TEXT (e.g. a concept or parameter name).",
+)
 def command(path: Path, kinds: tuple[str, ...], match: str) -> None:
     """Check that the rule set's own cases notice every small change to its thresholds,
     comparisons, value sets, unit conversions and plausible ranges; list the changes they would

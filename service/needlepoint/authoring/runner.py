@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
 from needlepoint.casefile import Case, check, load_cases
-from needlepoint.core.conditions import test_holds
+from needlepoint.core.conditions import FieldTest, Pattern, test_holds
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.record import RecordError
 from needlepoint.core.resolve import preferred_modality
@@ -101,7 +102,7 @@ def decision_outcomes(decision: dict) -> set[str]:
     return out
 
 
-def condition_labels(ruleset: RuleSet):
+def condition_labels(ruleset: RuleSet) -> Iterator[tuple[str, Pattern, FieldTest]]:
     """(label, pattern, test) for every field test of every rule pattern."""
     for rule in ruleset.rules:
         for i, alternative in enumerate(rule.alternatives):
@@ -120,7 +121,7 @@ def run(path: Path, *, overlay: Path | None = None, select: str | None = None) -
     conditions = list(condition_labels(ruleset))
     coverage = Coverage(
         rules_fired={r.id: 0 for r in ruleset.rules},
-        outcomes={o: 0 for o in sorted(possible_outcomes(ruleset))},
+        outcomes=dict.fromkeys(sorted(possible_outcomes(ruleset)), 0),
         conditions={label: set() for label, _, _ in conditions},
     )
     results: list[CaseResult] = []
@@ -135,7 +136,14 @@ def run(path: Path, *, overlay: Path | None = None, select: str | None = None) -
     return ruleset, results, coverage
 
 
-def _run_case(case: Case, file_name: str, evaluator: Evaluator, params: dict, conditions, coverage: Coverage) -> CaseResult:
+def _run_case(
+    case: Case,
+    file_name: str,
+    evaluator: Evaluator,
+    params: dict,
+    conditions: list[tuple[str, Pattern, FieldTest]],
+    coverage: Coverage,
+) -> CaseResult:
     case.source = f"{file_name}{case.source[case.source.index('['):]}" if "[" in case.source else case.source
     try:
         prepared, decision = evaluator.evaluate_with_facts(case.record, case.as_of)
@@ -171,11 +179,24 @@ def format_report(path: Path, results: list[CaseResult], coverage: Coverage | No
     if coverage is not None:
         never = [rid for rid, n in coverage.rules_fired.items() if not n]
         missing = [o for o, n in coverage.outcomes.items() if not n]
-        partial = [f"{label}: seen only {'true' if True in seen else 'false' if seen else 'never'}" for label, seen in coverage.conditions.items() if len(seen) < 2]
+        partial = [
+            f"{label}: seen only {'true' if True in seen else 'false' if seen else 'never'}"
+            for label, seen in coverage.conditions.items()
+            if len(seen) < 2
+        ]
         lines.append("-" * 30 + " coverage " + "-" * 30)
-        lines.append(f"rules       {sum(1 for n in coverage.rules_fired.values() if n)}/{len(coverage.rules_fired)} fired ({coverage.rule_percent:.1f}%)")
-        lines.append(f"outcomes    {sum(1 for n in coverage.outcomes.values() if n)}/{len(coverage.outcomes)} produced ({coverage.outcome_percent:.1f}%)")
-        lines.append(f"conditions  {sum(1 for s in coverage.conditions.values() if len(s) == 2)}/{len(coverage.conditions)} seen true and false ({coverage.condition_percent:.1f}%)")
+        lines.append(
+            f"rules       {sum(1 for n in coverage.rules_fired.values() if n)}/{len(coverage.rules_fired)} fired "
+            f"({coverage.rule_percent:.1f}%)"
+        )
+        lines.append(
+            f"outcomes    {sum(1 for n in coverage.outcomes.values() if n)}/{len(coverage.outcomes)} produced "
+            f"({coverage.outcome_percent:.1f}%)"
+        )
+        lines.append(
+            f"conditions  {sum(1 for s in coverage.conditions.values() if len(s) == 2)}/{len(coverage.conditions)} seen true "
+            f"and false ({coverage.condition_percent:.1f}%)"
+        )
         lines += [f"  never fired: {rid}" for rid in never]
         lines += [f"  never produced: {o}" for o in missing]
         lines += [f"  {p}" for p in partial]
@@ -191,30 +212,48 @@ def html_report(ruleset: RuleSet, results: list[CaseResult], coverage: Coverage)
         conds = [(label, seen) for label, seen in coverage.conditions.items() if label.split(":")[0].split(" ")[0] == rule.id]
         full = sum(1 for _, seen in conds if len(seen) == 2)
         status = "hit" if n and full == len(conds) else ("partial" if n else "miss")
-        detail = "".join(f"<li class='{'ok' if len(seen) == 2 else 'gap'}'>{esc(label.split(': ', 1)[1])} — seen {esc('/'.join(sorted(str(v).lower() for v in seen)) or 'never')}</li>" for label, seen in conds)
-        rows.append(f"<tr class='{status}'><td>{esc(rule.id)}</td><td>{esc(rule.title)}</td><td>{n}</td><td>{full}/{len(conds)}</td><td><ul>{detail}</ul></td></tr>")
+        detail = "".join(
+            f"<li class='{'ok' if len(seen) == 2 else 'gap'}'>{esc(label.split(': ', 1)[1])} — seen "
+            f"{esc('/'.join(sorted(str(v).lower() for v in seen)) or 'never')}</li>"
+            for label, seen in conds
+        )
+        rows.append(
+            f"<tr class='{status}'><td>{esc(rule.id)}</td><td>{esc(rule.title)}</td><td>{n}</td><td>{full}/{len(conds)}</td>"
+            f"<td><ul>{detail}</ul></td></tr>"
+        )
     outcomes = "".join(f"<li class='{'ok' if n else 'gap'}'>{esc(o)} ({n})</li>" for o, n in coverage.outcomes.items())
     failed = sum(1 for r in results if not r.passed)
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Coverage of {esc(ruleset.id)} {esc(ruleset.version)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
-tr.hit{{background:#e6f4ea}}tr.partial{{background:#fff4ce}}tr.miss{{background:#fde7e9}}li.gap{{color:#a4262c}}li.ok{{color:#1e7b34}}ul{{margin:0;padding-left:1.2em}}</style></head><body>
-<h1>Rule set {esc(ruleset.id)} {esc(ruleset.version)}</h1>
-<p>{len(results) - failed} passed, {failed} failed. Rules {coverage.rule_percent:.1f}% fired; outcomes {coverage.outcome_percent:.1f}% produced;
-conditions {coverage.condition_percent:.1f}% seen true and false. Green: fired, every condition seen both ways; yellow: fired, some condition
-seen one way only; red: never fired.</p>
-<table><tr><th>Rule</th><th>Title</th><th>Cases fired</th><th>Conditions both ways</th><th>Conditions</th></tr>{''.join(rows)}</table>
-<h2>Outcomes</h2><ul>{outcomes}</ul></body></html>
-"""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>Coverage of {esc(ruleset.id)} {esc(ruleset.version)}</title>\n"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}\n"
+        "tr.hit{background:#e6f4ea}tr.partial{background:#fff4ce}tr.miss{background:#fde7e9}"
+        "li.gap{color:#a4262c}li.ok{color:#1e7b34}ul{margin:0;padding-left:1.2em}</style></head><body>\n"
+        f"<h1>Rule set {esc(ruleset.id)} {esc(ruleset.version)}</h1>\n"
+        f"<p>{len(results) - failed} passed, {failed} failed. Rules {coverage.rule_percent:.1f}% fired; "
+        f"outcomes {coverage.outcome_percent:.1f}% produced;\n"
+        f"conditions {coverage.condition_percent:.1f}% seen true and false. Green: fired, every condition seen both ways; "
+        "yellow: fired, some condition\n"
+        "seen one way only; red: never fired.</p>\n"
+        "<table><tr><th>Rule</th><th>Title</th><th>Cases fired</th><th>Conditions both ways</th><th>Conditions</th></tr>"
+        f"{''.join(rows)}</table>\n"
+        f"<h2>Outcomes</h2><ul>{outcomes}</ul></body></html>\n"
+    )
 
 
 @click.command(name="test")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay to test under.")
+@click.option(
+    "--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site parameter overlay to test under."
+)
 @click.option("-k", "select", help="Only cases whose name contains this text.")
 @click.option("--coverage", "show_coverage", is_flag=True, help="Report rule, outcome and condition coverage.")
 @click.option("--min-coverage", type=click.FloatRange(0, 100), help="Fail below this rule and outcome coverage (percent).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path), help="Write a coverage page here.")
-def command(path: Path, overlay: Path | None, select: str | None, show_coverage: bool, min_coverage: float | None, html_file: Path | None) -> None:
+def command(
+    path: Path, overlay: Path | None, select: str | None, show_coverage: bool, min_coverage: float | None, html_file: Path | None
+) -> None:
     """Run the rule set's own test cases (PATH/tests/*.yaml)."""
     start = time.perf_counter()
     try:
@@ -230,5 +269,8 @@ def command(path: Path, overlay: Path | None, select: str | None, show_coverage:
     failed = any(not r.passed for r in results)
     below = min_coverage is not None and min(coverage.rule_percent, coverage.outcome_percent) < min_coverage
     if below:
-        click.echo(f"coverage below {min_coverage:g}%: rules {coverage.rule_percent:.1f}%, outcomes {coverage.outcome_percent:.1f}%", err=True)
+        click.echo(
+            f"coverage below {min_coverage:g}%: rules {coverage.rule_percent:.1f}%, outcomes {coverage.outcome_percent:.1f}%",
+            err=True,
+        )
     raise SystemExit(1 if failed or below else 0)

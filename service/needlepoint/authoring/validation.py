@@ -31,16 +31,28 @@ def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Val
     try:
         loaded = load(directory, shown=shown)
         Evaluator(loaded.ruleset).close()  # compiles into the engine
-    except Exception as exc:  # anything that stops loading is a rejection, with its message
+    except Exception as exc:  # noqa: BLE001 - anything that stops loading is a rejection, with its message
         return Validation(False, f"does not load: {exc}")
     ruleset, documents = loaded.ruleset, loaded.documents
     errors = [f for f in run_lint(directory, shown=shown).findings if f.severity == ERROR]
     if errors:
-        first = errors[0]
-        return Validation(False, f"{len(errors)} lint error(s), first {first.file}:{first.line}:{first.column}: {first.code} {first.message}", ruleset, documents)
+        first_error = errors[0]
+        where = f"{first_error.file}:{first_error.line}:{first_error.column}"
+        return Validation(
+            False,
+            f"{len(errors)} lint error(s), first {where}: {first_error.code} {first_error.message}",
+            ruleset,
+            documents,
+        )
     _, results, _ = run_cases(directory)
     failed = [r for r in results if not r.passed]
     if failed:
-        first = failed[0]
-        return Validation(False, f"{len(failed)} of {len(results)} test case(s) fail, first {first.case.source} {first.case.name}: {first.problems[0]}", ruleset, documents)
+        first_failure = failed[0]
+        return Validation(
+            False,
+            f"{len(failed)} of {len(results)} test case(s) fail, first {first_failure.case.source} {first_failure.case.name}: "
+            f"{first_failure.problems[0]}",
+            ruleset,
+            documents,
+        )
     return Validation(True, f"{len(results)} test cases pass", ruleset, documents)

@@ -38,7 +38,9 @@ def assemble_rule(entry: RuleEntry, source: str) -> Rule:
             used.append(placeholder.param)
     outcome = Outcome(
         modality=modality,
-        injectates=tuple({"category": i["category"], "recommendation": i["recommendation"]} for i in then.get("injectates") or []),
+        injectates=tuple(
+            {"category": i["category"], "recommendation": i["recommendation"]} for i in then.get("injectates") or []
+        ),
         deferral=deferral,
         caution=then.get("caution"),
         missing_data=then.get("missing_data"),

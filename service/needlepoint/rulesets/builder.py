@@ -19,8 +19,9 @@ overlay, NP015 a duplicate definition.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from needlepoint.core.conditions import Pattern
 from needlepoint.core.ruleset import (
@@ -135,12 +136,36 @@ class Builder(RuleChecks):
 
     # -- reporting --
 
-    def add(self, code: str, severity: str, doc: Document, path: Iterable, message: str, *, key: bool = True, at: tuple[int, int] | None = None) -> None:
+    def add(
+        self,
+        code: str,
+        severity: str,
+        doc: Document,
+        path: Iterable,
+        message: str,
+        *,
+        key: bool = True,
+        at: tuple[int, int] | None = None,
+    ) -> None:
         path = tuple(path)
         line, column = at if at is not None else doc.pos(path, key=key)
-        self.diagnostics.append(Diagnostic(code, severity, doc.file, line, column, self._where(doc, path), self._key_path(doc, path), message, suggestion_in(message)))
+        self.diagnostics.append(
+            Diagnostic(
+                code,
+                severity,
+                doc.file,
+                line,
+                column,
+                self._where(doc, path),
+                self._key_path(doc, path),
+                message,
+                suggestion_in(message),
+            )
+        )
 
-    def error(self, code: str, doc: Document, path: Iterable, message: str, *, key: bool = True, at: tuple[int, int] | None = None) -> None:
+    def error(
+        self, code: str, doc: Document, path: Iterable, message: str, *, key: bool = True, at: tuple[int, int] | None = None
+    ) -> None:
         self.add(code, ERROR, doc, path, message, key=key, at=at)
 
     def warn(self, code: str, doc: Document, path: Iterable, message: str, *, key: bool = True) -> None:
@@ -175,9 +200,13 @@ class Builder(RuleChecks):
         s = self.sources
         for doc in s.all_documents():
             if doc.problem is not None:
-                self.diagnostics.append(Diagnostic("NP000", ERROR, doc.file, doc.problem.line, doc.problem.column, doc.rel, "", doc.problem.message))
+                self.diagnostics.append(
+                    Diagnostic("NP000", ERROR, doc.file, doc.problem.line, doc.problem.column, doc.rel, "", doc.problem.message)
+                )
         if s.missing is not None:
-            self.diagnostics.append(Diagnostic("NP000", ERROR, s.missing, 1, 1, s.missing, "", "not a rule set: ruleset.yaml is missing"))
+            self.diagnostics.append(
+                Diagnostic("NP000", ERROR, s.missing, 1, 1, s.missing, "", "not a rule set: ruleset.yaml is missing")
+            )
         if s.meta is not None:
             self.check_meta()
             if s.parameters is not None and s.parameters.loaded:
@@ -206,7 +235,16 @@ class Builder(RuleChecks):
 
     # -- structure helpers --
 
-    def mapping(self, doc: Document, path: tuple, value: Any, record: fmt.Record | None, what: str, *, allowed: Iterable[str] | None = None) -> bool:
+    def mapping(
+        self,
+        doc: Document,
+        path: tuple,
+        value: Any,
+        record: fmt.Record | None,
+        what: str,
+        *,
+        allowed: Iterable[str] | None = None,
+    ) -> bool:
         """Is ``value`` a mapping of ``record`` (or with keys among ``allowed``)? Reports unknown
         and missing keys."""
         if not isinstance(value, dict):
@@ -215,7 +253,12 @@ class Builder(RuleChecks):
         allowed = tuple(allowed) if allowed is not None else record.allowed if record is not None else ()
         for k in value:
             if k not in allowed:
-                self.error("NP001", doc, path + (k,), f"{what}: unknown key {k!r}{suggest(k, allowed)}; allowed: {', '.join(map(str, allowed))}")
+                self.error(
+                    "NP001",
+                    doc,
+                    path + (k,),
+                    f"{what}: unknown key {k!r}{suggest(k, allowed)}; allowed: {', '.join(map(str, allowed))}",
+                )
         for k in record.required if record is not None else ():
             if k.name not in value:
                 self.error(k.missing_code, doc, path, f"{what}: missing required key {k.name!r}", key=False)
@@ -235,7 +278,13 @@ class Builder(RuleChecks):
 
     def enum(self, doc: Document, path: tuple, value: Any, allowed: tuple, what: str) -> bool:
         if not isinstance(value, str) or value not in allowed:
-            self.error("NP002", doc, path, f"{what}: {describe(value)} is not one of {', '.join(allowed)}{suggest(value, allowed)}", key=False)
+            self.error(
+                "NP002",
+                doc,
+                path,
+                f"{what}: {describe(value)} is not one of {', '.join(allowed)}{suggest(value, allowed)}",
+                key=False,
+            )
             return False
         return True
 
@@ -265,12 +314,22 @@ class Builder(RuleChecks):
         self.check_scalars(doc, (), meta, fmt.RULESET, "ruleset.yaml")
         requested = meta.get("requested_modality")
         modalities = fmt.RULESET.values("requested_modality")
-        if requested is not None and self.mapping(doc, ("requested_modality",), requested, None, "requested_modality", allowed=modalities):
+        if requested is not None and self.mapping(
+            doc, ("requested_modality",), requested, None, "requested_modality", allowed=modalities
+        ):
             for modality, vs_id in requested.items():
                 if not isinstance(vs_id, str):
-                    self.error("NP002", doc, ("requested_modality", modality), f"requested_modality {modality}: a value set id; got {describe(vs_id)}", key=False)
+                    self.error(
+                        "NP002",
+                        doc,
+                        ("requested_modality", modality),
+                        f"requested_modality {modality}: a value set id; got {describe(vs_id)}",
+                        key=False,
+                    )
         bound = meta.get("modality_bound_injectates")
-        what = "modality_bound_injectates: a mapping of injectate category to the modality (or list of modalities) it is used with"
+        what = (
+            "modality_bound_injectates: a mapping of injectate category to the modality (or list of modalities) it is used with"
+        )
         if bound is not None and not isinstance(bound, dict):
             self.error("NP002", doc, ("modality_bound_injectates",), f"{what}; got {describe(bound)}", key=False)
         elif bound is not None:
@@ -278,19 +337,42 @@ class Builder(RuleChecks):
             for category, modalities_of in bound.items():
                 bpath = ("modality_bound_injectates", category)
                 if category not in categories:
-                    self.error("NP002", doc, bpath, f"modality_bound_injectates: {category!r} is not one of {', '.join(categories)}{suggest(category, categories)}")
+                    self.error(
+                        "NP002",
+                        doc,
+                        bpath,
+                        f"modality_bound_injectates: {category!r} is not one of "
+                        f"{', '.join(categories)}{suggest(category, categories)}",
+                    )
                     continue
                 listed = [modalities_of] if isinstance(modalities_of, str) else modalities_of
                 what = f"modality_bound_injectates {category}"
                 if not isinstance(listed, list) or not listed:
-                    self.error("NP002", doc, bpath, f"{what}: a modality or a non-empty list of modalities; got {describe(modalities_of)}", key=False)
+                    self.error(
+                        "NP002",
+                        doc,
+                        bpath,
+                        f"{what}: a modality or a non-empty list of modalities; got {describe(modalities_of)}",
+                        key=False,
+                    )
                     continue
                 for i, modality in enumerate(listed):
-                    self.enum(doc, bpath + ((i,) if isinstance(modalities_of, list) else ()), modality, fmt.MODALITY.values("preferred"), what)
+                    self.enum(
+                        doc,
+                        bpath + ((i,) if isinstance(modalities_of, list) else ()),
+                        modality,
+                        fmt.MODALITY.values("preferred"),
+                        what,
+                    )
 
     def check_requested_modality(self) -> None:
         doc = self.sources.meta
-        if doc is None or not doc.loaded or not isinstance(doc.value, dict) or not isinstance(doc.value.get("requested_modality"), dict):
+        if (
+            doc is None
+            or not doc.loaded
+            or not isinstance(doc.value, dict)
+            or not isinstance(doc.value.get("requested_modality"), dict)
+        ):
             return
         for modality, vs_id in doc.value["requested_modality"].items():
             if isinstance(vs_id, str):
@@ -301,20 +383,42 @@ class Builder(RuleChecks):
     def check_parameters(self, doc: Document) -> None:
         raw = doc.value if doc.value is not None else {}
         if not isinstance(raw, dict):
-            self.error("NP002", doc, (), f"parameters.yaml is a mapping of parameter name to its definition; got {describe(raw)}", key=False)
+            self.error(
+                "NP002",
+                doc,
+                (),
+                f"parameters.yaml is a mapping of parameter name to its definition; got {describe(raw)}",
+                key=False,
+            )
             return
         for name, spec in raw.items():
             path = (name,)
             what = f"parameter {name}"
             if not isinstance(name, str) or not fmt.PARAM_NAME.match(name):
-                self.error("NP002", doc, path, f"{what}: parameter names are identifiers (letters, digits, underscores), so that rules can write ${name}")
+                self.error(
+                    "NP002",
+                    doc,
+                    path,
+                    f"{what}: parameter names are identifiers (letters, digits, underscores), so that rules can write ${name}",
+                )
             elif name in fmt.RESERVED_NAMES:
-                self.error("NP002", doc, path, f"{what}: {name!r} is reserved by the engine ({', '.join(fmt.RESERVED_NAMES)}); choose another name")
+                self.error(
+                    "NP002",
+                    doc,
+                    path,
+                    f"{what}: {name!r} is reserved by the engine ({', '.join(fmt.RESERVED_NAMES)}); choose another name",
+                )
             if not self.mapping(doc, path, spec, fmt.PARAMETER, what):
                 continue
             value = spec.get("value")
             if "value" in spec and not (isinstance(value, (str, bool)) or number(value)):
-                self.error("NP002", doc, path + ("value",), f"{what}: value must be a number, text or true/false; got {describe(value)}", key=False)
+                self.error(
+                    "NP002",
+                    doc,
+                    path + ("value",),
+                    f"{what}: value must be a number, text or true/false; got {describe(value)}",
+                    key=False,
+                )
             self.check_scalars(doc, path, spec, fmt.PARAMETER, what)
             allowed = spec.get("allowed")
             if "allowed" in spec:
@@ -322,9 +426,17 @@ class Builder(RuleChecks):
                     self.error("NP002", doc, path + ("allowed",), f"{what}: allowed is a non-empty list of values", key=False)
                     allowed = None
                 elif "value" in spec and value not in allowed:
-                    self.error("NP002", doc, path + ("value",), f"{what}: value {value!r} is not one of the allowed values {allowed}", key=False)
+                    self.error(
+                        "NP002",
+                        doc,
+                        path + ("value",),
+                        f"{what}: value {value!r} is not one of the allowed values {allowed}",
+                        key=False,
+                    )
             if "value" in spec and isinstance(name, str):
-                self.params[name] = ParamEntry(name, value, value, tuple(allowed) if isinstance(allowed, list) else None, doc, path, spec)
+                self.params[name] = ParamEntry(
+                    name, value, value, tuple(allowed) if isinstance(allowed, list) else None, doc, path, spec
+                )
 
     # -- site overlay --
 
@@ -341,7 +453,13 @@ class Builder(RuleChecks):
         if params is None:
             return
         if not isinstance(params, dict):
-            self.error("NP002", doc, ("parameters",), f"overlay parameters is a mapping of parameter name to value; got {describe(params)}", key=False)
+            self.error(
+                "NP002",
+                doc,
+                ("parameters",),
+                f"overlay parameters is a mapping of parameter name to value; got {describe(params)}",
+                key=False,
+            )
             return
         for name, value in params.items():
             ppath = ("parameters", name)
@@ -352,9 +470,22 @@ class Builder(RuleChecks):
             default = param.default
             same_type = (number(default) and number(value)) or (type(value) is type(default))
             if not same_type:
-                self.error("NP014", doc, ppath, f"parameter {name}: expected {'a number' if number(default) else type(default).__name__} like {default!r}; got {describe(value)}", key=False)
+                self.error(
+                    "NP014",
+                    doc,
+                    ppath,
+                    f"parameter {name}: expected {'a number' if number(default) else type(default).__name__} like {default!r}; "
+                    f"got {describe(value)}",
+                    key=False,
+                )
             elif param.allowed is not None and value not in param.allowed:
-                self.error("NP014", doc, ppath, f"parameter {name}: {value!r} is not one of the allowed values {list(param.allowed)}", key=False)
+                self.error(
+                    "NP014",
+                    doc,
+                    ppath,
+                    f"parameter {name}: {value!r} is not one of the allowed values {list(param.allowed)}",
+                    key=False,
+                )
             else:
                 self.values[name] = value
                 param.value, param.layer = value, self.overlay_name
@@ -366,7 +497,13 @@ class Builder(RuleChecks):
             return
         raw = doc.value if doc.value is not None else {}
         if not isinstance(raw, dict):
-            self.error("NP002", doc, (), f"a value-set file is a mapping of value set id to its definition; got {describe(raw)}", key=False)
+            self.error(
+                "NP002",
+                doc,
+                (),
+                f"a value-set file is a mapping of value set id to its definition; got {describe(raw)}",
+                key=False,
+            )
             return
         for vs_id, spec in raw.items():
             path = (vs_id,)
@@ -385,7 +522,9 @@ class Builder(RuleChecks):
             groups = spec.get("groups")
             if groups is not None:
                 if not isinstance(groups, dict) or not groups:
-                    self.error("NP002", doc, path + ("groups",), f"{what}: groups is a mapping of group name to code lists", key=False)
+                    self.error(
+                        "NP002", doc, path + ("groups",), f"{what}: groups is a mapping of group name to code lists", key=False
+                    )
                 else:
                     vs.has_groups = True
                     for gname, gspec in groups.items():
@@ -395,12 +534,24 @@ class Builder(RuleChecks):
 
     def _code_lists(self, doc: Document, path: tuple, spec: Any, vs: ValueSetEntry, what: str) -> None:
         if not isinstance(spec, dict):
-            self.error("NP002", doc, path, f"{what}: codes are a mapping of code system to a list of codes; got {describe(spec)}", key=False)
+            self.error(
+                "NP002",
+                doc,
+                path,
+                f"{what}: codes are a mapping of code system to a list of codes; got {describe(spec)}",
+                key=False,
+            )
             return
         for system, entry in spec.items():
             spath = path + (system,)
             if system not in CODE_SYSTEMS:
-                self.error("NP002", doc, spath, f"{what}: unknown code system {system!r}{suggest(system, CODE_SYSTEMS)}; use one of {', '.join(CODE_SYSTEMS)}")
+                self.error(
+                    "NP002",
+                    doc,
+                    spath,
+                    f"{what}: unknown code system {system!r}{suggest(system, CODE_SYSTEMS)}; use one of "
+                    f"{', '.join(CODE_SYSTEMS)}",
+                )
                 continue
             lists: list[tuple[tuple, Any, bool]] = []
             if isinstance(entry, list):
@@ -411,11 +562,22 @@ class Builder(RuleChecks):
                     lists.append((spath + ("codes",), entry["codes"], False))
                 if "prefixes" in entry:
                     if system not in PREFIX_SYSTEMS:
-                        self.error("NP002", doc, spath + ("prefixes",), f"{what}: prefix matching is only meaningful for {', '.join(PREFIX_SYSTEMS)}, not {system}")
+                        self.error(
+                            "NP002",
+                            doc,
+                            spath + ("prefixes",),
+                            f"{what}: prefix matching is only meaningful for {', '.join(PREFIX_SYSTEMS)}, not {system}",
+                        )
                     else:
                         lists.append((spath + ("prefixes",), entry["prefixes"], True))
             else:
-                self.error("NP002", doc, spath, f"{what} {system}: a list of codes, or {{codes: [...], prefixes: [...]}}; got {describe(entry)}", key=False)
+                self.error(
+                    "NP002",
+                    doc,
+                    spath,
+                    f"{what} {system}: a list of codes, or {{codes: [...], prefixes: [...]}}; got {describe(entry)}",
+                    key=False,
+                )
                 continue
             for lpath, items, prefix in lists:
                 if not isinstance(items, list):
@@ -424,7 +586,9 @@ class Builder(RuleChecks):
                 vs.code_lists.append((lpath, system, prefix))
                 for i, item in enumerate(items):
                     if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-                        self.error("NP006", doc, lpath + (i,), f"{what}: a {system} code is text; got {describe(item)}", key=False)
+                        self.error(
+                            "NP006", doc, lpath + (i,), f"{what}: a {system} code is text; got {describe(item)}", key=False
+                        )
                         continue
                     code = match_key(system, str(item))  # as records are looked up, so L03.115 covers L03115
                     (vs.prefixes.setdefault(system, []).append(code) if prefix else vs.codes.setdefault(system, set()).add(code))
@@ -434,7 +598,13 @@ class Builder(RuleChecks):
     def check_observations(self, doc: Document) -> None:
         raw = doc.value if doc.value is not None else {}
         if not isinstance(raw, dict):
-            self.error("NP002", doc, (), f"observations.yaml is a mapping of concept id to its definition; got {describe(raw)}", key=False)
+            self.error(
+                "NP002",
+                doc,
+                (),
+                f"observations.yaml is a mapping of concept id to its definition; got {describe(raw)}",
+                key=False,
+            )
             return
         claimed: dict[str, tuple[str, tuple]] = {}
         for cid, spec in raw.items():
@@ -447,19 +617,40 @@ class Builder(RuleChecks):
             self.check_scalars(doc, path, spec, fmt.CONCEPT, what)
             codes = spec.get("codes")
             if "codes" in spec and (not isinstance(codes, list) or not codes):
-                self.error("NP002", doc, path + ("codes",), f"{what}: codes is a non-empty list of system#code, e.g. [loinc#6301-6]", key=False)
+                self.error(
+                    "NP002",
+                    doc,
+                    path + ("codes",),
+                    f"{what}: codes is a non-empty list of system#code, e.g. [loinc#6301-6]",
+                    key=False,
+                )
             for i, item in enumerate(codes if isinstance(codes, list) else []):
                 ipath = path + ("codes", i)
                 if not isinstance(item, str) or "#" not in item:
-                    self.error("NP006", doc, ipath, f"{what}: write each code as system#code, e.g. loinc#6301-6; got {describe(item)}", key=False)
+                    self.error(
+                        "NP006",
+                        doc,
+                        ipath,
+                        f"{what}: write each code as system#code, e.g. loinc#6301-6; got {describe(item)}",
+                        key=False,
+                    )
                     continue
                 system = item.partition("#")[0]
                 if system not in CODE_SYSTEMS:
-                    self.error("NP006", doc, ipath, f"{what}: unknown code system {system!r}{suggest(system, CODE_SYSTEMS)}", key=False)
+                    self.error(
+                        "NP006", doc, ipath, f"{what}: unknown code system {system!r}{suggest(system, CODE_SYSTEMS)}", key=False
+                    )
                     continue
                 if item in claimed:
                     other, opath = claimed[item]
-                    self.error("NP015", doc, ipath, f"{what}: {item} already belongs to concept {other} (line {doc.pos(opath, key=False)[0]}); a code names one concept", key=False)
+                    self.error(
+                        "NP015",
+                        doc,
+                        ipath,
+                        f"{what}: {item} already belongs to concept {other} (line {doc.pos(opath, key=False)[0]}); a code names "
+                        "one concept",
+                        key=False,
+                    )
                 else:
                     claimed[item] = (str(cid), ipath)
             unit = spec.get("unit")
@@ -470,33 +661,92 @@ class Builder(RuleChecks):
             display_units = self.unit_conversions(doc, path, spec, "display_units", unit, what)
             for u in units or {}:
                 if isinstance(u, str) and not fmt.UCUM_TEXT.fullmatch(u):
-                    self.error("NP002", doc, path + ("units", u), f"{what}: {u!r} is not a UCUM code (those are ASCII without spaces); list it under display_units")
+                    self.error(
+                        "NP002",
+                        doc,
+                        path + ("units", u),
+                        f"{what}: {u!r} is not a UCUM code (those are ASCII without spaces); list it under display_units",
+                    )
             for u, conv in (display_units or {}).items():
                 if not isinstance(u, str):
                     continue
                 if u != u.strip():
-                    self.error("NP002", doc, path + ("display_units", u), f"{what}: display unit {u!r}: display text is matched with surrounding spaces removed, so write it without them")
+                    self.error(
+                        "NP002",
+                        doc,
+                        path + ("display_units", u),
+                        f"{what}: display unit {u!r}: display text is matched with surrounding spaces removed, so write it "
+                        "without them",
+                    )
                 if units and u in units:
                     if units[u] != conv:
-                        self.error("NP002", doc, path + ("display_units", u), f"{what}: display unit {u!r} is also a UCUM code of this concept converting by {units[u]!r}; one text cannot mean two things")
+                        self.error(
+                            "NP002",
+                            doc,
+                            path + ("display_units", u),
+                            f"{what}: display unit {u!r} is also a UCUM code of this concept converting by {units[u]!r}; one "
+                            "text cannot mean two things",
+                        )
                     else:
-                        self.warn("NP015", doc, path + ("display_units", u), f"{what}: display unit {u!r} is already accepted as a UCUM code written as text; drop it here")
+                        self.warn(
+                            "NP015",
+                            doc,
+                            path + ("display_units", u),
+                            f"{what}: display unit {u!r} is already accepted as a UCUM code written as text; drop it here",
+                        )
             if display_units and unit is None:
-                self.error("NP002", doc, path + ("display_units",), f"{what}: display units need a canonical unit; without unit: the concept is read as coded and numeric values are set aside")
+                self.error(
+                    "NP002",
+                    doc,
+                    path + ("display_units",),
+                    f"{what}: display units need a canonical unit; without unit: the concept is read as coded and numeric "
+                    "values are set aside",
+                )
             if unit is not None:
                 if not units or unit not in units:
-                    self.error("NP002", doc, path + ("unit",), f"{what}: the canonical unit {unit!r} is not among the accepted units, so every value in it would be set aside as unit-unknown", key=False)
+                    self.error(
+                        "NP002",
+                        doc,
+                        path + ("unit",),
+                        f"{what}: the canonical unit {unit!r} is not among the accepted units, so every value in it would be "
+                        "set aside as unit-unknown",
+                        key=False,
+                    )
                 elif units[unit] != 1:
-                    self.error("NP002", doc, path + ("units", unit), f"{what}: the canonical unit {unit!r} must be an accepted UCUM code with factor 1; got {describe(units[unit])}", key=False)
+                    self.error(
+                        "NP002",
+                        doc,
+                        path + ("units", unit),
+                        f"{what}: the canonical unit {unit!r} must be an accepted UCUM code with factor 1; got "
+                        f"{describe(units[unit])}",
+                        key=False,
+                    )
             elif units:
-                self.error("NP002", doc, path + ("units",), f"{what}: accepted units need a canonical unit; without unit: the concept is read as coded and numeric values are set aside")
+                self.error(
+                    "NP002",
+                    doc,
+                    path + ("units",),
+                    f"{what}: accepted units need a canonical unit; without unit: the concept is read as coded and numeric "
+                    "values are set aside",
+                )
             plausible = spec.get("plausible")
             pl: tuple[float, float] | None = None
             if plausible is not None:
-                if isinstance(plausible, list) and len(plausible) == 2 and all(number(x) for x in plausible) and plausible[0] < plausible[1]:
+                if (
+                    isinstance(plausible, list)
+                    and len(plausible) == 2
+                    and all(number(x) for x in plausible)
+                    and plausible[0] < plausible[1]
+                ):
                     pl = (plausible[0], plausible[1])
                 else:
-                    self.error("NP002", doc, path + ("plausible",), f"{what}: plausible is [low, high] with low < high, in the canonical unit; got {plausible!r}", key=False)
+                    self.error(
+                        "NP002",
+                        doc,
+                        path + ("plausible",),
+                        f"{what}: plausible is [low, high] with low < high, in the canonical unit; got {plausible!r}",
+                        key=False,
+                    )
             valid = not any(d.severity == ERROR for d in self.diagnostics[before:])
             self.concepts[cid] = ConceptEntry(str(cid), doc, path, unit, pl, spec, valid)
 
@@ -507,16 +757,36 @@ class Builder(RuleChecks):
         if conversions is None:
             return None
         if not isinstance(conversions, dict):
-            self.error("NP002", doc, path + (key,), f"{what}: {key} is a mapping of accepted unit to a factor or a named conversion", key=False)
+            self.error(
+                "NP002",
+                doc,
+                path + (key,),
+                f"{what}: {key} is a mapping of accepted unit to a factor or a named conversion",
+                key=False,
+            )
             return None
         for u, conv in conversions.items():
             if not isinstance(u, str) or not u:
                 self.error("NP002", doc, path + (key, u), f"{what}: a unit in {key} is non-empty text; got {describe(u)}")
             if isinstance(conv, str):
                 if conv not in UNIT_CONVERSIONS:
-                    self.error("NP002", doc, path + (key, u), f"{what}: unknown conversion {conv!r}{suggest(conv, UNIT_CONVERSIONS)}; known: {', '.join(UNIT_CONVERSIONS)}", key=False)
+                    self.error(
+                        "NP002",
+                        doc,
+                        path + (key, u),
+                        f"{what}: unknown conversion {conv!r}{suggest(conv, UNIT_CONVERSIONS)}; known: "
+                        f"{', '.join(UNIT_CONVERSIONS)}",
+                        key=False,
+                    )
             elif not number(conv) or not 0 < conv < math.inf:
-                self.error("NP002", doc, path + (key, u), f"{what}: unit {u}: a positive factor to {unit or 'the canonical unit'} or a named conversion; got {describe(conv)}", key=False)
+                self.error(
+                    "NP002",
+                    doc,
+                    path + (key, u),
+                    f"{what}: unit {u}: a positive factor to {unit or 'the canonical unit'} or a named conversion; got "
+                    f"{describe(conv)}",
+                    key=False,
+                )
         return conversions
 
     # -- aggregates.yaml --
@@ -524,7 +794,13 @@ class Builder(RuleChecks):
     def check_aggregates(self, doc: Document) -> None:
         raw = doc.value if doc.value is not None else {}
         if not isinstance(raw, dict):
-            self.error("NP002", doc, (), f"aggregates.yaml is a mapping of summary field name to its definition; got {describe(raw)}", key=False)
+            self.error(
+                "NP002",
+                doc,
+                (),
+                f"aggregates.yaml is a mapping of summary field name to its definition; got {describe(raw)}",
+                key=False,
+            )
             return
         for name, spec in raw.items():
             path = (name,)
@@ -533,7 +809,12 @@ class Builder(RuleChecks):
             if not isinstance(name, str) or not fmt.ALIAS.match(name):
                 self.error("NP002", doc, path, f"{what}: summary field names are lower-case identifiers")
             elif name in fmt.RESERVED_NAMES:
-                self.error("NP002", doc, path, f"{what}: {name!r} is reserved by the engine ({', '.join(fmt.RESERVED_NAMES)}); choose another name")
+                self.error(
+                    "NP002",
+                    doc,
+                    path,
+                    f"{what}: {name!r} is reserved by the engine ({', '.join(fmt.RESERVED_NAMES)}); choose another name",
+                )
             agg = AggregateEntry(str(name), doc, path, "count", 0, spec=spec)
             self.aggregates[name] = agg
             if not self.mapping(doc, path, spec, fmt.AGGREGATE, what):
@@ -546,12 +827,20 @@ class Builder(RuleChecks):
                 kind = spec["count"]
                 kinds = fmt.AGGREGATE.key("count").schema["enum"]
                 if not isinstance(kind, str) or kind not in kinds:
-                    self.error("NP005", doc, path + ("count",), f"{what}: unknown fact kind {kind!r}{suggest(kind, kinds)}; count one of {', '.join(kinds)}", key=False)
+                    self.error(
+                        "NP005",
+                        doc,
+                        path + ("count",),
+                        f"{what}: unknown fact kind {kind!r}{suggest(kind, kinds)}; count one of {', '.join(kinds)}",
+                        key=False,
+                    )
                     continue
                 where = spec.get("where")
                 tests = self.check_body(doc, path + ("where",), kind, where, set(), what)
                 if tests is not None:
-                    agg.patterns.append(PatternEntry(Pattern(str(name), kind, tuple(tests)), doc, path + ("where",), path + ("where",), what))
+                    agg.patterns.append(
+                        PatternEntry(Pattern(str(name), kind, tuple(tests)), doc, path + ("where",), path + ("where",), what)
+                    )
             else:
                 if "where" in spec:
                     self.error("NP001", doc, path + ("where",), f"{what}: where goes with count; criteria are whole patterns")
@@ -563,7 +852,13 @@ class Builder(RuleChecks):
                 for i, criterion in enumerate(criteria):
                     cpath = path + ("criteria", i)
                     if isinstance(criterion, dict) and "not" in criterion:
-                        self.error("NP002", doc, cpath + ("not",), f"{what}: criterion {i} is negated, but aggregates count facts that match their criteria, so the negation would be ignored")
+                        self.error(
+                            "NP002",
+                            doc,
+                            cpath + ("not",),
+                            f"{what}: criterion {i} is negated, but aggregates count facts that match their criteria, so the "
+                            "negation would be ignored",
+                        )
                         continue
                     pat = self.check_pattern(doc, cpath, criterion, f"{name}_{i}", set(), f"{what} criterion {i}")
                     if pat is not None:
@@ -581,6 +876,7 @@ class Builder(RuleChecks):
 
     def assemble(self) -> RuleSet:
         s = self.sources
+        assert s.meta is not None  # without ruleset.yaml the rule set has an NP000 error and is not assembled
         meta = s.meta.value or {}
         rs_id = meta["id"]
         params = {
@@ -600,7 +896,13 @@ class Builder(RuleChecks):
         value_sets = {vs_id: _value_set(vs_id, vs.spec) for vs_id, vs in self.value_sets.items()}
         observations = {cid: _concept(cid, c.spec) for cid, c in self.concepts.items()}
         aggregates = tuple(
-            Aggregate(a.name, tuple(p.pattern for p in a.patterns), "criteria" if a.mode == "criteria" else ("distinct_groups" if a.spec.get("distinct_groups_of") else "count"), a.spec.get("distinct_groups_of"), a.spec["description"])
+            Aggregate(
+                a.name,
+                tuple(p.pattern for p in a.patterns),
+                "criteria" if a.mode == "criteria" else ("distinct_groups" if a.spec.get("distinct_groups_of") else "count"),
+                a.spec.get("distinct_groups_of"),
+                a.spec["description"],
+            )
             for a in self.aggregates.values()
         )
         rules = tuple(assemble_rule(entry, self.sources.rule_source(entry.doc, entry.path[0])) for entry in self.rules)
@@ -609,7 +911,10 @@ class Builder(RuleChecks):
         digest_input["rules"] = [raw for _, raw in documents.get("rules") or []]
         digest_input["parameters_in_force"] = {n: p.value for n, p in sorted(params.items())}
         overlay_name = self.overlay_name if s.overlay is not None else ""
-        bound = {category: tuple(dict.fromkeys([m] if isinstance(m, str) else m)) for category, m in (meta.get("modality_bound_injectates") or {}).items()}
+        bound = {
+            category: tuple(dict.fromkeys([m] if isinstance(m, str) else m))
+            for category, m in (meta.get("modality_bound_injectates") or {}).items()
+        }
         return RuleSet(
             id=rs_id,
             version=meta["version"],

@@ -77,7 +77,8 @@ KIND_DOCS = {
     "patient": "The patient (one fact): age in completed years, sex.",
     "condition": "An active condition; test its code by value set.",
     "medication": "An active medication; test its code by value set.",
-    "observation": "The newest usable result per concept (observations.yaml), in the concept's canonical unit; age_days is its age.",
+    "observation": "The newest usable result per concept (observations.yaml), "
+        "in the concept's canonical unit; age_days is its age.",
     "allergy": "A recorded allergy; severity is mild, moderate, severe or unknown.",
     "prior_injection": "A completed injection: days_ago, target, same_target, same_side, agents by value set.",
     "planned_surgery": "A planned procedure: days_until, ipsilateral, code by value set.",
@@ -217,7 +218,8 @@ RULESET = Record(
                 "type": "object",
                 "propertyNames": {"enum": list(INJECTATE_CATEGORIES)},
                 "additionalProperties": {"oneOf": [_MODALITY, {"type": "array", "items": _MODALITY, "minItems": 1}]},
-                "description": "Injectate category -> the modality (or modalities) it is only used with, e.g. IODINATED_CONTRAST: FLUOROSCOPY."
+                "description": "Injectate category -> the modality (or modalities) it is only used with, e.g. "
+                    "IODINATED_CONTRAST: FLUOROSCOPY."
                 " A decision whose modality avoids or does not retain them does not suggest the injectate.",
             },
             values=INJECTATE_CATEGORIES,
@@ -232,7 +234,9 @@ PARAMETER = Record(
         Key("unit", {"type": ["string", "null"], "description": "UCUM unit"}),
         Key(
             "provenance",
-            enum(PROVENANCE_TAGS, "V published and read, V2 secondary, R recalled, C local convention (needs sign-off), P payer."),
+            enum(
+                PROVENANCE_TAGS, "V published and read, V2 secondary, R recalled, C local convention (needs sign-off), P payer."
+            ),
             required=True,
             values=PROVENANCE_TAGS,
         ),
@@ -249,7 +253,15 @@ VALUE_SET = Record(
     (
         Key("title", NONBLANK, required=True),
         Key("codes", {"$ref": "#/$defs/codeLists"}),
-        Key("groups", {"type": "object", "minProperties": 1, "additionalProperties": {"$ref": "#/$defs/codeLists"}, "description": "Named members (e.g. one per agent); the value set is their union."}),
+        Key(
+            "groups",
+            {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {"$ref": "#/$defs/codeLists"},
+                "description": "Named members (e.g. one per agent); the value set is their union.",
+            },
+        ),
         Key("source", {"type": "string"}),
         Key("note", {"type": "string"}),
     ),
@@ -264,15 +276,29 @@ CONCEPT = Record(
     "observation concept",
     (
         Key("title", NONBLANK, required=True),
-        Key("codes", {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": _SYSTEM_CODE}, "description": "system#code, e.g. loinc#6301-6"}, required=True),
-        Key("unit", {"type": "string", "description": "Canonical unit that rules compare in; omit for coded results."}, checked=False),
+        Key(
+            "codes",
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "pattern": _SYSTEM_CODE},
+                "description": "system#code, e.g. loinc#6301-6",
+            },
+            required=True,
+        ),
+        Key(
+            "unit",
+            {"type": "string", "description": "Canonical unit that rules compare in; omit for coded results."},
+            checked=False,
+        ),
         Key(
             "units",
             {
                 "type": "object",
                 "propertyNames": {"pattern": "^[!-~]+$"},
                 "additionalProperties": _CONVERSION,
-                "description": "Accepted UCUM codes, matched exactly (case-sensitive), each with its factor to the canonical unit or a named conversion.",
+                "description": "Accepted UCUM codes, matched exactly (case-sensitive), each with its factor to the canonical "
+                    "unit or a named conversion.",
             },
         ),
         Key(
@@ -281,10 +307,20 @@ CONCEPT = Record(
                 "type": "object",
                 "propertyNames": {"minLength": 1, "pattern": "^\\S(.*\\S)?$"},
                 "additionalProperties": _CONVERSION,
-                "description": "Free-text units as lab reports show them (FHIR Quantity.unit, e.g. K/uL), read only for a value without a UCUM code; list only text that cannot mean anything else for the concept.",
+                "description": "Free-text units as lab reports show them (FHIR Quantity.unit, e.g. K/uL), read only for a value "
+                    "without a UCUM code; list only text that cannot mean anything else for the concept.",
             },
         ),
-        Key("plausible", {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "number"}, "description": "[low, high] in the canonical unit; values outside are set aside."}),
+        Key(
+            "plausible",
+            {
+                "type": "array",
+                "minItems": 2,
+                "maxItems": 2,
+                "items": {"type": "number"},
+                "description": "[low, high] in the canonical unit; values outside are set aside.",
+            },
+        ),
     ),
 )
 
@@ -295,13 +331,31 @@ AGGREGATE = Record(
     (
         Key("count", enum(_COUNTABLE, "Count facts of this kind that pass where."), checked=False),  # NP005
         Key("where", {"type": ["object", "null"]}),
-        Key("criteria", {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/positivePattern"}, "description": "Count the patterns that match at least one fact."}),
-        Key("distinct_groups_of", {"type": "string", "description": "Count the distinct groups of this value set the matching facts fall into."}, checked=False),  # NP003
+        Key(
+            "criteria",
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/$defs/positivePattern"},
+                "description": "Count the patterns that match at least one fact.",
+            },
+        ),
+        Key(
+            "distinct_groups_of",
+            {"type": "string", "description": "Count the distinct groups of this value set the matching facts fall into."},
+            checked=False,
+        ),  # NP003
         Key("description", NONBLANK, required=True),
     ),
     extra={
         "oneOf": [{"required": ["count"]}, {"required": ["criteria"]}],
-        "allOf": [{"if": {"required": ["count"], "properties": {"count": {"const": kind}}}, "then": {"properties": {"where": {"$ref": f"#/$defs/fields-{kind}"}}}} for kind in _COUNTABLE],
+        "allOf": [
+            {
+                "if": {"required": ["count"], "properties": {"count": {"const": kind}}},
+                "then": {"properties": {"where": {"$ref": f"#/$defs/fields-{kind}"}}},
+            }
+            for kind in _COUNTABLE
+        ],
     },
 )
 
@@ -334,8 +388,24 @@ DEFERRAL = Record(
 THEN = Record(
     "then",
     (
-        Key("modality", {"description": "Resolved by rule precedence; every avoid accumulates.", "type": "object", "minProperties": 1, **{k: v for k, v in MODALITY.schema().items() if k != "type"}}),
-        Key("injectates", {"description": "Per category the most restrictive recommendation wins.", "type": "array", "minItems": 1, "items": INJECTATE.schema()}),
+        Key(
+            "modality",
+            {
+                "description": "Resolved by rule precedence; every avoid accumulates.",
+                "type": "object",
+                "minProperties": 1,
+                **{k: v for k, v in MODALITY.schema().items() if k != "type"},
+            },
+        ),
+        Key(
+            "injectates",
+            {
+                "description": "Per category the most restrictive recommendation wins.",
+                "type": "array",
+                "minItems": 1,
+                "items": INJECTATE.schema(),
+            },
+        ),
         Key("deferral", DEFERRAL.schema()),
         Key("caution", text("A caution code, e.g. PLATELETS_BORDERLINE.")),
         Key("missing_data", text("A missing-data code; may name {alias.field}.")),
@@ -355,17 +425,52 @@ EVIDENCE = Record(
 RULE = Record(
     "rule",
     (
-        Key("id", {"type": "string", "pattern": RULE_ID.pattern, "description": "Upper-case words joined by hyphens, e.g. DEF-INR-HIGH."}, required=True, hint="a rule id: upper-case words joined by hyphens, e.g. DEF-INR-HIGH"),
-        Key("version", {"type": "string", "pattern": SEMVER.pattern, "description": "Semantic version of this rule."}, required=True, hint=SEMVER_HINT),
+        Key(
+            "id",
+            {
+                "type": "string",
+                "pattern": RULE_ID.pattern,
+                "description": "Upper-case words joined by hyphens, e.g. DEF-INR-HIGH.",
+            },
+            required=True,
+            hint="a rule id: upper-case words joined by hyphens, e.g. DEF-INR-HIGH",
+        ),
+        Key(
+            "version",
+            {"type": "string", "pattern": SEMVER.pattern, "description": "Semantic version of this rule."},
+            required=True,
+            hint=SEMVER_HINT,
+        ),
         Key("title", NONBLANK, required=True),
         Key("category", enum(CATEGORIES), required=True, values=CATEGORIES),
         Key("precedence", {"type": "integer", "description": "Modality resolution: the higher wins (default 0)."}),
-        Key("exclusive", {"type": "boolean", "description": "When this rule fires its outcome is the whole decision: no other rule's outcome is added (default false)."}),
+        Key(
+            "exclusive",
+            {
+                "type": "boolean",
+                "description": "When this rule fires its outcome is the whole decision: "
+                    "no other rule's outcome is added (default false).",
+            },
+        ),
         Key("when", {"$ref": "#/$defs/alternative"}),
-        Key("when_any", {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/alternative"}, "description": "Alternatives; the rule fires once per alternative that holds."}),
+        Key(
+            "when_any",
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/$defs/alternative"},
+                "description": "Alternatives; the rule fires once per alternative that holds.",
+            },
+        ),
         Key("then", {"$ref": "#/$defs/then"}, required=True),
         Key("rationale", NONBLANK, required=True, missing_code="NP011", checked=False),
-        Key("evidence", {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/evidence"}}, required=True, missing_code="NP011", policy=True),
+        Key(
+            "evidence",
+            {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/evidence"}},
+            required=True,
+            missing_code="NP011",
+            policy=True,
+        ),
     ),
     extra={"oneOf": [{"required": ["when"]}, {"required": ["when_any"]}]},
 )
@@ -406,7 +511,8 @@ CODE_VOCABULARIES: dict[str, tuple[str, ...]] = {
     "np-flag": FLAGS,
 }
 CODE_SHAPES = {
-    "icd10cm": "a letter, two characters and optionally 1-4 more, with or without the dot (M16.11 or M1611; prefixes may be shorter: M16, M25.55)",
+    "icd10cm": "a letter, two characters and optionally 1-4 more, with or without the dot "
+        "(M16.11 or M1611; prefixes may be shorter: M16, M25.55)",
     "loinc": "digits, a hyphen and a check digit (6301-6)",
     "rxnorm": "an RxCUI: digits only (855332)",
     "atc": "an ATC level: B, B01, B01A, B01AA or B01AA03",

@@ -9,9 +9,10 @@ exception. Duplicate keys (which YAML silently collapses to the last) are record
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -53,7 +54,7 @@ class Document:
     duplicates: list[Duplicate] = field(default_factory=list, repr=False)
 
     @classmethod
-    def plain(cls, rel: str, value: Any) -> "Document":
+    def plain(cls, rel: str, value: Any) -> Document:
         return cls(file="", rel=rel, value=value, loaded=True)
 
     def pos(self, path: Iterable, *, key: bool = True) -> tuple[int, int]:
@@ -144,7 +145,7 @@ def _key(node: yaml.Node, loader: Any) -> Any:
             return key
         except Exception:  # noqa: BLE001 - an unhashable or odd key is named by its text
             return node.value
-    return f"<{node.id} key>"
+    return f"<{'sequence' if isinstance(node, yaml.SequenceNode) else 'mapping'} key>"  # the node's id
 
 
 def _index(doc: Document, node: yaml.Node, path: tuple, loader: Any, active: set[int]) -> None:
@@ -160,7 +161,9 @@ def _index(doc: Document, node: yaml.Node, path: tuple, loader: Any, active: set
             if text is not None and text != "<<":
                 if text in seen:
                     earlier = seen[text]
-                    doc.duplicates.append(Duplicate(path + (text,), knode.start_mark.line + 1, knode.start_mark.column + 1, earlier.line + 1))
+                    doc.duplicates.append(
+                        Duplicate(path + (text,), knode.start_mark.line + 1, knode.start_mark.column + 1, earlier.line + 1)
+                    )
                 seen[text] = knode.start_mark
             key = _key(knode, loader)
             doc.keys[path + (key,)] = (knode.start_mark.line, knode.start_mark.column)

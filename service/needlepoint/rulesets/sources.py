@@ -16,9 +16,10 @@ that travels between processes and that the rule-set digest is computed over.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .reader import Document, read_file
 
@@ -95,10 +96,14 @@ def read_sources(directory: Path, *, overlay: Path | None = None, shown: str | P
     sources.rules = [read(f"rules/{p.name}") for p in sorted((root / "rules").glob("*.yaml"))]
     for p in sorted(root.iterdir()):
         if p.is_file() and p.suffix in (".yaml", ".yml") and p.name not in KNOWN_FILES:
-            sources.ignored.append((str(base / p.name), f"{p.name} is not a rule-set file ({', '.join(KNOWN_FILES)}); the loader ignores it"))
+            sources.ignored.append(
+                (str(base / p.name), f"{p.name} is not a rule-set file ({', '.join(KNOWN_FILES)}); the loader ignores it")
+            )
     for sub in ("valuesets", "rules"):
         for p in sorted((root / sub).glob("*.yml")):
-            sources.ignored.append((str(base / sub / p.name), f"only *.yaml files are read: {sub}/{p.name} is ignored; rename it to {p.stem}.yaml"))
+            sources.ignored.append(
+                (str(base / sub / p.name), f"only *.yaml files are read: {sub}/{p.name} is ignored; rename it to {p.stem}.yaml")
+            )
     return sources
 
 
@@ -121,5 +126,7 @@ def sources_of(documents: dict[str, Any], *, overlay: dict[str, Any] | None = No
         doc.value.append(raw)
         sources.rule_sources[id(doc)].append(source)
     if overlay is not None:
-        sources.overlay = Document.plain(overlay_name or "overlay", {"site": overlay_name, "parameters": overlay} if overlay_name else {"parameters": overlay})
+        sources.overlay = Document.plain(
+            overlay_name or "overlay", {"site": overlay_name, "parameters": overlay} if overlay_name else {"parameters": overlay}
+        )
     return sources

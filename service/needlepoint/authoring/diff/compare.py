@@ -71,7 +71,9 @@ def ruleset_changes(old: RuleSet, new: RuleSet) -> RulesetChanges:
         po, pn = old.params.get(name), new.params.get(name)
         if po is None or pn is None or po.value != pn.value:
             changes.parameters.append(
-                ParamChange(name, po.value if po else None, pn.value if pn else None, po.layer if po else None, pn.layer if pn else None)
+                ParamChange(
+                    name, po.value if po else None, pn.value if pn else None, po.layer if po else None, pn.layer if pn else None
+                )
             )
     old_rules, new_rules = {r.id: r for r in old.rules}, {r.id: r for r in new.rules}
     changes.rules_added = [r for r in new_rules if r not in old_rules]
@@ -196,9 +198,20 @@ def firing_diffs(old: dict, new: dict, order: dict[str, int]) -> list[FiringDiff
         else:
             mo, mn = _matched(before[rid]), _matched(after[rid])
             if set(mo) != set(mn):
-                diffs.append(FiringDiff(rid, "matched facts differ", tuple(m for m in mo if m not in mn), tuple(m for m in mn if m not in mo)))
+                diffs.append(
+                    FiringDiff(
+                        rid, "matched facts differ", tuple(m for m in mo if m not in mn), tuple(m for m in mn if m not in mo)
+                    )
+                )
             elif before[rid].get("overriddenBy") != after[rid].get("overriddenBy"):
-                diffs.append(FiringDiff(rid, "overridden differently", tuple(before[rid].get("overriddenBy", ())), tuple(after[rid].get("overriddenBy", ()))))
+                diffs.append(
+                    FiringDiff(
+                        rid,
+                        "overridden differently",
+                        tuple(before[rid].get("overriddenBy", ())),
+                        tuple(after[rid].get("overriddenBy", ())),
+                    )
+                )
     return diffs
 
 
@@ -221,7 +234,9 @@ def rule_fields(ruleset: RuleSet) -> dict[str, set[str]]:
     return out
 
 
-def compare(old: dict, new: dict, order: dict[str, int], affected: frozenset[str], rule_fields: dict[str, set[str]]) -> tuple[list[Change], list[FiringDiff]]:
+def compare(
+    old: dict, new: dict, order: dict[str, int], affected: frozenset[str], rule_fields: dict[str, set[str]]
+) -> tuple[list[Change], list[FiringDiff]]:
     """Field-by-field changes between two decisions, each with the rules responsible, and the
     rules that fired differently."""
     firings = firing_diffs(old, new, order)
@@ -243,5 +258,7 @@ def compare(old: dict, new: dict, order: dict[str, int], affected: frozenset[str
             rules = [r for r in behind if r in suspects]
             if not rules:  # the item's own rules did not change: whatever did and can touch the field
                 rules = [r for r in sorted(suspects, key=lambda r: order.get(r, len(order))) if name in rule_fields.get(r, ())]
-            changes.append(Change(name, item, vo, vn, tuple(sorted(rules or behind, key=lambda r: (order.get(r, len(order)), r)))))
+            changes.append(
+                Change(name, item, vo, vn, tuple(sorted(rules or behind, key=lambda r: (order.get(r, len(order)), r))))
+            )
     return changes, firings

@@ -64,7 +64,15 @@ def scan(root: Path, jobs: int) -> tuple[list[list[WorkItem]], list[tuple[str, s
     skipped: list[tuple[str, str]] = []
     for path, rel in input_files(root):
         suffix = path.suffix.lower()
-        kind = "json" if suffix in JSON_SUFFIXES else "yaml" if suffix in YAML_SUFFIXES else "ndjson" if suffix in NDJSON_SUFFIXES else None
+        kind = (
+            "json"
+            if suffix in JSON_SUFFIXES
+            else "yaml"
+            if suffix in YAML_SUFFIXES
+            else "ndjson"
+            if suffix in NDJSON_SUFFIXES
+            else None
+        )
         if kind is None:
             skipped.append((rel, "not an input format (.json, .yaml, .yml, .ndjson, .jsonl)"))
             continue
@@ -189,4 +197,6 @@ def _looks_like_cases(path: Path) -> bool:
         content = load_yaml(path)
     except (OSError, UnicodeDecodeError, YAMLSyntaxError):
         return False
-    return isinstance(content, list) and any(isinstance(c, dict) and "name" in c and ("patient" in c or "expect" in c) for c in content)
+    return isinstance(content, list) and any(
+        isinstance(c, dict) and "name" in c and ("patient" in c or "expect" in c) for c in content
+    )

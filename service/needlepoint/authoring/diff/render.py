@@ -27,7 +27,10 @@ def to_json(report: DiffReport) -> dict:
         if o.as_of:
             out["asOf"] = o.as_of
         if o.changes:
-            out["changes"] = [{"field": c.field, "item": c.item, "old": value(c.old), "new": value(c.new), "rules": list(c.rules)} for c in o.changes]
+            out["changes"] = [
+                {"field": c.field, "item": c.item, "old": value(c.old), "new": value(c.new), "rules": list(c.rules)}
+                for c in o.changes
+            ]
         if o.firings:
             out["firings"] = [{"rule": f.rule, "how": f.how, "old": list(f.old), "new": list(f.new)} for f in o.firings]
         if o.status == "error":
@@ -39,7 +42,10 @@ def to_json(report: DiffReport) -> dict:
         "old": version(report.old),
         "new": version(report.new),
         "rulesetChanges": {
-            "parameters": [{"name": p.name, "old": p.old, "new": p.new, "oldLayer": p.old_layer, "newLayer": p.new_layer} for p in ch.parameters],
+            "parameters": [
+                {"name": p.name, "old": p.old, "new": p.new, "oldLayer": p.old_layer, "newLayer": p.new_layer}
+                for p in ch.parameters
+            ],
             "rulesAdded": ch.rules_added,
             "rulesRemoved": ch.rules_removed,
             "rulesModified": ch.rules_modified,
@@ -61,12 +67,20 @@ def to_json(report: DiffReport) -> dict:
             "skippedFiles": len(report.skipped),
             "fields": report.field_counts(),
         },
-        "transitions": [{"field": f, "item": i, "old": value(o), "new": value(n), "cases": k} for f, i, o, n, k in report.transitions()],
+        "transitions": [
+            {"field": f, "item": i, "old": value(o), "new": value(n), "cases": k} for f, i, o, n, k in report.transitions()
+        ],
         "rules": [
-            {"rule": s.rule, "title": s.title, "firedDifferently": s.fired_differently, "how": dict(s.how),
-             "decisionsChanged": s.decisions_changed, "fields": dict(s.fields)}
+            {
+                "rule": s.rule,
+                "title": s.title,
+                "firedDifferently": s.fired_differently,
+                "how": dict(s.how),
+                "decisionsChanged": s.decisions_changed,
+                "fields": dict(s.fields),
+            }
             for s in report.by_rule()
-        ],  # fmt: skip
+        ],
         "changed": [case(o) for o in report.changed],
         "firingsOnly": [case(o) for o in report.of("firings")],
         "errors": [case(o) for o in report.of("error")],
@@ -90,8 +104,12 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n:,} {word if n == 1 else (plural or word + 's')}"
 
 
-_HOW = {"old only": "fired only under OLD", "new only": "fired only under NEW",
-        "matched facts differ": "fired under both, on different facts", "overridden differently": "overridden differently"}  # fmt: skip
+_HOW = {
+    "old only": "fired only under OLD",
+    "new only": "fired only under NEW",
+    "matched facts differ": "fired under both, on different facts",
+    "overridden differently": "overridden differently",
+}
 
 
 def headline(report: DiffReport) -> str:
@@ -123,7 +141,11 @@ def _ruleset_change_lines(report: DiffReport) -> list[tuple[str, str]]:
         lines.append(("parameter", f"{p.name}: {old} → {new}"))
     for kind, ids in (("rule added", ch.rules_added), ("rule removed", ch.rules_removed), ("rule edited", ch.rules_modified)):
         lines += [(kind, f"{rid}: {report.titles.get(rid, '')}") for rid in ids]
-    for kind, names in (("value set changed", ch.value_sets), ("observation concept changed", ch.observations), ("aggregate changed", ch.aggregates)):
+    for kind, names in (
+        ("value set changed", ch.value_sets),
+        ("observation concept changed", ch.observations),
+        ("aggregate changed", ch.aggregates),
+    ):
         lines += [(kind, name) for name in names]
     return lines
 
@@ -195,7 +217,9 @@ def render_markdown(report: DiffReport, *, max_cases: int | None = None) -> str:
         add("| Rule | Title | Decisions changed | Fields changed | Fired differently | How |")
         add("|---|---|---:|---|---:|---|")
         for s in rules:
-            fields_text = ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            fields_text = (
+                ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            )
             how = "; ".join(f"{_HOW[h]} ({k:,})" for h, k in s.how.most_common()) or "—"
             add(f"| `{s.rule}` | {_md(s.title)} | {s.decisions_changed:,} | {fields_text} | {s.fired_differently:,} | {how} |")
         add("")
@@ -266,7 +290,9 @@ def _md_firings(firings: list[FiringDiff]) -> list[str]:
         elif f.how == "new only":
             line += f"; it matched {_md('; '.join(f.new))}" if f.new else ""
         elif f.how == "matched facts differ":
-            line += f"; only under OLD: {_md('; '.join(f.old) or 'nothing')}; only under NEW: {_md('; '.join(f.new) or 'nothing')}"
+            line += (
+                f"; only under OLD: {_md('; '.join(f.old) or 'nothing')}; only under NEW: {_md('; '.join(f.new) or 'nothing')}"
+            )
         else:
             line += f"; OLD by {_md_rules(f.old)}, NEW by {_md_rules(f.new)}"
         lines.append(line)
@@ -276,14 +302,19 @@ def _md_firings(firings: list[FiringDiff]) -> list[str]:
 
 # HTML
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:76em;color:#1d2330;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #d8dde6;padding-bottom:.2em}h3{font-size:1em;margin:1.4em 0 .4em}
-table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #d8dde6;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f1f3f7}td.n{text-align:right;font-variant-numeric:tabular-nums}code{font:12px ui-monospace,Menlo,Consolas,monospace}
-.old{background:#fdecea}.new{background:#e6f4ea}.headline{font-size:1.1em;font-weight:600}.muted{color:#5d6678}
-ul.facts{margin:.2em 0;padding-left:1.2em}details{margin:.3em 0}summary{cursor:pointer}
-"""
+_CSS = (
+    "\n"
+    'body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:76em;color:#1d2330;'
+    'padding:0 1em}\n'
+    "h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #d8dde6;padding-bottom:.2em}"
+    "h3{font-size:1em;margin:1.4em 0 .4em}\n"
+    "table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #d8dde6;padding:.25em .6em;text-align:left;"
+    "vertical-align:top}\n"
+    "th{background:#f1f3f7}td.n{text-align:right;font-variant-numeric:tabular-nums}"
+    "code{font:12px ui-monospace,Menlo,Consolas,monospace}\n"
+    ".old{background:#fdecea}.new{background:#e6f4ea}.headline{font-size:1.1em;font-weight:600}.muted{color:#5d6678}\n"
+    "ul.facts{margin:.2em 0;padding-left:1.2em}details{margin:.3em 0}summary{cursor:pointer}\n"
+)
 
 
 def _h(value: Any) -> str:
@@ -300,7 +331,10 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     out: list[str] = []
     add = out.append
     title = f"Rule-set diff: {o.id} {o.version} → {n.id} {n.version}"
-    add(f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title><style>{_CSS}</style></head><body>')
+    add(
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title>'
+        f"<style>{_CSS}</style></head><body>"
+    )
     add(f"<h1>{_h(title)}</h1>")
     add("<table><tr><th></th><th>Rule set</th><th>Version</th><th>Layers</th><th>Digest</th><th>From</th></tr>")
     for name, v in (("OLD", o), ("NEW", n)):
@@ -326,15 +360,23 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
         out += [f'<tr><td>{_h(name)}</td><td class="n">{count:,}</td></tr>' for name, count in fields.items()]
         add("</table>")
         add("<table><tr><th>Field</th><th>Item</th><th>OLD</th><th>NEW</th><th>Cases</th></tr>")
-        out += [f'<tr><td>{_h(f)}</td><td>{_h(i)}</td><td class="old">{_h(a)}</td><td class="new">{_h(b)}</td><td class="n">{k:,}</td></tr>'
-                for f, i, a, b, k in report.transitions()]  # fmt: skip
+        out += [
+            f'<tr><td>{_h(f)}</td><td>{_h(i)}</td><td class="old">{_h(a)}</td><td class="new">{_h(b)}</td>'
+            f'<td class="n">{k:,}</td></tr>'
+            for f, i, a, b, k in report.transitions()
+        ]
         add("</table>")
     rules = report.by_rule()
     if rules:
         add("<h2>By rule</h2>")
-        add("<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th><th>Fired differently</th><th>How</th></tr>")
+        add(
+            "<table><tr><th>Rule</th><th>Title</th><th>Decisions changed</th><th>Fields changed</th>"
+            "<th>Fired differently</th><th>How</th></tr>"
+        )
         for s in rules:
-            fields_text = ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            fields_text = (
+                ", ".join(f"{f} ({k:,})" for f, k in sorted(s.fields.items(), key=lambda fk: FIELDS.index(fk[0]))) or "—"
+            )
             how = "; ".join(f"{_HOW[h]} ({k:,})" for h, k in s.how.most_common()) or "—"
             add(f'<tr><td><code>{_h(s.rule)}</code></td><td>{_h(s.title)}</td><td class="n">{s.decisions_changed:,}</td>'
                 f'<td>{_h(fields_text)}</td><td class="n">{s.fired_differently:,}</td><td>{_h(how)}</td></tr>')  # fmt: skip
@@ -347,8 +389,11 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
             if c.as_of:
                 add(f'<p class="muted">As of {_h(c.as_of)}.</p>')
             add("<table><tr><th>Field</th><th>Item</th><th>OLD</th><th>NEW</th><th>Rules responsible</th></tr>")
-            out += [f'<tr><td>{_h(x.field)}</td><td>{_h(x.item)}</td><td class="old">{_h(x.old)}</td><td class="new">{_h(x.new)}</td><td>{_h_rules(x.rules)}</td></tr>'
-                    for x in c.changes]  # fmt: skip
+            out += [
+                f'<tr><td>{_h(x.field)}</td><td>{_h(x.item)}</td><td class="old">{_h(x.old)}</td><td class="new">{_h(x.new)}</td>'
+                f"<td>{_h_rules(x.rules)}</td></tr>"
+                for x in c.changes
+            ]
             add("</table>")
             out += _html_firings(c.firings)
         if more:
@@ -367,7 +412,10 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
     if errors:
         add(f"<h2>Errors ({len(report.of('error')):,})</h2>")
         add("<table><tr><th>Case</th><th>OLD</th><th>NEW</th></tr>")
-        out += [f"<tr><td>{_h(c.case)}</td><td>{_h(c.old_error or 'evaluated')}</td><td>{_h(c.new_error or 'evaluated')}</td></tr>" for c in errors]
+        out += [
+            f"<tr><td>{_h(c.case)}</td><td>{_h(c.old_error or 'evaluated')}</td><td>{_h(c.new_error or 'evaluated')}</td></tr>"
+            for c in errors
+        ]
         add("</table>")
         if more:
             add(f"<p>… and {more:,} more.</p>")
@@ -376,8 +424,11 @@ def render_html(report: DiffReport, *, max_cases: int | None = None) -> str:
         out += [f"<li>{_h(f)}: {_h(r)}</li>" for f, r in report.skipped]
         add("</ul>")
     t = _timing(report)
-    add(f'<hr><p class="muted">{report.total:,} cases in {t["seconds"]:.2f} s on {_h(_plural(t["processes"], "process", "processes"))}; '
-        f'evaluation {t["oldMsPerCase"]:.2f} ms per case under OLD, {t["newMsPerCase"]:.2f} ms under NEW.</p>')  # fmt: skip
+    processes = _plural(t["processes"], "process", "processes")
+    add(
+        f'<hr><p class="muted">{report.total:,} cases in {t["seconds"]:.2f} s on {_h(processes)}; '
+        f'evaluation {t["oldMsPerCase"]:.2f} ms per case under OLD, {t["newMsPerCase"]:.2f} ms under NEW.</p>'
+    )
     add("</body></html>")
     return "\n".join(out) + "\n"
 

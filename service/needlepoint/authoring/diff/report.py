@@ -99,4 +99,7 @@ class DiffReport:
                 s = summary(rid)
                 s.decisions_changed += 1
                 s.fields.update(fields)
-        return sorted(rules.values(), key=lambda s: (-s.decisions_changed, -s.fired_differently, self.order.get(s.rule, len(self.order)), s.rule))
+        return sorted(
+            rules.values(),
+            key=lambda s: (-s.decisions_changed, -s.fired_differently, self.order.get(s.rule, len(self.order)), s.rule),
+        )

@@ -8,15 +8,17 @@ import datetime as dt
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from needlepoint.authoring.diff.compare import CaseOutcome, compare, rule_fields, rule_order, ruleset_changes
 from needlepoint.authoring.diff.inputs import CaseReader, WorkItem, scan
 from needlepoint.authoring.diff.report import DiffReport, VersionInfo
 from needlepoint.authoring.diff.versions import DiffError, Version, load_version
 from needlepoint.core.evaluator import Evaluator, format_instant
-from needlepoint.core.record import InjectionOrder, RecordError
+from needlepoint.core.record import InjectionOrder, PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.intake import order_from_fields
 from needlepoint.workpool import ProgressBar, can_spawn, run_pool
@@ -76,12 +78,22 @@ class Comparer:
                     result.outcomes.append(outcome)
         return result
 
-    def _compare(self, key, where, name, record, as_of, problem, result: ChunkResult) -> CaseOutcome:
+    def _compare(
+        self,
+        key: tuple,
+        where: str,
+        name: Any,
+        record: PatientRecord | None,
+        as_of: dt.datetime | None,
+        problem: str | None,
+        result: ChunkResult,
+    ) -> CaseOutcome:
         outcome = CaseOutcome(key, where, str(name or ""), format_instant(as_of) if as_of else "")
         if problem is not None:
             outcome.old_error = outcome.new_error = problem
             return outcome
-        decisions = []
+        assert record is not None and as_of is not None  # a case without a problem has both (CaseReader.cases)
+        decisions: list[dict | None] = []
         for side, evaluator in (("old", self.old), ("new", self.new)):
             started = time.perf_counter()
             try:
@@ -98,7 +110,9 @@ class Comparer:
             else:
                 result.new_seconds += elapsed
         if decisions[0] is not None and decisions[1] is not None:
-            outcome.changes, outcome.firings = compare(decisions[0], decisions[1], self.order, self.options.affected, self.rule_fields)
+            outcome.changes, outcome.firings = compare(
+                decisions[0], decisions[1], self.order, self.options.affected, self.rule_fields
+            )
         return outcome
 
 
@@ -108,7 +122,7 @@ def _comparer(state: tuple) -> Comparer:
     return Comparer(old, new, options)
 
 
-def _run_pool(chunks: list[list[WorkItem]], jobs: int, state: tuple, on_result) -> None:
+def _run_pool(chunks: list[list[WorkItem]], jobs: int, state: tuple, on_result: Callable[[ChunkResult], None]) -> None:
     """Evaluate the chunks on ``jobs`` spawned workers (:func:`needlepoint.workpool.run_pool`):
     a worker that dies costs the chunks in flight, reported as error cases."""
     run_pool(chunks, jobs, state, _comparer, on_result, lambda chunk, why: on_result(_crashed(chunk, why)))
@@ -119,7 +133,10 @@ def _version_info(version: Version, ruleset: RuleSet) -> VersionInfo:
 
 
 def _crashed(chunk: list[WorkItem], why: str) -> ChunkResult:
-    outcomes = [CaseOutcome((item.rel, item.first_line if item.kind == "ndjson" else 0), item.label, "", "", old_error=why, new_error=why) for item in chunk]
+    outcomes = [
+        CaseOutcome((item.rel, item.first_line if item.kind == "ndjson" else 0), item.label, "", "", old_error=why, new_error=why)
+        for item in chunk
+    ]
     return ChunkResult(outcomes, 0, [], sum(item.size for item in chunk))
 
 
@@ -147,16 +164,23 @@ def run_diff(
     chunks, skipped, total_bytes = scan(cases, jobs)
 
     outcomes: list[CaseOutcome] = []
-    totals = {"same": 0, "old": 0.0, "new": 0.0, "cases": 0, "changed": 0}
+    totals = {"same": 0, "cases": 0, "changed": 0}
+    seconds = {"old": 0.0, "new": 0.0}
     show = progress if progress is not None else (sys.stderr.isatty() and total_bytes >= PROGRESS_BYTES)
-    bar = ProgressBar("rules diff", total_bytes, "{task.fields[cases]:,} cases, {task.fields[changed]:,} changed", cases=0, changed=0) if show else None
+    bar = (
+        ProgressBar(
+            "rules diff", total_bytes, "{task.fields[cases]:,} cases, {task.fields[changed]:,} changed", cases=0, changed=0
+        )
+        if show
+        else None
+    )
 
     def collect(result: ChunkResult) -> None:
         outcomes.extend(result.outcomes)
         skipped.extend(result.skipped)
         totals["same"] += result.same
-        totals["old"] += result.old_seconds
-        totals["new"] += result.new_seconds
+        seconds["old"] += result.old_seconds
+        seconds["new"] += result.new_seconds
         totals["cases"] += result.same + len(result.outcomes)
         totals["changed"] += sum(1 for o in result.outcomes if o.status == "changed")
         if bar:
@@ -195,6 +219,6 @@ def run_diff(
         order=rule_order(old_rs, new_rs),
         jobs=1 if in_process else min(jobs, len(chunks)),
         seconds=time.perf_counter() - started,
-        old_seconds=totals["old"],
-        new_seconds=totals["new"],
+        old_seconds=seconds["old"],
+        new_seconds=seconds["new"],
     )

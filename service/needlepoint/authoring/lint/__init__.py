@@ -102,7 +102,7 @@ class Finding:
         return (self.file, self.line, self.column, self.code, self.message)
 
     @classmethod
-    def of(cls, d: Diagnostic) -> "Finding":
+    def of(cls, d: Diagnostic) -> Finding:
         """A diagnostic as lint shows it: the key path in brackets after the message."""
         return cls(d.code, d.severity, d.file, d.line, d.column, d.message + (f" [{d.key_path}]" if d.key_path else ""))
 
@@ -131,8 +131,19 @@ def lint(path: Path, *, overlay: Path | None = None) -> list[Finding]:
 
 @click.command(name="lint")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A site overlay (site: name, parameters: {...}) to check, and to check the rules under.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="One line per finding, or a JSON document.")
+@click.option(
+    "--overlay",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A site overlay (site: name, parameters: {...}) to check, and to check the rules under.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="One line per finding, or a JSON document.",
+)
 @click.option("--strict", is_flag=True, help="Fail (exit 1) on warnings too.")
 def command(path: Path, overlay: Path | None, fmt: str, strict: bool) -> None:
     """Static checks of the rule set in PATH: schema, references, code shapes, rules that can
@@ -144,10 +155,24 @@ def command(path: Path, overlay: Path | None, fmt: str, strict: bool) -> None:
     warnings = len(findings) - errors
     if fmt == "json":
         summary = {"errors": errors, "warnings": warnings, "files": report.files, "rules": report.rules}
-        click.echo(json.dumps({"path": str(path), "overlay": str(overlay) if overlay else None, "findings": [asdict(f) for f in findings], "summary": summary}, indent=2, ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                {
+                    "path": str(path),
+                    "overlay": str(overlay) if overlay else None,
+                    "findings": [asdict(f) for f in findings],
+                    "summary": summary,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     else:
         for f in findings:
             click.echo(str(f))
         plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
-        click.echo(f"{plural(errors, 'error')}, {plural(warnings, 'warning')} in {path} ({plural(report.rules, 'rule')}, {plural(report.files, 'file')})")
+        click.echo(
+            f"{plural(errors, 'error')}, {plural(warnings, 'warning')} in {path} ({plural(report.rules, 'rule')}, "
+            f"{plural(report.files, 'file')})"
+        )
     raise click.exceptions.Exit(1 if errors or (strict and warnings) else 0)

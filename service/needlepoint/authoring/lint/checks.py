@@ -9,8 +9,9 @@ ignores (NP001 warnings).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import combinations
-from typing import Any, Iterable
+from typing import Any
 
 from needlepoint.core.conditions import FieldTest, ParamRef
 from needlepoint.core.ruleset import RECOMMENDATIONS
@@ -78,7 +79,17 @@ class Linter(Semantics):
         for doc in self.sources.all_documents():
             for dup in doc.duplicates:
                 self.diagnostics.append(
-                    Diagnostic("NP015", ERROR, doc.file, dup.line, dup.column, doc.rel, "", f"duplicate key {dup.path[-1]!r}: it is already given at line {dup.earlier_line}, and YAML keeps only the last one")
+                    Diagnostic(
+                        "NP015",
+                        ERROR,
+                        doc.file,
+                        dup.line,
+                        dup.column,
+                        doc.rel,
+                        "",
+                        f"duplicate key {dup.path[-1]!r}: it is already given at line {dup.earlier_line}, "
+                        "and YAML keeps only the last one",
+                    )
                 )
         for file, message in self.sources.ignored:
             self.file_warning("NP001", file, message)
@@ -101,11 +112,24 @@ class Linter(Semantics):
                     code = str(raw)
                     text = vs.doc.scalar_text(path)
                     if not isinstance(raw, str) and text is not None and text != code:
-                        self.error("NP006", vs.doc, path, f"{shown}: {system} code {text} is read by YAML as the number {code}; quote it: '{text}'", key=False)
+                        self.error(
+                            "NP006",
+                            vs.doc,
+                            path,
+                            f"{shown}: {system} code {text} is read by YAML as the number {code}; quote it: '{text}'",
+                            key=False,
+                        )
                         continue
                     problem = check_code(system, code, prefix=prefix)
                     if problem is not None:
-                        self.add("NP006", problem[0], vs.doc, path, f"{shown}: {system} {'prefix' if prefix else 'code'} {code!r}: {problem[1]}", key=False)
+                        self.add(
+                            "NP006",
+                            problem[0],
+                            vs.doc,
+                            path,
+                            f"{shown}: {system} {'prefix' if prefix else 'code'} {code!r}: {problem[1]}",
+                            key=False,
+                        )
         for concept in self.concepts.values():
             codes = concept.spec.get("codes") if isinstance(concept.spec, dict) else None
             for i, item in enumerate(codes if isinstance(codes, list) else []):
@@ -114,7 +138,14 @@ class Linter(Semantics):
                 system, _, code = item.partition("#")
                 problem = check_code(system, code)
                 if problem is not None:
-                    self.add("NP006", problem[0], concept.doc, concept.path + ("codes", i), f"observation concept {concept.id}: {system} code {code!r}: {problem[1]}", key=False)
+                    self.add(
+                        "NP006",
+                        problem[0],
+                        concept.doc,
+                        concept.path + ("codes", i),
+                        f"observation concept {concept.id}: {system} code {code!r}: {problem[1]}",
+                        key=False,
+                    )
 
     # -- NP011: every rule cites evidence --
 
@@ -130,7 +161,14 @@ class Linter(Semantics):
                     rid = raw.get("id") if isinstance(raw.get("id"), str) else None
                     what = rid or f"the rule at line {doc.pos((i,), key=False)[0]}"
                     has = "evidence" in raw
-                    self.error("NP011", doc, (i, "evidence") if has else (i,), f"{what} cites no evidence: add evidence: [{{citation: ..., strength: ...}}] (a local convention is cited as such)", key=has)
+                    self.error(
+                        "NP011",
+                        doc,
+                        (i, "evidence") if has else (i,),
+                        f"{what} cites no evidence: add evidence: [{{citation: ..., strength: ...}}] (a local convention is "
+                        "cited as such)",
+                        key=has,
+                    )
 
     # -- NP007: a value outside a field's vocabulary never matches --
 
@@ -155,7 +193,14 @@ class Linter(Semantics):
             return
         shown = f"${param} = {value!r}" if param else repr(value)
         name = VOCABULARY_NAMES[(pat.kind, fld)]
-        self.error("NP007", pat.doc, path, f"{pat.owner}: {shown} is not {article(name)} ({', '.join(vocabulary)}){suggest(value, vocabulary)}, so it can never match", key=False)
+        self.error(
+            "NP007",
+            pat.doc,
+            path,
+            f"{pat.owner}: {shown} is not {article(name)} ({', '.join(vocabulary)}){suggest(value, vocabulary)}, so it can "
+            "never match",
+            key=False,
+        )
 
     # -- NP007 --
 
@@ -173,9 +218,9 @@ class Linter(Semantics):
                 self.error("NP007", pat.doc, pat.test_path(test), prefix + message)
         for agg in self.aggregates.values():
             for pat in agg.patterns:
-                why = self.unsat(pat.kind, pat.tests)
-                if why is not None:
-                    self.error("NP007", pat.doc, pat.test_path(why[0]), f"{pat.owner} can never match: {why[1]}")
+                unsat = self.unsat(pat.kind, pat.tests)
+                if unsat is not None:
+                    self.error("NP007", pat.doc, pat.test_path(unsat[0]), f"{pat.owner} can never match: {unsat[1]}")
 
     # -- NP010 --
 
@@ -189,7 +234,11 @@ class Linter(Semantics):
                     if pat.negated:
                         continue
                     context = tuple(sorted(self._context_term(t) for t in pat.tests if self.ftype(pat.kind, t.field) != "number"))
-                    fields = dict.fromkeys(t.field for t in pat.tests if self.ftype(pat.kind, t.field) == "number" and t.op in ("eq", "gt", "gte", "lt", "lte"))
+                    fields = dict.fromkeys(
+                        t.field
+                        for t in pat.tests
+                        if self.ftype(pat.kind, t.field) == "number" and t.op in ("eq", "gt", "gte", "lt", "lte")
+                    )
                     for fld in fields:
                         integer = pat.kind == "summary" or (pat.kind, fld) in INTEGER_FIELDS
                         num = self.numeric(t for t in pat.tests if t.field == fld)
@@ -209,7 +258,9 @@ class Linter(Semantics):
                     continue  # nested: a stricter threshold inside a wider one (caution, then deferral)
                 if integer:
                     relation = "meet" if ib.lo == ia.hi + 1 else ("gap" if ib.lo > ia.hi + 1 else "overlap")
-                    between = Interval(ia.hi + 1, True, ib.lo - 1, True) if relation == "gap" else Interval(ib.lo, True, ia.hi, True)
+                    between = (
+                        Interval(ia.hi + 1, True, ib.lo - 1, True) if relation == "gap" else Interval(ib.lo, True, ia.hi, True)
+                    )
                 elif ia.hi < ib.lo or (ia.hi == ib.lo and not ia.hi_in and not ib.lo_in):
                     relation, between = "gap", Interval(ia.hi, not ia.hi_in, ib.lo, not ib.lo_in)
                 elif ia.hi == ib.lo and ia.hi_in != ib.lo_in:
@@ -227,26 +278,43 @@ class Linter(Semantics):
                 # the band that should fit against the other.
                 if a[2].hi_test is not None and a[2].hi_test.op == "lte":
                     here, there = a, b
-                elif b[2].lo_test is not None and b[2].lo_test.op == "gt":
-                    here, there = b, a
-                elif ib.two_sided() or not ia.two_sided():
+                elif (b[2].lo_test is not None and b[2].lo_test.op == "gt") or ib.two_sided() or not ia.two_sided():
                     here, there = b, a
                 else:
                     here, there = a, b
                 here_test = here[2].lo_test if here is b else here[2].hi_test
                 there_test = there[2].hi_test if here is b else there[2].lo_test
-                axis = " ".join([kind] + [shown.split(" = ", 1)[1] for f, shown in context if f == "concept" and " = " in shown] + [fld])
+                # bands that do not nest have finite facing bounds, and numeric() notes the test of each
+                assert here_test is not None and there_test is not None
+                axis = " ".join(
+                    [kind] + [shown.split(" = ", 1)[1] for f, shown in context if f == "concept" and " = " in shown] + [fld]
+                )
                 qualifiers = [shown for f, shown in context if not (f == "concept" and " = " in shown)]
                 if qualifiers:
                     axis += f" ({', '.join(qualifiers)})"
                 values = f"{axis} = {fmt(between.lo)}" if between.lo == between.hi else f"{axis} in {between}"
                 edge = "starts at" if here is b else "ends at"
                 other_edge = "ends at" if here is b else "starts at"
-                head = f"{here[0].id} {edge} {self.show(here_test)}, but {there[0].id} ({there[0].where}) {other_edge} {self.show(there_test)}"
+                head = (
+                    f"{here[0].id} {edge} {self.show(here_test)}, but {there[0].id} ({there[0].where}) {other_edge} "
+                    f"{self.show(there_test)}"
+                )
                 if relation == "gap":
-                    self.error("NP010", here[1].doc, here[1].test_path(here_test), f"{head}: {values} matches neither band; adjacent bands must meet exactly (the same parameter, gte on one side and lt on the other)")
+                    self.error(
+                        "NP010",
+                        here[1].doc,
+                        here[1].test_path(here_test),
+                        f"{head}: {values} matches neither band; adjacent bands must meet exactly (the same parameter, gte on "
+                        "one side and lt on the other)",
+                    )
                 else:
-                    self.warn("NP010", here[1].doc, here[1].test_path(here_test), f"{head}: {values} matches both bands; adjacent bands should meet, not overlap (gte on one side, lt on the other)")
+                    self.warn(
+                        "NP010",
+                        here[1].doc,
+                        here[1].test_path(here_test),
+                        f"{head}: {values} matches both bands; adjacent bands should meet, not overlap (gte on one side, lt on "
+                        "the other)",
+                    )
 
     def _context_term(self, t: FieldTest) -> tuple[str, str]:
         """A non-numeric test, as part of the key of a band axis and as shown in messages."""
@@ -265,15 +333,26 @@ class Linter(Semantics):
         for r1, r2 in combinations(modal, 2):
             clash = self._modality_clash(r1, r2)
             if r1.precedence == r2.precedence and clash:
-                pair = next(((i, j) for i, a in enumerate(self.live_alts(r1)) for j, b in enumerate(self.live_alts(r2)) if self.alt_conflict(a + b) is None), None)
+                pair = next(
+                    (
+                        (i, j)
+                        for i, a in enumerate(self.live_alts(r1))
+                        for j, b in enumerate(self.live_alts(r2))
+                        if self.alt_conflict(a + b) is None
+                    ),
+                    None,
+                )
                 if pair is not None:
                     later, earlier = (r2, r1)
-                    at = later.path + ("precedence",) if (later.path + ("precedence",)) in later.doc.keys else later.path + ("id",)
+                    at = (
+                        later.path + ("precedence",) if (later.path + ("precedence",)) in later.doc.keys else later.path + ("id",)
+                    )
                     self.error(
                         "NP009",
                         later.doc,
                         at,
-                        f"{later.id} and {earlier.id} ({earlier.where}) both have precedence {later.precedence} and can fire together, but {clash}: the outcome then depends on file order; give one of them a higher precedence",
+                        f"{later.id} and {earlier.id} ({earlier.where}) both have precedence {later.precedence} and can fire "
+                        f"together, but {clash}: the outcome then depends on file order; give one of them a higher precedence",
                     )
         for low in modal:
             if low.preferred is None:
@@ -281,17 +360,19 @@ class Linter(Semantics):
             for high in modal:
                 if high.precedence <= low.precedence:
                     continue
-                wins = high.preferred not in (None, low.preferred) and not any(high.preferred in r.avoid and r.precedence >= high.precedence for r in modal)
-                if wins or low.preferred in high.avoid:
-                    if self.rule_implies(low, high):
-                        does = f"avoids {low.preferred}" if low.preferred in high.avoid else f"prefers {high.preferred}"
-                        self.warn(
-                            "NP008",
-                            low.doc,
-                            low.path + ("then", "modality", "preferred"),
-                            f"{low.id}'s preferred {low.preferred} never takes effect: whenever it fires, {high.id} ({high.where}, precedence {high.precedence} > {low.precedence}) fires too and {does}",
-                        )
-                        break
+                wins = high.preferred not in (None, low.preferred) and not any(
+                    high.preferred in r.avoid and r.precedence >= high.precedence for r in modal
+                )
+                if (wins or low.preferred in high.avoid) and self.rule_implies(low, high):
+                    does = f"avoids {low.preferred}" if low.preferred in high.avoid else f"prefers {high.preferred}"
+                    self.warn(
+                        "NP008",
+                        low.doc,
+                        low.path + ("then", "modality", "preferred"),
+                        f"{low.id}'s preferred {low.preferred} never takes effect: whenever it fires, {high.id} "
+                        f"({high.where}, precedence {high.precedence} > {low.precedence}) fires too and {does}",
+                    )
+                    break
 
     @staticmethod
     def _modality_clash(r1: RuleEntry, r2: RuleEntry) -> str:
@@ -306,15 +387,31 @@ class Linter(Semantics):
     def check_injectate_shadowing(self) -> None:
         rank = {rec: i for i, rec in enumerate(RECOMMENDATIONS)}
         for rule in self.rules:
-            if not rule.injectates or rule.deferral or rule.caution or rule.missing_data or rule.preferred or rule.avoid or rule.acceptable:
+            if (
+                not rule.injectates
+                or rule.deferral
+                or rule.caution
+                or rule.missing_data
+                or rule.preferred
+                or rule.avoid
+                or rule.acceptable
+            ):
                 continue
             for other in self.rules:
                 if other is rule:
                     continue
                 stronger = dict(other.injectates)
-                if all(cat in stronger and rank[stronger[cat]] > rank[rec] for cat, rec in rule.injectates) and self.rule_implies(rule, other):
+                if all(cat in stronger and rank[stronger[cat]] > rank[rec] for cat, rec in rule.injectates) and self.rule_implies(
+                    rule, other
+                ):
                     shown = ", ".join(f"{cat} {stronger[cat]}" for cat, _ in rule.injectates)
-                    self.warn("NP008", rule.doc, rule.path + ("then", "injectates"), f"{rule.id} never decides: whenever it fires, {other.id} ({other.where}) fires too and recommends {shown}, which is more restrictive")
+                    self.warn(
+                        "NP008",
+                        rule.doc,
+                        rule.path + ("then", "injectates"),
+                        f"{rule.id} never decides: whenever it fires, {other.id} ({other.where}) fires too and recommends "
+                        f"{shown}, which is more restrictive",
+                    )
                     break
 
     # -- NP012 --
@@ -341,7 +438,8 @@ class Linter(Semantics):
                     "NP012",
                     pat.doc,
                     path,
-                    f"{owner}: {pat.kind} {t.field} {t.op}: {fmt(t.operand)} is a hard-coded threshold; define it in parameters.yaml with unit, provenance and source, and write $name{hint}",
+                    f"{owner}: {pat.kind} {t.field} {t.op}: {fmt(t.operand)} is a hard-coded threshold; define it in "
+                    f"parameters.yaml with unit, provenance and source, and write $name{hint}",
                 )
 
     # -- NP013 --

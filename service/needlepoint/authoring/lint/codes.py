@@ -14,7 +14,16 @@ from needlepoint.rulesets.format import CODE_PATTERNS, CODE_SHAPES, CODE_VOCABUL
 
 def article(phrase: str) -> str:
     """The phrase with its indefinite article (by sound for the code-system names)."""
-    an = phrase[:1].lower() in "aeiou" or phrase.split(" ")[0] in ("icd10cm", "rxnorm", "snomed", "np-target", "np-intent", "np-injectate", "np-flag", "np-obs")
+    an = phrase[:1].lower() in "aeiou" or phrase.split(" ", maxsplit=1)[0] in (
+        "icd10cm",
+        "rxnorm",
+        "snomed",
+        "np-target",
+        "np-intent",
+        "np-injectate",
+        "np-flag",
+        "np-obs",
+    )
     return f"{'an' if an else 'a'} {phrase}"
 
 
@@ -83,7 +92,9 @@ def check_code(system: str, code: str, *, prefix: bool = False) -> tuple[str, st
     if system == "snomed":
         partition = code[-3:-1]
         if partition not in ("00", "10"):
-            kind = {"01": "a description", "11": "a description", "02": "a relationship", "12": "a relationship"}.get(partition, "not a concept")
+            kind = {"01": "a description", "11": "a description", "02": "a relationship", "12": "a relationship"}.get(
+                partition, "not a concept"
+            )
             return ERROR, f"partition identifier {partition} marks {kind} id; a value set lists concept ids (partition 00 or 10)"
         if not verhoeff_valid(code):
             return ERROR, "the Verhoeff check digit is wrong (a mistyped or truncated SCTID)"

@@ -8,8 +8,9 @@ conflicts, bands) are built on these. Everything works on the builder's entries
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from needlepoint.core.conditions import FACT_FIELDS, FieldTest, ParamRef
 from needlepoint.rulesets.builder import AggregateEntry, ConceptEntry, ParamEntry, PatternEntry, RuleEntry, ValueSetEntry
@@ -36,7 +37,10 @@ ALWAYS_SET = frozenset(
 )
 # Fields no prepared fact carries. Coded fields become value-set tags, never fields. The order
 # fact has no requested_modality: ruleset.yaml's requested_modality reads the order's codes.
-NEVER_SET = frozenset({(kind, f) for kind, fields in FACT_FIELDS.items() for f, t in fields.items() if t == "codes"} | {("order", "requested_modality")})
+NEVER_SET = frozenset(
+    {(kind, f) for kind, fields in FACT_FIELDS.items() for f, t in fields.items() if t == "codes"}
+    | {("order", "requested_modality")}
+)
 # Kinds with exactly one fact per evaluation (and one observation per concept, the newest).
 SINGLETON_KINDS = ("patient", "order", "summary")
 INTEGER_FIELDS = frozenset({("patient", "age_years"), ("prior_injection", "days_ago"), ("planned_surgery", "days_until")})
@@ -64,7 +68,7 @@ class Interval:
     hi: float = math.inf
     hi_in: bool = False
 
-    def __and__(self, other: "Interval") -> "Interval":
+    def __and__(self, other: Interval) -> Interval:
         if self.lo > other.lo or (self.lo == other.lo and not self.lo_in):
             lo, lo_in = self.lo, self.lo_in
         else:
@@ -81,7 +85,7 @@ class Interval:
     def has(self, x: float) -> bool:
         return (self.lo < x or (self.lo == x and self.lo_in)) and (x < self.hi or (x == self.hi and self.hi_in))
 
-    def contains(self, other: "Interval") -> bool:
+    def contains(self, other: Interval) -> bool:
         lo_ok = self.lo < other.lo or (self.lo == other.lo and (self.lo_in or not other.lo_in))
         hi_ok = self.hi > other.hi or (self.hi == other.hi and (self.hi_in or not other.hi_in))
         return lo_ok and hi_ok
@@ -89,7 +93,7 @@ class Interval:
     def two_sided(self) -> bool:
         return math.isfinite(self.lo) and math.isfinite(self.hi)
 
-    def integers(self) -> "Interval":
+    def integers(self) -> Interval:
         """The same set of integers, with inclusive integer ends."""
         lo = self.lo if math.isinf(self.lo) else (math.ceil(self.lo) if self.lo_in else math.floor(self.lo) + 1)
         hi = self.hi if math.isinf(self.hi) else (math.floor(self.hi) if self.hi_in else math.ceil(self.hi) - 1)
@@ -153,7 +157,7 @@ class Semantics:
     def numeric(self, tests: Iterable[FieldTest]) -> Numeric:
         num = Numeric(Interval(), None, set())
         for t in tests:
-            v = self.resolve(t.operand) if not isinstance(t.operand, tuple) else t.operand
+            v: Any = self.resolve(t.operand) if not isinstance(t.operand, tuple) else t.operand  # a value of any type
             if v is UNKNOWN or t.op == "exists":
                 continue
             if t.op == "in":
@@ -169,7 +173,12 @@ class Semantics:
                 num.excluded.add(v)
                 continue
             else:
-                bound = {"gt": Interval(v, False), "gte": Interval(v, True), "lt": Interval(hi=v, hi_in=False), "lte": Interval(hi=v, hi_in=True)}[t.op]
+                bound = {
+                    "gt": Interval(v, False),
+                    "gte": Interval(v, True),
+                    "lt": Interval(hi=v, hi_in=False),
+                    "lte": Interval(hi=v, hi_in=True),
+                }[t.op]
             before = num.iv
             num.iv = num.iv & bound
             if num.iv.lo != before.lo or num.iv.lo_in != before.lo_in:
@@ -217,7 +226,8 @@ class Semantics:
             concept = self.concept_of(tests)
             if concept is not None and concept.plausible is not None:
                 lo, hi = concept.plausible
-                return Interval(max(0, lo), True, hi, True), f"{concept.id} values outside the plausible range {fmt(lo)}-{fmt(hi)} {concept.unit or ''} are set aside".replace("  ", " ")
+                aside = f"{concept.id} values outside the plausible range {fmt(lo)}-{fmt(hi)} {concept.unit or ''} are set aside"
+                return Interval(max(0, lo), True, hi, True), aside.replace("  ", " ")
             return Interval(0, True), "observation values are never negative"
         if (kind, fld) in (("observation", "age_days"), ("patient", "age_years")):
             return Interval(0, True), f"{fld} is never negative"
@@ -239,17 +249,29 @@ class Semantics:
                 return absent[0], f"{fld} cannot both exist and not exist"
             if absent:
                 if compares:
-                    return compares[0], f"{fld} exists: false, but a missing field satisfies no comparison ({self.show(compares[0])})"
+                    return compares[
+                        0
+                    ], f"{fld} exists: false, but a missing field satisfies no comparison ({self.show(compares[0])})"
                 if (kind, fld) in ALWAYS_SET or kind == "summary":
                     return absent[0], f"every {kind} fact carries {fld}, so exists: false never holds"
                 continue
             if (kind, fld) in NEVER_SET:
                 if ftype == "codes" and present:
-                    return present[0], f"{kind}.{fld} is coded: prepared facts carry value-set tags, not the field, so exists: true never holds; test {{in: value-set}}"
+                    return (
+                        present[0],
+                        f"{kind}.{fld} is coded: prepared facts carry value-set tags, not the field, so exists: true never "
+                        "holds; test {in: value-set}",
+                    )
                 if ftype != "codes" and ts:
-                    return ts[0], f"the prepared {kind} fact never carries {fld} (requested modalities are read from the order's codes through ruleset.yaml requested_modality)"
+                    return (
+                        ts[0],
+                        f"the prepared {kind} fact never carries {fld} (requested modalities are read from the order's codes "
+                        "through ruleset.yaml requested_modality)",
+                    )
             if concept is not None and fld == "value" and concept.unit is None:
-                return ts[0], f"concept {concept.id} is coded (no unit in observations.yaml): its facts carry value_code, never value"
+                return ts[
+                    0
+                ], f"concept {concept.id} is coded (no unit in observations.yaml): its facts carry value_code, never value"
             if concept is not None and fld == "value_code" and concept.unit is not None:
                 return ts[0], f"concept {concept.id} is numeric (unit {concept.unit}): its facts carry value, never value_code"
             if not compares:
@@ -275,16 +297,18 @@ class Semantics:
         by_field: dict[str, list[FieldTest]] = {}
         for t in p_tests:
             by_field.setdefault(t.field, []).append(t)
-        for q in q_tests:
-            if not self._test_implied(kind, q, by_field.get(q.field, []), p_tests):
-                return False
-        return True
+        return all(self._test_implied(kind, q, by_field.get(q.field, []), p_tests) for q in q_tests)
 
     def _test_implied(self, kind: str, q: FieldTest, pts: list[FieldTest], all_p: list[FieldTest]) -> bool:
         compares = [t for t in pts if t.op != "exists"]
         if q.op == "exists":
             if q.operand:
-                return bool(compares) or any(t.op == "exists" and t.operand for t in pts) or (kind, q.field) in ALWAYS_SET or kind == "summary"
+                return (
+                    bool(compares)
+                    or any(t.op == "exists" and t.operand for t in pts)
+                    or (kind, q.field) in ALWAYS_SET
+                    or kind == "summary"
+                )
             return any(t.op == "exists" and not t.operand for t in pts) or (kind, q.field) in NEVER_SET
         if not compares:
             return False
@@ -295,7 +319,7 @@ class Semantics:
             dom, _ = self.domain(kind, q.field, all_p)
             iv = num.iv & dom
             iv = iv.integers() if integer else iv
-            value = self.resolve(q.operand) if not isinstance(q.operand, tuple) else q.operand
+            value: Any = self.resolve(q.operand) if not isinstance(q.operand, tuple) else q.operand
             if value is UNKNOWN:
                 return False
             if num.points is not None:
@@ -314,8 +338,8 @@ class Semantics:
                 return value in excluded or (allowed is not None and value not in allowed)
             if allowed is None:
                 return False
-            target = set(q.operand) if isinstance(q.operand, tuple) else {self.resolve(q.operand)}
-            return (allowed - excluded) <= target
+            accepted = set(q.operand) if isinstance(q.operand, tuple) else {self.resolve(q.operand)}
+            return (allowed - excluded) <= accepted
         if ftype == "codes" and q.op == "in":
             return any(t.op == "in" and self._vs_subset(t.operand, q.operand) for t in compares)
         return False
@@ -384,12 +408,17 @@ class Semantics:
                 return n, None, f"{n.alias}: there is always a {n.kind} fact, so this negation never holds"
             for p in positives:
                 if p.kind == n.kind and self.implies(p.kind, p.tests, n.tests):
-                    return n, None, f"{n.alias} negates what {p.alias} requires: every {n.kind} fact that matches {p.alias} also matches {n.alias}"
-            key = self.singleton_key(n)
-            if key in groups and len(groups[key]) > 1:
-                merged = [t for p in groups[key] for t in p.tests]
+                    return (
+                        n,
+                        None,
+                        f"{n.alias} negates what {p.alias} requires: every {n.kind} fact that matches {p.alias} also matches "
+                        f"{n.alias}",
+                    )
+            n_key = self.singleton_key(n)
+            if n_key in groups and len(groups[n_key]) > 1:
+                merged = [t for p in groups[n_key] for t in p.tests]
                 if self.implies(n.kind, merged, n.tests):
-                    return n, None, f"{n.alias} negates what {' and '.join(p.alias for p in groups[key])} require together"
+                    return n, None, f"{n.alias} negates what {' and '.join(p.alias for p in groups[n_key])} require together"
         return None
 
     def alt_implies(self, a: list[PatternEntry], b: list[PatternEntry]) -> bool:
