@@ -61,11 +61,11 @@ class Roads:
 
     def __init__(self, seed: int) -> None:
         from google.protobuf import timestamp_pb2
-        from tests.patients import random_patients
 
         from needlepoint.server import convert
         from needlepoint.server.service import Engine
         from needlepoint.v1 import decision_service_pb2, patient_pb2
+        from tests.patients import random_patients
 
         self.engine = Engine.load()
         self.evaluator = self.engine.evaluator("hip-injection")

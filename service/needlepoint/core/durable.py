@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 import durable_rules_engine as _dre
 import orjson

@@ -23,8 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .compiler import negated_patterns
 from .conditions import FACT_FIELDS, Pattern, compile_matcher, resolve_operand, tag, test_holds
@@ -504,7 +504,7 @@ class Preparer:
                 concept = concept_of_code.get((c.system, c.code))
                 if concept is not None:
                     break
-            if concept is None or (usable := usable_days.get(concept.id)) is not None and usable < 0:
+            if concept is None or ((usable := usable_days.get(concept.id)) is not None and usable < 0):
                 continue  # a concept no rule reads
             if obs.value is not None and not math.isfinite(obs.value):
                 raise RecordError(obs.source or "observation", f"{concept.title} value is not a finite number")
@@ -684,7 +684,7 @@ def _usable_days(patterns: list[Pattern], ruleset: RuleSet, params: dict) -> dic
     """Per observation concept, the age in days beyond which no pattern can match a result:
     the widest ``age_days`` bound among the patterns on that concept; None when one of them
     has no bound (any age can matter); -1 for a concept no pattern names."""
-    usable: dict[str, float | None] = {cid: -1.0 for cid in ruleset.observations}
+    usable: dict[str, float | None] = dict.fromkeys(ruleset.observations, -1.0)
     for pattern in patterns:
         if pattern.kind != "observation":
             continue

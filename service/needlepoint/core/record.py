@@ -264,7 +264,7 @@ class PatientRecord:
     flags: list[str] = field(default_factory=list)
     data_issues: list[DataIssue] = field(default_factory=list)
 
-    def with_order(self, order: InjectionOrder) -> "PatientRecord":
+    def with_order(self, order: InjectionOrder) -> PatientRecord:
         """A copy whose injection order is replaced (the CLI's --target/--side/--intent)."""
         from dataclasses import replace
 

@@ -593,7 +593,7 @@ class _Index:
             self._by_reference = self._build()
         found = self._by_reference.get(reference)
         if found is None and "/" in reference:
-            parts = reference.split("/_history/")[0].rstrip("/").split("/")
+            parts = reference.split("/_history/", maxsplit=1)[0].rstrip("/").split("/")
             found = self._by_reference.get("/".join(parts[-2:])) if len(parts) >= 2 else None
         return found
 
