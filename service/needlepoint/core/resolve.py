@@ -604,7 +604,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             if contributed:
                 contributors.append(rule.id)
             else:
-                overridden[rule.id] = [preferred_by.id] if preferred_by else [r for r in contributors]
+                overridden[rule.id] = [preferred_by.id] if preferred_by else list(contributors)
         acceptable = [m for m in acceptable if m not in avoid and m != preferred]
         if preferred:
             modality["preferred"] = preferred

@@ -353,10 +353,7 @@ def _distinct(codes: Iterable[Code]) -> list[Code]:
 
 
 def _has_code(codes: Iterable[Code], system: str, values: frozenset[str] | set[str]) -> bool:
-    for code in codes:
-        if code.system == system and code.code in values:
-            return True
-    return False
+    return any(code.system == system and code.code in values for code in codes)
 
 
 # --- dates --------------------------------------------------------------------------------------
