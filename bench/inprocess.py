@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
             "unit": "decisions per CPU second",
             "results": {
-                label: {road: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for road, v in per.items()}
+                label: {
+                    road: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for road, v in per.items()
+                }
                 for label, per in rates.items()
             },
         }

@@ -139,7 +139,12 @@ def _value_set_names(rule: Rule | None, ruleset: RuleSet) -> dict[str, str]:
     for alternative in rule.alternatives:
         for pattern in alternative:
             for test in pattern.tests:
-                if pattern.alias in names or test.op != "in" or not isinstance(test.operand, str) or test.operand not in ruleset.value_sets:
+                if (
+                    pattern.alias in names
+                    or test.op != "in"
+                    or not isinstance(test.operand, str)
+                    or test.operand not in ruleset.value_sets
+                ):
                     continue
                 title = ruleset.value_sets[test.operand].title
                 names[pattern.alias] = title[:1].lower() + title[1:] if title[1:2].islower() else title
@@ -234,7 +239,9 @@ class _Template:
         fixed = self.unknown_param is None and all(isinstance(part, str) for part in self.parts)
         self.constant = "".join(self.parts) if fixed else None  # type: ignore[arg-type]
 
-    def render(self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None, now: dt.datetime | None = None) -> str:
+    def render(
+        self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None, now: dt.datetime | None = None
+    ) -> str:
         """The text for one firing; ``now`` is the decision's instant (for ages and dates)."""
         if self.constant is not None:
             return self.constant
@@ -423,7 +430,9 @@ def _static_explanation(rule: Rule, ruleset: RuleSet) -> RuleHead:
     )
 
 
-def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resolver: Resolver, firings: list[Firing]) -> list[dict]:
+def _requested_modality_conflicts(
+    modality: dict, prepared: PreparedFacts, resolver: Resolver, firings: list[Firing]
+) -> list[dict]:
     if not modality:
         return []
     order_fact = next((f for f in prepared.facts if f["t"] == "order"), None)
@@ -436,7 +445,9 @@ def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resol
             continue
         rules = {f.rule.id: f.rule for f in firings}  # (only needed when there is a conflict)
         behind = [rid for rid in modality.get("ruleIds", []) if requested in rules[rid].then.modality.get("avoid", ())]
-        behind = behind or [rid for rid in modality.get("ruleIds", []) if resolver.plans[rid].preferred == modality.get("preferred")]
+        behind = behind or [
+            rid for rid in modality.get("ruleIds", []) if resolver.plans[rid].preferred == modality.get("preferred")
+        ]
         reasons = "; ".join(rules[rid].title[:1].lower() + rules[rid].title[1:] for rid in behind)
         suggestion = plain.words(modality["preferred"]) if modality.get("preferred") else "another modality"
         out.append(
@@ -482,7 +493,9 @@ def _instant(as_of_text: str) -> dt.datetime | None:
         return None
 
 
-def _unbound_injectates(modality: dict, by_category: dict[str, _Injectate], resolver: Resolver) -> dict[str, tuple[list[str], str, str]]:
+def _unbound_injectates(
+    modality: dict, by_category: dict[str, _Injectate], resolver: Resolver
+) -> dict[str, tuple[list[str], str, str]]:
     """Injectates bound to modalities (``modality_bound_injectates``) that the resolved modality
     leaves out: per category, the rules behind that (the ones that avoid its modalities, else the
     ones that chose the preferred modality), the note their explanations get, and the message.
@@ -505,7 +518,8 @@ def _unbound_injectates(modality: dict, by_category: dict[str, _Injectate], reso
         left_out = "is to be avoided" if avoided.issuperset(modalities) else "is not among the suggested guidance"
         what = plain.words(category)
         message = f"{what[:1].upper()}{what[1:]} is not needed: it is only used with {names}, which {left_out} for this patient."
-        note = f"{category} NOT_SUGGESTED: it is only used with {'/'.join(modalities)}, which this decision {'avoids' if avoided.issuperset(modalities) else 'does not retain'}"
+        verb = "avoids" if avoided.issuperset(modalities) else "does not retain"
+        note = f"{category} NOT_SUGGESTED: it is only used with {'/'.join(modalities)}, which this decision {verb}"
         out[category] = (behind, note, message)
     return out
 
@@ -641,7 +655,9 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         )
         for category, inj in by_category.items()
     )
-    deferral_list = sorted(deferrals.values(), key=lambda d: (d["severity"] != "HARD", d["scope"] != "PROCEDURE", d["reason"], d["scope"]))
+    deferral_list = sorted(
+        deferrals.values(), key=lambda d: (d["severity"] != "HARD", d["scope"] != "PROCEDURE", d["reason"], d["scope"])
+    )
 
     blob = orjson.dumps([ruleset.digest, as_of_text, prepared.facts], option=orjson.OPT_SORT_KEYS)
     return Decision(
@@ -649,7 +665,10 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         as_of=as_of_text,
         ruleset=resolver.ref,
         modality=Modality(
-            modality.get("preferred"), tuple(modality.get("acceptable", ())), tuple(modality.get("avoid", ())), tuple(modality["ruleIds"])
+            modality.get("preferred"),
+            tuple(modality.get("acceptable", ())),
+            tuple(modality.get("avoid", ())),
+            tuple(modality["ruleIds"]),
         )
         if modality
         else None,

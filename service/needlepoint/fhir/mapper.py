@@ -748,7 +748,11 @@ class _Mapper:
         resource, path = entry.resource, entry.path
         ended = None
         if not _ABATEMENT_KEYS.isdisjoint(resource):  # (most conditions have no abatement: one C-level check)
-            ended = _exact_instant(resource, "abatementDateTime") or _exact_instant(resource, "abatementPeriod", "end") or _exact_instant(resource, "abatementPeriod", "start")
+            ended = (
+                _exact_instant(resource, "abatementDateTime")
+                or _exact_instant(resource, "abatementPeriod", "end")
+                or _exact_instant(resource, "abatementPeriod", "start")
+            )
             if ended is None and (resource.get("abatementBoolean") is True or any(k in resource for k in _UNDATED_ABATEMENT)):
                 return  # it abated at a time that is not given
         if ended is None and _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL:
@@ -760,8 +764,14 @@ class _Mapper:
             return self._uncoded(entry, "Condition")
         # an episode is timed from an exact onset, else an exact recording date; a partial date
         # gives no interval (never guessed), though it does say the condition may exist already
-        since = _exact_instant(resource, "onsetDateTime") or _exact_instant(resource, "onsetPeriod", "start") or _exact_instant(resource, "recordedDate")
-        self.record.conditions.append(Condition(codes, entry.source, begun=_begun(resource, entry.type), since=since, ended=ended))
+        since = (
+            _exact_instant(resource, "onsetDateTime")
+            or _exact_instant(resource, "onsetPeriod", "start")
+            or _exact_instant(resource, "recordedDate")
+        )
+        self.record.conditions.append(
+            Condition(codes, entry.source, begun=_begun(resource, entry.type), since=since, ended=ended)
+        )
 
     def _medication_request(self, entry: _Entry) -> None:
         status = _get_str(entry.resource, "status", entry.path)
@@ -846,7 +856,10 @@ class _Mapper:
         elif any(key.startswith("value") for key in resource):
             kinds = ", ".join(key for key in resource if key.startswith("value"))
             concept = _concept_name(codes)
-            problem = ("value-unsupported", f"the {concept} result is given as {kinds}; only valueQuantity and valueCodeableConcept are read.")
+            problem = (
+                "value-unsupported",
+                f"the {concept} result is given as {kinds}; only valueQuantity and valueCodeableConcept are read.",
+            )
             observations.append(Observation(codes, effective, source=source, problem=problem))
         elif "component" not in resource and "hasMember" not in resource:  # panels carry no value
             reason = _codes(resource.get("dataAbsentReason"), path, "dataAbsentReason")
@@ -998,7 +1011,9 @@ class _Mapper:
             return self._uncoded(entry, "ServiceRequest")
         _, date = self._instant(entry, _OCCURRENCE_TIMES, codes)
         side = self._site(entry, order=False).side
-        self.record.planned_surgeries.append(PlannedSurgery(codes, date, side, entry.source, begun=_begun(entry.resource, entry.type)))
+        self.record.planned_surgeries.append(
+            PlannedSurgery(codes, date, side, entry.source, begun=_begun(entry.resource, entry.type))
+        )
 
     def _operation_outcome(self, entry: _Entry) -> None:
         """Errors a FHIR server or CDS client reported instead of data."""
@@ -1183,7 +1198,9 @@ def _unique(entries: Iterable[_Entry]) -> list[_Entry]:
 # --- the cheap "not for us" answer --------------------------------------------------------------
 
 NO_ORDER_PROBLEM = "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
-NOT_HIP_PROBLEM = "the draft order names no hip injection target (bodySite): it is not a hip injection order, so there is nothing to evaluate"
+NOT_HIP_PROBLEM = (
+    "the draft order names no hip injection target (bodySite): it is not a hip injection order, so there is nothing to evaluate"
+)
 
 
 def record_from_bundle_with_hip_order(bundle: JSON | bytes | str) -> PatientRecord:

@@ -91,7 +91,12 @@ _MAX_HEADS = 2_000  # rules of about twenty rule-set versions (a server keeps th
 def _head_bytes(head: core_decision.RuleHead) -> bytes:
     """The fields of an Explanation that come from its rule alone (all but outcome, matched and
     overridden_by), in the wire format (field numbers of decision.proto's Explanation)."""
-    parts = [_string(0x0A, head.rule_id), _string(0x12, head.rule_version), _string(0x1A, head.title), _string(0x22, head.category)]
+    parts = [
+        _string(0x0A, head.rule_id),
+        _string(0x12, head.rule_version),
+        _string(0x1A, head.title),
+        _string(0x22, head.category),
+    ]
     parts.append(_string(0x32, head.rationale))
     parts += [_message(0x3A, _string(0x0A, x.citation) + _string(0x12, x.strength)) for x in head.evidence]
     parts += [_message(0x4A, _string(0x0A, p.name) + _string(0x12, p.value) + _string(0x1A, p.layer)) for p in head.parameters]
