@@ -45,6 +45,7 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 
@@ -199,13 +200,14 @@ def _compile_template(template: str, ruleset: RuleSet, human: bool) -> tuple[_Pa
                 text = "{" + piece + "}"
             elif ph.param is not None and ph.param not in ruleset.params:
                 return ph.param
-            elif ph.alias is None and ph.modifier == "since":
-                parts.append(("since", float(ruleset.params[ph.param].value)))
-                continue
             elif ph.alias is None:
+                assert ph.param is not None  # a placeholder without an alias is a parameter ({$param})
+                if ph.modifier == "since":
+                    parts.append(("since", float(ruleset.params[ph.param].value)))
+                    continue
                 text = _plain_param(ruleset, ph.param) if human else _param_text(ruleset, ph.param)
             else:
-                plus = float(ruleset.params[ph.param].value) if ph.modifier == "plus" else None
+                plus = float(ruleset.params[ph.param].value) if ph.modifier == "plus" and ph.param is not None else None
                 parts.append(("fact", ph.alias, ph.field, plus))
                 continue
         if parts and isinstance(parts[-1], str):
@@ -276,7 +278,11 @@ class _Template:
         return plain_field(fact, info, fld) if self.human else field_value(fact, info, fld)
 
 
-def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[str, str | None, tuple[str, ...]], ...], ...]:
+# Per alternative of a rule, per pattern: (alias, the fixed text of a negated pattern, the fields its tests name).
+_PatternPlan = tuple[tuple[tuple[str, str | None, tuple[str, ...]], ...], ...]
+
+
+def _pattern_plan(rule: Rule) -> _PatternPlan:
     """Per alternative: each pattern's alias, the fixed text of a negated one, and the fields its
     tests name."""
     plan = []
@@ -292,7 +298,7 @@ def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[str, str | None, tuple[str, .
     return tuple(plan)
 
 
-def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> tuple[MatchedFact, ...]:
+def _matched_entries(firing: Firing, plan: _PatternPlan, prepared: PreparedFacts) -> tuple[MatchedFact, ...]:
     entries: list[MatchedFact] = []
     facts, infos = prepared.facts, prepared.info
     matched = firing.matched
@@ -353,8 +359,11 @@ def _outcome_text(rule: Rule, ruleset: RuleSet) -> str:
 
 def preferred_modality(rule: Rule, params: dict) -> str | None:
     """The modality a rule prefers, a ``$parameter`` resolved against ``params`` (name -> value):
-    the one reading of ``modality.preferred``."""
-    pref = rule.then.modality.get("preferred")
+    the one reading of ``modality.preferred``; None for a rule without a modality."""
+    modality = rule.then.modality
+    if not modality:
+        return None
+    pref = modality.get("preferred")
     if isinstance(pref, str) and pref.startswith("$"):
         return params[pref[1:]]
     return pref
@@ -365,7 +374,7 @@ class _RulePlan:
     """Everything about one rule that the resolver needs and that does not depend on the patient."""
 
     head: RuleHead  # the fixed part of its explanation
-    patterns: tuple  # _pattern_plan, for its explanation's matched facts
+    patterns: _PatternPlan  # for its explanation's matched facts
     message: _Template
     quoted: bool  # whether the decision shows its message (deferral, caution and injectate rules)
     missing_data: _Template | None  # the missing-data code it reports, if any (a raw template)
@@ -444,7 +453,9 @@ def _requested_modality_conflicts(
         if requested_tag not in tags or requested == modality.get("preferred") or requested in modality.get("acceptable", ()):
             continue
         rules = {f.rule.id: f.rule for f in firings}  # (only needed when there is a conflict)
-        behind = [rid for rid in modality.get("ruleIds", []) if requested in rules[rid].then.modality.get("avoid", ())]
+        behind = [  # (the rules behind the modality all have a modality block)
+            rid for rid in modality.get("ruleIds", []) if requested in cast(dict, rules[rid].then.modality).get("avoid", ())
+        ]
         behind = behind or [
             rid for rid in modality.get("ruleIds", []) if resolver.plans[rid].preferred == modality.get("preferred")
         ]
@@ -512,7 +523,7 @@ def _unbound_injectates(
         if inj is None or inj.level >= _NOT_SUGGESTED or retained.intersection(modalities):
             continue
         rules = [resolver.rules[rid] for rid in modality["ruleIds"]]
-        behind = [r.id for r in rules if avoided.intersection(modalities) & set(r.then.modality.get("avoid", ()))]
+        behind = [r.id for r in rules if avoided.intersection(modalities) & set(cast(dict, r.then.modality).get("avoid", ()))]
         behind = behind or [r.id for r in rules if resolver.plans[r.id].preferred == modality.get("preferred")]
         names = " or ".join(plain.words(m) for m in modalities)
         left_out = "is to be avoided" if avoided.issuperset(modalities) else "is not among the suggested guidance"
@@ -573,9 +584,10 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             c["ruleIds"].append(rid)
             c["message"][messages[rid]] = None
         codes: dict[str, None] = {}
-        if then.missing_data:
-            for pick in _picks(plan.missing_data.aliases, f):
-                code = plan.missing_data.render(f, prepared, pick)
+        missing_data = plan.missing_data  # a template exactly when the rule reports missing data
+        if missing_data is not None:
+            for pick in _picks(missing_data.aliases, f):
+                code = missing_data.render(f, prepared, pick)
                 codes[code] = None
                 m = missing.get(code)
                 if m is None:
@@ -598,7 +610,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         acceptable: list[str] = []
         contributors: list[str] = []
         for rule in mod_rules:
-            m = rule.then.modality
+            m = cast(dict, rule.then.modality)  # mod_rules: the rules with a modality
             contributed = False
             for mod in m.get("avoid", ()):
                 if mod == preferred and preferred_by is not None and preferred_by.precedence > rule.precedence:
@@ -626,7 +638,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             modality["acceptable"] = acceptable
         if avoid:
             modality["avoid"] = avoid
-        modality["ruleIds"] = sorted(contributors, key=order.get)
+        modality["ruleIds"] = sorted(contributors, key=order.__getitem__)
 
     for category, (behind, note, message) in _unbound_injectates(modality, by_category, resolver).items():
         inj = by_category[category]
