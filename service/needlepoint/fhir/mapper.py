@@ -835,14 +835,14 @@ class _Mapper:
         observations, source = self.record.observations, entry.source
         try:
             effective = self._first_instant(entry, _OBSERVATION_TIMES)
-        except _Unusable as problem:
-            observations.append(Observation(codes, None, source=source, problem=(problem.kind, problem.detail)))
+        except _Unusable as unusable:
+            observations.append(Observation(codes, None, source=source, problem=(unusable.kind, unusable.detail)))
             return
         if "valueQuantity" in resource:
             try:
                 value, unit, display = self._quantity(entry)
-            except _Unusable as problem:
-                observations.append(Observation(codes, effective, source=source, problem=(problem.kind, problem.detail)))
+            except _Unusable as unusable:
+                observations.append(Observation(codes, effective, source=source, problem=(unusable.kind, unusable.detail)))
             else:
                 observations.append(Observation(codes, effective, value, unit, source=source, unit_display=display))
         elif "valueCodeableConcept" in resource:
@@ -914,7 +914,9 @@ class _Mapper:
             if type(reaction) is not dict:
                 _fail(f"{path}.reaction[{k}]", f"expected a reaction object, found {_json_type(reaction)}")
             level = reaction.get("severity")
-            if level is not None and type(level) is not str:
+            if level is None:
+                continue
+            if type(level) is not str:
                 _get_str(reaction, "severity", f"{path}.reaction[{k}]")  # raises, naming the field
             if _SEVERITY_RANK.get(level, 0) > rank:
                 rank, severity = _SEVERITY_RANK[level], level
@@ -981,8 +983,8 @@ class _Mapper:
                         value = extension.get("valueCodeableConcept")
                         keys += _code_keys(value, f"{where}.extension[{k}].valueCodeableConcept")
                         coding = extension.get("valueCoding")
-                        if type(coding) is dict and (code := _code(coding, f"{where}.extension[{k}].valueCoding")):
-                            keys.append((code.system, code.code))
+                        if type(coding) is dict and (found := _code(coding, f"{where}.extension[{k}].valueCoding")):
+                            keys.append((found.system, found.code))
             for system, code in keys:
                 if system == "np-target":
                     targets.add(code)
