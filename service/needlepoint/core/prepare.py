@@ -25,10 +25,11 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from .compiler import negated_patterns
-from .conditions import FACT_FIELDS, Pattern, compile_matcher, resolve_operand, tag, test_holds
-from .record import Code, DataIssue, PatientRecord, RecordError
+from .conditions import FACT_FIELDS, FieldTest, Pattern, compile_matcher, resolve_operand, tag, test_holds
+from .record import Code, Condition, DataIssue, Observation, PatientRecord, RecordError, RecordItem
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
 
@@ -211,7 +212,7 @@ class _AggregatePlan:
     group_index: _CodeIndex | None = None  # distinct_groups: codes -> the groups holding them
 
 
-def in_force(item, as_of: dt.datetime) -> bool:
+def in_force(item: RecordItem, as_of: dt.datetime) -> bool:
     """Whether a record item exists and is current at ``as_of`` (UTC): it had begun or been
     written by then, and had not ended by then. An undated item keeps its status-based meaning
     (the adapter left out items whose status says they ended), so it is taken as in force.
@@ -317,7 +318,7 @@ class Preparer:
             patient["deceased"] = False
         add(patient, FactInfo("patient", "patient", {"age_years": "years"}, notes=notes, what="the patient"))
 
-        def exists(item, what: str) -> bool:
+        def exists(item: RecordItem, what: str) -> bool:
             """In force at the instant, and possible: a record that began before the patient
             was born is named and not used."""
             if not in_force(item, as_of):
@@ -369,9 +370,9 @@ class Preparer:
                 tags, label, what = described(kind, item.codes)
                 if not tags or not exists(item, kind):
                     continue
-                fact = {"t": kind, "_tags": tags}
+                fact: dict = {"t": kind, "_tags": tags}
                 # an episode is timed from its onset (else its recording); a medication from its start
-                since = item.since if kind == "condition" else item.begun
+                since = item.since if isinstance(item, Condition) else item.begun
                 if since is not None:
                     since = _utc(since)
                     fact["days_ago"] = round(_days_between(since, as_of), 4)
@@ -600,7 +601,8 @@ class Preparer:
             hits = list(filter(match, by_scope.get(scope, ())))
             if agg.mode == "distinct_groups":
                 codes = [c for f in hits for c in out.info[f["_fid"]].codes.get("code", [])]
-                met_groups = sorted(agg.group_index.labels(codes), key=agg.groups.index)  # in the value set's order
+                group_index = cast(_CodeIndex, agg.group_index)  # (set for distinct_groups)
+                met_groups = sorted(group_index.labels(codes), key=agg.groups.index)  # in the value set's order
                 summary[agg.name] = len(met_groups)
                 notes[agg.name] = ", ".join(met_groups) or "none"
             else:
@@ -615,7 +617,14 @@ class Preparer:
                 absent[prop] = True
         add(absent, FactInfo("absences", "derived from the record"))
 
-    def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue], exists) -> None:
+    def _observations(
+        self,
+        record: PatientRecord,
+        as_of: dt.datetime,
+        add: Callable[[dict, FactInfo], None],
+        issues: list[DataIssue],
+        exists: Callable[[RecordItem, str], bool],
+    ) -> None:
         """The newest result of each concept at the instant, in its canonical unit.
 
         A problem with a result older than the longest window any rule puts on its concept
@@ -623,7 +632,7 @@ class Preparer:
         readable old result is still asserted, so that an explanation can show it is too old."""
         concept_of_code = self.concept_of_code
         usable_days = self.usable_days
-        newest: dict[str, tuple[dt.datetime, object, ObservationConcept]] = {}
+        newest: dict[str, tuple[dt.datetime, Observation, ObservationConcept]] = {}
         for obs in record.observations:
             concept = None
             for c in obs.codes:
@@ -679,19 +688,20 @@ class Preparer:
             label = f"observation {cid} ({_codes_label(obs.codes)}, {_minute(when)}Z)"
             fact: dict = {"t": "observation", "concept": cid, "age_days": round(age_days, 4)}
             if concept.unit is None:
-                tags = self.index.tags("observation", "value_code", [obs.value_code])
+                value_code = cast(Code, obs.value_code)  # (a result without one was set aside above)
+                tags = self.index.tags("observation", "value_code", [value_code])
                 if tags:
                     fact["_tags"] = tags
                 info = FactInfo(
-                    label, obs.source, {"age_days": "days"}, {"value_code": [obs.value_code]}, what=concept.title, when=when
+                    label, obs.source, {"age_days": "days"}, {"value_code": [value_code]}, what=concept.title, when=when
                 )
             else:
-                fact["value"] = round(value, 4)
+                fact["value"] = round(cast(float, value), 4)  # (None only with a problem, set aside above)
                 info = FactInfo(label, obs.source, {"age_days": "days", "value": concept.unit}, what=concept.title, when=when)
             add(fact, info)
 
     @staticmethod
-    def _canonical_value(obs, concept: ObservationConcept) -> tuple[float | None, tuple[str, str] | None]:
+    def _canonical_value(obs: Observation, concept: ObservationConcept) -> tuple[float | None, tuple[str, str] | None]:
         """The value in the concept's canonical unit, or why it cannot be used: ``(value, None)``
         or ``(None, (kind, detail))``."""
         if obs.value is None:
@@ -748,6 +758,7 @@ def _aggregate_plan(agg: Aggregate, ruleset: RuleSet, params: dict) -> _Aggregat
         for p in agg.patterns
     )
     if agg.mode == "distinct_groups":
+        assert agg.distinct_groups_of is not None  # the rule-set builder sets it for this mode
         groups = ruleset.value_sets[agg.distinct_groups_of].groups
         return _AggregatePlan(agg.name, agg.mode, matchers, groups=tuple(groups), group_index=_CodeIndex(list(groups.items())))
     return _AggregatePlan(agg.name, agg.mode, matchers)
@@ -867,7 +878,7 @@ def _usable_days(patterns: list[Pattern], ruleset: RuleSet, params: dict) -> dic
     return usable
 
 
-def _inside(test, low: int, high: int, params: dict) -> bool:
+def _inside(test: FieldTest, low: int, high: int, params: dict) -> bool:
     """Whether an eq/ne test's value lies strictly inside the range (ends agree, middle differs)."""
     if test.op not in ("eq", "ne"):
         return False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # The vocabularies every road in checks against, declared once: the FHIR mapper, the typed
 # context (needlepoint.intake), the command line (--target/--side/--intent), batch and lint read
@@ -87,6 +88,20 @@ OWN_VOCABULARIES: dict[str, tuple[str, ...]] = {
 # criticality.
 ALLERGY_SEVERITIES = ("mild", "moderate", "severe")
 ALLERGY_CRITICALITIES = ("low", "high", "unable-to-assess")
+
+
+class RecordItem(Protocol):
+    """What every item of a record carries: where it came from, when it began and when it ended
+    (None: not known, or an item that does not end by date)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def begun(self) -> dt.datetime | None: ...
+
+    @property
+    def ended(self) -> dt.datetime | None: ...
 
 
 class RecordError(ValueError):
