@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
-from tests.test_cdshooks_http import fhir_search, hip_order  # noqa: E402
 
 from needlepoint.cdshooks.discovery import prefetch_templates  # noqa: E402
 from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset  # noqa: E402
 from needlepoint.v1 import decision_service_pb2  # noqa: E402
+from tests.test_cdshooks_http import fhir_search, hip_order  # noqa: E402
 
 
 def free_port() -> int:

@@ -206,9 +206,8 @@ class Corpus:
 
     @classmethod
     def load(cls, *, synthea: bool = True, seed: int = 1) -> Corpus:
-        from tests.patients import random_patients
-
         from needlepoint.intake import context_from_record
+        from tests.patients import random_patients
 
         bundles = [ORDER_BUNDLE.read_bytes()]
         if synthea and SYNTHEA.is_dir():

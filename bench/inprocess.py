@@ -61,11 +61,11 @@ class Roads:
 
     def __init__(self, seed: int) -> None:
         from google.protobuf import timestamp_pb2
-        from tests.patients import random_patients
 
         from needlepoint.server import convert
         from needlepoint.server.service import Engine
         from needlepoint.v1 import decision_service_pb2, patient_pb2
+        from tests.patients import random_patients
 
         self.engine = Engine.load()
         self.evaluator = self.engine.evaluator("hip-injection")
@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
             "unit": "decisions per CPU second",
             "results": {
-                label: {road: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for road, v in per.items()}
+                label: {
+                    road: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for road, v in per.items()
+                }
                 for label, per in rates.items()
             },
         }

@@ -81,7 +81,9 @@ def main() -> None:
                 stub.Evaluate(request, timeout=60)
                 if i in (1000, args.requests) or i % 2000 == 0:
                     marks[i] = rss_mib(worker)
-                    print(f"after {i:>6} requests: worker RSS {marks[i]:.1f} MiB ({time.monotonic() - started:.0f} s)", flush=True)
+                    print(
+                        f"after {i:>6} requests: worker RSS {marks[i]:.1f} MiB ({time.monotonic() - started:.0f} s)", flush=True
+                    )
         first, last = marks[1000], marks[args.requests]
         print(f"RSS after {args.requests:,} / after 1,000: {last / first:.3f} ({(last / first - 1) * 100:+.1f} %)")
     finally:

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the measuring stick lives with the tests
 
+from needlepoint.core.evaluator import Evaluator  # noqa: E402
+from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset  # noqa: E402
 from tests.real_records import (  # noqa: E402
     MAIN_INSTANTS,
     TRUNCATION_INSTANTS,
@@ -38,9 +40,6 @@ from tests.real_records import (  # noqa: E402
     bundle_paths,
     pregnancy_window_days,
 )
-
-from needlepoint.core.evaluator import Evaluator  # noqa: E402
-from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset  # noqa: E402
 
 EXTRA_TRUNCATION_INSTANTS = tuple(label for label in TRUNCATION_INSTANTS if label not in MAIN_INSTANTS)
 

@@ -70,11 +70,11 @@ import grpc  # noqa: E402
 import orjson  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
-from tests.bundles import not_for_us_bundle, random_bundles  # noqa: E402
-from tests.patients import AS_OF  # noqa: E402
 
 from needlepoint.rulesets import DEFAULT_RULESET, bundled_rulesets_dir, load_ruleset  # noqa: E402
 from needlepoint.v1 import decision_pb2, decision_service_pb2  # noqa: E402
+from tests.bundles import not_for_us_bundle, random_bundles  # noqa: E402
+from tests.patients import AS_OF  # noqa: E402
 
 ORDER_BUNDLE = ROOT / "tests" / "data" / "fhir" / "hip_injection_order.json"
 AS_OF_TEXT = "2025-06-02T09:00:00Z"
@@ -457,10 +457,9 @@ def in_process(quick: bool) -> tuple[str, dict[str, dict[str, float]]]:
 
 
 def _own_in_process(repeats: int) -> dict[str, dict[str, float]]:
-    from tests.patients import random_patients
-
     from needlepoint.server import convert
     from needlepoint.server.service import Engine
+    from tests.patients import random_patients
 
     engine = Engine.load()
     evaluator = engine.evaluator(DEFAULT_RULESET)

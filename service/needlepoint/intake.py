@@ -66,7 +66,9 @@ def apply_order(record: rec.PatientRecord, order: rec.InjectionOrder | None) -> 
     )
 
 
-def order_from_fields(target: str | None, side: str | None, intent: str | None, source: str = COMMAND_LINE_ORDER) -> rec.InjectionOrder | None:
+def order_from_fields(
+    target: str | None, side: str | None, intent: str | None, source: str = COMMAND_LINE_ORDER
+) -> rec.InjectionOrder | None:
     """An order made of a target, side and intent (the command line's, a batch row's), or None
     when all three are empty. The values are taken as checked by the caller (a click choice, a
     row check)."""
@@ -170,7 +172,9 @@ def timestamp_to_datetime(ts: timestamp_pb2.Timestamp, path: str) -> dt.datetime
     try:
         return ts.ToDatetime(tzinfo=dt.timezone.utc)
     except (ValueError, OverflowError):
-        raise rec.RecordError(path, "timestamp out of range (0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z, nanos 0 to 999,999,999)") from None
+        raise rec.RecordError(
+            path, "timestamp out of range (0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z, nanos 0 to 999,999,999)"
+        ) from None
 
 
 # The evaluation instants accepted: from year 1000 (the decision's ``asOf`` is written with a
@@ -283,7 +287,9 @@ def record_from_context(ctx: patient_pb2.PatientContext, path: str = "context") 
             for p, c in each(ctx.conditions, "conditions")
         ],
         medications=[
-            rec.Medication(_codes(m.codes, f"{p}.codes"), source=p, begun=_optional_time(m, "begun", p), ended=_optional_time(m, "ended", p))
+            rec.Medication(
+                _codes(m.codes, f"{p}.codes"), source=p, begun=_optional_time(m, "begun", p), ended=_optional_time(m, "ended", p)
+            )
             for p, m in each(ctx.medications, "medications")
         ],
         observations=[
@@ -383,11 +389,14 @@ def context_from_record(record: rec.PatientRecord) -> patient_pb2.PatientContext
         deceased=record.deceased,
         deceased_at=_timestamp(record.deceased_at),
         conditions=[
-            patient_pb2.Condition(codes=_codings(c.codes), begun=_timestamp(c.begun), since=_timestamp(c.since), ended=_timestamp(c.ended))
+            patient_pb2.Condition(
+                codes=_codings(c.codes), begun=_timestamp(c.begun), since=_timestamp(c.since), ended=_timestamp(c.ended)
+            )
             for c in record.conditions
         ],
         medications=[
-            patient_pb2.Medication(codes=_codings(m.codes), begun=_timestamp(m.begun), ended=_timestamp(m.ended)) for m in record.medications
+            patient_pb2.Medication(codes=_codings(m.codes), begun=_timestamp(m.begun), ended=_timestamp(m.ended))
+            for m in record.medications
         ],
         observations=[
             patient_pb2.Observation(
@@ -401,7 +410,9 @@ def context_from_record(record: rec.PatientRecord) -> patient_pb2.PatientContext
             for o in record.observations
         ],
         allergies=[
-            patient_pb2.Allergy(codes=_codings(a.codes), severity=a.severity or "", criticality=a.criticality or "", begun=_timestamp(a.begun))
+            patient_pb2.Allergy(
+                codes=_codings(a.codes), severity=a.severity or "", criticality=a.criticality or "", begun=_timestamp(a.begun)
+            )
             for a in record.allergies
         ],
         prior_injections=[
@@ -415,7 +426,9 @@ def context_from_record(record: rec.PatientRecord) -> patient_pb2.PatientContext
             for j in record.prior_injections
         ],
         planned_surgeries=[
-            patient_pb2.PlannedSurgery(codes=_codings(s.codes), date=_timestamp(s.date), side=s.side or "", begun=_timestamp(s.begun))
+            patient_pb2.PlannedSurgery(
+                codes=_codings(s.codes), date=_timestamp(s.date), side=s.side or "", begun=_timestamp(s.begun)
+            )
             for s in record.planned_surgeries
         ],
         order=_order_to_proto(record.order) if record.order else None,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 import durable_rules_engine as _dre
 import orjson
@@ -69,7 +69,13 @@ class SidPool:
     blocked on the pool would block its event loop). Evaluation is synchronous, so a process that evaluates on
     its event loop holds at most one sid at a time; only threads can hold more."""
 
-    def __init__(self, size: int = DEFAULT_POOL_SIZE, prefix: str = "np", candidates: Iterable[str] | None = None, limit: int = MAX_SESSIONS):
+    def __init__(
+        self,
+        size: int = DEFAULT_POOL_SIZE,
+        prefix: str = "np",
+        candidates: Iterable[str] | None = None,
+        limit: int = MAX_SESSIONS,
+    ):
         self._candidates = iter(candidates) if candidates is not None else (f"{prefix}-{i}" for i in itertools.count())
         self._hashes: set[int] = set()
         self._free: list[str] = []  # a stack: the last released is the next handed out

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from .compiler import compile_ruleset, rule_id_of
 from .decision import Decision
 from .durable import CompiledRules
-from .prepare import Preparer
+from .prepare import PreparedFacts, Preparer
 from .record import PatientRecord, RecordError
 from .resolve import Firing, Resolver
 from .ruleset import Rule, RuleSet
@@ -40,7 +40,9 @@ class Evaluator:
         self._rules = {r.id: r for r in ruleset.rules}
         self._engine_names: dict[str, tuple[Rule, int]] = {}  # engine rule name -> (rule, alternative)
 
-    def firings(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
+    def firings(
+        self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None
+    ) -> tuple[PreparedFacts, list[Firing]]:
         """The prepared facts and every rule that fired, before conflict resolution.
         ``checkpoint`` is called between the stages; it may raise to stop the evaluation (a caller
         whose deadline has passed)."""
@@ -49,7 +51,7 @@ class Evaluator:
             checkpoint()
         return prepared, self.run_prepared(prepared)
 
-    def run_prepared(self, prepared) -> list[Firing]:
+    def run_prepared(self, prepared: PreparedFacts) -> list[Firing]:
         """Every rule that fires on already prepared facts, with the facts each alias matched."""
         by_rule: dict[str, Firing] = {}
         names = self._engine_names
@@ -87,12 +89,16 @@ class Evaluator:
         (see :meth:`firings`)."""
         return self.decide_with_facts(record, as_of, checkpoint)[1]
 
-    def evaluate_with_facts(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
+    def evaluate_with_facts(
+        self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None
+    ) -> tuple[PreparedFacts, dict]:
         """The prepared facts and the decision's JSON (for tools that also inspect the facts)."""
         prepared, decision = self.decide_with_facts(record, as_of, checkpoint)
         return prepared, decision.to_json()
 
-    def decide_with_facts(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None):
+    def decide_with_facts(
+        self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None
+    ) -> tuple[PreparedFacts, Decision]:
         """The prepared facts and the typed decision."""
         if as_of.tzinfo is None:
             raise RecordError("asOf", "the evaluation instant needs a time zone (use UTC)")

@@ -114,7 +114,10 @@ def day(instant: dt.datetime | dt.date | None) -> str:
 
 # English month names, as strftime's %B gives them in the C locale (a table: %B costs several µs
 # a call, and would follow the process's locale into English sentences).
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December")
+_MONTHS = (
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+)  # fmt: skip
 
 
 def moment(instant: dt.datetime) -> str:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import cast
 
 from .compiler import negated_patterns
-from .conditions import FACT_FIELDS, Pattern, compile_matcher, resolve_operand, tag, test_holds
-from .record import Code, DataIssue, PatientRecord, RecordError
+from .conditions import FACT_FIELDS, FieldTest, Pattern, compile_matcher, resolve_operand, tag, test_holds
+from .record import Code, Condition, DataIssue, Observation, PatientRecord, RecordError, RecordItem
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
 
@@ -76,7 +77,9 @@ class _CodeIndex:
                     prefix.setdefault(system, {}).setdefault(pre, {})[label] = None
         self._exact = {k: tuple(v) for k, v in exact.items()}
         # system -> (the prefix lengths to try, shortest first; prefix -> labels)
-        self._prefix = {sys: (tuple(sorted({len(p) for p in d})), {p: tuple(v) for p, v in d.items()}) for sys, d in prefix.items()}
+        self._prefix = {
+            sys: (tuple(sorted({len(p) for p in d})), {p: tuple(v) for p, v in d.items()}) for sys, d in prefix.items()
+        }
 
     def labels(self, codes: list[Code]) -> list[str]:
         exact, prefix = self._exact, self._prefix
@@ -114,7 +117,10 @@ class TagIndex:
         for vs_id in ruleset.requested_modality.values():
             if vs_id not in wanted.setdefault(("order", "code"), []):
                 wanted[("order", "code")].append(vs_id)
-        self._by_field = {key: _CodeIndex([(tag(key[1], vs_id), ruleset.value_sets[vs_id]) for vs_id in vs_ids]) for key, vs_ids in wanted.items()}
+        self._by_field = {
+            key: _CodeIndex([(tag(key[1], vs_id), ruleset.value_sets[vs_id]) for vs_id in vs_ids])
+            for key, vs_ids in wanted.items()
+        }
 
     def tags(self, kind: str, fld: str, codes: list[Code]) -> list[str]:
         index = self._by_field.get((kind, fld))
@@ -206,7 +212,7 @@ class _AggregatePlan:
     group_index: _CodeIndex | None = None  # distinct_groups: codes -> the groups holding them
 
 
-def in_force(item, as_of: dt.datetime) -> bool:
+def in_force(item: RecordItem, as_of: dt.datetime) -> bool:
     """Whether a record item exists and is current at ``as_of`` (UTC): it had begun or been
     written by then, and had not ended by then. An undated item keeps its status-based meaning
     (the adapter left out items whose status says they ended), so it is taken as in force.
@@ -230,11 +236,15 @@ class Preparer:
         self.params = ruleset.param_values()
         self.index = TagIndex(ruleset)
         self.concept_of_code = {tuple(code.split("#", 1)): c for c in ruleset.observations.values() for code in c.codes}
-        self.negations = [(prop, _scope(p, self.params), compile_matcher(p, self.params)) for prop, p in negated_patterns(ruleset).items()]
+        self.negations = [
+            (prop, _scope(p, self.params), compile_matcher(p, self.params)) for prop, p in negated_patterns(ruleset).items()
+        ]
         self.aggregates = [_aggregate_plan(agg, ruleset, self.params) for agg in ruleset.aggregates]
         patterns = _all_patterns(ruleset)
         self.usable_days = _usable_days(patterns, ruleset, self.params)
-        self.age_tests = [t for p in patterns if p.kind == "patient" for t in p.tests if t.field == "age_years" and t.op in _COMPARISONS]
+        self.age_tests = [
+            t for p in patterns if p.kind == "patient" for t in p.tests if t.field == "age_years" and t.op in _COMPARISONS
+        ]
         self.signatures = _signature_plans(ruleset, self.params)
 
     def distinct(self, out: PreparedFacts) -> list[dict]:
@@ -283,7 +293,9 @@ class Preparer:
         tags_of = self.index.tags
         order = record.order
         if order is None:
-            raise RecordError("order", "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent")
+            raise RecordError(
+                "order", "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
+            )
         if not order.target:
             raise RecordError("order.target", "the injection order names no target (bodySite), so there is nothing to evaluate")
 
@@ -306,14 +318,21 @@ class Preparer:
             patient["deceased"] = False
         add(patient, FactInfo("patient", "patient", {"age_years": "years"}, notes=notes, what="the patient"))
 
-        def exists(item, what: str) -> bool:
+        def exists(item: RecordItem, what: str) -> bool:
             """In force at the instant, and possible: a record that began before the patient
             was born is named and not used."""
             if not in_force(item, as_of):
                 return False
             begun = item.begun
             if born is not None and begun is not None and _utc(begun).date() < born:
-                issues.append(DataIssue("impossible-date", what, f"A {what} record is dated {_day(_utc(begun))}, before the patient was born ({born}); it was not used.", item.source))
+                issues.append(
+                    DataIssue(
+                        "impossible-date",
+                        what,
+                        f"A {what} record is dated {_day(_utc(begun))}, before the patient was born ({born}); it was not used.",
+                        item.source,
+                    )
+                )
                 return False
             return True
 
@@ -326,7 +345,15 @@ class Preparer:
         tags = tags_of("order", "code", order.codes) + tags_of("order", "reason", order.reasons)
         if tags:
             order_fact["_tags"] = tags
-        add(order_fact, FactInfo(f"order {order.target} {order.side or '(side?)'} {order.intent or '(intent?)'}", order.source or "order", codes={"code": order.codes, "reason": order.reasons}, what="the injection order"))
+        add(
+            order_fact,
+            FactInfo(
+                f"order {order.target} {order.side or '(side?)'} {order.intent or '(intent?)'}",
+                order.source or "order",
+                codes={"code": order.codes, "reason": order.reasons},
+                what="the injection order",
+            ),
+        )
 
         # A long record repeats the same codes: their tags, label and name are worked out once.
         coded: dict[tuple, tuple[list[str], str, str]] = {}
@@ -343,9 +370,9 @@ class Preparer:
                 tags, label, what = described(kind, item.codes)
                 if not tags or not exists(item, kind):
                     continue
-                fact = {"t": kind, "_tags": tags}
+                fact: dict = {"t": kind, "_tags": tags}
                 # an episode is timed from its onset (else its recording); a medication from its start
-                since = item.since if kind == "condition" else item.begun
+                since = item.since if isinstance(item, Condition) else item.begun
                 if since is not None:
                     since = _utc(since)
                     fact["days_ago"] = round(_days_between(since, as_of), 4)
@@ -358,13 +385,28 @@ class Preparer:
                 fact = {"t": "allergy", "_tags": tags, "severity": allergy.severity or "unknown"}
                 if allergy.criticality:
                     fact["criticality"] = allergy.criticality
-                add(fact, FactInfo(f"allergy {_codes_label(allergy.codes)}", allergy.source, codes={"code": allergy.codes}, what=_plain(allergy.codes)))
+                add(
+                    fact,
+                    FactInfo(
+                        f"allergy {_codes_label(allergy.codes)}",
+                        allergy.source,
+                        codes={"code": allergy.codes},
+                        what=_plain(allergy.codes),
+                    ),
+                )
 
         self._observations(record, as_of, add, issues, exists)
 
         for inj in record.prior_injections:
             if inj.performed is None:
-                issues.append(DataIssue("date-missing", f"prior injection {_codes_label(inj.codes)}", "A prior injection has no date, so intervals cannot be measured.", inj.source))
+                issues.append(
+                    DataIssue(
+                        "date-missing",
+                        f"prior injection {_codes_label(inj.codes)}",
+                        "A prior injection has no date, so intervals cannot be measured.",
+                        inj.source,
+                    )
+                )
                 continue
             if not exists(inj, "prior injection"):
                 continue  # not yet done at the evaluation instant
@@ -375,15 +417,39 @@ class Preparer:
                 fact["target"] = inj.target
                 fact["same_target"] = inj.target == order.target
             else:
-                issues.append(DataIssue("value-missing", "prior injection target", f"A prior injection on {day} has no recorded target, so it cannot be matched to this joint.", inj.source))
+                issues.append(
+                    DataIssue(
+                        "value-missing",
+                        "prior injection target",
+                        f"A prior injection on {day} has no recorded target, so it cannot be matched to this joint.",
+                        inj.source,
+                    )
+                )
                 fact["same_target"] = False
             fact["same_side"] = _sides_overlap(inj.side, order.side)
             if inj.side is None and inj.target == order.target:
-                issues.append(DataIssue("value-missing", "prior injection side", f"A prior injection on {day} has no recorded side; it is treated as the same side.", inj.source))
+                issues.append(
+                    DataIssue(
+                        "value-missing",
+                        "prior injection side",
+                        f"A prior injection on {day} has no recorded side; it is treated as the same side.",
+                        inj.source,
+                    )
+                )
             tags = tags_of("prior_injection", "code", inj.codes) + tags_of("prior_injection", "agents", inj.agents)
             if tags:
                 fact["_tags"] = tags
-            add(fact, FactInfo(f"prior injection {inj.target or '(target?)'} {inj.side or '(side?)'} on {day}", inj.source, {"days_ago": "days"}, {"code": inj.codes, "agents": inj.agents}, what=_plain(inj.agents or inj.codes), when=performed))
+            add(
+                fact,
+                FactInfo(
+                    f"prior injection {inj.target or '(target?)'} {inj.side or '(side?)'} on {day}",
+                    inj.source,
+                    {"days_ago": "days"},
+                    {"code": inj.codes, "agents": inj.agents},
+                    what=_plain(inj.agents or inj.codes),
+                    when=performed,
+                ),
+            )
 
         for surgery in record.planned_surgeries:
             tags = tags_of("planned_surgery", "code", surgery.codes)
@@ -391,24 +457,56 @@ class Preparer:
                 continue  # not yet ordered at the evaluation instant
             if surgery.date is None:
                 if tags:  # an undated surgery matters only if a rule could be about it
-                    issues.append(DataIssue("date-missing", f"planned surgery {_codes_label(surgery.codes)}", "A planned surgery has no date, so the interval to it cannot be measured.", surgery.source))
+                    issues.append(
+                        DataIssue(
+                            "date-missing",
+                            f"planned surgery {_codes_label(surgery.codes)}",
+                            "A planned surgery has no date, so the interval to it cannot be measured.",
+                            surgery.source,
+                        )
+                    )
                 continue
             planned = _utc(surgery.date)
-            fact = {"t": "planned_surgery", "days_until": (planned.date() - today).days, "ipsilateral": _sides_overlap(surgery.side, order.side)}
+            fact = {
+                "t": "planned_surgery",
+                "days_until": (planned.date() - today).days,
+                "ipsilateral": _sides_overlap(surgery.side, order.side),
+            }
             if tags:
                 fact["_tags"] = tags
-            add(fact, FactInfo(f"planned surgery {_codes_label(surgery.codes)} on {_day(planned)} ({surgery.side or 'side?'})", surgery.source, {"days_until": "days"}, {"code": surgery.codes}, what=_plain(surgery.codes), when=planned))
+            add(
+                fact,
+                FactInfo(
+                    f"planned surgery {_codes_label(surgery.codes)} on {_day(planned)} ({surgery.side or 'side?'})",
+                    surgery.source,
+                    {"days_until": "days"},
+                    {"code": surgery.codes},
+                    what=_plain(surgery.codes),
+                    when=planned,
+                ),
+            )
 
         for injectate in record.planned_injectates:
             tags = tags_of("injectate", "code", injectate.codes)
             if tags:
-                add({"t": "injectate", "_tags": tags}, FactInfo(f"planned injectate {_codes_label(injectate.codes)}", injectate.source, codes={"code": injectate.codes}, what=_plain(injectate.codes)))
+                add(
+                    {"t": "injectate", "_tags": tags},
+                    FactInfo(
+                        f"planned injectate {_codes_label(injectate.codes)}",
+                        injectate.source,
+                        codes={"code": injectate.codes},
+                        what=_plain(injectate.codes),
+                    ),
+                )
 
         for flag in dict.fromkeys(record.flags):
             add({"t": "flag", "name": flag}, FactInfo(f"clinician flag {flag}", "flags", what=flag.replace("-", " ")))
 
         for issue in _bounded_issues(issues):
-            add({"t": "data_issue", "kind": issue.kind, "concept": issue.concept, "detail": issue.detail}, FactInfo(f"data issue ({issue.kind}) {issue.concept}", issue.source, what=issue.concept))
+            add(
+                {"t": "data_issue", "kind": issue.kind, "concept": issue.concept, "detail": issue.detail},
+                FactInfo(f"data issue ({issue.kind}) {issue.concept}", issue.source, what=issue.concept),
+            )
 
         self.derive(out)
         return out
@@ -427,20 +525,49 @@ class Preparer:
         elif record.birth_range is not None:
             earliest, latest = record.birth_range
         else:
-            issues.append(DataIssue("value-missing", "patient.birthDate", "The patient's birth date is not recorded, so age-based rules cannot apply.", "patient"))
+            issues.append(
+                DataIssue(
+                    "value-missing",
+                    "patient.birthDate",
+                    "The patient's birth date is not recorded, so age-based rules cannot apply.",
+                    "patient",
+                )
+            )
             return None
         shown = str(record.birth_date) if record.birth_date is not None else _partial_date(earliest, latest)
         if earliest > today:
-            issues.append(DataIssue("impossible-date", "patient.birthDate", f"The birth date {shown} is after the evaluation instant {today}; age-based rules cannot apply.", "patient"))
+            issues.append(
+                DataIssue(
+                    "impossible-date",
+                    "patient.birthDate",
+                    f"The birth date {shown} is after the evaluation instant {today}; age-based rules cannot apply.",
+                    "patient",
+                )
+            )
             return None
         youngest, oldest = completed_years(latest, today), completed_years(earliest, today)
         if youngest == oldest:
             patient["age_years"] = youngest
             return earliest
-        straddled = sorted({f"{t.describe()}" for t in self.age_tests if test_holds(t, {"age_years": youngest}, self.params) != test_holds(t, {"age_years": oldest}, self.params) or _inside(t, youngest, oldest, self.params)})
+        straddled = sorted(
+            {
+                f"{t.describe()}"
+                for t in self.age_tests
+                if test_holds(t, {"age_years": youngest}, self.params) != test_holds(t, {"age_years": oldest}, self.params)
+                or _inside(t, youngest, oldest, self.params)
+            }
+        )
         if straddled:
             tests = "; ".join(s.replace("age_years", "age") for s in straddled)
-            issues.append(DataIssue("age-uncertain", "patient.birthDate", f"The birth date is given only as {shown}, so the patient is {youngest} or {oldest} years old, and the rules' age limits ({tests}) fall in between; record the full birth date.", "patient"))
+            issues.append(
+                DataIssue(
+                    "age-uncertain",
+                    "patient.birthDate",
+                    f"The birth date is given only as {shown}, so the patient is {youngest} or {oldest} years old, "
+                    f"and the rules' age limits ({tests}) fall in between; record the full birth date.",
+                    "patient",
+                )
+            )
             return earliest
         patient["age_years"] = youngest
         patient["_age_note"] = f"born {shown}: {youngest} to {oldest}, the same for every age limit of the rules"
@@ -474,7 +601,8 @@ class Preparer:
             hits = list(filter(match, by_scope.get(scope, ())))
             if agg.mode == "distinct_groups":
                 codes = [c for f in hits for c in out.info[f["_fid"]].codes.get("code", [])]
-                met_groups = sorted(agg.group_index.labels(codes), key=agg.groups.index)  # in the value set's order
+                group_index = cast(_CodeIndex, agg.group_index)  # (set for distinct_groups)
+                met_groups = sorted(group_index.labels(codes), key=agg.groups.index)  # in the value set's order
                 summary[agg.name] = len(met_groups)
                 notes[agg.name] = ", ".join(met_groups) or "none"
             else:
@@ -489,7 +617,14 @@ class Preparer:
                 absent[prop] = True
         add(absent, FactInfo("absences", "derived from the record"))
 
-    def _observations(self, record: PatientRecord, as_of: dt.datetime, add, issues: list[DataIssue], exists) -> None:
+    def _observations(
+        self,
+        record: PatientRecord,
+        as_of: dt.datetime,
+        add: Callable[[dict, FactInfo], None],
+        issues: list[DataIssue],
+        exists: Callable[[RecordItem, str], bool],
+    ) -> None:
         """The newest result of each concept at the instant, in its canonical unit.
 
         A problem with a result older than the longest window any rule puts on its concept
@@ -497,14 +632,14 @@ class Preparer:
         readable old result is still asserted, so that an explanation can show it is too old."""
         concept_of_code = self.concept_of_code
         usable_days = self.usable_days
-        newest: dict[str, tuple[dt.datetime, object, ObservationConcept]] = {}
+        newest: dict[str, tuple[dt.datetime, Observation, ObservationConcept]] = {}
         for obs in record.observations:
             concept = None
             for c in obs.codes:
                 concept = concept_of_code.get((c.system, c.code))
                 if concept is not None:
                     break
-            if concept is None or (usable := usable_days.get(concept.id)) is not None and usable < 0:
+            if concept is None or ((usable := usable_days.get(concept.id)) is not None and usable < 0):
                 continue  # a concept no rule reads
             if obs.value is not None and not math.isfinite(obs.value):
                 raise RecordError(obs.source or "observation", f"{concept.title} value is not a finite number")
@@ -527,11 +662,22 @@ class Preparer:
             if obs.problem is not None:
                 if too_old:
                     continue
-                issues.append(DataIssue(obs.problem[0], cid, f"The newest {concept.title} result was set aside: {obs.problem[1]}", obs.source))
+                issues.append(
+                    DataIssue(
+                        obs.problem[0], cid, f"The newest {concept.title} result was set aside: {obs.problem[1]}", obs.source
+                    )
+                )
                 continue
             if concept.unit is None:  # a coded result, e.g. pregnancy status
                 if obs.value_code is None:
-                    issues.append(DataIssue("value-missing", cid, f"The newest {concept.title} result carries no coded value; it was set aside.", obs.source))
+                    issues.append(
+                        DataIssue(
+                            "value-missing",
+                            cid,
+                            f"The newest {concept.title} result carries no coded value; it was set aside.",
+                            obs.source,
+                        )
+                    )
                     continue
             else:
                 value, problem = self._canonical_value(obs, concept)
@@ -542,17 +688,20 @@ class Preparer:
             label = f"observation {cid} ({_codes_label(obs.codes)}, {_minute(when)}Z)"
             fact: dict = {"t": "observation", "concept": cid, "age_days": round(age_days, 4)}
             if concept.unit is None:
-                tags = self.index.tags("observation", "value_code", [obs.value_code])
+                value_code = cast(Code, obs.value_code)  # (a result without one was set aside above)
+                tags = self.index.tags("observation", "value_code", [value_code])
                 if tags:
                     fact["_tags"] = tags
-                info = FactInfo(label, obs.source, {"age_days": "days"}, {"value_code": [obs.value_code]}, what=concept.title, when=when)
+                info = FactInfo(
+                    label, obs.source, {"age_days": "days"}, {"value_code": [value_code]}, what=concept.title, when=when
+                )
             else:
-                fact["value"] = round(value, 4)
+                fact["value"] = round(cast(float, value), 4)  # (None only with a problem, set aside above)
                 info = FactInfo(label, obs.source, {"age_days": "days", "value": concept.unit}, what=concept.title, when=when)
             add(fact, info)
 
     @staticmethod
-    def _canonical_value(obs, concept: ObservationConcept) -> tuple[float | None, tuple[str, str] | None]:
+    def _canonical_value(obs: Observation, concept: ObservationConcept) -> tuple[float | None, tuple[str, str] | None]:
         """The value in the concept's canonical unit, or why it cannot be used: ``(value, None)``
         or ``(None, (kind, detail))``."""
         if obs.value is None:
@@ -562,16 +711,31 @@ class Preparer:
         display = obs.unit_display.strip() if obs.unit_display else ""
         shown = obs.unit or display  # the unit as the sender gave it, for messages
         if not shown:
-            return None, ("unit-missing", f"The newest {concept.title} result ({obs.value:g}) has no unit; no threshold was applied to it.")
+            return None, (
+                "unit-missing",
+                f"The newest {concept.title} result ({obs.value:g}) has no unit; no threshold was applied to it.",
+            )
         conversion = unit_conversion(obs.unit, display, concept)
         if conversion is None:
             accepted = ", ".join(concept.units)
             if obs.unit:
                 # the display text is never a fallback for a wrong code, but saying so helps the sender
-                hint = f" Its display text {display!r} would be accepted without the code; please send the right UCUM code." if unit_conversion(None, display, concept) is not None else ""
-                return None, ("unit-unknown", f"The newest {concept.title} result is in {obs.unit!r}, which is not an accepted unit ({accepted}); no threshold was applied to it.{hint}")
+                hint = (
+                    f" Its display text {display!r} would be accepted without the code; please send the right UCUM code."
+                    if unit_conversion(None, display, concept) is not None
+                    else ""
+                )
+                return None, (
+                    "unit-unknown",
+                    f"The newest {concept.title} result is in {obs.unit!r}, which is not an accepted unit ({accepted}); "
+                    f"no threshold was applied to it.{hint}",
+                )
             also = f"; as display text also {', '.join(concept.display_units)}" if concept.display_units else ""
-            return None, ("unit-unknown", f"The newest {concept.title} result is in {display!r} (display text, no UCUM code), which is not an accepted unit ({accepted}{also}); no threshold was applied to it.")
+            return None, (
+                "unit-unknown",
+                f"The newest {concept.title} result is in {display!r} (display text, no UCUM code), "
+                f"which is not an accepted unit ({accepted}{also}); no threshold was applied to it.",
+            )
         converted = apply_conversion(obs.value, conversion)
         if concept.plausible and not concept.plausible[0] <= converted <= concept.plausible[1]:
             hint = ""
@@ -580,13 +744,21 @@ class Preparer:
                 if unit != shown and concept.plausible[0] <= alt <= concept.plausible[1]:
                     hint = f" It would be plausible in {unit} ({alt:.1f} {concept.unit}); please confirm the unit."
                     break
-            return None, ("implausible", f"The newest {concept.title} result, {obs.value:g} {shown}, is outside the plausible range {concept.plausible[0]:g}–{concept.plausible[1]:g} {concept.unit}; it was set aside.{hint}")
+            return None, (
+                "implausible",
+                f"The newest {concept.title} result, {obs.value:g} {shown}, is outside the plausible range "
+                f"{concept.plausible[0]:g}–{concept.plausible[1]:g} {concept.unit}; it was set aside.{hint}",
+            )
         return converted, None
 
 
 def _aggregate_plan(agg: Aggregate, ruleset: RuleSet, params: dict) -> _AggregatePlan:
-    matchers = tuple((_scope(p, params), compile_matcher(p, params), f"{p.kind} with " + " and ".join(t.describe() for t in p.tests)) for p in agg.patterns)
+    matchers = tuple(
+        (_scope(p, params), compile_matcher(p, params), f"{p.kind} with " + " and ".join(t.describe() for t in p.tests))
+        for p in agg.patterns
+    )
     if agg.mode == "distinct_groups":
+        assert agg.distinct_groups_of is not None  # the rule-set builder sets it for this mode
         groups = ruleset.value_sets[agg.distinct_groups_of].groups
         return _AggregatePlan(agg.name, agg.mode, matchers, groups=tuple(groups), group_index=_CodeIndex(list(groups.items())))
     return _AggregatePlan(agg.name, agg.mode, matchers)
@@ -616,7 +788,11 @@ def _bounded_issues(issues: list[DataIssue]) -> list[DataIssue]:
     for (kind, concept), n in counts.items():
         if n > MAX_ISSUES_PER_CONCEPT:
             more = n - MAX_ISSUES_PER_CONCEPT
-            kept.append(DataIssue(kind, concept, f"{more:,} more {concept} values were set aside for the same reason ({kind}).", "the record"))
+            kept.append(
+                DataIssue(
+                    kind, concept, f"{more:,} more {concept} values were set aside for the same reason ({kind}).", "the record"
+                )
+            )
     return kept
 
 
@@ -652,7 +828,9 @@ def _signature_plans(ruleset: RuleSet, params: dict) -> dict[str, Callable[[dict
                     continue  # absences are derived in Python from every fact
                 for test in pattern.tests:
                     if not (test.op == "in" and isinstance(test.operand, str)):  # a tag test is answered by the tags
-                        tests.setdefault(pattern.kind, []).append(compile_matcher(Pattern(pattern.alias, pattern.kind, (test,)), params))
+                        tests.setdefault(pattern.kind, []).append(
+                            compile_matcher(Pattern(pattern.alias, pattern.kind, (test,)), params)
+                        )
             for alias, field_name in _TEMPLATE_FIELD.findall(templates):
                 if alias in kinds and field_name not in ("", "display"):
                     shown.setdefault(kinds[alias], set()).add(field_name)
@@ -684,12 +862,14 @@ def _usable_days(patterns: list[Pattern], ruleset: RuleSet, params: dict) -> dic
     """Per observation concept, the age in days beyond which no pattern can match a result:
     the widest ``age_days`` bound among the patterns on that concept; None when one of them
     has no bound (any age can matter); -1 for a concept no pattern names."""
-    usable: dict[str, float | None] = {cid: -1.0 for cid in ruleset.observations}
+    usable: dict[str, float | None] = dict.fromkeys(ruleset.observations, -1.0)
     for pattern in patterns:
         if pattern.kind != "observation":
             continue
         concepts = [resolve_operand(t.operand, params) for t in pattern.tests if t.field == "concept" and t.op == "eq"]
-        bounds = [float(resolve_operand(t.operand, params)) for t in pattern.tests if t.field == "age_days" and t.op in ("lt", "lte")]
+        bounds = [
+            float(resolve_operand(t.operand, params)) for t in pattern.tests if t.field == "age_days" and t.op in ("lt", "lte")
+        ]
         bound = min(bounds) if bounds else None
         for cid in concepts or list(usable):  # a pattern that names no concept may match any
             held = usable.get(cid, -1.0)
@@ -698,7 +878,7 @@ def _usable_days(patterns: list[Pattern], ruleset: RuleSet, params: dict) -> dic
     return usable
 
 
-def _inside(test, low: int, high: int, params: dict) -> bool:
+def _inside(test: FieldTest, low: int, high: int, params: dict) -> bool:
     """Whether an eq/ne test's value lies strictly inside the range (ends agree, middle differs)."""
     if test.op not in ("eq", "ne"):
         return False
@@ -733,4 +913,13 @@ def _capped(text: str) -> str:
     return text if len(text) <= MAX_DISPLAY else text[: MAX_DISPLAY - 1] + "…"
 
 
-__all__ = ["Preparer", "PreparedFacts", "FactInfo", "convert", "unit_conversion", "apply_conversion", "completed_years", "in_force"]
+__all__ = [
+    "Preparer",
+    "PreparedFacts",
+    "FactInfo",
+    "convert",
+    "unit_conversion",
+    "apply_conversion",
+    "completed_years",
+    "in_force",
+]

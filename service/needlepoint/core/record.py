@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # The vocabularies every road in checks against, declared once: the FHIR mapper, the typed
 # context (needlepoint.intake), the command line (--target/--side/--intent), batch and lint read
@@ -87,6 +88,20 @@ OWN_VOCABULARIES: dict[str, tuple[str, ...]] = {
 # criticality.
 ALLERGY_SEVERITIES = ("mild", "moderate", "severe")
 ALLERGY_CRITICALITIES = ("low", "high", "unable-to-assess")
+
+
+class RecordItem(Protocol):
+    """What every item of a record carries: where it came from, when it began and when it ended
+    (None: not known, or an item that does not end by date)."""
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def begun(self) -> dt.datetime | None: ...
+
+    @property
+    def ended(self) -> dt.datetime | None: ...
 
 
 class RecordError(ValueError):
@@ -264,7 +279,7 @@ class PatientRecord:
     flags: list[str] = field(default_factory=list)
     data_issues: list[DataIssue] = field(default_factory=list)
 
-    def with_order(self, order: InjectionOrder) -> "PatientRecord":
+    def with_order(self, order: InjectionOrder) -> PatientRecord:
         """A copy whose injection order is replaced (the CLI's --target/--side/--intent)."""
         from dataclasses import replace
 

@@ -45,6 +45,7 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 
@@ -139,7 +140,12 @@ def _value_set_names(rule: Rule | None, ruleset: RuleSet) -> dict[str, str]:
     for alternative in rule.alternatives:
         for pattern in alternative:
             for test in pattern.tests:
-                if pattern.alias in names or test.op != "in" or not isinstance(test.operand, str) or test.operand not in ruleset.value_sets:
+                if (
+                    pattern.alias in names
+                    or test.op != "in"
+                    or not isinstance(test.operand, str)
+                    or test.operand not in ruleset.value_sets
+                ):
                     continue
                 title = ruleset.value_sets[test.operand].title
                 names[pattern.alias] = title[:1].lower() + title[1:] if title[1:2].islower() else title
@@ -194,13 +200,14 @@ def _compile_template(template: str, ruleset: RuleSet, human: bool) -> tuple[_Pa
                 text = "{" + piece + "}"
             elif ph.param is not None and ph.param not in ruleset.params:
                 return ph.param
-            elif ph.alias is None and ph.modifier == "since":
-                parts.append(("since", float(ruleset.params[ph.param].value)))
-                continue
             elif ph.alias is None:
+                assert ph.param is not None  # a placeholder without an alias is a parameter ({$param})
+                if ph.modifier == "since":
+                    parts.append(("since", float(ruleset.params[ph.param].value)))
+                    continue
                 text = _plain_param(ruleset, ph.param) if human else _param_text(ruleset, ph.param)
             else:
-                plus = float(ruleset.params[ph.param].value) if ph.modifier == "plus" else None
+                plus = float(ruleset.params[ph.param].value) if ph.modifier == "plus" and ph.param is not None else None
                 parts.append(("fact", ph.alias, ph.field, plus))
                 continue
         if parts and isinstance(parts[-1], str):
@@ -234,7 +241,9 @@ class _Template:
         fixed = self.unknown_param is None and all(isinstance(part, str) for part in self.parts)
         self.constant = "".join(self.parts) if fixed else None  # type: ignore[arg-type]
 
-    def render(self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None, now: dt.datetime | None = None) -> str:
+    def render(
+        self, firing: Firing, prepared: PreparedFacts, pick: dict[str, int] | None = None, now: dt.datetime | None = None
+    ) -> str:
         """The text for one firing; ``now`` is the decision's instant (for ages and dates)."""
         if self.constant is not None:
             return self.constant
@@ -269,7 +278,11 @@ class _Template:
         return plain_field(fact, info, fld) if self.human else field_value(fact, info, fld)
 
 
-def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[str, str | None, tuple[str, ...]], ...], ...]:
+# Per alternative of a rule, per pattern: (alias, the fixed text of a negated pattern, the fields its tests name).
+_PatternPlan = tuple[tuple[tuple[str, str | None, tuple[str, ...]], ...], ...]
+
+
+def _pattern_plan(rule: Rule) -> _PatternPlan:
     """Per alternative: each pattern's alias, the fixed text of a negated one, and the fields its
     tests name."""
     plan = []
@@ -285,7 +298,7 @@ def _pattern_plan(rule: Rule) -> tuple[tuple[tuple[str, str | None, tuple[str, .
     return tuple(plan)
 
 
-def _matched_entries(firing: Firing, plan, prepared: PreparedFacts) -> tuple[MatchedFact, ...]:
+def _matched_entries(firing: Firing, plan: _PatternPlan, prepared: PreparedFacts) -> tuple[MatchedFact, ...]:
     entries: list[MatchedFact] = []
     facts, infos = prepared.facts, prepared.info
     matched = firing.matched
@@ -346,8 +359,11 @@ def _outcome_text(rule: Rule, ruleset: RuleSet) -> str:
 
 def preferred_modality(rule: Rule, params: dict) -> str | None:
     """The modality a rule prefers, a ``$parameter`` resolved against ``params`` (name -> value):
-    the one reading of ``modality.preferred``."""
-    pref = rule.then.modality.get("preferred")
+    the one reading of ``modality.preferred``; None for a rule without a modality."""
+    modality = rule.then.modality
+    if not modality:
+        return None
+    pref = modality.get("preferred")
     if isinstance(pref, str) and pref.startswith("$"):
         return params[pref[1:]]
     return pref
@@ -358,7 +374,7 @@ class _RulePlan:
     """Everything about one rule that the resolver needs and that does not depend on the patient."""
 
     head: RuleHead  # the fixed part of its explanation
-    patterns: tuple  # _pattern_plan, for its explanation's matched facts
+    patterns: _PatternPlan  # for its explanation's matched facts
     message: _Template
     quoted: bool  # whether the decision shows its message (deferral, caution and injectate rules)
     missing_data: _Template | None  # the missing-data code it reports, if any (a raw template)
@@ -423,7 +439,9 @@ def _static_explanation(rule: Rule, ruleset: RuleSet) -> RuleHead:
     )
 
 
-def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resolver: Resolver, firings: list[Firing]) -> list[dict]:
+def _requested_modality_conflicts(
+    modality: dict, prepared: PreparedFacts, resolver: Resolver, firings: list[Firing]
+) -> list[dict]:
     if not modality:
         return []
     order_fact = next((f for f in prepared.facts if f["t"] == "order"), None)
@@ -435,8 +453,12 @@ def _requested_modality_conflicts(modality: dict, prepared: PreparedFacts, resol
         if requested_tag not in tags or requested == modality.get("preferred") or requested in modality.get("acceptable", ()):
             continue
         rules = {f.rule.id: f.rule for f in firings}  # (only needed when there is a conflict)
-        behind = [rid for rid in modality.get("ruleIds", []) if requested in rules[rid].then.modality.get("avoid", ())]
-        behind = behind or [rid for rid in modality.get("ruleIds", []) if resolver.plans[rid].preferred == modality.get("preferred")]
+        behind = [  # (the rules behind the modality all have a modality block)
+            rid for rid in modality.get("ruleIds", []) if requested in cast(dict, rules[rid].then.modality).get("avoid", ())
+        ]
+        behind = behind or [
+            rid for rid in modality.get("ruleIds", []) if resolver.plans[rid].preferred == modality.get("preferred")
+        ]
         reasons = "; ".join(rules[rid].title[:1].lower() + rules[rid].title[1:] for rid in behind)
         suggestion = plain.words(modality["preferred"]) if modality.get("preferred") else "another modality"
         out.append(
@@ -482,7 +504,9 @@ def _instant(as_of_text: str) -> dt.datetime | None:
         return None
 
 
-def _unbound_injectates(modality: dict, by_category: dict[str, _Injectate], resolver: Resolver) -> dict[str, tuple[list[str], str, str]]:
+def _unbound_injectates(
+    modality: dict, by_category: dict[str, _Injectate], resolver: Resolver
+) -> dict[str, tuple[list[str], str, str]]:
     """Injectates bound to modalities (``modality_bound_injectates``) that the resolved modality
     leaves out: per category, the rules behind that (the ones that avoid its modalities, else the
     ones that chose the preferred modality), the note their explanations get, and the message.
@@ -499,13 +523,14 @@ def _unbound_injectates(modality: dict, by_category: dict[str, _Injectate], reso
         if inj is None or inj.level >= _NOT_SUGGESTED or retained.intersection(modalities):
             continue
         rules = [resolver.rules[rid] for rid in modality["ruleIds"]]
-        behind = [r.id for r in rules if avoided.intersection(modalities) & set(r.then.modality.get("avoid", ()))]
+        behind = [r.id for r in rules if avoided.intersection(modalities) & set(cast(dict, r.then.modality).get("avoid", ()))]
         behind = behind or [r.id for r in rules if resolver.plans[r.id].preferred == modality.get("preferred")]
         names = " or ".join(plain.words(m) for m in modalities)
         left_out = "is to be avoided" if avoided.issuperset(modalities) else "is not among the suggested guidance"
         what = plain.words(category)
         message = f"{what[:1].upper()}{what[1:]} is not needed: it is only used with {names}, which {left_out} for this patient."
-        note = f"{category} NOT_SUGGESTED: it is only used with {'/'.join(modalities)}, which this decision {'avoids' if avoided.issuperset(modalities) else 'does not retain'}"
+        verb = "avoids" if avoided.issuperset(modalities) else "does not retain"
+        note = f"{category} NOT_SUGGESTED: it is only used with {'/'.join(modalities)}, which this decision {verb}"
         out[category] = (behind, note, message)
     return out
 
@@ -559,9 +584,10 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             c["ruleIds"].append(rid)
             c["message"][messages[rid]] = None
         codes: dict[str, None] = {}
-        if then.missing_data:
-            for pick in _picks(plan.missing_data.aliases, f):
-                code = plan.missing_data.render(f, prepared, pick)
+        missing_data = plan.missing_data  # a template exactly when the rule reports missing data
+        if missing_data is not None:
+            for pick in _picks(missing_data.aliases, f):
+                code = missing_data.render(f, prepared, pick)
                 codes[code] = None
                 m = missing.get(code)
                 if m is None:
@@ -584,7 +610,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         acceptable: list[str] = []
         contributors: list[str] = []
         for rule in mod_rules:
-            m = rule.then.modality
+            m = cast(dict, rule.then.modality)  # mod_rules: the rules with a modality
             contributed = False
             for mod in m.get("avoid", ()):
                 if mod == preferred and preferred_by is not None and preferred_by.precedence > rule.precedence:
@@ -604,7 +630,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             if contributed:
                 contributors.append(rule.id)
             else:
-                overridden[rule.id] = [preferred_by.id] if preferred_by else [r for r in contributors]
+                overridden[rule.id] = [preferred_by.id] if preferred_by else list(contributors)
         acceptable = [m for m in acceptable if m not in avoid and m != preferred]
         if preferred:
             modality["preferred"] = preferred
@@ -612,7 +638,7 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
             modality["acceptable"] = acceptable
         if avoid:
             modality["avoid"] = avoid
-        modality["ruleIds"] = sorted(contributors, key=order.get)
+        modality["ruleIds"] = sorted(contributors, key=order.__getitem__)
 
     for category, (behind, note, message) in _unbound_injectates(modality, by_category, resolver).items():
         inj = by_category[category]
@@ -641,7 +667,9 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         )
         for category, inj in by_category.items()
     )
-    deferral_list = sorted(deferrals.values(), key=lambda d: (d["severity"] != "HARD", d["scope"] != "PROCEDURE", d["reason"], d["scope"]))
+    deferral_list = sorted(
+        deferrals.values(), key=lambda d: (d["severity"] != "HARD", d["scope"] != "PROCEDURE", d["reason"], d["scope"])
+    )
 
     blob = orjson.dumps([ruleset.digest, as_of_text, prepared.facts], option=orjson.OPT_SORT_KEYS)
     return Decision(
@@ -649,7 +677,10 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         as_of=as_of_text,
         ruleset=resolver.ref,
         modality=Modality(
-            modality.get("preferred"), tuple(modality.get("acceptable", ())), tuple(modality.get("avoid", ())), tuple(modality["ruleIds"])
+            modality.get("preferred"),
+            tuple(modality.get("acceptable", ())),
+            tuple(modality.get("avoid", ())),
+            tuple(modality["ruleIds"]),
         )
         if modality
         else None,

@@ -353,10 +353,7 @@ def _distinct(codes: Iterable[Code]) -> list[Code]:
 
 
 def _has_code(codes: Iterable[Code], system: str, values: frozenset[str] | set[str]) -> bool:
-    for code in codes:
-        if code.system == system and code.code in values:
-            return True
-    return False
+    return any(code.system == system and code.code in values for code in codes)
 
 
 # --- dates --------------------------------------------------------------------------------------
@@ -593,7 +590,7 @@ class _Index:
             self._by_reference = self._build()
         found = self._by_reference.get(reference)
         if found is None and "/" in reference:
-            parts = reference.split("/_history/")[0].rstrip("/").split("/")
+            parts = reference.split("/_history/", maxsplit=1)[0].rstrip("/").split("/")
             found = self._by_reference.get("/".join(parts[-2:])) if len(parts) >= 2 else None
         return found
 
@@ -751,7 +748,11 @@ class _Mapper:
         resource, path = entry.resource, entry.path
         ended = None
         if not _ABATEMENT_KEYS.isdisjoint(resource):  # (most conditions have no abatement: one C-level check)
-            ended = _exact_instant(resource, "abatementDateTime") or _exact_instant(resource, "abatementPeriod", "end") or _exact_instant(resource, "abatementPeriod", "start")
+            ended = (
+                _exact_instant(resource, "abatementDateTime")
+                or _exact_instant(resource, "abatementPeriod", "end")
+                or _exact_instant(resource, "abatementPeriod", "start")
+            )
             if ended is None and (resource.get("abatementBoolean") is True or any(k in resource for k in _UNDATED_ABATEMENT)):
                 return  # it abated at a time that is not given
         if ended is None and _status_code(resource, "clinicalStatus", path) in _INACTIVE_CLINICAL:
@@ -763,8 +764,14 @@ class _Mapper:
             return self._uncoded(entry, "Condition")
         # an episode is timed from an exact onset, else an exact recording date; a partial date
         # gives no interval (never guessed), though it does say the condition may exist already
-        since = _exact_instant(resource, "onsetDateTime") or _exact_instant(resource, "onsetPeriod", "start") or _exact_instant(resource, "recordedDate")
-        self.record.conditions.append(Condition(codes, entry.source, begun=_begun(resource, entry.type), since=since, ended=ended))
+        since = (
+            _exact_instant(resource, "onsetDateTime")
+            or _exact_instant(resource, "onsetPeriod", "start")
+            or _exact_instant(resource, "recordedDate")
+        )
+        self.record.conditions.append(
+            Condition(codes, entry.source, begun=_begun(resource, entry.type), since=since, ended=ended)
+        )
 
     def _medication_request(self, entry: _Entry) -> None:
         status = _get_str(entry.resource, "status", entry.path)
@@ -828,14 +835,14 @@ class _Mapper:
         observations, source = self.record.observations, entry.source
         try:
             effective = self._first_instant(entry, _OBSERVATION_TIMES)
-        except _Unusable as problem:
-            observations.append(Observation(codes, None, source=source, problem=(problem.kind, problem.detail)))
+        except _Unusable as unusable:
+            observations.append(Observation(codes, None, source=source, problem=(unusable.kind, unusable.detail)))
             return
         if "valueQuantity" in resource:
             try:
                 value, unit, display = self._quantity(entry)
-            except _Unusable as problem:
-                observations.append(Observation(codes, effective, source=source, problem=(problem.kind, problem.detail)))
+            except _Unusable as unusable:
+                observations.append(Observation(codes, effective, source=source, problem=(unusable.kind, unusable.detail)))
             else:
                 observations.append(Observation(codes, effective, value, unit, source=source, unit_display=display))
         elif "valueCodeableConcept" in resource:
@@ -849,7 +856,10 @@ class _Mapper:
         elif any(key.startswith("value") for key in resource):
             kinds = ", ".join(key for key in resource if key.startswith("value"))
             concept = _concept_name(codes)
-            problem = ("value-unsupported", f"the {concept} result is given as {kinds}; only valueQuantity and valueCodeableConcept are read.")
+            problem = (
+                "value-unsupported",
+                f"the {concept} result is given as {kinds}; only valueQuantity and valueCodeableConcept are read.",
+            )
             observations.append(Observation(codes, effective, source=source, problem=problem))
         elif "component" not in resource and "hasMember" not in resource:  # panels carry no value
             reason = _codes(resource.get("dataAbsentReason"), path, "dataAbsentReason")
@@ -904,7 +914,9 @@ class _Mapper:
             if type(reaction) is not dict:
                 _fail(f"{path}.reaction[{k}]", f"expected a reaction object, found {_json_type(reaction)}")
             level = reaction.get("severity")
-            if level is not None and type(level) is not str:
+            if level is None:
+                continue
+            if type(level) is not str:
                 _get_str(reaction, "severity", f"{path}.reaction[{k}]")  # raises, naming the field
             if _SEVERITY_RANK.get(level, 0) > rank:
                 rank, severity = _SEVERITY_RANK[level], level
@@ -971,8 +983,8 @@ class _Mapper:
                         value = extension.get("valueCodeableConcept")
                         keys += _code_keys(value, f"{where}.extension[{k}].valueCodeableConcept")
                         coding = extension.get("valueCoding")
-                        if type(coding) is dict and (code := _code(coding, f"{where}.extension[{k}].valueCoding")):
-                            keys.append((code.system, code.code))
+                        if type(coding) is dict and (found := _code(coding, f"{where}.extension[{k}].valueCoding")):
+                            keys.append((found.system, found.code))
             for system, code in keys:
                 if system == "np-target":
                     targets.add(code)
@@ -1001,7 +1013,9 @@ class _Mapper:
             return self._uncoded(entry, "ServiceRequest")
         _, date = self._instant(entry, _OCCURRENCE_TIMES, codes)
         side = self._site(entry, order=False).side
-        self.record.planned_surgeries.append(PlannedSurgery(codes, date, side, entry.source, begun=_begun(entry.resource, entry.type)))
+        self.record.planned_surgeries.append(
+            PlannedSurgery(codes, date, side, entry.source, begun=_begun(entry.resource, entry.type))
+        )
 
     def _operation_outcome(self, entry: _Entry) -> None:
         """Errors a FHIR server or CDS client reported instead of data."""
@@ -1186,7 +1200,9 @@ def _unique(entries: Iterable[_Entry]) -> list[_Entry]:
 # --- the cheap "not for us" answer --------------------------------------------------------------
 
 NO_ORDER_PROBLEM = "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
-NOT_HIP_PROBLEM = "the draft order names no hip injection target (bodySite): it is not a hip injection order, so there is nothing to evaluate"
+NOT_HIP_PROBLEM = (
+    "the draft order names no hip injection target (bodySite): it is not a hip injection order, so there is nothing to evaluate"
+)
 
 
 def record_from_bundle_with_hip_order(bundle: JSON | bytes | str) -> PatientRecord:

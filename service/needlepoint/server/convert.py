@@ -15,15 +15,23 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from google.protobuf import timestamp_pb2
-from google.protobuf.descriptor import Descriptor
 
 from needlepoint.core import decision as core_decision
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.v1 import decision_pb2, ruleset_pb2
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from google._upb._message import Descriptor as _UpbDescriptor
+    from google.protobuf.descriptor import Descriptor
+
+    # A message type's descriptor: the protobuf stubs allow the pure-Python class or upb's.
+    MessageDescriptor: TypeAlias = Descriptor | _UpbDescriptor
 
 # -- the way out --------------------------------------------------------------------------------
 
@@ -91,7 +99,12 @@ _MAX_HEADS = 2_000  # rules of about twenty rule-set versions (a server keeps th
 def _head_bytes(head: core_decision.RuleHead) -> bytes:
     """The fields of an Explanation that come from its rule alone (all but outcome, matched and
     overridden_by), in the wire format (field numbers of decision.proto's Explanation)."""
-    parts = [_string(0x0A, head.rule_id), _string(0x12, head.rule_version), _string(0x1A, head.title), _string(0x22, head.category)]
+    parts = [
+        _string(0x0A, head.rule_id),
+        _string(0x12, head.rule_version),
+        _string(0x1A, head.title),
+        _string(0x22, head.category),
+    ]
     parts.append(_string(0x32, head.rationale))
     parts += [_message(0x3A, _string(0x0A, x.citation) + _string(0x12, x.strength)) for x in head.evidence]
     parts += [_message(0x4A, _string(0x0A, p.name) + _string(0x12, p.value) + _string(0x1A, p.layer)) for p in head.parameters]
@@ -135,9 +148,9 @@ _SCALAR, _TIMESTAMP, _MESSAGE, _REPEATED_MESSAGE = range(4)
 
 
 @functools.cache
-def _plan(message: Descriptor) -> dict[str, tuple[str, int, Descriptor | None]]:
+def _plan(message: MessageDescriptor) -> dict[str, tuple[str, int, MessageDescriptor | None]]:
     """For each field of ``message``, by JSON name: (field name, kind, message type)."""
-    plan: dict[str, tuple[str, int, Descriptor | None]] = {}
+    plan: dict[str, tuple[str, int, MessageDescriptor | None]] = {}
     for f in message.fields:
         sub = f.message_type
         if sub is None:
@@ -149,7 +162,7 @@ def _plan(message: Descriptor) -> dict[str, tuple[str, int, Descriptor | None]]:
     return plan
 
 
-def _constructor_args(message: Descriptor, obj: Mapping[str, Any]) -> dict[str, Any]:
+def _constructor_args(message: MessageDescriptor, obj: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for the message's constructor from its JSON object."""
     plan = _plan(message)
     args: dict[str, Any] = {}

@@ -41,7 +41,9 @@ class EvaluatorLike(Protocol):
     @property
     def ruleset(self) -> RuleSet: ...
 
-    def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict[str, Any]: ...
+    def evaluate(
+        self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None
+    ) -> dict[str, Any]: ...
 
     def decide(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> Decision: ...
 
@@ -125,7 +127,7 @@ def _return_freed_memory() -> None:
         _malloc_trim(0)
 
 
-def _load_malloc_trim():
+def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
@@ -186,7 +188,7 @@ class Engine:
     def ruleset_ids(self) -> list[str]:
         return self.registry.ids
 
-    def evaluator(self, ruleset_id: str, path: str = "ruleset_id", version: str = "") -> EvaluatorLike:
+    def evaluator(self, ruleset_id: str, path: str = "ruleset_id", version: str = "") -> Evaluator:
         """The evaluator of a rule set (a pinned version, or the one serving); NOT_FOUND if not loaded."""
         try:
             return self.registry.get(ruleset_id, version)
@@ -227,7 +229,7 @@ class Engine:
         try:
             record = self.record(inner)
             as_of = as_of_to_datetime(inner.as_of, "request.as_of") if inner.HasField("as_of") else self._clock()
-            report = {"counterfactuals": counterfactuals(evaluator, record, as_of)}
+            report: dict[str, Any] = {"counterfactuals": counterfactuals(evaluator, record, as_of)}
             if request.rule_id:
                 report["rule"] = explain_rule(evaluator, record, as_of, request.rule_id)
         except RecordError as exc:
