@@ -76,3 +76,16 @@ def test_the_typed_encoder_refuses_an_enum_name_the_proto_does_not_know(hip_eval
     assert deferral is not None
     with pytest.raises(ValueError):
         convert.encode_decision(dataclasses.replace(typed, deferrals=(deferral,)))
+
+
+@pytest.mark.parametrize("micros", [0, 500_000, 120_000, 123_450, 100, 1, 999_999])
+def test_the_typed_encoder_keeps_every_fraction_of_the_instant(hip_evaluator, micros: int) -> None:
+    """asOf trims trailing zeros (``.5Z``, ``.12345Z``): every length of fraction is encoded, on
+    every Python the project supports (3.10's fromisoformat takes only 3 or 6 digits)."""
+    import datetime as dt
+
+    instant = dt.datetime(2025, 6, 2, 9, 0, 0, micros, tzinfo=dt.timezone.utc)
+    record = random_patients(1, seed=5)[0]
+    message = convert.encode_decision(hip_evaluator.decide(record, instant))
+    assert message.as_of.ToDatetime(tzinfo=dt.timezone.utc) == instant
+    assert message == convert.decision_to_proto(hip_evaluator.evaluate(record, instant))

@@ -162,6 +162,17 @@ def test_the_pool_never_waits_and_refuses_past_its_limit() -> None:
     assert pool.acquire() == first
 
 
+def test_a_retired_sid_is_given_back_even_when_no_replacement_can_be_minted() -> None:
+    pool = SidPool(1, limit=2, candidates=["a", "b"])
+    first, second = pool.acquire(), pool.acquire()
+    pool.retire(first)  # its replacement would be a third candidate: there is none
+    pool.retire(second)
+    # nothing is free and nothing can be minted, but both sids were counted back in: the pool
+    # says so, rather than "all 2 engine sessions are in use" as a leaked count would
+    with pytest.raises(EngineError, match="candidates exhausted"):
+        pool.acquire()
+
+
 @pytest.mark.parametrize("name", ["t", "id", "sid"])
 def test_an_aggregate_named_after_a_reserved_field_is_refused(name: str) -> None:
     docs = _documents([_rule("CAU-PROBE", {"s": {"summary": {}}})])

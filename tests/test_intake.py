@@ -114,3 +114,56 @@ def test_any_json_input_gives_its_record_instant_and_name() -> None:
     assert (record.order.side, as_of.isoformat(), name) == ("left", "2025-06-02T09:00:00+00:00", "r-7")
     with pytest.raises(RecordError, match=r"^line: not a FHIR Bundle, a CDS Hooks request or an evaluate request$"):
         intake.record_from_json({"resourceType": "Patient"})
+
+
+def _not_for_us_request(order: patient_pb2.InjectionOrder | None = None) -> decision_service_pb2.EvaluateRequest:
+    import random
+
+    from tests.bundles import not_for_us_bundle
+
+    bundle = orjson.dumps(not_for_us_bundle(random.Random(3), 0))
+    request = decision_service_pb2.EvaluateRequest(fhir_bundle=bundle)
+    if order is not None:
+        request.order.CopyFrom(order)
+    return request
+
+
+def test_the_server_refuses_an_order_not_for_us_before_mapping_the_record() -> None:
+    from needlepoint.fhir.mapper import NOT_HIP_PROBLEM
+    from needlepoint.server.errors import ServiceError
+    from needlepoint.server.service import Engine
+
+    request = _not_for_us_request()
+    engine = Engine.load()
+    # the early refusal's own wording (the full mapping words it otherwise), whether the server
+    # hands the bundle's bytes over (as Engine.evaluate does) or the road reads them itself
+    for bundle in (request.fhir_bundle, None):
+        with pytest.raises(RecordError) as caught:
+            engine.record(request, bundle)
+        assert (caught.value.path, caught.value.message) == ("order.target", NOT_HIP_PROBLEM)
+    with pytest.raises(ServiceError) as refused:
+        engine.evaluate(request)
+    assert NOT_HIP_PROBLEM in refused.value.message
+
+
+def test_only_the_server_refuses_early_a_tool_with_an_order_of_its_own_maps_the_record() -> None:
+    request = _not_for_us_request()
+    record = intake.record_from_request(request, request.fhir_bundle)  # rules diff, batch: no early refusal
+    assert record.order is not None and record.order.target is None
+    # a base64 bundle in an exported request, as the protobuf JSON mapping writes it, is mapped too,
+    # so that --target/--side/--intent can still supply the order afterwards
+    from google.protobuf import json_format
+
+    exported = json_format.MessageToDict(request)
+    assert not exported["fhirBundle"].lstrip().startswith("{")
+    mapped, _, _ = intake.record_from_json(exported)
+    assert mapped == record
+
+
+def test_an_order_beside_a_bundle_not_for_us_is_applied_not_refused() -> None:
+    from needlepoint.server.service import Engine
+
+    order = patient_pb2.InjectionOrder(target="hip-intra-articular", side="left", intent="therapeutic")
+    request = _not_for_us_request(order)
+    record = Engine.load().record(request, request.fhir_bundle)
+    assert (record.order.target, record.order.side, record.order.intent) == ("hip-intra-articular", "left", "therapeutic")

@@ -80,23 +80,29 @@ def order_from_fields(
 # -- the request road ---------------------------------------------------------------------------
 
 
-def record_from_request(request: decision_service_pb2.EvaluateRequest, bundle: Any = None) -> rec.PatientRecord:
+def record_from_request(
+    request: decision_service_pb2.EvaluateRequest, bundle: Any = None, *, refuse_early: bool = False
+) -> rec.PatientRecord:
     """The patient record of an ``EvaluateRequest``, with its ``order`` applied. ``bundle``, when
     given, is the request's FHIR Bundle already read: its bytes (``request.fhir_bundle``, which
     a server reads once to measure the request: each read copies them out of the message), or
     the Bundle already parsed (an exported request may carry it so). Raises RecordError naming
-    the request field."""
+    the request field.
+
+    ``refuse_early`` is the server's cheap answer for orders that are not for us: a bundle sent
+    with no order beside it must order a hip injection itself, and one that does not is refused
+    (at ``order`` or ``order.target``, as the full mapping would) before the rest of it is mapped.
+    Tools that apply an order of their own after this (``rules diff``, batch) leave it off."""
     road = request.WhichOneof("patient")
+    own_order = refuse_early and not request.HasField("order")
     if type(bundle) is bytes:
-        record = record_from_bundle_bytes(bundle)
+        record = record_from_bundle_bytes(bundle, own_order=own_order)
     elif bundle is not None:
         record = record_from_bundle(bundle)
     elif road == "context":
         record = record_from_context(request.context)
     elif road == "fhir_bundle":
-        # with no order beside it, a bundle must order a hip injection itself: one that does not
-        # is refused before the rest of it is mapped (the cheap answer for orders not for us)
-        record = record_from_bundle_bytes(request.fhir_bundle, own_order=not request.HasField("order"))
+        record = record_from_bundle_bytes(request.fhir_bundle, own_order=own_order)
     else:
         raise rec.RecordError("patient", "one of context or fhir_bundle is required")
     if request.HasField("order"):

@@ -116,10 +116,16 @@ class SidPool:
             self._free.append(sid)
 
     def retire(self, sid: str) -> None:
-        """Never hand ``sid`` out again (its session may hold facts); replace it."""
-        fresh = self._fresh()
+        """Never hand ``sid`` out again (its session may hold facts); replace it. The sid is given
+        back to the count first, so a failure to mint its replacement (the next ``acquire`` mints
+        one when it needs it) can neither leak a session nor hide the error that retired it."""
         with self._lock:
             self._out -= 1
+        try:
+            fresh = self._fresh()
+        except EngineError:
+            return
+        with self._lock:
             self._free.insert(0, fresh)  # a new session is cold: hand out the warm ones first
 
 

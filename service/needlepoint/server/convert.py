@@ -47,8 +47,13 @@ def encode_decision(decision: core_decision.Decision) -> decision_pb2.Decision:
     that the proto does not know raises ValueError: a fault of the service, never of the input.
     """
     msg = decision_pb2.Decision(decision_id=decision.decision_id)
-    delta = dt.datetime.fromisoformat(decision.as_of.replace("Z", "+00:00")) - _EPOCH
-    msg.as_of.seconds, msg.as_of.nanos = delta.days * 86_400 + delta.seconds, delta.microseconds * 1000
+    # asOf is "YYYY-MM-DDTHH:MM:SS[.fraction]Z" with 1 to 6 fraction digits (trailing zeros
+    # trimmed), which Python 3.10's fromisoformat refuses: the whole seconds and the fraction apart
+    whole, _, fraction = decision.as_of[:-1].partition(".")
+    delta = dt.datetime.fromisoformat(whole + "+00:00") - _EPOCH
+    msg.as_of.seconds = delta.days * 86_400 + delta.seconds
+    if fraction:
+        msg.as_of.nanos = int(fraction.ljust(9, "0"))
     r, ref = decision.ruleset, msg.ruleset
     ref.id, ref.version, ref.digest = r.id, r.version, r.digest
     m = decision.modality

@@ -217,8 +217,10 @@ class Engine:
 
     def record(self, request: decision_service_pb2.EvaluateRequest, bundle: bytes | None = None) -> PatientRecord:
         """The patient record of a request, with its order applied (:mod:`needlepoint.intake`);
-        ``bundle``: its ``fhir_bundle`` when the caller has already read it. Raises RecordError."""
-        return record_from_request(request, bundle)
+        ``bundle``: its ``fhir_bundle`` when the caller has already read it. A bundle sent without
+        an order that orders no hip injection is refused before it is mapped (the cheap answer for
+        orders not for us: :func:`~needlepoint.intake.record_from_request`). Raises RecordError."""
+        return record_from_request(request, bundle, refuse_early=True)
 
     def explain(self, request: decision_service_pb2.ExplainRequest) -> decision_service_pb2.ExplainResponse:
         """Why a rule did or did not fire, and verified counterfactuals, for one evaluation."""
