@@ -141,8 +141,9 @@ def decision_to_proto(decision: Mapping[str, Any]) -> decision_pb2.Decision:
     the hand-written encoder leaves nothing out. The dict is the contract's JSON, which is the
     Decision's protobuf JSON mapping, so the result equals ``json_format.ParseDict(decision,
     Decision())``; it is built through the message constructors instead, following a per-message
-    plan made once from the descriptors, about 15 times faster. A key, value or enum name that the proto does not know raises (KeyError,
-    TypeError, ValueError): a fault of the service, never of the input.
+    plan made once from the descriptors, about 15 times faster. A key, value or enum name that the
+    proto does not know raises (KeyError, TypeError, ValueError): a fault of the service, never of
+    the input.
     """
     return decision_pb2.Decision(**_constructor_args(decision_pb2.Decision.DESCRIPTOR, decision))
 
