@@ -51,10 +51,10 @@ def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Val
     failed = [r for r in results if not r.passed]
     if failed:
         first_failure = failed[0]
-        where = Path(shown or directory) / "tests" / first_failure.case.source  # the case's file[index]
+        failing = Path(shown or directory) / "tests" / first_failure.case.source  # the case's file[index]
         return Validation(
             False,
-            f"{len(failed)} of {len(results)} test case(s) fail, first {where} {first_failure.case.name}: "
+            f"{len(failed)} of {len(results)} test case(s) fail, first {failing} {first_failure.case.name}: "
             f"{first_failure.problems[0]}",
             ruleset,
             documents,
