@@ -479,7 +479,7 @@ def _own_in_process(repeats: int) -> dict[str, dict[str, float]]:
         synthea.append(message)
     roads: dict[str, Callable[[], int]] = {
         "order": lambda: sum(1 for r in orders if engine.evaluate(r)),
-        "record": lambda: sum(1 for r in records if convert.decision_to_proto(evaluator.evaluate(r, AS_OF))),
+        "record": lambda: sum(1 for r in records if convert.encode_decision(evaluator.decide(r, AS_OF))),  # the server's road
         "synthea": lambda: sum(1 for r in synthea if engine.evaluate(r)),
     }
     rates: dict[str, list[float]] = {road: [] for road in roads}

@@ -69,6 +69,26 @@ def test_a_failing_case_a_lint_error_or_a_load_error_is_a_rejection_naming_it(mi
     assert not verdict["ok"] and verdict["message"].startswith("does not load: ") and "suggestion" in verdict["message"]
 
 
+def test_a_rejection_about_the_cases_names_the_watched_directory_not_the_private_copy(minimal: Path) -> None:
+    """The verdict is reached in a private temporary copy; its message names the files the author
+    edits, and a test file that cannot be read is a rejection saying so, not a crash."""
+    cases = minimal / "tests" / "cases.yaml"
+    _edit(minimal / "parameters.yaml", "value: 20\n", "value: 10\n")  # the case fails
+    verdict = validate(minimal)
+    assert not verdict["ok"] and "needlepoint-validate-" not in verdict["message"], verdict["message"]
+    assert verdict["message"].startswith(f"1 of 1 test case(s) fail, first {cases}[0] platelets 15 defer: "), verdict["message"]
+
+    cases.write_text("name: not a list of cases\n")
+    verdict = validate(minimal)
+    assert not verdict["ok"] and "accepted" not in verdict
+    assert verdict["message"] == f"the test cases cannot run: {cases}: a test file is a list of cases", verdict["message"]
+
+    cases.write_text(CASES.replace("days_before: 1}", "days_before: 1"))  # an unclosed flow mapping
+    verdict = validate(minimal)
+    assert not verdict["ok"] and verdict["message"].startswith(f"the test cases cannot run: {cases}:"), verdict["message"]
+    assert "YAML syntax error" in verdict["message"] and "needlepoint-validate-" not in verdict["message"]
+
+
 def test_a_version_means_one_content(minimal: Path) -> None:
     catalog, seen = load_catalog(minimal.parent)
     assert seen == {minimal: fingerprint(minimal)} and catalog.serving("minimal").version == "0.1.0"

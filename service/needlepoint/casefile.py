@@ -257,10 +257,12 @@ def record_from_shorthand(patient: dict, as_of: dt.datetime, where: str = "patie
     return rec
 
 
-def load_cases(path: Path) -> list[Case]:
-    content = load_yaml(Path(path)) or []  # the rule-set reader (libyaml)
+def load_cases(path: Path, *, shown: str | Path | None = None) -> list[Case]:
+    """The cases of a test file; its errors name it ``shown`` when given (a private copy's file
+    by the one it was copied from)."""
+    content = load_yaml(Path(path), shown=shown) or []  # the rule-set reader (libyaml)
     if not isinstance(content, list):
-        raise RecordError(str(path), "a test file is a list of cases")
+        raise RecordError(str(shown or path), "a test file is a list of cases")
     cases = []
     for i, raw in enumerate(content):
         where = f"{Path(path).name}[{i}]"

@@ -71,7 +71,9 @@ def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> d
 @click.option(
     "--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC)."
 )
-@order_options("supplies or overrides the record's order where a row leaves it empty.")
+@order_options(
+    "overrides the one in each referral's own order (its Bundle's); a CSV row's own value wins over it."
+)
 @click.option("--export", "export", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The Bulk Data export a CSV's patient_id column refers to [default: the CSV's folder].")
 @click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id.")

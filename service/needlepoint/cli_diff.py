@@ -24,7 +24,10 @@ from needlepoint.cli_options import order_options, parse_instant
 @click.option("--as-of", callback=parse_instant, help="Evaluate every case at this instant (ISO 8601; UTC if no zone).")
 @click.option("--old-overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site overlay for OLD.")
 @click.option("--new-overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Site overlay for NEW.")
-@order_options("supplies or overrides the order of FHIR inputs.")
+@order_options(
+    "overrides the one in every FHIR input's order, a logged order in an export too"
+    " (leave it off to replay what was decided)."
+)
 @click.option("--format", "fmt", type=click.Choice(["markdown", "html", "json"]), default="markdown", show_default=True)
 @click.option(
     "--output",

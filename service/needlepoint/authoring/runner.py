@@ -113,8 +113,11 @@ def condition_labels(ruleset: RuleSet) -> Iterator[tuple[str, Pattern, FieldTest
                     yield f"{where}: {pattern.alias} = {neg}{pattern.kind} with {test.describe()}", pattern, test
 
 
-def run(path: Path, *, overlay: Path | None = None, select: str | None = None) -> tuple[RuleSet, list[CaseResult], Coverage]:
-    """Run every case under ``path/tests`` (``select``: a substring of the case name)."""
+def run(
+    path: Path, *, overlay: Path | None = None, select: str | None = None, shown: str | Path | None = None
+) -> tuple[RuleSet, list[CaseResult], Coverage]:
+    """Run every case under ``path/tests`` (``select``: a substring of the case name). ``shown``
+    is how errors name the directory (a private copy names the directory it came from)."""
     ruleset = load_ruleset(path, overlay=overlay)
     evaluator = Evaluator(ruleset)
     params = ruleset.param_values()
@@ -127,7 +130,7 @@ def run(path: Path, *, overlay: Path | None = None, select: str | None = None) -
     results: list[CaseResult] = []
     try:
         for case_file in sorted((Path(path) / "tests").glob("*.yaml")):
-            for case in load_cases(case_file):
+            for case in load_cases(case_file, shown=Path(shown) / "tests" / case_file.name if shown else None):
                 if select and select not in case.name:
                     continue
                 results.append(_run_case(case, case_file.name, evaluator, params, conditions, coverage))

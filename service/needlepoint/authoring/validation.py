@@ -44,13 +44,17 @@ def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Val
             ruleset,
             documents,
         )
-    _, results, _ = run_cases(directory)
+    try:
+        _, results, _ = run_cases(directory, shown=shown)
+    except Exception as exc:  # noqa: BLE001 - a test file that cannot be read or run is a rejection, with its message
+        return Validation(False, f"the test cases cannot run: {exc}", ruleset, documents)
     failed = [r for r in results if not r.passed]
     if failed:
         first_failure = failed[0]
+        failing = Path(shown or directory) / "tests" / first_failure.case.source  # the case's file[index]
         return Validation(
             False,
-            f"{len(failed)} of {len(results)} test case(s) fail, first {first_failure.case.source} {first_failure.case.name}: "
+            f"{len(failed)} of {len(results)} test case(s) fail, first {failing} {first_failure.case.name}: "
             f"{first_failure.problems[0]}",
             ruleset,
             documents,

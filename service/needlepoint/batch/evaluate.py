@@ -59,8 +59,8 @@ class Options:
     """What every referral of a run shares (picklable: sent to worker processes and Spark
     executors). ``as_of``: the instant for referrals without their own; ``planned``: the planned
     date for those without one (None: no planned-date evaluation); ``order``: --target/--side/
-    --intent, supplying or overriding the record's order where the referral's own leaves a field
-    empty (:func:`referral_order`)."""
+    --intent, overriding the record's own order field by field, each field unless the referral's
+    row gives its own (:func:`referral_order`)."""
 
     ruleset: RuleSet
     as_of: dt.datetime

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conditions import FACT_FIELDS, RESERVED_FIELDS, Pattern, durable_pattern
+from .conditions import ENGINE_RESERVED_NAMES, FACT_FIELDS, Pattern, durable_pattern
 from .durable import fnv1a_32
 from .ruleset import RuleSet, RuleSetError
 
@@ -103,7 +103,7 @@ def compile_ruleset(ruleset: RuleSet) -> dict:
             "Move long code lists into value sets (tested as tags).",
         )
 
-    properties = set(RESERVED_FIELDS) | {f for fields in FACT_FIELDS.values() for f in fields}
+    properties = set(ENGINE_RESERVED_NAMES) | {f for fields in FACT_FIELDS.values() for f in fields}
     properties |= {a.name for a in ruleset.aggregates} | set(negations)
     seen: dict[int, str] = {}
     for prop in sorted(properties):

@@ -57,7 +57,7 @@ FACT_FIELDS: dict[str, dict[str, str]] = {
 # would break every evaluation (id, sid) or silently disable every summary rule (t); the front end
 # refuses such aggregate and parameter names. (The engine's own markers, $s and $t, cannot be
 # written as names: aggregates and parameters are identifiers.)
-RESERVED_FIELDS = ("t", "id", "sid", "_tags", "_fid")
+ENGINE_RESERVED_NAMES = ("t", "id", "sid", "_tags", "_fid")
 
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "exists")
 ORDERING_OPERATORS = ("gt", "gte", "lt", "lte")

@@ -43,7 +43,7 @@ SENTINEL_RULE = "__session"
 MAX_FACT_PROPERTIES = 240  # the engine silently truncates a batch past 254 flattened properties
 DEFAULT_POOL_SIZE = 64  # sessions made up front, reused between evaluations
 MAX_SESSIONS = 960  # sids a pool may ever hand out at once: under the engine's 1,024 live sessions
-RESERVED_FIELDS = ("id", "sid")  # the engine's identity and session fields: a fact never carries them
+IDENTITY_FIELDS = ("id", "sid")  # the engine's identity and session fields: a fact never carries them
 
 _names = itertools.count()
 
@@ -166,7 +166,7 @@ class CompiledRules:
         """Assert ``facts`` in a fresh session; return every (rule name, {alias: fact}) that fired."""
         for i, fact in enumerate(facts):
             if "id" in fact or "sid" in fact:
-                raise EngineError(f"fact {i} carries a reserved field ({'/'.join(RESERVED_FIELDS)})")
+                raise EngineError(f"fact {i} carries a reserved field ({'/'.join(IDENTITY_FIELDS)})")
             n = count_properties(fact) if dict in map(type, fact.values()) else len(fact)  # (flat: a C-level look)
             if n > MAX_FACT_PROPERTIES:
                 raise EngineError(f"fact {i} has {n} properties; the engine's limit is {MAX_FACT_PROPERTIES}")

@@ -17,8 +17,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from needlepoint.core.conditions import FACT_FIELDS, RESERVED_FIELDS
-from needlepoint.core.record import FLAGS, INJECTATE_CATEGORIES as INJECTATE_CODES, INTENTS, SEXES, SIDES, TARGETS
+from needlepoint.core.conditions import ENGINE_RESERVED_NAMES, FACT_FIELDS
+from needlepoint.core.record import (
+    ALLERGY_CRITICALITIES,
+    ALLERGY_SEVERITIES,
+    FLAGS,
+    INJECTATE_CATEGORIES as INJECTATE_CODES,
+    INTENTS,
+    SEXES,
+    SIDES,
+    TARGETS,
+)
 from needlepoint.core.ruleset import (
     CATEGORIES,
     CODE_SYSTEMS,
@@ -47,7 +56,7 @@ NONBLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}
 # Names an aggregate (a field of the summary fact) or a parameter may not take: the fact kind
 # (t), the engine's identity and session fields (id, sid), value-set tags and the fact index.
 # An aggregate named id or sid breaks every evaluation; one named t disables every summary rule.
-RESERVED_NAMES = RESERVED_FIELDS
+RESERVED_NAMES = ENGINE_RESERVED_NAMES
 
 # Closed vocabularies of string fields of the prepared facts. Every road in (FHIR, protobuf,
 # case files) validates them; an allergy without a recorded severity is prepared as "unknown".
@@ -58,8 +67,8 @@ VOCABULARIES: dict[tuple[str, str], tuple[str, ...]] = {
     ("order", "intent"): INTENTS,
     ("order", "requested_modality"): MODALITIES,
     ("prior_injection", "target"): TARGETS,
-    ("allergy", "severity"): ("mild", "moderate", "severe", "unknown"),
-    ("allergy", "criticality"): ("low", "high", "unable-to-assess"),
+    ("allergy", "severity"): (*ALLERGY_SEVERITIES, "unknown"),  # "unknown": prepared for a severity not recorded
+    ("allergy", "criticality"): ALLERGY_CRITICALITIES,
     ("flag", "name"): FLAGS,
 }
 VOCABULARY_NAMES = {

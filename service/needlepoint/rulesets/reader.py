@@ -185,12 +185,13 @@ class YAMLSyntaxError(yaml.YAMLError):
         self.file, self.line, self.column, self.problem = file, problem.line, problem.column, problem.message
 
 
-def load_yaml(path: Path) -> Any:
+def load_yaml(path: Path, *, shown: str | Path | None = None) -> Any:
     """The value of a YAML file, for readers that need no positions (rule-set test cases).
     Raises :class:`OSError` or :class:`UnicodeDecodeError` for a file that cannot be read as
-    text, and :class:`YAMLSyntaxError` (file, line and column) for one that is not YAML."""
+    text, and :class:`YAMLSyntaxError` (file, line and column) for one that is not YAML, naming
+    the file ``shown`` when given (a private copy's file by the one it was copied from)."""
     path = Path(path)
-    doc = read_text(path.read_text(encoding="utf-8"), str(path), path.name, positions=False)
+    doc = read_text(path.read_text(encoding="utf-8"), str(shown or path), path.name, positions=False)
     if doc.problem is not None:
         raise YAMLSyntaxError(doc.file, doc.problem)
     return doc.value

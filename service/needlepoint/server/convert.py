@@ -3,7 +3,8 @@
 * :func:`encode_decision`: the core's typed decision into a ``Decision`` (the server's request
   path), each rule's fixed explanation encoded once;
 * :func:`decision_to_proto`: a decision's contract JSON into a ``Decision``, by the protobuf
-  JSON mapping, which is the contract's JSON (so the two cannot drift apart);
+  JSON mapping, which is the contract's JSON: no request path uses it; it is the test oracle of
+  :func:`encode_decision`;
 * :func:`ruleset_to_proto`: a loaded rule set into a ``Ruleset``.
 
 The way in (a request, its typed context and order, into a patient record) is
@@ -137,13 +138,17 @@ def _string(tag: int, text: str) -> bytes:
 
 
 def decision_to_proto(decision: Mapping[str, Any]) -> decision_pb2.Decision:
-    """A decision's contract JSON (``Evaluator.evaluate``) as a Decision.
+    """A decision's contract JSON (``Evaluator.evaluate``) as a Decision: the test oracle of
+    :func:`encode_decision` (``tests/test_convert.py``), no request path calls it.
 
-    The dict is the contract's JSON, which is the Decision's protobuf JSON mapping, so the result
-    equals ``json_format.ParseDict(decision, Decision())``; it is built through the message
-    constructors instead, following a per-message plan made once from the descriptors, about 15
-    times faster. A key, value or enum name that the proto does not know raises (KeyError,
-    TypeError, ValueError): a fault of the service, never of the input.
+    It follows the contract's JSON generically, message by message, where :func:`encode_decision`
+    writes each part of the typed decision by hand; their equality over many decisions checks that
+    the hand-written encoder leaves nothing out. The dict is the contract's JSON, which is the
+    Decision's protobuf JSON mapping, so the result equals ``json_format.ParseDict(decision,
+    Decision())``; it is built through the message constructors instead, following a per-message
+    plan made once from the descriptors, about 15 times faster. A key, value or enum name that the
+    proto does not know raises (KeyError, TypeError, ValueError): a fault of the service, never of
+    the input.
     """
     return decision_pb2.Decision(**_constructor_args(decision_pb2.Decision.DESCRIPTOR, decision))
 

@@ -281,7 +281,7 @@ class WorklistPages:
         def choice(name: str, values: tuple[str, ...]) -> str:
             opts = "".join(f'<option value="{html.e(v)}">{html.e(v)}</option>' for v in values)
             return (f'<label for="{name}">{name.capitalize()}<select id="{name}" name="{name}">'
-                    f'<option value="">from each referral</option>{opts}</select></label>')
+                    f'<option value="">each referral\'s own</option>{opts}</select></label>')
 
         recent = "".join(
             f'<li><a href="{base}/jobs/{html.e(job)}">{html.e(s.get("title", job))}</a>, {html.e(s.get("created", ""))}: '
@@ -301,6 +301,8 @@ class WorklistPages:
             '<input id="as_of" name="as_of" type="text" placeholder="2025-06-02T09:00:00Z"></label>'
             '<label for="planned">Planned date for referrals without one<input id="planned" name="planned" type="date"></label>'
             f"{choice('target', TARGETS)}{choice('side', SIDES)}{choice('intent', INTENTS)}</div>"
+            "<p>A target, side or intent picked here overrides every uploaded referral's own "
+            "(a CSV row's own value still wins); leave each referral's own to keep theirs.</p>"
             '<p><button type="submit">Evaluate the worklist</button></p></form>'
             f"<h2>Recent worklists</h2><ul>{recent or '<li>None yet.</li>'}</ul>"
         )

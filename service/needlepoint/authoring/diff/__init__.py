@@ -39,10 +39,11 @@ listed in the report; it never stops the run.
 test case's ``as_of``, a request's ``asOf``), and inputs without one use the instant the run
 started; both versions always see the same instant.
 
-**Order.** ``--target/--side/--intent`` supply or override the injection order of FHIR inputs
-(Bundles, CDS Hooks requests, exported requests), field by field, as everywhere
-(:func:`needlepoint.intake.apply_order`); a field they leave empty keeps the input's. Test cases
-are used as written.
+**Order.** ``--target/--side/--intent`` override the injection order of FHIR inputs (Bundles,
+CDS Hooks requests, exported requests), field by field, as on every road
+(:func:`needlepoint.intake.apply_order`): each one given replaces the input's own, the order an
+exported request carries (its logged ``order``) included, so leave them off to replay what was
+decided; a field they leave empty keeps the input's. Test cases are used as written.
 
 **What is compared.** Modality (preferred, acceptable, avoid), injectates (category ->
 recommendation), deferrals (``REASON`` or ``REASON/SCOPE`` -> severity), caution codes and

@@ -116,8 +116,8 @@ class CaseReader:
 
     ``as_of`` (--as-of) puts every case at one instant; otherwise a case keeps its own, and
     ``default_as_of`` stands in for inputs without one. ``order`` (--target/--side/--intent)
-    supplies or overrides the order of FHIR inputs (:func:`needlepoint.intake.apply_order`);
-    test cases are used as written."""
+    overrides the order of FHIR inputs field by field, an exported request's own order included
+    (:func:`needlepoint.intake.apply_order`); test cases are used as written."""
 
     def __init__(self, as_of: dt.datetime | None, default_as_of: dt.datetime, order: InjectionOrder | None) -> None:
         self.as_of, self.default_as_of, self.order = as_of, default_as_of, order
