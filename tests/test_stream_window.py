@@ -26,8 +26,8 @@ from sqlalchemy import select
 
 from needlepoint.decisionlog import DecisionLog, migrate, schema
 from needlepoint.limits import LARGE_REQUEST_BYTES
-from needlepoint.server.servicer import STREAM_WINDOW, STREAM_WINDOW_BYTES, DecisionServicer
 from needlepoint.server.service import Engine
+from needlepoint.server.servicer import STREAM_WINDOW, STREAM_WINDOW_BYTES, DecisionServicer
 from needlepoint.v1 import decision_service_pb2, patient_pb2
 from tests.bundles import not_for_us_bundle, random_bundles
 from tests.patients import AS_OF
@@ -252,7 +252,8 @@ def test_a_decision_reached_after_the_deadline_is_neither_committed_nor_answered
     async def run() -> tuple[list[str], Aborted]:
         answered = []
         try:
-            answers = servicer.EvaluateStream(Requests([request(0), request(1)]).__aiter__(), Context(lambda: next(remaining, 0.0)))
+            source = Requests([request(0), request(1)])
+            answers = servicer.EvaluateStream(source.__aiter__(), Context(lambda: next(remaining, 0.0)))
             async for answer in answers:
                 answered.append(answer.correlation_id)
         except Aborted as exc:
