@@ -94,7 +94,9 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         item. Once the call's deadline has passed nothing more is evaluated or committed: the
         first item that meets it is answered DEADLINE_EXCEEDED, which ends the stream after the
         answers of every item before it, so an item is answered if and only if it is committed,
-        in order (the commits themselves are in request order, one writer taking them as queued)."""
+        in order (the commits themselves are in request order, one writer taking them as queued).
+        Only a call cancelled while commits are under way (the client gone, or gRPC ending the call
+        at its deadline) leaves those decisions committed and unanswered, as for Evaluate."""
         pending: asyncio.Queue[tuple[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError], int] | None]
         pending = asyncio.Queue()
         window = _ReadAhead()
@@ -143,6 +145,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             log.info("EvaluateStream %s unreadable item (%d bytes)", request.error.code.name, request.size)
             return decision_service_pb2.EvaluateStreamResponse(error=request.error.to_status_proto())
         outcome = await self._evaluate("EvaluateStream", request, context, bundle, size)
+        del bundle  # (not held while the commit is awaited)
         if not isinstance(outcome, ServiceError) and _deadline_passed(context):
             log.info("EvaluateStream DEADLINE_EXCEEDED correlation=%s", correlation_ref(request.correlation_id))
             outcome = ServiceError.deadline_exceeded("during")
