@@ -113,6 +113,12 @@ class RecordError(ValueError):
         self.message = message
 
 
+class OrderNotForUs(RecordError):
+    """Input that carries no order this service decides on (no injection order, or one that is
+    not for a hip injection): a refusal like any RecordError, but the common and expected answer
+    when a caller sends every order, so the roads need not treat it as a caller's mistake."""
+
+
 @dataclass(frozen=True, slots=True)
 class Code:
     system: str  # a short name from SYSTEM_URIS, or the raw URI when unknown

@@ -40,6 +40,7 @@ from needlepoint.core.record import (
     InjectionOrder,
     Medication,
     Observation,
+    OrderNotForUs,
     PatientRecord,
     PlannedInjectate,
     PlannedSurgery,
@@ -1229,7 +1230,7 @@ def _hip_order_problem(data: Any) -> RecordError | None:
     if len(drafts) > 1:
         drafts = [entry for entry in drafts if _is_injection_request(entry)]
     if not drafts:
-        return RecordError("order", NO_ORDER_PROBLEM)
+        return OrderNotForUs("order", NO_ORDER_PROBLEM)
     if len(drafts) > 1:
         return None
     order = drafts[0]
@@ -1239,4 +1240,4 @@ def _hip_order_problem(data: Any) -> RecordError | None:
             return None
         if any(system == "np-target" or (system == "snomed" and code == _HIP_JOINT_SNOMED) for system, code in keys):
             return None
-    return RecordError("order.target", NOT_HIP_PROBLEM)
+    return OrderNotForUs("order.target", NOT_HIP_PROBLEM)

@@ -27,7 +27,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from needlepoint.core.record import RecordError
+from needlepoint.core.record import OrderNotForUs, RecordError
 
 INTERNAL_MESSAGE = "internal error: the fault is logged on the server"
 # The trailer that carries the serialized google.rpc.Status (read by grpc_status.rpc_status).
@@ -82,11 +82,16 @@ class FieldViolation:
 class ServiceError(Exception):
     """A failure with a gRPC status code, a message and the fields at fault."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation] = ()) -> None:
+    # not_for_us: the request carries no order this service decides on (an OrderNotForUs record
+    # error), the common answer when an EHR calls for every order, not a caller's mistake.
+    def __init__(
+        self, code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation] = (), *, not_for_us: bool = False
+    ) -> None:
         message = cap(message)
         super().__init__(message)
         self.code = code
         self.message = message
+        self.not_for_us = not_for_us
         self.violations = tuple(FieldViolation(cap(v.field, MAX_FIELD_CHARS), cap(v.description)) for v in violations)
 
     @classmethod
@@ -102,7 +107,12 @@ class ServiceError(Exception):
 
     @classmethod
     def from_record_error(cls, error: RecordError) -> ServiceError:
-        return cls.bad_input(error.path, error.message)
+        """``INVALID_ARGUMENT`` at the error's path, flagged :attr:`not_for_us` for an OrderNotForUs."""
+        path, problem = error.path, error.message
+        return cls(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {problem}", [FieldViolation(path, problem)],
+            not_for_us=isinstance(error, OrderNotForUs),
+        )
 
     @classmethod
     def not_found(cls, path: str, problem: str) -> ServiceError:

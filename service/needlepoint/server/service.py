@@ -195,14 +195,20 @@ class Engine:
         except UnknownVersion as exc:
             raise ServiceError.not_found(path if not version else "ruleset_version", str(exc)) from None
 
-    def evaluate(self, request: decision_service_pb2.EvaluateRequest, *, deadline: float | None = None) -> decision_pb2.Decision:
+    def evaluate(
+        self, request: decision_service_pb2.EvaluateRequest, *, deadline: float | None = None, bundle: bytes | None = None
+    ) -> decision_pb2.Decision:
         """The decision for one request. Bad input raises ServiceError; any other exception is a
         fault of the service and propagates. ``deadline`` (``time.monotonic()`` seconds): past
         it, the evaluation stops at the next stage boundary with DEADLINE_EXCEEDED, so a caller
-        who has given up stops costing CPU."""
+        who has given up stops costing CPU. ``bundle``: the request's ``fhir_bundle`` when the
+        caller has already read it (see :func:`bundle_and_size`), so that it is not copied again."""
         evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
         checkpoint = _deadline_check(deadline)
-        bundle, size = bundle_and_size(request)  # (read once: each read copies the bundle)
+        if bundle is None:
+            bundle, size = bundle_and_size(request)  # (read once: each read copies the bundle)
+        else:
+            size = len(bundle)
         with collector_paused(size > LARGE_REQUEST_BYTES, size):
             try:
                 record = self.record(request, bundle)

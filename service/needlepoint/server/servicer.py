@@ -2,7 +2,7 @@
 
 Evaluation is pure CPU. A common request takes about a millisecond, so it runs inline in the
 coroutine: handing it to an executor would cost more than it saves. A large one (over
-``HEAVY_REQUEST_BYTES``) runs on a heavy lane, one thread per worker, so that health checks and
+``LARGE_REQUEST_BYTES``) runs on a heavy lane, one thread per worker, so that health checks and
 small requests keep their latency while it runs; and every evaluation stops at the next stage
 boundary once the caller's deadline has passed. Every RPC ends in a decision, a
 :class:`ServiceError` status, or, for a fault of the service, ``INTERNAL`` with a generic message
@@ -24,13 +24,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from needlepoint.limits import MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES
+from needlepoint.limits import LARGE_REQUEST_BYTES, MAX_MESSAGE_BYTES, MAX_TRANSPORT_BYTES, MIB
 from needlepoint.security.logsafe import correlation_ref
 from needlepoint.security.transport import SecurityConfig, bind, interceptors as security_interceptors
 from needlepoint.server import wire
 from needlepoint.server.decision_log import log_decision
 from needlepoint.server.errors import ServiceError, correlation_id_problem
-from needlepoint.server.service import Engine, request_size
+from needlepoint.server.service import Engine, bundle_and_size
 from needlepoint.v1 import decision_pb2, decision_service_pb2, decision_service_pb2_grpc, ruleset_pb2
 
 if TYPE_CHECKING:
@@ -44,18 +44,20 @@ CORRELATION_ID_KEY = "correlation-id"
 T = TypeVar("T")
 
 
-# A request larger than this is evaluated on the heavy lane, a thread of its own, so that the event
-# loop keeps answering health checks and small requests while it runs (Python switches threads
-# every few milliseconds; the engine's C calls, short because alike facts are asserted once, are
-# the only stretches that hold the loop). Smaller requests run inline: a thread hop would cost them
-# more than the whole evaluation. One lane per worker: heavy requests queue behind each other, and
-# one whose deadline passes while it waits costs nothing.
-HEAVY_REQUEST_BYTES = 256 * 1024
+# A request larger than LARGE_REQUEST_BYTES is evaluated on the heavy lane, a thread of its own,
+# so that the event loop keeps answering health checks and small requests while it runs (Python
+# switches threads every few milliseconds; the engine's C calls, short because alike facts are
+# asserted once, are the only stretches that hold the loop). Smaller requests run inline: a thread
+# hop would cost them more than the whole evaluation. One lane per worker: heavy requests queue
+# behind each other, and one whose deadline passes while it waits costs nothing.
 
-# Items of one EvaluateStream read and evaluated ahead of the answer being sent, while that answer
-# waits for its decision-log commit. It bounds the memory one stream holds: 64 order bundles are
-# well under a megabyte, and nothing is read ahead of a large item (over HEAVY_REQUEST_BYTES).
+# How far one EvaluateStream reads and evaluates ahead of the answer being sent, while that answer
+# waits for its decision-log commit: another item is read only while fewer than STREAM_WINDOW items
+# are unanswered, their requests add up to less than STREAM_WINDOW_BYTES, and none of them is large
+# (over LARGE_REQUEST_BYTES). So one stream holds at most STREAM_WINDOW_BYTES of requests plus the
+# one item read last (itself at most MAX_MESSAGE_BYTES), and always reads at least one item.
 STREAM_WINDOW = 64
+STREAM_WINDOW_BYTES = 1 * MIB
 
 
 class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
@@ -72,7 +74,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         # An invalid id goes back nowhere: it is refused (INVALID_ARGUMENT) before evaluation.
         valid = request.correlation_id and correlation_id_problem(request.correlation_id) is None
         trailer = ((CORRELATION_ID_KEY, request.correlation_id),) if valid else ()
-        outcome = await self._evaluate("Evaluate", request, context)
+        bundle, size = bundle_and_size(request)  # (read once: each read copies the bundle)
+        outcome = await self._evaluate("Evaluate", request, context, bundle, size)
         if self._log is not None and not isinstance(outcome, ServiceError):
             outcome = await log_decision(self._log, request, outcome, context)
         if isinstance(outcome, ServiceError):
@@ -86,28 +89,38 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decision_service_pb2.EvaluateStreamResponse]:
         """Answers in request order, each only once its decision is committed to the log; but
-        items are read and evaluated ahead (up to ``STREAM_WINDOW``) while earlier ones wait for
-        their commit, so that one stream shares group commits instead of paying one per item."""
-        pending: asyncio.Queue[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError] | None]
+        items are read and evaluated ahead (within :class:`_ReadAhead`'s window) while earlier ones
+        wait for their commit, so that one stream shares group commits instead of paying one per
+        item. Once the call's deadline has passed nothing more is evaluated or committed: the
+        first item that meets it is answered DEADLINE_EXCEEDED, which ends the stream after the
+        answers of every item before it, so an item is answered if and only if it is committed,
+        in order (the commits themselves are in request order, one writer taking them as queued).
+        Only a call cancelled while commits are under way (the client gone, or gRPC ending the call
+        at its deadline) leaves those decisions committed and unanswered, as for Evaluate."""
+        pending: asyncio.Queue[tuple[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError], int] | None]
         pending = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        window = _ReadAhead()
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    answer = asyncio.ensure_future(self._stream_item(request, context))
-                    pending.put_nowait(answer)
-                    if not isinstance(request, wire.Rejected) and _size(request) > HEAVY_REQUEST_BYTES:
-                        await asyncio.wait([answer])  # a large item is not read ahead of
+                requests = aiter(request_iterator)
+                while True:
+                    await window.room()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        return
+                    bundle, size = (None, 0) if isinstance(request, wire.Rejected) else bundle_and_size(request)
+                    window.add(size)
+                    pending.put_nowait((asyncio.ensure_future(self._stream_item(request, context, bundle, size)), size))
             finally:
                 pending.put_nowait(None)  # (unbounded: never blocks)
 
         reader = asyncio.ensure_future(read())
         try:
             while (item := await pending.get()) is not None:
-                answer = await item
-                window.release()
+                answer = await item[0]
+                window.answered(item[1])
                 if isinstance(answer, ServiceError):  # a deadline ends the stream
                     await context.abort_with_status(answer.to_grpc_status())
                 yield answer
@@ -116,17 +129,26 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             reader.cancel()
             while not pending.empty():
                 if (item := pending.get_nowait()) is not None:
-                    item.cancel()
+                    item[0].cancel()
 
     async def _stream_item(
-        self, request: decision_service_pb2.EvaluateRequest | wire.Rejected, context: grpc.aio.ServicerContext
+        self,
+        request: decision_service_pb2.EvaluateRequest | wire.Rejected,
+        context: grpc.aio.ServicerContext,
+        bundle: bytes | None,
+        size: int,
     ) -> decision_service_pb2.EvaluateStreamResponse | ServiceError:
         """One EvaluateStream answer, after its decision's commit; or DEADLINE_EXCEEDED, which
-        ends the stream."""
+        ends the stream: before the evaluation, or after it when the deadline passed meanwhile
+        (then the decision is not committed, since it would never be answered)."""
         if isinstance(request, wire.Rejected):  # unreadable or oversized: its own error, go on
             log.info("EvaluateStream %s unreadable item (%d bytes)", request.error.code.name, request.size)
             return decision_service_pb2.EvaluateStreamResponse(error=request.error.to_status_proto())
-        outcome = await self._evaluate("EvaluateStream", request, context)
+        outcome = await self._evaluate("EvaluateStream", request, context, bundle, size)
+        del bundle  # (not held while the commit is awaited)
+        if not isinstance(outcome, ServiceError) and _deadline_passed(context):
+            log.info("EvaluateStream DEADLINE_EXCEEDED correlation=%s", correlation_ref(request.correlation_id))
+            outcome = ServiceError.deadline_exceeded("during")
         if self._log is not None and not isinstance(outcome, ServiceError):
             outcome = await log_decision(self._log, request, outcome, context)
         if isinstance(outcome, ServiceError):
@@ -157,25 +179,33 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         self, request: decision_service_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> decision_service_pb2.ExplainResponse:
         call = functools.partial(_guard, "Explain", request.request.correlation_id, lambda: self._engine.explain(request))
-        outcome = await self._run(call, heavy=_size(request.request) > HEAVY_REQUEST_BYTES)
+        outcome = await self._run(call, heavy=bundle_and_size(request.request)[1] > LARGE_REQUEST_BYTES)
         if isinstance(outcome, ServiceError):
             await context.abort_with_status(outcome.to_grpc_status())
         return outcome
 
     async def _evaluate(
-        self, method: str, request: decision_service_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
+        self,
+        method: str,
+        request: decision_service_pb2.EvaluateRequest,
+        context: grpc.aio.ServicerContext,
+        bundle: bytes | None,
+        size: int,
     ) -> decision_pb2.Decision | ServiceError:
         """One evaluation, unless the caller's deadline has already passed: inline when small, on
         the heavy lane when large; either way it stops at the next stage once the deadline passes.
-        A correlation id that cannot travel in a trailer or a log line is INVALID_ARGUMENT
+        ``bundle`` and ``size``: the request's, as :func:`bundle_and_size` read them (once). A
+        correlation id that cannot travel in a trailer or a log line is INVALID_ARGUMENT
         (``correlation_id``)."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             log.info("%s DEADLINE_EXCEEDED correlation=%s", method, correlation_ref(request.correlation_id))
             return ServiceError.deadline_exceeded()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        call = functools.partial(_guard, method, request.correlation_id, lambda: self._checked_evaluate(request, deadline))
-        return await self._run(call, heavy=_size(request) > HEAVY_REQUEST_BYTES)
+        call = functools.partial(
+            _guard, method, request.correlation_id, lambda: self._checked_evaluate(request, deadline, bundle)
+        )
+        return await self._run(call, heavy=size > LARGE_REQUEST_BYTES)
 
     async def _run(self, call: Callable[[], T], *, heavy: bool) -> T:
         """``call()`` inline, or on the heavy lane while the event loop goes on serving."""
@@ -184,7 +214,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self._heavy_lane, call)
 
     def _checked_evaluate(
-        self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None
+        self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None, bundle: bytes | None = None
     ) -> decision_pb2.Decision:
         """The engine's decision, after the correlation id has been checked."""
         problem = correlation_id_problem(request.correlation_id)
@@ -192,11 +222,46 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             raise ServiceError.bad_input("correlation_id", problem)
         if deadline is not None and time.monotonic() >= deadline:  # it waited on the heavy lane too long
             raise ServiceError.deadline_exceeded()
-        return self._engine.evaluate(request, deadline=deadline)
+        return self._engine.evaluate(request, deadline=deadline, bundle=bundle)
 
 
-_size = request_size
-NOT_FOR_US_FIELDS = frozenset({"order", "order.target"})
+class _ReadAhead:
+    """The items of one EvaluateStream read but not yet answered, and whether another may be
+    read (see STREAM_WINDOW): always when none is unanswered."""
+
+    def __init__(self, max_items: int = STREAM_WINDOW, max_bytes: int = STREAM_WINDOW_BYTES) -> None:
+        self._max_items, self._max_bytes = max_items, max_bytes
+        self.items = 0
+        self.bytes = 0
+        self._large = False  # a large item is unanswered (then it is the last one read)
+        self._changed = asyncio.Event()
+
+    def full(self) -> bool:
+        return self.items > 0 and (self.items >= self._max_items or self.bytes >= self._max_bytes or self._large)
+
+    async def room(self) -> None:
+        """Wait until another item may be read."""
+        while self.full():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def add(self, size: int) -> None:
+        self.items += 1
+        self.bytes += size
+        self._large = self._large or size > LARGE_REQUEST_BYTES
+
+    def answered(self, size: int) -> None:
+        """The oldest item (of ``size`` bytes) has been answered."""
+        self.items -= 1
+        self.bytes -= size
+        if self.items == 0:  # nothing is read after a large item until it is answered
+            self._large = False
+        self._changed.set()
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | ServiceError:
@@ -208,7 +273,7 @@ def _guard(method: str, correlation_id: str, call: Callable[[], T]) -> T | Servi
         fields = ",".join(v.field for v in exc.violations) or "-"
         # An order that is not for us (no order, or not a hip injection) is the common case when
         # an EHR calls for every order: counted in the metrics, logged only at DEBUG.
-        level = logging.DEBUG if fields in NOT_FOR_US_FIELDS else logging.INFO
+        level = logging.DEBUG if exc.not_for_us else logging.INFO
         log.log(level, "%s %s correlation=%s fields=%s", method, exc.code.name, correlation_ref(correlation_id), fields)
         return exc
     except Exception:
