@@ -67,7 +67,7 @@ class EchoEngine:
             "durable-engine": lambda request: evaluator.engine.run(facts),
         }[work]
 
-    def evaluate(self, request, deadline=None):
+    def evaluate(self, request, deadline=None, bundle=None):  # the servicer's call, bundle read once
         self._work(request)
         return self._decision
 
