@@ -7,10 +7,11 @@
 
 Roads (the bundled rule set):
 
-* ``order``: an order-time FHIR bundle (tests/data/fhir/hip_injection_order.json) as request
-  bytes to a protobuf ``Decision``, through ``server.service.Engine.evaluate`` as the gRPC servicer
-  calls it. The inputs are the bundle at 200 seeded instants, so each decision differs (ages,
-  days since each result, the decision id).
+* ``order``: FHIR order bundles as request bytes to a protobuf ``Decision``, through
+  ``server.service.Engine.evaluate`` as the gRPC servicer calls it. The inputs are 200 distinct
+  seeded order bundles (``tests/bundles.py``, those of the gRPC benchmark), each at a seeded
+  instant; a checkout without that generator uses its one order-time bundle
+  (tests/data/fhir/hip_injection_order.json) at 200 instants.
 * ``record``: a mapped ``PatientRecord`` (1,000 seeded generated patients, ``tests/patients.py``)
   to a protobuf ``Decision``: the evaluator and the decision encoder the server uses.
 * ``synthea``: every Synthea bundle of ``../shared/fixtures`` (0.1 to 3 MB each) with the default
@@ -77,13 +78,21 @@ class Roads:
             ts.FromDatetime(instant)
             return ts
 
-        order_bundle = (ROOT / "tests" / "data" / "fhir" / "hip_injection_order.json").read_bytes()
+        try:  # 200 distinct seeded order bundles (the gRPC benchmark's), each with its own order
+            import orjson
+
+            from tests.bundles import random_bundles
+
+            order_bundles = [orjson.dumps(bundle) for bundle in random_bundles(200, seed=seed)]
+        except ImportError:  # an older checkout: its one order-time bundle, at 200 instants
+            one = (ROOT / "tests" / "data" / "fhir" / "hip_injection_order.json").read_bytes()
+            order_bundles = [one] * 200
         self.inputs: dict[str, list] = {
             "order": [
                 decision_service_pb2.EvaluateRequest(
-                    fhir_bundle=order_bundle, as_of=stamp(AS_OF + dt.timedelta(minutes=rng.randrange(0, 60 * 24 * 60)))
+                    fhir_bundle=bundle, as_of=stamp(AS_OF + dt.timedelta(minutes=rng.randrange(0, 60 * 24 * 60)))
                 )
-                for _ in range(200)
+                for bundle in order_bundles
             ],
             "record": random_patients(1000, seed=seed),
             "synthea": [
