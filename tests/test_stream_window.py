@@ -295,3 +295,16 @@ def test_an_invalid_order_target_is_logged_at_info(engine: Engine, caplog: pytes
     assert status.code is grpc.StatusCode.INVALID_ARGUMENT and "fields=order.target" in message
     assert level == logging.INFO
 
+
+
+def test_no_order_is_not_for_us_on_every_road(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    # a typed context without an order, and a bundle whose own order is not a hip injection with
+    # only a side given beside it: refused by the full mapping, not the early scan, and alike
+    context = decision_service_pb2.EvaluateRequest(context=patient_pb2.PatientContext(sex="female"))
+    partial = decision_service_pb2.EvaluateRequest(fhir_bundle=orjson.dumps(not_for_us_bundle(random.Random(3), 0)))
+    partial.order.CopyFrom(patient_pb2.InjectionOrder(side="right"))
+    for proto, field in ((context, "order"), (partial, "order.target")):
+        proto.as_of.FromDatetime(AS_OF)
+        status, level, message = refusal_level(engine, caplog, proto)
+        assert status.code is grpc.StatusCode.INVALID_ARGUMENT and f"fields={field} " in message + " "
+        assert level == logging.DEBUG

@@ -29,7 +29,7 @@ from typing import cast
 
 from .compiler import negated_patterns
 from .conditions import FACT_FIELDS, FieldTest, Pattern, compile_matcher, resolve_operand, tag, test_holds
-from .record import Code, Condition, DataIssue, Observation, PatientRecord, RecordError, RecordItem
+from .record import Code, Condition, DataIssue, Observation, OrderNotForUs, PatientRecord, RecordError, RecordItem
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
 
@@ -292,12 +292,13 @@ class Preparer:
         issues: list[DataIssue] = [issue for issue in record.data_issues if in_force(issue, as_of)]
         tags_of = self.index.tags
         order = record.order
+        # no order, or one that names no hip injection target: nothing this service decides on
         if order is None:
-            raise RecordError(
+            raise OrderNotForUs(
                 "order", "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
             )
         if not order.target:
-            raise RecordError("order.target", "the injection order names no target (bodySite), so there is nothing to evaluate")
+            raise OrderNotForUs("order.target", "the injection order names no target (bodySite), so there is nothing to evaluate")
 
         facts, infos = out.facts, out.info
 

@@ -95,8 +95,10 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         first item that meets it is answered DEADLINE_EXCEEDED, which ends the stream after the
         answers of every item before it, so an item is answered if and only if it is committed,
         in order (the commits themselves are in request order, one writer taking them as queued).
-        Only a call cancelled while commits are under way (the client gone, or gRPC ending the call
-        at its deadline) leaves those decisions committed and unanswered, as for Evaluate."""
+        But a call cancelled while commits are under way (the client gone, or gRPC ending the call
+        at its deadline, which it usually does before this code sees the deadline pass) leaves
+        those decisions committed and unanswered: up to one window of them, where Evaluate risks
+        one. Every decision answered is logged; a logged decision may not have been answered."""
         pending: asyncio.Queue[tuple[asyncio.Future[decision_service_pb2.EvaluateStreamResponse | ServiceError], int] | None]
         pending = asyncio.Queue()
         window = _ReadAhead()

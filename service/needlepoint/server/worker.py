@@ -224,6 +224,11 @@ async def _install_catalogs(catalogs: asyncio.Queue[Catalog], installer: Install
             built = time.perf_counter()
             installer.install(catalog, versions)
             swapped = time.perf_counter()
+            # the new rule sets live until the next reload: out of the collector's sight too (one
+            # full collection now, which also frees what the old ones left in cycles)
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
             serving = ", ".join(f"{i} {installer.registry.serving(i)}" for i in installer.registry.ids)
             log.info("installed rule sets generation %d (serving %s; built in %.0f ms off the loop, swapped in %.1f ms)",
                      catalog.generation, serving, (built - started) * 1000, (swapped - built) * 1000)
