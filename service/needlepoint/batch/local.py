@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def spill(export: Path, referrals: dict[str, list[Referral]] | None, folder: Pat
     return [Bucket(str(folder / f"bucket-{i:05d}"), i, count, sizes[i], by_bucket[i]) for i in range(count)]
 
 
-def bundle_chunks(referrals: list[Referral], jobs: int) -> list[Chunk]:
+def _bundle_chunks(referrals: list[Referral], jobs: int) -> list[Chunk]:
     """The referrals of a folder or CSV of bundles in chunks of about equal size for ``jobs``
     worker processes (the batch and the worklist send the same chunks)."""
     sized = []
@@ -170,6 +171,39 @@ def bundle_chunks(referrals: list[Referral], jobs: int) -> list[Chunk]:
     return chunks
 
 
+def plan_chunks(plan: Plan, scratch: Path, jobs: int) -> list[Chunk]:
+    """The work of a plan for ``jobs`` processes: its Bundle files in chunks of about equal size,
+    and its Bulk Data export spilled into per-patient buckets under ``scratch``."""
+    chunks = _bundle_chunks(plan.referrals, jobs)
+    if plan.export is not None:
+        chunks += [Chunk(bucket=b, size=b.size) for b in spill(plan.export, plan.by_patient, scratch, jobs)]
+    return chunks
+
+
+def evaluate_chunks(
+    chunks: list[Chunk], options: Options, jobs: int, collect: Callable[[tuple[list[dict], int]], None],
+    *, in_process: bool | None = None,
+) -> int:
+    """Evaluate every chunk, handing each result (its rows, its size) to ``collect`` as it
+    finishes; a chunk whose worker died comes back as error rows (:func:`_lost_rows`). In this
+    process when ``in_process``, by default when there is one job, one chunk, a small input or no
+    way to spawn; else on a pool. The number of processes that evaluated."""
+    if in_process is None:
+        total = sum(c.size for c in chunks)
+        in_process = jobs == 1 or len(chunks) <= 1 or total < IN_PROCESS_BYTES or not can_spawn()
+    if in_process:
+        worker = Worker(options)
+        try:
+            for chunk in chunks:
+                collect(worker.run(chunk))
+        finally:
+            worker.evaluator.close()
+        return 1
+    processes = min(jobs, len(chunks))
+    run_pool(chunks, processes, options, make_worker, collect, lambda c, why: collect((_lost_rows(options, c, why), c.size)))
+    return processes
+
+
 def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None = None, progress: bool | None = None) -> Outcome:
     """Evaluate every referral of the plan and write OUT (which :func:`output.prepare_folder`
     has readied). ``progress``: True always draws a bar on standard error, None only on a
@@ -179,9 +213,7 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
     scratch = Path(tempfile.mkdtemp(prefix="needlepoint-batch-"))
     outcome = Outcome()
     try:
-        chunks = bundle_chunks(plan.referrals, jobs)
-        if plan.export is not None:
-            chunks += [Chunk(bucket=b, size=b.size) for b in spill(plan.export, plan.by_patient, scratch, jobs)]
+        chunks = plan_chunks(plan, scratch, jobs)
         total = sum(c.size for c in chunks)
         runs: list[Path] = []
         show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_BYTES)
@@ -203,21 +235,10 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
             if bar:
                 bar.advance(size, rows=outcome.rows, errors=outcome.statuses.get("error", 0))
 
-        in_process = jobs == 1 or len(chunks) <= 1 or total < IN_PROCESS_BYTES or not can_spawn()
         try:
             if bar:
                 bar.start()
-            if in_process:
-                worker = Worker(options)
-                try:
-                    for chunk in chunks:
-                        collect(worker.run(chunk))
-                finally:
-                    worker.evaluator.close()
-            else:
-                outcome.processes = min(jobs, len(chunks))
-                run_pool(chunks, outcome.processes, options, make_worker, collect,
-                         lambda c, why: collect((lost_rows(options, c, why), c.size)))
+            outcome.processes = evaluate_chunks(chunks, options, jobs, collect)
         finally:
             if bar:
                 bar.stop()
@@ -228,7 +249,7 @@ def run(plan: Plan, options: Options, out: Path, fmt: str, *, jobs: int | None =
     return outcome
 
 
-def lost_rows(options: Options, chunk: Chunk, why: str) -> list[dict]:
+def _lost_rows(options: Options, chunk: Chunk, why: str) -> list[dict]:
     """Error rows for a chunk whose worker died: its referrals, or its bucket's patients."""
     rows = [error_row(options, r, f"{r.where}: {why}") for r in chunk.referrals]
     if chunk.bucket is not None:

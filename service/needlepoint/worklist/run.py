@@ -1,10 +1,10 @@
 """Running a worklist: the batch engine on every core, with progress reported as it goes.
 
-The evaluation is :class:`needlepoint.batch.local.Worker` (one
-:class:`~needlepoint.batch.evaluate.ReferralEvaluator` per process) over the batch engine's own
-chunks (:func:`needlepoint.batch.local.spill` for a Bulk Data export, its Bundle chunking for
-files) on :func:`needlepoint.workpool.run_pool`; a worker that dies costs its chunk, whose
-referrals become error rows exactly as in ``needlepoint batch``. What differs from
+The evaluation is the batch engine's own (:func:`needlepoint.batch.local.plan_chunks` and
+:func:`~needlepoint.batch.local.evaluate_chunks`: one
+:class:`~needlepoint.batch.evaluate.ReferralEvaluator` per process, on a pool for a large input);
+a worker that dies costs its chunk, whose referrals become error rows exactly as in
+``needlepoint batch``. What differs from
 ``batch.local.run`` is only where the rows go: they are kept in memory, sorted by referral id
 (a worklist is a report for people, hundreds to a few thousand referrals), and every finished
 chunk calls ``on_progress(done, total, rows, errors)`` so that a terminal bar or a web page can
@@ -31,7 +31,7 @@ from needlepoint.batch import local, output
 from needlepoint.batch.evaluate import Options
 from needlepoint.batch.referrals import Plan
 from needlepoint.worklist.rows import WorklistRow, worklist_row
-from needlepoint.workpool import ProgressBar, can_spawn, run_pool
+from needlepoint.workpool import ProgressBar
 
 Progress = Callable[[int, int, int, int], None]  # done, total (units of work), rows, errors
 
@@ -46,9 +46,7 @@ def evaluate(
     scratch = Path(tempfile.mkdtemp(prefix="needlepoint-worklist-"))
     rows: list[dict] = []
     try:
-        chunks = local.bundle_chunks(plan.referrals, jobs)
-        if plan.export is not None:
-            chunks += [local.Chunk(bucket=b, size=b.size) for b in local.spill(plan.export, plan.by_patient, scratch, jobs)]
+        chunks = local.plan_chunks(plan, scratch, jobs)
         total = sum(c.size for c in chunks)
         done = errors = 0
 
@@ -63,18 +61,7 @@ def evaluate(
 
         if on_progress is not None:
             on_progress(0, total, 0, 0)
-        if in_process is None:
-            in_process = jobs == 1 or len(chunks) <= 1 or total < local.IN_PROCESS_BYTES or not can_spawn()
-        if in_process:
-            worker = local.Worker(options)
-            try:
-                for chunk in chunks:
-                    collect(worker.run(chunk))
-            finally:
-                worker.evaluator.close()
-        else:
-            run_pool(chunks, min(jobs, len(chunks)), options, local.make_worker, collect,
-                     lambda c, why: collect((local.lost_rows(options, c, why), c.size)))  # fmt: skip
+        local.evaluate_chunks(chunks, options, jobs, collect, in_process=in_process)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rows.sort(key=output.key)
