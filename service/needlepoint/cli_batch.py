@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -56,6 +57,34 @@ def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> d
         raise click.BadParameter(str(exc)) from None
 
 
+def referral_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """How the referrals are evaluated, the same options for ``batch`` and ``worklist``: --as-of,
+    --planned, --target/--side/--intent, --export, --ruleset, --rulesets, --overlay (the arguments
+    :func:`evaluation_options` takes, with ``export``)."""
+    options = [
+        click.option(
+            "--as-of", callback=parse_instant,
+            help="Evaluation instant for referrals without their own (ISO 8601) [default: now].",
+        ),
+        click.option(
+            "--planned", callback=_planned,
+            help="Planned date for referrals without their own (a date means the end of that day, UTC).",
+        ),
+        order_options("overrides the one in each referral's own order (its Bundle's); a CSV row's own value wins over it."),
+        click.option("--export", "export", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="The Bulk Data export a CSV's patient_id column refers to [default: the CSV's folder]."),
+        click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id."),
+        click.option("--rulesets", "rulesets_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Directory of rule sets [default: the bundled ones]."),
+        click.option(
+            "--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A site overlay for the rule set."
+        ),
+    ]
+    for option in reversed(options):  # the first listed is the first in --help, as with stacked decorators
+        command = option(command)
+    return command
+
+
 @click.command(name="batch")
 @click.argument("input_path", metavar="INPUT")
 @click.argument("out", metavar="OUT")
@@ -65,21 +94,7 @@ def _planned(ctx: click.Context, param: click.Parameter, value: str | None) -> d
     "--master", metavar="URL", help="Spark master (local[2], spark://host:7077, yarn…) [default: spark-submit's, else local[*]]."
 )
 @click.option("--format", "fmt", type=click.Choice(["ndjson", "parquet"]), default="ndjson", show_default=True)
-@click.option(
-    "--as-of", callback=parse_instant, help="Evaluation instant for referrals without their own (ISO 8601) [default: now]."
-)
-@click.option(
-    "--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC)."
-)
-@order_options(
-    "overrides the one in each referral's own order (its Bundle's); a CSV row's own value wins over it."
-)
-@click.option("--export", "export", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The Bulk Data export a CSV's patient_id column refers to [default: the CSV's folder].")
-@click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id.")
-@click.option("--rulesets", "rulesets_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory of rule sets [default: the bundled ones].")
-@click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A site overlay for the rule set.")
+@referral_options
 @click.option(
     "--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Local engine: worker processes [default: one per CPU]."
 )

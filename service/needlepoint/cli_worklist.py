@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from needlepoint.cli_batch import _planned, evaluation_options
-from needlepoint.cli_options import order_options, parse_instant
-from needlepoint.rulesets import DEFAULT_RULESET
+from needlepoint.cli_batch import evaluation_options, referral_options
 from needlepoint.security.transport import is_loopback
 
 if TYPE_CHECKING:
@@ -32,21 +30,7 @@ if TYPE_CHECKING:
 @click.argument("input_path", metavar="INPUT", required=False)
 @click.option("--out", "outs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The report: .html (self-contained), .csv or .xlsx. Repeat for several formats.")
-@click.option(
-    "--as-of", callback=parse_instant, help="Evaluation instant for referrals without their own (ISO 8601) [default: now]."
-)
-@click.option(
-    "--planned", callback=_planned, help="Planned date for referrals without their own (a date means the end of that day, UTC)."
-)
-@order_options(
-    "overrides the one in each referral's own order (its Bundle's); a CSV row's own value wins over it."
-)
-@click.option("--export", "export", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The Bulk Data export a CSV's patient_id column refers to [default: the CSV's folder].")
-@click.option("--ruleset", "ruleset_id", default=DEFAULT_RULESET, show_default=True, help="Rule set id.")
-@click.option("--rulesets", "rulesets_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Directory of rule sets [default: the bundled ones].")
-@click.option("--overlay", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A site overlay for the rule set.")
+@referral_options
 @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Worker processes [default: one per CPU].")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on standard error [default: on a terminal].")
 @click.option(
