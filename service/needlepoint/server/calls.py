@@ -80,6 +80,24 @@ class CallGate(grpc.aio.ServerInterceptor):
         if self.in_flight == 0:
             self._idle.set()
 
+    async def _admit(self, method: str, gated: bool, context: grpc.aio.ServicerContext) -> float:
+        """Let a call in: a gated one is answered UNAVAILABLE once draining, else counted in flight.
+        When it started."""
+        if gated and self.draining:
+            metrics.observe_call(method, "UNAVAILABLE", 0.0)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+        started = time.perf_counter()
+        if gated:
+            self._enter()
+        metrics.call_started()
+        return started
+
+    def _finish(self, method: str, gated: bool, code: str, started: float) -> None:
+        """A call let in by :meth:`_admit` has ended with ``code``."""
+        if gated:
+            self._leave()
+        metrics.observe_call(method, code, time.perf_counter() - started)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
@@ -111,13 +129,7 @@ class CallGate(grpc.aio.ServerInterceptor):
         """Wrap a behaviour with one answer."""
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if gated and self.draining:
-                metrics.observe_call(method, "UNAVAILABLE", 0.0)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            started, code = time.perf_counter(), "UNKNOWN"
-            if gated:
-                self._enter()
-            metrics.call_started()
+            started, code = await self._admit(method, gated, context), "UNKNOWN"
             try:
                 response = behavior(request, context)
                 if inspect.isawaitable(response):
@@ -132,9 +144,7 @@ class CallGate(grpc.aio.ServerInterceptor):
                 code = "CANCELLED"
                 raise
             finally:
-                if gated:
-                    self._leave()
-                metrics.observe_call(method, code, time.perf_counter() - started)
+                self._finish(method, gated, code, started)
 
         return call
 
@@ -142,13 +152,7 @@ class CallGate(grpc.aio.ServerInterceptor):
         """Wrap a behaviour that answers with a stream."""
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if gated and self.draining:
-                metrics.observe_call(method, "UNAVAILABLE", 0.0)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            started, code = time.perf_counter(), "UNKNOWN"
-            if gated:
-                self._enter()
-            metrics.call_started()
+            started, code = await self._admit(method, gated, context), "UNKNOWN"
             try:
                 answers = behavior(request, context)
                 if inspect.isawaitable(answers):  # a behaviour that writes with context.write
@@ -165,9 +169,7 @@ class CallGate(grpc.aio.ServerInterceptor):
                 code = "CANCELLED"
                 raise
             finally:
-                if gated:
-                    self._leave()
-                metrics.observe_call(method, code, time.perf_counter() - started)
+                self._finish(method, gated, code, started)
 
         return call
 
