@@ -235,6 +235,16 @@ class Builder(RuleChecks):
 
     # -- structure helpers --
 
+    def file_mapping(self, doc: Document, shape: str) -> dict | None:
+        """A file's top-level mapping (an empty file is an empty mapping), or None once it is
+        reported as not one; ``shape`` says what the file maps, e.g. "aggregates.yaml is a mapping
+        of summary field name to its definition"."""
+        raw = doc.value if doc.value is not None else {}
+        if isinstance(raw, dict):
+            return raw
+        self.error("NP002", doc, (), f"{shape}; got {describe(raw)}", key=False)
+        return None
+
     def mapping(
         self,
         doc: Document,
@@ -381,15 +391,8 @@ class Builder(RuleChecks):
     # -- parameters.yaml --
 
     def check_parameters(self, doc: Document) -> None:
-        raw = doc.value if doc.value is not None else {}
-        if not isinstance(raw, dict):
-            self.error(
-                "NP002",
-                doc,
-                (),
-                f"parameters.yaml is a mapping of parameter name to its definition; got {describe(raw)}",
-                key=False,
-            )
+        raw = self.file_mapping(doc, "parameters.yaml is a mapping of parameter name to its definition")
+        if raw is None:
             return
         for name, spec in raw.items():
             path = (name,)
@@ -495,15 +498,8 @@ class Builder(RuleChecks):
     def check_value_sets(self, doc: Document) -> None:
         if not doc.loaded:
             return
-        raw = doc.value if doc.value is not None else {}
-        if not isinstance(raw, dict):
-            self.error(
-                "NP002",
-                doc,
-                (),
-                f"a value-set file is a mapping of value set id to its definition; got {describe(raw)}",
-                key=False,
-            )
+        raw = self.file_mapping(doc, "a value-set file is a mapping of value set id to its definition")
+        if raw is None:
             return
         for vs_id, spec in raw.items():
             path = (vs_id,)
@@ -596,15 +592,8 @@ class Builder(RuleChecks):
     # -- observations.yaml --
 
     def check_observations(self, doc: Document) -> None:
-        raw = doc.value if doc.value is not None else {}
-        if not isinstance(raw, dict):
-            self.error(
-                "NP002",
-                doc,
-                (),
-                f"observations.yaml is a mapping of concept id to its definition; got {describe(raw)}",
-                key=False,
-            )
+        raw = self.file_mapping(doc, "observations.yaml is a mapping of concept id to its definition")
+        if raw is None:
             return
         claimed: dict[str, tuple[str, tuple]] = {}
         for cid, spec in raw.items():
@@ -792,15 +781,8 @@ class Builder(RuleChecks):
     # -- aggregates.yaml --
 
     def check_aggregates(self, doc: Document) -> None:
-        raw = doc.value if doc.value is not None else {}
-        if not isinstance(raw, dict):
-            self.error(
-                "NP002",
-                doc,
-                (),
-                f"aggregates.yaml is a mapping of summary field name to its definition; got {describe(raw)}",
-                key=False,
-            )
+        raw = self.file_mapping(doc, "aggregates.yaml is a mapping of summary field name to its definition")
+        if raw is None:
             return
         for name, spec in raw.items():
             path = (name,)
