@@ -89,3 +89,21 @@ def test_a_case_file_that_is_not_yaml_is_named_with_its_line_and_column(tmp_path
     with pytest.raises(YAMLSyntaxError) as caught:
         load_cases(cases)
     assert caught.value.file == str(cases) and caught.value.line == 3 and str(caught.value).startswith(f"{cases}:3:")
+
+
+@pytest.mark.parametrize(
+    ("document", "shape"),
+    [
+        ("parameters", "parameters.yaml is a mapping of parameter name to its definition"),
+        ("observations", "observations.yaml is a mapping of concept id to its definition"),
+        ("aggregates", "aggregates.yaml is a mapping of summary field name to its definition"),
+    ],
+)
+def test_a_file_that_is_not_a_mapping_is_refused_saying_what_it_maps(document: str, shape: str) -> None:
+    docs = read_documents(HIP)
+    docs[document] = ["not", "a", "mapping"]
+    with pytest.raises(RuleSetError) as caught:
+        build_ruleset(docs)
+    assert any(d.code == "NP002" and d.message == f"{shape}; got a list" for d in caught.value.diagnostics), [
+        d.message for d in caught.value.diagnostics
+    ]
