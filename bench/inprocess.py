@@ -169,7 +169,8 @@ class Tree:
         self.proc.wait(timeout=30)
 
 
-def machine() -> str:
+def machine(*, load: bool = False) -> str:
+    """The CPU model, its cores and the Python; with ``load``, the load average now too."""
     model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -178,8 +179,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, load {load:.2f}"
+    text = f"{model}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    if load and hasattr(os, "getloadavg"):
+        text += f", load {os.getloadavg()[0]:.2f}"
+    return text
 
 
 def measure(trees: list[Tree], roads: tuple[str, ...], repeats: int, scale: float) -> dict[str, dict[str, list[float]]]:
@@ -199,7 +202,7 @@ def measure(trees: list[Tree], roads: tuple[str, ...], repeats: int, scale: floa
 
 def report(rates: dict[str, dict[str, list[float]]], roads: tuple[str, ...]) -> str:
     labels = list(rates)
-    lines = [f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}", ""]
+    lines = [f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine(load=True)}", ""]
     head = "| road | " + " | ".join(f"{label}: decisions/s per core, median (min-max)" for label in labels)
     if len(labels) == 2:
         head += f" | {labels[1]} / {labels[0]}"
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             tree.close()
     if args.json:
         out = {
-            "machine": machine(),
+            "machine": machine(load=True),
             "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
             "unit": "decisions per CPU second",
             "results": {

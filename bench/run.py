@@ -33,7 +33,7 @@ What it measures (the README's "Benchmarks" section defines each figure):
    * the cost of the rotation itself: echo with one body on long-lived connections (and "not for
      us" against echo that way too, free of connection set-up).
 4. **In-process** decisions/s per core from order bundles, mapped records and Synthea bundles:
-   ``bench/inprocess.py --json`` when present, else a smaller measurement of the same roads here.
+   ``bench/inprocess.py --json``, in a process of its own.
 
 Runs are interleaved over servers in every round; figures are medians over the rounds with
 their spread (min–max). The report is a Markdown table, dated, with the machine.
@@ -47,7 +47,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -60,7 +59,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +67,7 @@ sys.path.insert(0, str(ROOT))  # the seeded generators live with the tests
 
 import grpc  # noqa: E402
 import orjson  # noqa: E402
+from bench.inprocess import machine  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 
@@ -446,66 +446,18 @@ def measure(
 
 
 def in_process(quick: bool) -> tuple[str, dict[str, dict[str, float]]]:
-    """Decisions per CPU second per road: from bench/inprocess.py when it exists, else here."""
-    script = ROOT / "bench" / "inprocess.py"
-    if script.exists():
-        args = [sys.executable, str(script), "--json"] + (["--repeats", "3", "--scale", "0.3"] if quick else [])
-        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-        results = json.loads(out)["results"]["this tree"]
-        return "bench/inprocess.py", {road: {k: v[k] for k in ("median", "min", "max")} for road, v in results.items()}
-    return "bench/run.py (own measurement)", _own_in_process(3 if quick else 7)
-
-
-def _own_in_process(repeats: int) -> dict[str, dict[str, float]]:
-    from needlepoint.server import convert
-    from needlepoint.server.service import Engine
-    from tests.patients import random_patients
-
-    engine = Engine.load()
-    evaluator = engine.evaluator(DEFAULT_RULESET)
-    orders = []
-    for bundle in random_bundles(300, seed=5):
-        message = decision_service_pb2.EvaluateRequest(fhir_bundle=orjson.dumps(bundle))
-        message.as_of.FromDatetime(AS_OF)
-        orders.append(message)
-    records = random_patients(500, seed=5)
-    shared = Path(os.environ.get("NEEDLEPOINT_SHARED") or ROOT.parent / "shared")
-    order = decision_service_pb2.EvaluateRequest().order
-    order.target, order.side, order.intent = "hip-intra-articular", "right", "therapeutic"
-    synthea = []
-    for path in sorted((shared / "fixtures" / "synthea").glob("*.json"))[:20]:
-        message = decision_service_pb2.EvaluateRequest(fhir_bundle=path.read_bytes(), order=order)
-        message.as_of.FromDatetime(AS_OF)
-        synthea.append(message)
-    roads: dict[str, Callable[[], int]] = {
-        "order": lambda: sum(1 for r in orders if engine.evaluate(r)),
-        "record": lambda: sum(1 for r in records if convert.encode_decision(evaluator.decide(r, AS_OF))),  # the server's road
-        "synthea": lambda: sum(1 for r in synthea if engine.evaluate(r)),
-    }
-    rates: dict[str, list[float]] = {road: [] for road in roads}
-    for run in roads.values():
-        run()  # warm-up
-    for _ in range(repeats):
-        for road, run in roads.items():
-            t0 = time.process_time()
-            n = run()
-            rates[road].append(n / (time.process_time() - t0))
-    return {road: {"median": statistics.median(v), "min": min(v), "max": max(v)} for road, v in rates.items()}
+    """Decisions per CPU second per road, from bench/inprocess.py (in a process of its own)."""
+    args = [sys.executable, str(ROOT / "bench" / "inprocess.py"), "--json"]
+    args += ["--repeats", "3", "--scale", "0.3"] if quick else []
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    results = json.loads(out)["results"]["this tree"]
+    return "bench/inprocess.py", {road: {k: v[k] for k in ("median", "min", "max")} for road, v in results.items()}
 
 
 # -- the report ----------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+
 
 
 def spread(values: Sequence[float], fmt: str = "{:,.0f}") -> str:
