@@ -52,6 +52,7 @@ class FakeEvaluator:
     (after ``unavailable`` UNAVAILABLE answers)."""
 
     ruleset = FakeRuleset()
+    observation_codes = None  # map every Observation
 
     def __init__(self) -> None:
         self.calls = 0

@@ -32,7 +32,12 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from needlepoint.core import record as rec
-from needlepoint.fhir.mapper import record_from_bundle, record_from_bundle_with_hip_order, record_from_cds_hooks_request
+from needlepoint.fhir.mapper import (
+    ObservationCodes,
+    record_from_bundle,
+    record_from_bundle_with_hip_order,
+    record_from_cds_hooks_request,
+)
 from needlepoint.limits import MAX_BUNDLE_BYTES
 from needlepoint.v1 import decision_service_pb2, patient_pb2
 
@@ -81,7 +86,11 @@ def order_from_fields(
 
 
 def record_from_request(
-    request: decision_service_pb2.EvaluateRequest, bundle: Any = None, *, refuse_early: bool = False
+    request: decision_service_pb2.EvaluateRequest,
+    bundle: Any = None,
+    *,
+    refuse_early: bool = False,
+    observation_codes: ObservationCodes | None = None,
 ) -> rec.PatientRecord:
     """The patient record of an ``EvaluateRequest``, with its ``order`` applied. ``bundle``, when
     given, is the request's FHIR Bundle already read: its bytes (``request.fhir_bundle``, which
@@ -92,17 +101,21 @@ def record_from_request(
     ``refuse_early`` is the server's cheap answer for orders that are not for us: a bundle sent
     with no order beside it must order a hip injection itself, and one that does not is refused
     (at ``order`` or ``order.target``, as the full mapping would) before the rest of it is mapped.
-    Tools that apply an order of their own after this (``rules diff``, batch) leave it off."""
+    Tools that apply an order of their own after this (``rules diff``, batch) leave it off.
+
+    ``observation_codes``: a bundle's Observations of other codes are not mapped (see
+    :func:`~needlepoint.fhir.mapper.record_from_bundle`); a caller that only decides passes its
+    evaluator's ``observation_codes``."""
     road = request.WhichOneof("patient")
     own_order = refuse_early and not request.HasField("order")
     if type(bundle) is bytes:
-        record = record_from_bundle_bytes(bundle, own_order=own_order)
+        record = record_from_bundle_bytes(bundle, own_order=own_order, observation_codes=observation_codes)
     elif bundle is not None:
-        record = record_from_bundle(bundle)
+        record = record_from_bundle(bundle, observation_codes=observation_codes)
     elif road == "context":
         record = record_from_context(request.context)
     elif road == "fhir_bundle":
-        record = record_from_bundle_bytes(request.fhir_bundle, own_order=own_order)
+        record = record_from_bundle_bytes(request.fhir_bundle, own_order=own_order, observation_codes=observation_codes)
     else:
         raise rec.RecordError("patient", "one of context or fhir_bundle is required")
     if request.HasField("order"):
@@ -159,15 +172,20 @@ def record_from_json(obj: Any) -> tuple[rec.PatientRecord, dt.datetime | None, s
     raise rec.RecordError("line", "not a FHIR Bundle, a CDS Hooks request or an evaluate request")
 
 
-def record_from_bundle_bytes(data: bytes, own_order: bool = False) -> rec.PatientRecord:
+def record_from_bundle_bytes(
+    data: bytes, own_order: bool = False, observation_codes: ObservationCodes | None = None
+) -> rec.PatientRecord:
     """A FHIR Bundle (JSON bytes) as a PatientRecord; the size is checked here
     (:data:`needlepoint.limits.MAX_BUNDLE_BYTES`), the rest by the mapper (malformed JSON is a
     RecordError at ``Bundle``). With ``own_order`` (no order is given beside the bundle), a bundle
     without a hip injection order is refused before it is mapped
-    (:func:`~needlepoint.fhir.mapper.record_from_bundle_with_hip_order`)."""
+    (:func:`~needlepoint.fhir.mapper.record_from_bundle_with_hip_order`). ``observation_codes``:
+    see :func:`record_from_request`."""
     if len(data) > MAX_BUNDLE_BYTES:
         raise rec.RecordError("fhir_bundle", f"the bundle is {len(data)} bytes; the limit is {MAX_BUNDLE_BYTES} bytes")
-    return record_from_bundle_with_hip_order(data) if own_order else record_from_bundle(data)
+    if own_order:
+        return record_from_bundle_with_hip_order(data, observation_codes=observation_codes)
+    return record_from_bundle(data, observation_codes=observation_codes)
 
 
 # -- time ---------------------------------------------------------------------------------------
@@ -351,6 +369,7 @@ def record_from_context(ctx: patient_pb2.PatientContext, path: str = "context") 
 
 
 # -- a record as a context ------------------------------------------------------------------------
+
 
 def _coding(code: rec.Code) -> patient_pb2.Coding:
     system = rec.SYSTEM_URI_OF.get(code.system, code.system)

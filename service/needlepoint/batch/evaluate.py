@@ -179,7 +179,7 @@ class ReferralEvaluator:
         except orjson.JSONDecodeError as exc:
             return self.error_row(referral, f"{referral.where}: not valid JSON: {exc}")
         try:
-            record = record_from_bundle(bundle)
+            record = record_from_bundle(bundle, observation_codes=self.evaluator.observation_codes)
         except RecordError as exc:
             return self.error_row(referral, f"{referral.where}: {exc}", _patient_id(bundle))
         return self.row(referral, record, _patient_id(bundle))
@@ -206,7 +206,7 @@ class ReferralEvaluator:
             return [self.error_row(r, f"{r.where}: {why}", patient_id) for r in referrals]
         bundle, wheres = bundle_of(lines)
         try:
-            record = record_from_bundle(bundle)
+            record = record_from_bundle(bundle, observation_codes=self.evaluator.observation_codes)
         except RecordError as exc:
             return [self.error_row(r, f"{r.where}: {locate(str(exc), wheres)}", patient_id) for r in referrals]
         rows = []

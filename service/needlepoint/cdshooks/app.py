@@ -233,7 +233,7 @@ class CdsHooksService:
             logged: list[tuple[dict, list[dict]]] = []  # (decision, its cards) for the decision log
             for reference, resource in call.orders:
                 try:
-                    record = record_for_order(call, reference, prefetch)
+                    record = record_for_order(call, reference, prefetch, evaluator.observation_codes)
                     decision = evaluator.evaluate(record, now)
                 except RecordError as exc:
                     raise RequestProblem(400, [("invalid", exc.message, exc.path)]) from None

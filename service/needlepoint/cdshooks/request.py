@@ -321,9 +321,12 @@ async def _fetch(http: httpx.AsyncClient, base: str, query: str, headers: Mappin
     raise FhirFetchError(f"more than {_MAX_PAGES} pages of results")
 
 
-def record_for_order(call: HookCall, reference: str, prefetch: Mapping[str, Any]) -> PatientRecord:
+def record_for_order(
+    call: HookCall, reference: str, prefetch: Mapping[str, Any], observation_codes: frozenset[tuple[str, str]] | None = None
+) -> PatientRecord:
     """The patient record for one hip injection order: the request's draft orders and prefetch
-    (with fetched keys added) through the FHIR mapper, the order chosen explicitly by reference.
+    (with fetched keys added) through the FHIR mapper, the order chosen explicitly by reference;
+    only the Observations of ``observation_codes`` (the evaluator's) are mapped, as on every road.
     Raises RecordError for input the mapper cannot read."""
     context = dict(call.body["context"])
     if reference.startswith("context."):
@@ -333,4 +336,4 @@ def record_for_order(call: HookCall, reference: str, prefetch: Mapping[str, Any]
     body = dict(call.body)
     body["context"] = context
     body["prefetch"] = dict(prefetch)
-    return record_from_cds_hooks_request(body)
+    return record_from_cds_hooks_request(body, observation_codes=observation_codes)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import orjson
+import simdjson
 
 from needlepoint.core.record import (
     ALLERGY_CRITICALITIES,
@@ -507,38 +508,61 @@ def _exact_instant(resource: JSON, key: str, sub: str | None = None) -> dt.datet
 # --- bundle entries and references --------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class _Entry:
-    """One resource with the path it was found at."""
+    """One resource with the path it was found at.
 
-    path: str  # e.g. "Bundle.entry[3].resource"
-    resource: JSON
-    type: str
-    full_url: str | None = None
+    A resource read lazily from a Bundle's bytes (:func:`_lazy_bundle_entries`) stays a simdjson
+    proxy until something reads it: the mapping (which reads only the types and Observations it
+    maps) or a reference that resolves to it. ``read`` is False for an Observation of codes the
+    caller does not read: it is there to be referred to, not mapped."""
+
+    __slots__ = ("path", "type", "full_url", "read", "_resource", "_proxy")
+
+    def __init__(
+        self, path: str, resource: JSON | None, type: str, full_url: str | None = None, *, read: bool = True, proxy: Any = None
+    ):
+        self.path, self.type, self.full_url, self.read = path, type, full_url, read
+        self._resource, self._proxy = resource, proxy
+
+    @property
+    def resource(self) -> JSON:
+        resource = self._resource
+        if resource is None:
+            resource = self._resource = _materialized(self._proxy, self.path, self.type)
+            self._proxy = None
+        return resource
+
+    @property
+    def rid(self) -> Any:
+        """The resource's ``id`` as given (any JSON value), read without materialising a proxy."""
+        return (self._resource if self._resource is not None else self._proxy).get("id")
 
     @property
     def source(self) -> str:
-        rid = self.resource.get("id")
+        rid = self.rid
         return f"{self.path} ({self.type}/{rid})" if type(rid) is str else self.path
 
     @property
     def key(self) -> str | None:
-        rid = self.resource.get("id")
+        rid = self.rid
         return f"{self.type}/{rid}" if type(rid) is str and rid else None
 
 
-def _resource_entry(resource: Any, path: str, full_url: str | None = None) -> _Entry:
+def _resource_entry(
+    resource: Any, path: str, full_url: str | None = None, observation_codes: ObservationCodes | None = None
+) -> _Entry:
     """Check that ``resource`` looks like a FHIR resource and wrap it."""
     if type(resource) is not dict:
         _fail(path, f"expected a resource object, found {_json_type(resource)}")
     rtype = resource.get("resourceType")
     if type(rtype) is not str or not rtype:
         _fail(f"{path}.resourceType", "a resource needs a resourceType")
-    return _Entry(path, resource, rtype, full_url)
+    return _Entry(path, resource, rtype, full_url, read=_is_read(rtype, resource, observation_codes))
 
 
-def _bundle_entries(bundle: Any, path: str) -> list[_Entry]:
-    """The resources of a Bundle of type collection, searchset or transaction (type may be absent)."""
+def _bundle_entries(bundle: Any, path: str, observation_codes: ObservationCodes | None = None) -> list[_Entry]:
+    """The resources of a Bundle of type collection, searchset or transaction (type may be absent).
+    ``observation_codes``: see :func:`record_from_bundle`."""
     if type(bundle) is not dict:
         _fail(path, f"expected a Bundle object, found {_json_type(bundle)}")
     if bundle.get("resourceType") != "Bundle":
@@ -555,15 +579,125 @@ def _bundle_entries(bundle: Any, path: str) -> list[_Entry]:
             if type(resource) is dict and (full_url is None or type(full_url) is str):
                 rtype = resource.get("resourceType")
                 if type(rtype) is str and rtype:
-                    entries.append(_Entry(f"{path}.entry[{i}].resource", resource, rtype, full_url))
+                    read = _is_read(rtype, resource, observation_codes)
+                    entries.append(_Entry(f"{path}.entry[{i}].resource", resource, rtype, full_url, read=read))
                     continue
         where = f"{path}.entry[{i}]"
         if type(entry) is not dict:
             _fail(where, f"expected an entry object, found {_json_type(entry)}")
         resource = entry.get("resource")
         if resource is not None:  # e.g. a transaction DELETE carries no resource
-            entries.append(_resource_entry(resource, f"{where}.resource", _get_str(entry, "fullUrl", where)))
+            full_url = _get_str(entry, "fullUrl", where)
+            entries.append(_resource_entry(resource, f"{where}.resource", full_url, observation_codes))
     return entries
+
+
+# --- reading only what is read --------------------------------------------------------------------
+
+# (system short name, code) pairs of the Observation codes a caller reads.
+ObservationCodes = frozenset[tuple[str, str]]
+
+# A Bundle from an EHR's FHIR server is mostly what no rule reads. In the Synthea records, claims,
+# explanations of benefit and encounters are over half of the bytes, and nearly all Observations
+# are of codes no rule names. Turning all of it into Python objects with orjson, and freeing them
+# again, was most of a large bundle's cost (about 1.2 of 2 ms). simdjson checks the whole
+# document as strictly as orjson (see _lazy_bundle_entries for the one difference) but builds
+# nothing until it is asked: the mapping asks for the resources it maps, and a resource it does not
+# map is built only if a reference leads to it. From 11 KiB of Synthea entries on, reading lazily
+# took half the time or less; but a small order-time bundle, all of whose resources are read,
+# took 20 % longer (73 against 61 µs, 4.6 KiB), as building a resource from simdjson costs more
+# than orjson's one pass. Bundles from this size on are read lazily.
+LAZY_READ_BYTES = 16 * 1024
+
+
+def _is_read(rtype: str, resource: Any, observation_codes: ObservationCodes | None) -> bool:
+    """Whether a resource of type ``rtype`` is mapped, for a caller that reads ``observation_codes``
+    (None: every Observation)."""
+    return observation_codes is None or rtype != "Observation" or _reads(resource, observation_codes)
+
+
+def _reads(resource: Any, codes: ObservationCodes) -> bool:
+    """Whether an Observation (a dict or a simdjson proxy) is read by a caller that reads only
+    ``codes``: unless its ``code`` has codings, each of the usual shape (an object with a system
+    and a code, both non-empty strings), none of which is in ``codes``. An Observation whose code
+    cannot be told at a glance is read, and the mapping names whatever is wrong with it."""
+    concept = resource.get("code")
+    if not isinstance(concept, _OBJECTS):
+        return True
+    codings = concept.get("coding")
+    if not isinstance(codings, _ARRAYS) or not len(codings):
+        return True
+    for coding in codings:
+        if not isinstance(coding, _OBJECTS):
+            return True
+        system, code = coding.get("system"), coding.get("code")
+        if type(system) is not str or type(code) is not str or not system or not code:
+            return True
+        known = _KNOWN_SYSTEMS.get(system)
+        if (known[0] if known is not None else system_short_name(system), code) in codes:
+            return True
+    return False
+
+
+_OBJECTS = (dict, simdjson.Object)
+_ARRAYS = (list, simdjson.Array)
+
+
+def _lazy_bundle_entries(raw: bytes, path: str, observation_codes: ObservationCodes | None) -> list[_Entry] | None:
+    """The entries of a Bundle's JSON bytes, as :func:`_bundle_entries` finds them, each resource
+    left a simdjson proxy until it is read (:attr:`_Entry.resource`). None when the bytes are not
+    valid JSON to simdjson, or not a Bundle of the usual shape: the caller then reads them with
+    orjson, which words every error as it always has.
+
+    simdjson refuses what orjson refuses (invalid UTF-8, lone surrogates, control characters,
+    numbers out of range, trailing content, too deep a nesting), and more (integers beyond 64
+    bits, which orjson reads as floats): those go to orjson. It skips a UTF-8 byte order mark,
+    which orjson refuses: that goes to orjson too. The one difference is a name repeated in one
+    object, which FHIR JSON forbids and RFC 8259 leaves to the parser: the proxy's lookups find
+    its first occurrence, orjson keeps its last. Which resources are read is decided by the
+    first; a resource read is built with the last, and one whose ``resourceType`` then differs is
+    refused (:func:`_materialized`)."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return None
+    try:
+        doc = simdjson.Parser().parse(raw)
+    except (ValueError, RuntimeError):  # invalid JSON (UnicodeDecodeError is a ValueError), big integers
+        return None
+    if type(doc) is not simdjson.Object or doc.get("resourceType") != "Bundle":
+        return None
+    btype = doc.get("type")
+    if btype is not None and (type(btype) is not str or btype not in _BUNDLE_TYPES):
+        return None
+    items = doc.get("entry")
+    if items is None:
+        return []
+    if type(items) is not simdjson.Array:
+        return None
+    entries: list[_Entry] = []
+    for i, entry in enumerate(items):
+        if type(entry) is not simdjson.Object:
+            return None
+        resource = entry.get("resource")
+        if resource is None:
+            continue  # e.g. a transaction DELETE
+        full_url = entry.get("fullUrl")
+        if type(resource) is not simdjson.Object or (full_url is not None and type(full_url) is not str):
+            return None
+        rtype = resource.get("resourceType")
+        if type(rtype) is not str or not rtype:
+            return None
+        read = _is_read(rtype, resource, observation_codes)
+        entries.append(_Entry(f"{path}.entry[{i}].resource", None, rtype, full_url, read=read, proxy=resource))
+    return entries
+
+
+def _materialized(proxy: Any, path: str, rtype: str) -> JSON:
+    """A resource read lazily, as the dict orjson would have made of it (as_dict recurses in C,
+    not in Python: it builds the 1,022 levels simdjson lets a resource have)."""
+    resource = proxy.as_dict()
+    if resource.get("resourceType") != rtype:
+        _fail(f"{path}.resourceType", "the name resourceType is given twice in this resource")
+    return resource
 
 
 class _Index:
@@ -578,7 +712,7 @@ class _Index:
         for entry in self._entries:
             if entry.full_url:
                 index.setdefault(entry.full_url, entry)
-            rid = entry.resource.get("id")
+            rid = entry.rid
             if type(rid) is str and rid:  # entry.key, spelled out: this runs for every entry
                 index.setdefault(f"{entry.type}/{rid}", entry)
         return index
@@ -636,7 +770,7 @@ class _Mapper:
     def run(self, order_refs: Sequence[tuple[str, str]]) -> PatientRecord:
         for entry in self.entries:
             handler = _HANDLERS.get(entry.type)
-            if handler is not None:
+            if handler is not None and entry.read:
                 handler(self, entry)
         if self.patient is None:
             _fail(self.root, "no Patient resource; the record has no patient to evaluate")
@@ -950,9 +1084,7 @@ class _Mapper:
         if not (by_cpt or site.declared or (site.target and agents and any(c.system == "snomed" for c in codes))):
             return
         _, performed = self._instant(entry, _PROCEDURE_TIMES, codes)
-        self.record.prior_injections.append(
-            PriorInjection(codes, performed, site.target, site.side, agents, entry.source)
-        )
+        self.record.prior_injections.append(PriorInjection(codes, performed, site.target, site.side, agents, entry.source))
 
     def _agents(self, entry: _Entry) -> list[Code]:
         """What was injected: usedCode codings and the codes of Medication/Substance usedReferences."""
@@ -1111,20 +1243,34 @@ def _parse_json(raw: bytes | bytearray | memoryview | str) -> Any:
         _fail("Bundle", f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}")
 
 
-def record_from_bundle(bundle: JSON | bytes | str, *, order_ref: str | None = None) -> PatientRecord:
+def record_from_bundle(
+    bundle: JSON | bytes | str, *, order_ref: str | None = None, observation_codes: ObservationCodes | None = None
+) -> PatientRecord:
     """Map a FHIR R4 Bundle (parsed, or raw JSON bytes/str) to a :class:`PatientRecord`.
 
     ``order_ref`` (``ServiceRequest/abc`` or a ``urn:uuid:`` fullUrl) names the injection order;
     without it the order is the one draft ServiceRequest (among several drafts, the one that
-    looks like an injection). Raises :class:`RecordError` for unusable input.
+    looks like an injection). ``observation_codes``, when given, are the (system, code) pairs of
+    the Observations the caller reads (an evaluator's rule set: ``Evaluator.observation_codes``):
+    an Observation all of whose codings are of other codes is not mapped, as resource types the
+    core does not need are not (see :func:`_reads`). Raises :class:`RecordError` for unusable input.
     """
-    data = _parse_json(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else bundle
     try:
-        entries = _bundle_entries(data, "Bundle")
+        entries = _entries_of(bundle, observation_codes)
         refs = [("order_ref", order_ref)] if order_ref is not None else []
         return _Mapper(entries, "Bundle").run(refs)
     except RecursionError:  # the JSON depth guard: see _too_deep
         _too_deep("Bundle")
+
+
+def _entries_of(bundle: JSON | bytes | str, observation_codes: ObservationCodes | None) -> list[_Entry]:
+    """The entries of a Bundle given parsed or as JSON bytes (read lazily: see LAZY_READ_BYTES)."""
+    if type(bundle) is bytes and len(bundle) >= LAZY_READ_BYTES:
+        entries = _lazy_bundle_entries(bundle, "Bundle", observation_codes)
+        if entries is not None:
+            return entries
+    data = _parse_json(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else bundle
+    return _bundle_entries(data, "Bundle", observation_codes)
 
 
 def _too_deep(path: str) -> NoReturn:
@@ -1135,8 +1281,9 @@ def _too_deep(path: str) -> NoReturn:
     _fail(path, "a value is nested too deeply to be read")
 
 
-def record_from_cds_hooks_request(request: JSON) -> PatientRecord:
-    """Map a CDS Hooks order-select/order-sign request body to a :class:`PatientRecord`.
+def record_from_cds_hooks_request(request: JSON, *, observation_codes: ObservationCodes | None = None) -> PatientRecord:
+    """Map a CDS Hooks order-select/order-sign request body to a :class:`PatientRecord`
+    (``observation_codes``: as for :func:`record_from_bundle`).
 
     The record is built from ``context.draftOrders`` and every prefetch value that is a Bundle or
     a resource (null means no data); ``context.selections`` naming ServiceRequests choose the
@@ -1150,7 +1297,7 @@ def record_from_cds_hooks_request(request: JSON) -> PatientRecord:
         _fail("context", f"expected an object, found {_json_type(context)}")
     entries: list[_Entry] = []
     if context.get("draftOrders") is not None:
-        entries += _bundle_entries(context["draftOrders"], "context.draftOrders")
+        entries += _bundle_entries(context["draftOrders"], "context.draftOrders", observation_codes)
     prefetch = request.get("prefetch")
     if prefetch is not None and type(prefetch) is not dict:
         _fail("prefetch", f"expected an object, found {_json_type(prefetch)}")
@@ -1159,9 +1306,9 @@ def record_from_cds_hooks_request(request: JSON) -> PatientRecord:
             continue
         path = f"prefetch.{key}"
         if type(value) is dict and value.get("resourceType") == "Bundle":
-            entries += _bundle_entries(value, path)
+            entries += _bundle_entries(value, path, observation_codes)
         else:
-            entries.append(_resource_entry(value, path))
+            entries.append(_resource_entry(value, path, observation_codes=observation_codes))
     entries = _unique(entries)
 
     stub = not any(entry.type == "Patient" for entry in entries)
@@ -1206,27 +1353,33 @@ NOT_HIP_PROBLEM = (
 )
 
 
-def record_from_bundle_with_hip_order(bundle: JSON | bytes | str) -> PatientRecord:
+def record_from_bundle_with_hip_order(
+    bundle: JSON | bytes | str, *, observation_codes: ObservationCodes | None = None
+) -> PatientRecord:
     """:func:`record_from_bundle` for a Bundle that must carry its own hip injection order (no
     order is given beside it). Its draft ServiceRequests are looked at first, chosen as
     :meth:`_Mapper._select_order` chooses: with none, ``RecordError`` at ``order``; when the chosen
     one names no hip injection target (no injection-target code, no SNOMED hip joint), at
-    ``order.target``; either way before the rest of the record is mapped, since no decision could
-    come of it. Anything unusual (several injection orders, a coding-less or extended bodySite, a
-    malformed Bundle) goes to the full mapping, which names it as it always has."""
-    data = _parse_json(bundle) if isinstance(bundle, (bytes, bytearray, memoryview, str)) else bundle
+    ``order.target``; either way before the rest of the record is mapped (or, from bytes, even
+    built: see LAZY_READ_BYTES), since no decision could come of it. Anything unusual (several
+    injection orders, a coding-less or extended bodySite) goes to the full mapping, which names it
+    as it always has."""
     try:
-        problem = _hip_order_problem(data)
-    except RecordError:
-        problem = None
-    if problem is not None:
-        raise problem
-    return record_from_bundle(data)
+        entries = _entries_of(bundle, observation_codes)
+        try:
+            problem = _hip_order_problem(entries)
+        except RecordError:
+            problem = None
+        if problem is not None:
+            raise problem
+        return _Mapper(entries, "Bundle").run([])
+    except RecursionError:  # the JSON depth guard: see _too_deep
+        _too_deep("Bundle")
 
 
-def _hip_order_problem(data: Any) -> RecordError | None:
+def _hip_order_problem(entries: list[_Entry]) -> RecordError | None:
     """Why the Bundle's own draft orders cannot give a decision, or None when they may."""
-    drafts = [e for e in _bundle_entries(data, "Bundle") if e.type == "ServiceRequest" and e.resource.get("status") == "draft"]
+    drafts = [e for e in entries if e.type == "ServiceRequest" and e.resource.get("status") == "draft"]
     if len(drafts) > 1:
         drafts = [entry for entry in drafts if _is_injection_request(entry)]
     if not drafts:

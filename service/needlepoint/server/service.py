@@ -47,6 +47,9 @@ class EvaluatorLike(Protocol):
 
     def decide(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> Decision: ...
 
+    @property
+    def observation_codes(self) -> frozenset[tuple[str, str]] | None: ...
+
 
 def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike]:
     """One Evaluator per subdirectory of ``rulesets_dir`` (default: the bundled rule sets) that
@@ -211,7 +214,7 @@ class Engine:
             size = len(bundle)
         with collector_paused(size > LARGE_REQUEST_BYTES, size):
             try:
-                record = self.record(request, bundle)
+                record = self.record(request, bundle, evaluator.observation_codes)
                 if checkpoint is not None:
                     checkpoint()
                 has_as_of = request.HasField("as_of")
@@ -221,12 +224,18 @@ class Engine:
                 raise ServiceError.from_record_error(exc) from None
             return convert.encode_decision(decision)
 
-    def record(self, request: decision_service_pb2.EvaluateRequest, bundle: bytes | None = None) -> PatientRecord:
+    def record(
+        self,
+        request: decision_service_pb2.EvaluateRequest,
+        bundle: bytes | None = None,
+        observation_codes: frozenset[tuple[str, str]] | None = None,
+    ) -> PatientRecord:
         """The patient record of a request, with its order applied (:mod:`needlepoint.intake`);
-        ``bundle``: its ``fhir_bundle`` when the caller has already read it. A bundle sent without
+        ``bundle``: its ``fhir_bundle`` when the caller has already read it; ``observation_codes``:
+        the only Observations to map (an evaluator's, when the record serves only its decision). A bundle sent without
         an order that orders no hip injection is refused before it is mapped (the cheap answer for
         orders not for us: :func:`~needlepoint.intake.record_from_request`). Raises RecordError."""
-        return record_from_request(request, bundle, refuse_early=True)
+        return record_from_request(request, bundle, refuse_early=True, observation_codes=observation_codes)
 
     def explain(self, request: decision_service_pb2.ExplainRequest) -> decision_service_pb2.ExplainResponse:
         """Why a rule did or did not fire, and verified counterfactuals, for one evaluation."""
@@ -264,4 +273,3 @@ class Engine:
             raise ServiceError.bad_input("id", "a rule set id is required")
         evaluator = self.evaluator(ruleset_id, "id", version)
         return self._ruleset_proto(ruleset_id, evaluator.ruleset.version, full=True)
-

@@ -1,0 +1,240 @@
+"""Large Bundles are read lazily (needlepoint.fhir.mapper, LAZY_READ_BYTES): simdjson checks the
+whole document, and only the resources the mapping reads become Python objects. Read so, a Bundle
+must give exactly the record, or exactly the error, that reading it whole with orjson gives.
+
+And with ``observation_codes`` (an evaluator's), Observations of other codes are not mapped at
+all, whichever way the Bundle was read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from needlepoint.core.record import PatientRecord, RecordError
+from needlepoint.fhir import mapper
+from needlepoint.fhir.mapper import record_from_bundle, record_from_bundle_with_hip_order
+from needlepoint.server.service import Engine
+
+from .real_records import bundle_id, bundle_paths
+
+HAND_MADE = Path(__file__).resolve().parent / "data" / "fhir" / "hip_injection_order.json"
+LOINC = "http://loinc.org"
+
+
+@pytest.fixture(scope="module")
+def read_codes() -> frozenset[tuple[str, str]]:
+    return Engine.load().evaluator("hip-injection").observation_codes
+
+
+def padded(bundle: dict) -> bytes:
+    """The bundle as bytes over LAZY_READ_BYTES: a Claim (never read) carries the padding."""
+    claim = {"resourceType": "Claim", "id": "padding", "status": "active", "text": {"div": "x" * mapper.LAZY_READ_BYTES}}
+    raw = orjson.dumps({**bundle, "entry": [*bundle["entry"], {"resource": claim}]})
+    assert len(raw) >= mapper.LAZY_READ_BYTES
+    return raw
+
+
+def read_lazily(raw: bytes) -> bool:
+    return mapper._lazy_bundle_entries(raw, "Bundle", None) is not None
+
+
+def outcome(read: Any) -> PatientRecord | str:
+    """The record, or the error as the caller sees it."""
+    try:
+        return read()
+    except RecordError as error:
+        return f"RecordError at {error.path}: {error}"
+
+
+def whole(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> PatientRecord | str:
+    """What reading the same bytes whole with orjson gives (as bundles under LAZY_READ_BYTES are)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(mapper, "LAZY_READ_BYTES", float("inf"))
+        return outcome(lambda: record_from_bundle(raw))
+
+
+@pytest.fixture
+def bundle() -> dict:
+    return orjson.loads(HAND_MADE.read_bytes())
+
+
+# --- the same record ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", bundle_paths(), ids=bundle_id)
+def test_a_synthea_bundle_gives_the_same_record_read_lazily(path: Path, read_codes: frozenset) -> None:
+    raw = path.read_bytes()
+    assert read_lazily(raw)
+    assert record_from_bundle(raw) == record_from_bundle(orjson.loads(raw))
+    assert record_from_bundle(raw, observation_codes=read_codes) == record_from_bundle(
+        orjson.loads(raw), observation_codes=read_codes
+    )
+
+
+def test_a_reference_to_a_resource_not_read_resolves_all_the_same(bundle: dict) -> None:
+    # the hand-made bundle reaches Medication resources (never read for themselves) by reference,
+    # and its order names a Condition by reasonReference
+    raw = padded(bundle)
+    assert read_lazily(raw)
+    lazy = record_from_bundle(raw)
+    assert lazy == record_from_bundle(orjson.loads(raw))
+    assert [[str(c) for c in p.codes] for p in lazy.planned_injectates] == [["np-injectate#corticosteroid"], ["atc#N01BB02"]]
+    assert lazy.medications[0].codes[0].code == "855332"  # warfarin, through its Medication
+
+
+def test_a_bundle_without_a_hip_order_is_refused_the_same_read_lazily(bundle: dict) -> None:
+    order = next(e["resource"] for e in bundle["entry"] if e["resource"]["id"] == "hip-injection")
+    order["bodySite"] = [{"coding": [{"system": "http://snomed.info/sct", "code": "72696002"}]}]  # knee
+    raw = padded(bundle)
+    with pytest.raises(RecordError) as lazy:
+        record_from_bundle_with_hip_order(raw)
+    with pytest.raises(RecordError) as parsed:
+        record_from_bundle_with_hip_order(orjson.loads(raw))
+    assert (lazy.value.path, str(lazy.value)) == (parsed.value.path, str(parsed.value)) == ("order.target", str(parsed.value))
+
+
+# --- the same error, or the same acceptance, for what simdjson reads differently -----------------
+
+
+def _deep(levels: int) -> bytes:
+    """A JSON value nested ``levels`` arrays deep."""
+    return b"[" * levels + b"1" + b"]" * levels
+
+
+@pytest.mark.parametrize(
+    "name, tamper",
+    [
+        # simdjson skips a byte order mark, which orjson refuses
+        ("byte order mark", lambda raw: b"\xef\xbb\xbf" + raw),
+        # simdjson refuses integers beyond 64 bits, which orjson reads as floats
+        (
+            "big integer",
+            lambda raw: raw.replace(b'"status":"active"', b'"status":"active","n":123456789012345678901234567890', 1),
+        ),
+        ("invalid UTF-8", lambda raw: raw.replace(b'"padding"', b'"pad\xffding"', 1)),
+        ("lone surrogate", lambda raw: raw.replace(b'"padding"', b'"pad\\ud800ding"', 1)),
+        ("trailing content", lambda raw: raw + b" x"),
+        ("trailing comma", lambda raw: raw[:-2] + b",]}"),
+        ("too deep", lambda raw: raw.replace(b'"status":"active"', b'"status":"active","n":' + _deep(1100), 1)),
+        ("not a Bundle", lambda raw: raw.replace(b'"resourceType":"Bundle"', b'"resourceType":"Bunch"', 1)),
+        ("entry not an array", lambda raw: raw.replace(b'"entry":[', b'"entry":{"a":[', 1)[:-1] + b"}}"),
+    ],
+)
+def test_what_simdjson_reads_differently_gets_the_answer_orjson_gives(
+    bundle: dict, name: str, tamper: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = tamper(padded(bundle))
+    assert outcome(lambda: record_from_bundle(raw)) == whole(raw, monkeypatch)
+
+
+def test_a_resource_nested_deeper_than_python_recurses_is_read_as_orjson_reads_it(bundle: dict) -> None:
+    # orjson reads 1,024 levels; building a proxy's dict recurses in Python, which stops sooner
+    condition = next(e["resource"] for e in bundle["entry"] if e["resource"]["id"] == "oa-hip")
+    condition["extension"] = [{"url": "urn:deep", "valueString": "x", "_deep": "here"}]
+    raw = padded(bundle).replace(b'"here"', _deep(1000))
+    assert read_lazily(raw)
+    assert record_from_bundle(raw) == record_from_bundle(orjson.loads(raw))
+
+
+def test_a_resource_whose_type_is_given_twice_is_refused(bundle: dict) -> None:
+    # FHIR JSON forbids a name twice in one object; read lazily, the first one chose the resource
+    raw = padded(bundle).replace(b'"resourceType":"Condition"', b'"resourceType":"Condition","resourceType":"Claim"', 1)
+    with pytest.raises(RecordError, match="resourceType is given twice") as refused:
+        record_from_bundle(raw)
+    assert refused.value.path == "Bundle.entry[1].resource.resourceType"
+
+
+# --- Observations no rule reads -----------------------------------------------------------------
+
+
+def _with_observations(bundle: dict, *observations: dict) -> dict:
+    bundle = copy.deepcopy(bundle)
+    bundle["entry"] += [
+        {"resource": {"resourceType": "Observation", "id": f"extra-{i}", **o}} for i, o in enumerate(observations)
+    ]
+    return bundle
+
+
+def _coded(code: str) -> dict:
+    return {"coding": [{"system": LOINC, "code": code}]}
+
+
+@pytest.mark.parametrize("lazily", [True, False], ids=["lazily", "parsed"])
+def test_observations_of_codes_not_read_are_not_mapped(bundle: dict, read_codes: frozenset, lazily: bool) -> None:
+    assert ("loinc", "6301-6") in read_codes and ("loinc", "8867-4") not in read_codes  # INR is read, heart rate not
+    bundle = _with_observations(
+        bundle,
+        {"status": "final", "code": _coded("8867-4"), "effectiveDateTime": "2025-05-01", "valueQuantity": {"value": 70}},
+        # not read, and broken in ways the mapping would refuse: never looked at
+        {"status": 5, "code": _coded("8867-4"), "valueQuantity": {"value": 70, "unit": []}},
+    )
+    given: Any = padded(bundle) if lazily else bundle
+    read = record_from_bundle(given, observation_codes=read_codes)
+    assert read.observations and all(any((c.system, c.code) in read_codes for c in o.codes) for o in read.observations)
+    with pytest.raises(RecordError, match="expected a string"):
+        record_from_bundle(given)  # mapped whole, the broken one is refused, naming its field
+
+
+@pytest.mark.parametrize("lazily", [True, False], ids=["lazily", "parsed"])
+def test_an_observation_that_may_be_read_is_mapped_and_checked(bundle: dict, read_codes: frozenset, lazily: bool) -> None:
+    cases = {
+        "read code beside another": {
+            "status": 5,
+            "code": {"coding": [{"system": LOINC, "code": "8867-4"}, {"system": LOINC, "code": "6301-6"}]},
+        },
+        "a coding without a system": {"status": 5, "code": {"coding": [{"code": "8867-4"}]}},
+        "no coding": {"status": 5, "code": {"text": "heart rate"}},
+        "an empty coding list": {"status": 5, "code": {"coding": [], "text": "heart rate"}},
+    }
+    for name, observation in cases.items():
+        broken = _with_observations(bundle, observation)
+        with pytest.raises(RecordError, match="expected a string") as refused:
+            record_from_bundle(padded(broken) if lazily else broken, observation_codes=read_codes)
+        assert refused.value.path.endswith(".status"), name
+
+
+def test_the_order_may_name_an_observation_not_read_as_its_reason(bundle: dict, read_codes: frozenset) -> None:
+    bundle = _with_observations(bundle, {"status": "final", "code": _coded("8867-4"), "valueQuantity": {"value": 70}})
+    order = next(e["resource"] for e in bundle["entry"] if e["resource"]["id"] == "hip-injection")
+    order["reasonReference"] = [{"reference": "Observation/extra-0"}]
+    for given in (padded(bundle), bundle):
+        record = record_from_bundle(given, observation_codes=read_codes)
+        assert record.order is not None and "loinc#8867-4" in [str(c) for c in record.order.reasons]
+        assert all(o.codes[0].code != "8867-4" for o in record.observations)
+
+
+def test_the_service_maps_only_the_observations_its_rule_set_reads(bundle: dict) -> None:
+    from google.protobuf import timestamp_pb2
+
+    from needlepoint.v1 import decision_service_pb2
+
+    engine = Engine.load()
+    as_of = timestamp_pb2.Timestamp(seconds=1748854800)  # 2025-06-02T09:00:00Z
+    broken = _with_observations(bundle, {"status": 5, "code": _coded("8867-4")})  # heart rate: no rule reads it
+    decision = engine.evaluate(decision_service_pb2.EvaluateRequest(fhir_bundle=orjson.dumps(broken), as_of=as_of))
+    assert decision.ruleset.id == "hip-injection"
+    read = _with_observations(bundle, {"status": 5, "code": _coded("6301-6")})  # INR: read, and refused
+    with pytest.raises(Exception, match="expected a string"):
+        engine.evaluate(decision_service_pb2.EvaluateRequest(fhir_bundle=orjson.dumps(read), as_of=as_of))
+
+
+def test_a_cds_hooks_request_skips_the_same_observations(bundle: dict, read_codes: frozenset) -> None:
+    from needlepoint.fhir.mapper import record_from_cds_hooks_request
+
+    broken = {"resourceType": "Observation", "id": "hr", "status": 5, "code": _coded("8867-4")}
+    order = next(e for e in bundle["entry"] if e["resource"]["id"] == "hip-injection")
+    others = [e for e in bundle["entry"] if e is not order]
+    request = {
+        "hook": "order-select",
+        "context": {"patientId": "pat-1", "draftOrders": {"resourceType": "Bundle", "entry": [order]}},
+        "prefetch": {"record": {"resourceType": "Bundle", "entry": others}, "heartRate": broken},
+    }
+    record = record_from_cds_hooks_request(request, observation_codes=read_codes)
+    assert record.order is not None and record.order.target == "hip-intra-articular"
+    with pytest.raises(RecordError, match="expected a string"):
+        record_from_cds_hooks_request(request)
