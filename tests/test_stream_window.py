@@ -45,6 +45,9 @@ class Context:
 
     def __init__(self, remaining: Callable[[], float | None] = lambda: None) -> None:
         self._remaining = remaining
+        self.code: grpc.StatusCode | None = None  # set by a call that ends with an error without aborting
+        self.details = ""
+        self.trailing_metadata: Any = ()
 
     def time_remaining(self) -> float | None:
         return self._remaining()
@@ -55,8 +58,14 @@ class Context:
     def auth_context(self) -> dict:
         return {}
 
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
     def set_trailing_metadata(self, metadata: Any) -> None:
-        pass
+        self.trailing_metadata = metadata
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         raise Aborted(status)
@@ -270,29 +279,32 @@ def test_a_decision_reached_after_the_deadline_is_neither_committed_nor_answered
 # -- the level a refusal is logged at ------------------------------------------------------------
 
 
-def refusal_level(engine: Engine, caplog: pytest.LogCaptureFixture, proto: decision_service_pb2.EvaluateRequest) -> tuple:
+def refusal_level(
+    engine: Engine, caplog: pytest.LogCaptureFixture, proto: decision_service_pb2.EvaluateRequest
+) -> tuple[Context, int, str]:
+    """How the servicer ended the call (the context it set the status on), and the level and text it logged."""
     servicer = DecisionServicer(engine)
     with caplog.at_level(logging.DEBUG, logger="needlepoint.server.servicer"):
         caplog.clear()
-        with pytest.raises(Aborted) as aborted:
-            asyncio.run(servicer.Evaluate(proto, Context()))
+        context = Context()
+        assert asyncio.run(servicer.Evaluate(proto, context)) is None  # no answer: the call ends with an error
     [record] = [r for r in caplog.records if r.name == "needlepoint.server.servicer"]
-    return aborted.value.status, record.levelno, record.getMessage()
+    return context, record.levelno, record.getMessage()
 
 
 def test_an_order_not_for_us_is_logged_at_debug(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     proto = decision_service_pb2.EvaluateRequest(fhir_bundle=orjson.dumps(not_for_us_bundle(random.Random(3), 0)))
     proto.as_of.FromDatetime(AS_OF)
-    status, level, message = refusal_level(engine, caplog, proto)
-    assert status.code is grpc.StatusCode.INVALID_ARGUMENT and "order.target" in message
+    ended, level, message = refusal_level(engine, caplog, proto)
+    assert ended.code is grpc.StatusCode.INVALID_ARGUMENT and "order.target" in message
     assert level == logging.DEBUG
 
 
 def test_an_invalid_order_target_is_logged_at_info(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     proto = request(0)
     proto.order.CopyFrom(patient_pb2.InjectionOrder(target="knee", side="right", intent="therapeutic"))
-    status, level, message = refusal_level(engine, caplog, proto)
-    assert status.code is grpc.StatusCode.INVALID_ARGUMENT and "fields=order.target" in message
+    ended, level, message = refusal_level(engine, caplog, proto)
+    assert ended.code is grpc.StatusCode.INVALID_ARGUMENT and "fields=order.target" in message
     assert level == logging.INFO
 
 
@@ -305,6 +317,6 @@ def test_no_order_is_not_for_us_on_every_road(engine: Engine, caplog: pytest.Log
     partial.order.CopyFrom(patient_pb2.InjectionOrder(side="right"))
     for proto, field in ((context, "order"), (partial, "order.target")):
         proto.as_of.FromDatetime(AS_OF)
-        status, level, message = refusal_level(engine, caplog, proto)
-        assert status.code is grpc.StatusCode.INVALID_ARGUMENT and f"fields={field} " in message + " "
+        ended, level, message = refusal_level(engine, caplog, proto)
+        assert ended.code is grpc.StatusCode.INVALID_ARGUMENT and f"fields={field} " in message + " "
         assert level == logging.DEBUG

@@ -79,7 +79,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         if self._log is not None and not isinstance(outcome, ServiceError):
             outcome = await log_decision(self._log, request, outcome, context)
         if isinstance(outcome, ServiceError):
-            await context.abort_with_status(outcome.to_grpc_status(trailer))
+            await outcome.end_call(context, trailer)
+            return None  # type: ignore[return-value]  # (see ServiceError.end_call)
         context.set_trailing_metadata(trailer)
         return outcome
 
@@ -166,7 +167,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     ) -> decision_service_pb2.ListRulesetsResponse:
         outcome = _guard("ListRulesets", "", self._engine.list_rulesets)
         if isinstance(outcome, ServiceError):
-            await context.abort_with_status(outcome.to_grpc_status())
+            await outcome.end_call(context)
+            return None  # type: ignore[return-value]
         return outcome
 
     async def GetRuleset(  # noqa: N802 - the gRPC method's name
@@ -174,7 +176,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
     ) -> ruleset_pb2.Ruleset:
         outcome = _guard("GetRuleset", "", lambda: self._engine.get_ruleset(request.id, request.version))
         if isinstance(outcome, ServiceError):
-            await context.abort_with_status(outcome.to_grpc_status())
+            await outcome.end_call(context)
+            return None  # type: ignore[return-value]
         return outcome
 
     async def Explain(  # noqa: N802 - the gRPC method's name
@@ -183,7 +186,8 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         call = functools.partial(_guard, "Explain", request.request.correlation_id, lambda: self._engine.explain(request))
         outcome = await self._run(call, heavy=bundle_and_size(request.request)[1] > LARGE_REQUEST_BYTES)
         if isinstance(outcome, ServiceError):
-            await context.abort_with_status(outcome.to_grpc_status())
+            await outcome.end_call(context)
+            return None  # type: ignore[return-value]
         return outcome
 
     async def _evaluate(

@@ -71,7 +71,8 @@ def _unary(method_name: str, method: UnaryMethod) -> UnaryMethod:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Rejected):
             log.info("%s %s unreadable request (%d bytes)", method_name, request.error.code.name, request.size)
-            await context.abort_with_status(request.error.to_grpc_status())
+            await request.error.end_call(context)
+            return None
         return await method(request, context)
 
     return handle
