@@ -70,3 +70,32 @@ def test_compiled_matchers_agree_with_the_reference_interpreter(hip_evaluator) -
                 assert match(fact) == pattern_matches(pattern, fact, params), (pattern, fact)
                 agreements += match(fact)
     assert agreements > 1000  # both outcomes were exercised, not only "no match"
+
+
+def test_a_compiled_signature_answers_each_test_as_the_reference_interpreter(hip_evaluator) -> None:
+    """compile_signature gives, in one call, the tags, each test's answer and the asked values."""
+    from needlepoint.core.conditions import FieldTest, compile_signature, test_holds
+
+    ruleset = hip_evaluator.ruleset
+    params = ruleset.param_values()
+    facts = [f for patient in random_patients(150, seed=8) for f in hip_evaluator.preparer.prepare(patient, AS_OF).facts]
+    by_kind: dict[str, dict[FieldTest, str]] = {}
+    for rule in ruleset.rules:
+        for alternative in rule.alternatives:
+            for pattern in alternative:
+                for test in pattern.tests:
+                    by_kind.setdefault(pattern.kind, {}).setdefault(test, pattern.alias)
+    checked = 0
+    for kind, tests in by_kind.items():
+        fields = sorted({t.field for t in tests})
+        signature = compile_signature([(alias, test) for test, alias in tests.items()], fields, params)
+        for fact in facts:
+            if fact["t"] == kind:
+                expected = (
+                    tuple(fact.get("_tags", ())),
+                    tuple(test_holds(test, fact, params) for test in tests),
+                    tuple(fact.get(name) for name in fields),
+                )
+                assert signature(fact) == expected, (kind, fact)
+                checked += 1
+    assert checked > 1000

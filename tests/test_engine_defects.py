@@ -266,6 +266,10 @@ def test_engine_adapter_refuses_an_oversized_fact_before_the_engine_sees_it() ->
     nested = {"k": "big", "n": {f"p{i}": i for i in range(MAX_FACT_PROPERTIES)}}
     with pytest.raises(EngineError, match=f"{MAX_FACT_PROPERTIES + 1} properties"):
         engine.run([nested])
+    # a nested fact within the limit, and a flat one at it, are asserted as any other
+    small = {"k": "good", "_fid": 0, "n": {f"p{i}": i for i in range(MAX_FACT_PROPERTIES - 3)}}
+    full = {"k": "good", "_fid": 1, **{f"p{i}": i for i in range(MAX_FACT_PROPERTIES - 2)}}
+    assert [name for name, _ in engine.run([small, full])] == ["r", "r"]
 
 
 # --- negations: a blocked negation in one rule suppresses another rule's negation -------------

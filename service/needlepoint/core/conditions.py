@@ -16,7 +16,7 @@ no comparison (not even ``ne``) and only ``exists: false``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,24 +154,40 @@ def compile_matcher(pattern: Pattern, params: dict[str, Any]) -> Callable[[Mappi
     """A fast predicate for facts *of the pattern's kind*, with the same semantics as
     :func:`test_holds`. Parameters are inlined; operands are validated literals (str, int,
     float, bool), rendered with ``repr`` into one expression compiled once per rule set."""
-    terms = []
-    for i, test in enumerate(pattern.tests):
-        field = repr(test.field)
-        if test.op == "exists":
-            terms.append(f"(f.get({field}) is not None) is {test.operand!r}")
-        elif test.op == "in" and not isinstance(test.operand, tuple):
-            terms.append(f"{tag(test.field, test.operand)!r} in f.get('_tags', ())")
-        elif test.op == "in":
-            terms.append(f"f.get({field}) in {frozenset(test.operand)!r}")
-        else:
-            operand = resolve_operand(test.operand, params)
-            if not isinstance(operand, (str, int, float, bool)):
-                from .ruleset import RuleSetError  # (the model module imports this one)
-
-                raise RuleSetError(pattern.alias, f"cannot compile operand {operand!r}")
-            symbol = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[test.op]
-            terms.append(f"((v{i} := f.get({field})) is not None and v{i} {symbol} {operand!r})")
+    terms = [_term(i, test, params, pattern.alias) for i, test in enumerate(pattern.tests)]
     return eval(f"lambda f: {' and '.join(terms) or 'True'}", {})  # noqa: S307 - validated literals only
+
+
+def compile_signature(
+    tests: Sequence[tuple[str, FieldTest]], fields: Sequence[str], params: dict[str, Any]
+) -> Callable[[Mapping[str, Any]], tuple]:
+    """A function giving what some tests can see of a fact, in one call: ``(its tags, the answer
+    to each test, the value of each of fields)``. ``tests`` are (alias of a pattern making it,
+    test) pairs. Each answer is what :func:`compile_matcher` gives for a pattern of that one
+    test: the expressions are the same, compiled together so that a fact costs one call rather
+    than one per test."""
+    answers = "".join(f"{_term(i, test, params, alias)}, " for i, (alias, test) in enumerate(tests))
+    values = "".join(f"f.get({name!r}), " for name in fields)
+    return eval(f"lambda f: (tuple(f.get('_tags', ())), ({answers}), ({values}))", {})  # noqa: S307 - validated literals only
+
+
+def _term(i: int, test: FieldTest, params: dict[str, Any], alias: str) -> str:
+    """A test as a Python expression on a fact ``f`` that is True or False; ``i`` numbers the
+    expression's variable, ``alias`` names the pattern in an error."""
+    field = repr(test.field)
+    if test.op == "exists":
+        return f"(f.get({field}) is not None) is {test.operand!r}"
+    if test.op == "in" and not isinstance(test.operand, tuple):
+        return f"{tag(test.field, test.operand)!r} in f.get('_tags', ())"
+    if test.op == "in":
+        return f"f.get({field}) in {frozenset(test.operand)!r}"
+    operand = resolve_operand(test.operand, params)
+    if not isinstance(operand, (str, int, float, bool)):
+        from .ruleset import RuleSetError  # (the model module imports this one)
+
+        raise RuleSetError(alias, f"cannot compile operand {operand!r}")
+    symbol = {"eq": "==", "ne": "!=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[test.op]
+    return f"((v{i} := f.get({field})) is not None and v{i} {symbol} {operand!r})"
 
 
 # --- compilation of one pattern into durable-rules JSON --------------------------------------
@@ -195,4 +211,3 @@ def durable_pattern(pattern: Pattern, params: dict[str, Any]) -> dict:
     :mod:`needlepoint.core.compiler`)."""
     conditions = [{"t": pattern.kind}] + [durable_test(t, params) for t in pattern.tests]
     return {pattern.alias: {"$and": conditions}}
-

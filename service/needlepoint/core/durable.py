@@ -138,6 +138,16 @@ def count_properties(fact: dict) -> int:
     return n
 
 
+def check_fact(i: int, fact: dict) -> None:
+    """Refuse the ``i``-th fact if it carries an identity field or has more properties than the
+    engine keeps."""
+    if "id" in fact or "sid" in fact:
+        raise EngineError(f"fact {i} carries a reserved field ({'/'.join(IDENTITY_FIELDS)})")
+    n = count_properties(fact)
+    if n > MAX_FACT_PROPERTIES:
+        raise EngineError(f"fact {i} has {n} properties; the engine's limit is {MAX_FACT_PROPERTIES}")
+
+
 def sentinel_rule() -> dict:
     return {SENTINEL_RULE: {"all": [{"m": {"$s": 1}}]}}
 
@@ -165,11 +175,10 @@ class CompiledRules:
     def run(self, facts: list[dict]) -> list[tuple[str, dict[str, dict]]]:
         """Assert ``facts`` in a fresh session; return every (rule name, {alias: fact}) that fired."""
         for i, fact in enumerate(facts):
-            if "id" in fact or "sid" in fact:
-                raise EngineError(f"fact {i} carries a reserved field ({'/'.join(IDENTITY_FIELDS)})")
-            n = count_properties(fact) if dict in map(type, fact.values()) else len(fact)  # (flat: a C-level look)
-            if n > MAX_FACT_PROPERTIES:
-                raise EngineError(f"fact {i} has {n} properties; the engine's limit is {MAX_FACT_PROPERTIES}")
+            # one test passes the common fact, flat (a C-level look at its values) and small;
+            # check_fact looks again at any other and says what is wrong, if anything is
+            if "id" in fact or "sid" in fact or len(fact) > MAX_FACT_PROPERTIES or dict in map(type, fact.values()):
+                check_fact(i, fact)
         with self._guard:
             if self._closed:
                 raise EngineError("rule set is closed")

@@ -60,6 +60,7 @@ class Evaluator:
     def run_prepared(self, prepared: PreparedFacts) -> list[Firing]:
         """Every rule that fires on already prepared facts, with the facts each alias matched."""
         by_rule: dict[str, Firing] = {}
+        repeated: list[tuple[dict[str, list[int]], str]] = []  # aliases that matched more than one fact
         names = self._engine_names
         for engine_name, matched in self.engine.run(self.preparer.distinct(prepared)):
             named = names.get(engine_name)
@@ -79,11 +80,9 @@ class Evaluator:
                     aliases[alias] = [fact["_fid"]]
                 else:
                     ids.append(fact["_fid"])
-        for firing in by_rule.values():  # each alias's facts once, in fact order
-            for aliases in firing.matched.values():
-                for alias, ids in aliases.items():
-                    if len(ids) > 1:
-                        aliases[alias] = sorted(set(ids))
+                    repeated.append((aliases, alias))
+        for aliases, alias in repeated:  # each alias's facts once, in fact order
+            aliases[alias] = sorted(set(aliases[alias]))
         return list(by_rule.values())
 
     def evaluate(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> dict:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from .compiler import negated_patterns
-from .conditions import FACT_FIELDS, FieldTest, Pattern, compile_matcher, resolve_operand, tag, test_holds
+from .conditions import FACT_FIELDS, FieldTest, Pattern, compile_matcher, compile_signature, resolve_operand, tag, test_holds
 from .record import Code, Condition, DataIssue, Observation, OrderNotForUs, PatientRecord, RecordError, RecordItem
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
@@ -818,7 +818,10 @@ def _signature_plans(ruleset: RuleSet, params: dict) -> dict[str, Callable[[dict
     """Per fact kind, a function giving what the rules can see of a fact: its tags, the answer to
     every test a rule's positive pattern makes on another field, and the values of the
     non-numeric fields its messages show. Kinds that occur once per evaluation have none."""
-    tests: dict[str, list[Callable[[dict], bool]]] = {}
+    # Per kind, each distinct test once, with the alias of a pattern making it (a dict keeps their
+    # first order): rules repeat the same tests (eleven condition tests are three), and a repeated
+    # answer cannot tell facts apart.
+    tests: dict[str, dict[FieldTest, str]] = {}
     shown: dict[str, set[str]] = {}
     for rule in ruleset.rules:
         templates = rule.then.message + (rule.then.missing_data or "")
@@ -829,9 +832,7 @@ def _signature_plans(ruleset: RuleSet, params: dict) -> dict[str, Callable[[dict
                     continue  # absences are derived in Python from every fact
                 for test in pattern.tests:
                     if not (test.op == "in" and isinstance(test.operand, str)):  # a tag test is answered by the tags
-                        tests.setdefault(pattern.kind, []).append(
-                            compile_matcher(Pattern(pattern.alias, pattern.kind, (test,)), params)
-                        )
+                        tests.setdefault(pattern.kind, {}).setdefault(test, pattern.alias)
             for alias, field_name in _TEMPLATE_FIELD.findall(templates):
                 if alias in kinds and field_name not in ("", "display"):
                     shown.setdefault(kinds[alias], set()).add(field_name)
@@ -840,18 +841,10 @@ def _signature_plans(ruleset: RuleSet, params: dict) -> dict[str, Callable[[dict
         if kind in _SINGLETONS:
             continue
         # a number a message shows (days ago, a value) is the representative's: the most recent
-        predicates = tuple(tests.get(kind, ()))
-        fields = tuple(sorted(f for f in shown.get(kind, ()) if kind_fields.get(f) != "number"))
-        plans[kind] = _signature(predicates, fields)
+        fields = sorted(f for f in shown.get(kind, ()) if kind_fields.get(f) != "number")
+        plans[kind] = compile_signature([(alias, test) for test, alias in tests.get(kind, {}).items()], fields, params)
     plans["data_issue"] = lambda f: (f["kind"], f["concept"], f["detail"])
     return plans
-
-
-def _signature(predicates: tuple, fields: tuple) -> Callable[[dict], tuple]:
-    def signature(fact: dict) -> tuple:
-        return (tuple(fact.get("_tags", ())), tuple([p(fact) for p in predicates]), tuple([fact.get(f) for f in fields]))
-
-    return signature
 
 
 def _all_patterns(ruleset: RuleSet) -> list[Pattern]:

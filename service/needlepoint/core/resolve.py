@@ -278,22 +278,22 @@ class _Template:
         return plain_field(fact, info, fld) if self.human else field_value(fact, info, fld)
 
 
-# Per alternative of a rule, per pattern: (alias, the fixed text of a negated pattern, the fields its tests name).
-_PatternPlan = tuple[tuple[tuple[str, str | None, tuple[str, ...]], ...], ...]
+# Per alternative of a rule, per pattern: (alias, the entry of a negated pattern, the fields its tests name).
+_PatternPlan = tuple[tuple[tuple[str, MatchedFact | None, tuple[str, ...]], ...], ...]
 
 
 def _pattern_plan(rule: Rule) -> _PatternPlan:
-    """Per alternative: each pattern's alias, the fixed text of a negated one, and the fields its
-    tests name."""
+    """Per alternative: each pattern's alias, the entry a negated one shows (it names no fact, so
+    it is the same in every decision and made once), and the fields its tests name."""
     plan = []
     for alternative in rule.alternatives:
         steps = []
         for pattern in alternative:
-            text = None
+            entry = None
             if pattern.negated:
                 tests = " and ".join(t.describe() for t in pattern.tests) or "any"
-                text = f"no {pattern.kind} with {tests}"
-            steps.append((pattern.alias, text, tuple(t.field for t in pattern.tests)))
+                entry = MatchedFact(f"no {pattern.kind} with {tests}", "none found")
+            steps.append((pattern.alias, entry, tuple(t.field for t in pattern.tests)))
         plan.append(tuple(steps))
     return tuple(plan)
 
@@ -304,9 +304,9 @@ def _matched_entries(firing: Firing, plan: _PatternPlan, prepared: PreparedFacts
     matched = firing.matched
     for alt_index in matched if len(matched) == 1 else sorted(matched):
         aliases = matched[alt_index]
-        for alias, negation_text, fields in plan[alt_index]:
-            if negation_text is not None:
-                entries.append(MatchedFact(negation_text, "none found"))
+        for alias, negation, fields in plan[alt_index]:
+            if negation is not None:
+                entries.append(negation)
                 continue
             for fid in aliases.get(alias, ()):
                 fact, info = facts[fid], infos[fid]
@@ -559,7 +559,9 @@ def resolve(firings: list[Firing], prepared: PreparedFacts, resolver: Resolver, 
         rule = f.rule
         rid, then, plan = rule.id, rule.then, plans[rule.id]
         if plan.quoted:
-            messages[rid] = plan.message.render(f, prepared, now=now)
+            # most messages name no fact: their fixed text, without a call to render
+            text = plan.message.constant
+            messages[rid] = text if text is not None else plan.message.render(f, prepared, now=now)
         if then.modality:
             mod_rules.append(rule)
         for category, level in plan.injectates:

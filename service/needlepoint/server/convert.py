@@ -85,20 +85,24 @@ def encode_decision(decision: core_decision.Decision) -> decision_pb2.Decision:
         if cached is None or cached[0] is not head:
             if len(heads) >= _MAX_HEADS:  # rule sets come and go (hot reload): start again
                 heads.clear()
-            cached = heads[id(head)] = (head, _head_bytes(head))
-        exp = add(outcome=e.outcome)
+            fixed = _head_bytes(head)
+            cached = heads[id(head)] = (head, fixed, fixed + _string(0x2A, head.outcome))
+        # most firings have the outcome of their rule's head, which is then encoded with the head
+        same_outcome = e.outcome == head.outcome
+        exp = add() if same_outcome else add(outcome=e.outcome)
         add_matched = exp.matched.add  # (one add per entry: faster than a list of dicts for the runtime to convert)
         for fact, value in e.matched:
             add_matched(fact=fact, value=value)
-        exp.MergeFromString(cached[1])
+        exp.MergeFromString(cached[2] if same_outcome else cached[1])
         if e.overridden_by:
             exp.overridden_by.extend(e.overridden_by)
     return msg
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-# Encoded rule heads by id(): (the head, kept so that its id is not reused; its bytes).
-_HEADS: dict[int, tuple[core_decision.RuleHead, bytes]] = {}
+# Encoded rule heads by id(): (the head, kept so that its id is not reused; its bytes; its bytes
+# with the head's outcome).
+_HEADS: dict[int, tuple[core_decision.RuleHead, bytes, bytes]] = {}
 _MAX_HEADS = 2_000  # rules of about twenty rule-set versions (a server keeps three loaded)
 
 
