@@ -141,6 +141,20 @@ def test_a_resource_nested_deeper_than_python_recurses_is_read_as_orjson_reads_i
     assert record_from_bundle(raw) == record_from_bundle(orjson.loads(raw))
 
 
+@pytest.mark.parametrize("name", ["entry", "type", "resourceType"])
+def test_a_bundle_that_repeats_a_name_is_read_as_orjson_reads_it(
+    bundle: dict, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the Bundle's own names: orjson keeps the last occurrence, so the lazy reader leaves it to orjson
+    raw = padded(bundle)
+    if name == "type":  # the bundle's own "type", now its last, is one that is refused
+        raw = raw.replace(b'"type":"collection"', b'"type":"document"', 1)
+    first = {"entry": b'"entry":[],', "type": b'"type":"collection",', "resourceType": b'"resourceType":"Basic",'}[name]
+    raw = raw.replace(b'"resourceType":"Bundle",', b'"resourceType":"Bundle",' + first, 1)
+    assert not read_lazily(raw)
+    assert outcome(lambda: record_from_bundle(raw)) == whole(raw, monkeypatch)
+
+
 def test_a_resource_whose_type_is_given_twice_is_refused(bundle: dict) -> None:
     # FHIR JSON forbids a name twice in one object; read lazily, the first one chose the resource
     raw = padded(bundle).replace(b'"resourceType":"Condition"', b'"resourceType":"Condition","resourceType":"Claim"', 1)

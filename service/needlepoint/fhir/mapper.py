@@ -652,18 +652,22 @@ def _lazy_bundle_entries(raw: bytes, path: str, observation_codes: ObservationCo
     simdjson refuses what orjson refuses (invalid UTF-8, lone surrogates, control characters,
     numbers out of range, trailing content, too deep a nesting), and more (integers beyond 64
     bits, which orjson reads as floats): those go to orjson. It skips a UTF-8 byte order mark,
-    which orjson refuses: that goes to orjson too. The one difference is a name repeated in one
-    object, which FHIR JSON forbids and RFC 8259 leaves to the parser: the proxy's lookups find
-    its first occurrence, orjson keeps its last. Which resources are read is decided by the
-    first; a resource read is built with the last, and one whose ``resourceType`` then differs is
-    refused (:func:`_materialized`)."""
+    which orjson refuses: that goes to orjson too.
+
+    The one difference is a name repeated in one object, which FHIR JSON forbids and RFC 8259
+    leaves to the parser: the proxy's lookups find its first occurrence, orjson keeps its last.
+    A Bundle object that repeats a name goes to orjson (one object: cheap to look at). In an
+    entry or a resource, looking would cost as much as a third of what reading lazily saves, so
+    there the first occurrence decides which resources are read, and which one a reference
+    finds; a resource read is built with the last, and one whose ``resourceType`` then differs
+    is refused (:func:`_materialized`)."""
     if raw.startswith(b"\xef\xbb\xbf"):
         return None
     try:
         doc = simdjson.Parser().parse(raw)
     except (ValueError, RuntimeError):  # invalid JSON (UnicodeDecodeError is a ValueError), big integers
         return None
-    if type(doc) is not simdjson.Object or doc.get("resourceType") != "Bundle":
+    if type(doc) is not simdjson.Object or doc.get("resourceType") != "Bundle" or len(set(doc.keys())) != len(doc):
         return None
     btype = doc.get("type")
     if btype is not None and (type(btype) is not str or btype not in _BUNDLE_TYPES):
