@@ -33,7 +33,7 @@ def _large_request(size: int | None) -> None:
 
 
 def test_freed_memory_is_given_back_once_large_requests_add_up(returns: list[int]) -> None:
-    tenth = RETURN_MEMORY_BYTES // 10 + 1  # a Synthea-size request
+    tenth = RETURN_MEMORY_BYTES // 10 + 1  # a tenth of the mark, and a little more
     for _ in range(9):
         _large_request(tenth)
     assert returns == []

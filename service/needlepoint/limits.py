@@ -36,9 +36,12 @@ MAX_WORKLIST_UPLOAD_BYTES = 512 * MIB
 LARGE_REQUEST_BYTES = 256 * 1024
 
 # The memory large requests free is given back to the system once they add up to this many bytes
-# (needlepoint.server.service.collector_paused): after every 8 MiB request, after about every ninth
-# of Synthea size (0.9 MB on average).
-RETURN_MEMORY_BYTES = 8 * MIB
+# (needlepoint.server.service.collector_paused): after every eighth 8 MiB request, after about every
+# seventieth of Synthea size (0.9 MB on average). It was 8 MiB while large bundles were read whole;
+# read lazily they free far less, and giving it back every 8 MiB cost the Synthea road a fifth of
+# its time (520 against 651 bundles/s in-process), with worker RSS as flat at 64 MiB (bench/memory.py:
+# +6.3 % from 1,000 to 10,000 requests with every 50th 8 MiB, +2.7 % with every 10th Synthea-size).
+RETURN_MEMORY_BYTES = 64 * MIB
 
 
 def declared_size(content_length: str | None) -> int | None:

@@ -108,9 +108,9 @@ def _freed(size: int) -> None:
     returns it at once).
 
     Returning costs more than its own call: the malloc_trim, then the page faults of the next
-    request taking the pages back. After every request over 256 KiB, as before, that was 0.5 to
+    requests taking the pages back. After every request over 256 KiB, as once, that was 0.5 to
     1.2 ms of a Synthea-size bundle (0.1-3 MB), a fifth to a quarter of its cost (measured with
-    bench/inprocess.py). In between, the heap keeps what the last large requests freed and the
+    bench/inprocess.py); see RETURN_MEMORY_BYTES for how often it is now. In between, the heap keeps what the last large requests freed and the
     next ones reuse it, so a worker's resident size is bounded by what those few requests need
     at once, and does not grow (bench/memory.py --synthea-every 10)."""
     global _unreturned
