@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy import select
 
 from needlepoint.decisionlog import DecisionLog, migrate, schema
@@ -295,9 +296,18 @@ def refusal_level(
 def test_an_order_not_for_us_is_logged_at_debug(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     proto = decision_service_pb2.EvaluateRequest(fhir_bundle=orjson.dumps(not_for_us_bundle(random.Random(3), 0)))
     proto.as_of.FromDatetime(AS_OF)
+    proto.correlation_id = "order-42"
     ended, level, message = refusal_level(engine, caplog, proto)
     assert ended.code is grpc.StatusCode.INVALID_ARGUMENT and "order.target" in message
     assert level == logging.DEBUG
+    # the call ends with the status abort would have sent: its message, the BadRequest detail, the trailer
+    assert ended.details.startswith("order.target: ")
+    trailer = dict(ended.trailing_metadata)
+    assert trailer["correlation-id"] == "order-42"
+    status = status_pb2.Status.FromString(trailer["grpc-status-details-bin"])
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == ["order.target"]
 
 
 def test_an_invalid_order_target_is_logged_at_info(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:

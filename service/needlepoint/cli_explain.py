@@ -83,8 +83,9 @@ def command(
 
     try:
         instant = as_of or dt.datetime.now(dt.timezone.utc)
-        record = apply_order(record_from_bundle(file.read()), order_from_fields(target, side, intent))
         evaluator = Evaluator(load_ruleset(ruleset_dir or bundled_rulesets_dir() / DEFAULT_RULESET, overlay=overlay))
+        bundle = record_from_bundle(file.read(), observation_codes=evaluator.observation_codes)  # as the service reads it
+        record = apply_order(bundle, order_from_fields(target, side, intent))
         report = explain_rule(evaluator, record, instant, rule_id) if rule_id else None
         changes = counterfactuals(evaluator, record, instant)
     except (RecordError, ValueError) as exc:

@@ -32,8 +32,8 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from needlepoint.core import record as rec
+from needlepoint.core.record import ObservationCodes
 from needlepoint.fhir.mapper import (
-    ObservationCodes,
     record_from_bundle,
     record_from_bundle_with_hip_order,
     record_from_cds_hooks_request,
@@ -156,19 +156,22 @@ def request_kind(obj: Any) -> str | None:
     return None
 
 
-def record_from_json(obj: Any) -> tuple[rec.PatientRecord, dt.datetime | None, str]:
+def record_from_json(
+    obj: Any, observation_codes: ObservationCodes | None = None
+) -> tuple[rec.PatientRecord, dt.datetime | None, str]:
     """A parsed JSON input of any kind (:func:`request_kind`): a FHIR Bundle, a CDS Hooks request or
     an exported ``EvaluateRequest`` (its order applied), as (record, the instant it carries or None,
-    its correlation id or ""). Raises RecordError naming what is wrong."""
+    its correlation id or ""). ``observation_codes``: see :func:`record_from_request`. Raises
+    RecordError naming what is wrong."""
     kind = request_kind(obj)
     if kind == "bundle":
-        return record_from_bundle(obj), None, ""
+        return record_from_bundle(obj, observation_codes=observation_codes), None, ""
     if kind == "cds-hooks":
-        return record_from_cds_hooks_request(obj), None, ""
+        return record_from_cds_hooks_request(obj, observation_codes=observation_codes), None, ""
     if kind == "request":
         request, bundle = request_from_json(obj)
         as_of = timestamp_to_datetime(request.as_of, "asOf") if request.HasField("as_of") else None
-        return record_from_request(request, bundle), as_of, request.correlation_id
+        return record_from_request(request, bundle, observation_codes=observation_codes), as_of, request.correlation_id
     raise rec.RecordError("line", "not a FHIR Bundle, a CDS Hooks request or an evaluate request")
 
 

@@ -37,10 +37,11 @@ LARGE_REQUEST_BYTES = 256 * 1024
 
 # The memory large requests free is given back to the system once they add up to this many bytes
 # (needlepoint.server.service.collector_paused): after every eighth 8 MiB request, after about every
-# seventieth of Synthea size (0.9 MB on average). It was 8 MiB while large bundles were read whole;
-# read lazily they free far less, and giving it back every 8 MiB cost the Synthea road a fifth of
-# its time (520 against 651 bundles/s in-process), with worker RSS as flat at 64 MiB (bench/memory.py:
-# +6.3 % from 1,000 to 10,000 requests with every 50th 8 MiB, +2.7 % with every 10th Synthea-size).
+# seventy-fifth of Synthea size (0.9 MB on average). It was 8 MiB while large bundles were read
+# whole; read lazily they free far less, and giving it back every 8 MiB cost the Synthea road a
+# fifth of its time (520 against 651 bundles/s in-process). At 64 MiB worker RSS stays bounded
+# (bench/memory.py, 1,000 to 10,000 requests: +6.3 % with every 50th 8 MiB, +2.7 % with every 10th
+# Synthea-size; at 8 MiB, +8.4 % with every 10th Synthea-size).
 RETURN_MEMORY_BYTES = 64 * MIB
 
 

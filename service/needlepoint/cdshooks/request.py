@@ -26,7 +26,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 
-from needlepoint.core.record import INTENT_SYSTEM, TARGET_SYSTEM, PatientRecord
+from needlepoint.core.record import INTENT_SYSTEM, TARGET_SYSTEM, ObservationCodes, PatientRecord
 from needlepoint.fhir.mapper import record_from_cds_hooks_request
 
 JSON = dict[str, Any]
@@ -322,7 +322,7 @@ async def _fetch(http: httpx.AsyncClient, base: str, query: str, headers: Mappin
 
 
 def record_for_order(
-    call: HookCall, reference: str, prefetch: Mapping[str, Any], observation_codes: frozenset[tuple[str, str]] | None = None
+    call: HookCall, reference: str, prefetch: Mapping[str, Any], observation_codes: ObservationCodes | None = None
 ) -> PatientRecord:
     """The patient record for one hip injection order: the request's draft orders and prefetch
     (with fetched keys added) through the FHIR mapper, the order chosen explicitly by reference;

@@ -15,7 +15,7 @@ from .compiler import compile_ruleset, rule_id_of
 from .decision import Decision
 from .durable import CompiledRules
 from .prepare import PreparedFacts, Preparer
-from .record import PatientRecord, RecordError
+from .record import ObservationCodes, PatientRecord, RecordError
 from .resolve import Firing, Resolver
 from .ruleset import Rule, RuleSet
 
@@ -42,7 +42,7 @@ class Evaluator:
         # The (system, code) pairs of the Observations some rule reads. A record's other
         # Observations never become facts, so an adapter need not map them at all.
         usable = self.preparer.usable_days
-        self.observation_codes: frozenset[tuple[str, str]] = frozenset(
+        self.observation_codes: ObservationCodes = frozenset(
             (system, code) for (system, code), concept in self.preparer.concept_of_code.items() if usable.get(concept.id) != -1
         )
 
@@ -60,7 +60,7 @@ class Evaluator:
     def run_prepared(self, prepared: PreparedFacts) -> list[Firing]:
         """Every rule that fires on already prepared facts, with the facts each alias matched."""
         by_rule: dict[str, Firing] = {}
-        repeated: list[tuple[dict[str, list[int]], str]] = []  # aliases that matched more than one fact
+        repeated: list[tuple[dict[str, list[int]], str]] = []  # aliases that matched more than one fact, once each
         names = self._engine_names
         for engine_name, matched in self.engine.run(self.preparer.distinct(prepared)):
             named = names.get(engine_name)
@@ -80,7 +80,8 @@ class Evaluator:
                     aliases[alias] = [fact["_fid"]]
                 else:
                     ids.append(fact["_fid"])
-                    repeated.append((aliases, alias))
+                    if len(ids) == 2:
+                        repeated.append((aliases, alias))
         for aliases, alias in repeated:  # each alias's facts once, in fact order
             aliases[alias] = sorted(set(aliases[alias]))
         return list(by_rule.values())

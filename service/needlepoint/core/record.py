@@ -315,6 +315,11 @@ def partial_date_range(text: object) -> tuple[dt.date, dt.date] | None:
     return first, dt.date(year, first.month + 1, 1) - dt.timedelta(days=1)
 
 
+# The (system short name, code) pairs of the Observation codes a reader keeps: those of the
+# concepts some rule reads (Evaluator.observation_codes); adapters leave other Observations unmapped.
+ObservationCodes = frozenset[tuple[str, str]]
+
+
 def system_short_name(uri: str | None) -> str:
     if not uri:
         return ""

@@ -1,7 +1,10 @@
 """FHIR R4 Bundle -> :class:`~needlepoint.core.record.PatientRecord` (contract.md section 1).
 
 The mapper walks plain JSON dicts: no FHIR model library, and resource types the core does not
-need (Claim, Encounter, ExplanationOfBenefit...) are skipped on their ``resourceType`` alone.
+need (Claim, Encounter, ExplanationOfBenefit...) are skipped on their ``resourceType`` alone, as
+are Observations of codes the caller does not read (``observation_codes``). A large Bundle given
+as bytes is read lazily (see "reading only what is read" below): those resources never even
+become dicts.
 
 Two kinds of trouble are told apart:
 
@@ -41,6 +44,7 @@ from needlepoint.core.record import (
     InjectionOrder,
     Medication,
     Observation,
+    ObservationCodes,
     OrderNotForUs,
     PatientRecord,
     PlannedInjectate,
@@ -513,22 +517,22 @@ class _Entry:
 
     A resource read lazily from a Bundle's bytes (:func:`_lazy_bundle_entries`) stays a simdjson
     proxy until something reads it: the mapping (which reads only the types and Observations it
-    maps) or a reference that resolves to it. ``read`` is False for an Observation of codes the
+    maps) or a reference that resolves to it. ``mapped`` is False for an Observation of codes the
     caller does not read: it is there to be referred to, not mapped."""
 
-    __slots__ = ("path", "type", "full_url", "read", "_resource", "_proxy")
+    __slots__ = ("path", "type", "full_url", "mapped", "_resource", "_proxy")
 
     def __init__(
-        self, path: str, resource: JSON | None, type: str, full_url: str | None = None, *, read: bool = True, proxy: Any = None
+        self, path: str, resource: JSON | None, type: str, full_url: str | None = None, *, mapped: bool = True, proxy: Any = None
     ):
-        self.path, self.type, self.full_url, self.read = path, type, full_url, read
+        self.path, self.type, self.full_url, self.mapped = path, type, full_url, mapped
         self._resource, self._proxy = resource, proxy
 
     @property
     def resource(self) -> JSON:
         resource = self._resource
         if resource is None:
-            resource = self._resource = _materialized(self._proxy, self.path, self.type)
+            resource = self._resource = _materialized(self._proxy)
             self._proxy = None
         return resource
 
@@ -557,7 +561,7 @@ def _resource_entry(
     rtype = resource.get("resourceType")
     if type(rtype) is not str or not rtype:
         _fail(f"{path}.resourceType", "a resource needs a resourceType")
-    return _Entry(path, resource, rtype, full_url, read=_is_read(rtype, resource, observation_codes))
+    return _Entry(path, resource, rtype, full_url, mapped=_is_mapped(rtype, resource, observation_codes))
 
 
 def _bundle_entries(bundle: Any, path: str, observation_codes: ObservationCodes | None = None) -> list[_Entry]:
@@ -579,8 +583,8 @@ def _bundle_entries(bundle: Any, path: str, observation_codes: ObservationCodes 
             if type(resource) is dict and (full_url is None or type(full_url) is str):
                 rtype = resource.get("resourceType")
                 if type(rtype) is str and rtype:
-                    read = _is_read(rtype, resource, observation_codes)
-                    entries.append(_Entry(f"{path}.entry[{i}].resource", resource, rtype, full_url, read=read))
+                    mapped = _is_mapped(rtype, resource, observation_codes)
+                    entries.append(_Entry(f"{path}.entry[{i}].resource", resource, rtype, full_url, mapped=mapped))
                     continue
         where = f"{path}.entry[{i}]"
         if type(entry) is not dict:
@@ -593,9 +597,6 @@ def _bundle_entries(bundle: Any, path: str, observation_codes: ObservationCodes 
 
 
 # --- reading only what is read --------------------------------------------------------------------
-
-# (system short name, code) pairs of the Observation codes a caller reads.
-ObservationCodes = frozenset[tuple[str, str]]
 
 # A Bundle from an EHR's FHIR server is mostly what no rule reads. In the Synthea records, claims,
 # explanations of benefit and encounters are over half of the bytes, and nearly all Observations
@@ -610,7 +611,7 @@ ObservationCodes = frozenset[tuple[str, str]]
 LAZY_READ_BYTES = 16 * 1024
 
 
-def _is_read(rtype: str, resource: Any, observation_codes: ObservationCodes | None) -> bool:
+def _is_mapped(rtype: str, resource: Any, observation_codes: ObservationCodes | None) -> bool:
     """Whether a resource of type ``rtype`` is mapped, for a caller that reads ``observation_codes``
     (None: every Observation)."""
     return observation_codes is None or rtype != "Observation" or _reads(resource, observation_codes)
@@ -656,11 +657,13 @@ def _lazy_bundle_entries(raw: bytes, path: str, observation_codes: ObservationCo
 
     The one difference is a name repeated in one object, which FHIR JSON forbids and RFC 8259
     leaves to the parser: the proxy's lookups find its first occurrence, orjson keeps its last.
-    A Bundle object that repeats a name goes to orjson (one object: cheap to look at). In an
-    entry or a resource, looking would cost as much as a third of what reading lazily saves, so
-    there the first occurrence decides which resources are read, and which one a reference
-    finds; a resource read is built with the last, and one whose ``resourceType`` then differs
-    is refused (:func:`_materialized`)."""
+    Where a repeated name is cheap to see, the Bundle is read whole instead, as orjson reads it:
+    a Bundle object that repeats one of its names (here), and a resource that is read
+    (:func:`_materialized`: its dict has fewer names than its proxy). Looking into every entry and
+    every resource not read would cost about as much as reading lazily saves, so there the first
+    occurrence decides: which resource an entry holds, whether a resource not read is of a type the
+    mapping reads (its ``resourceType``), whether an Observation is of a code read (its ``code``),
+    and which resource a reference finds (its ``id``)."""
     if raw.startswith(b"\xef\xbb\xbf"):
         return None
     try:
@@ -690,17 +693,23 @@ def _lazy_bundle_entries(raw: bytes, path: str, observation_codes: ObservationCo
         rtype = resource.get("resourceType")
         if type(rtype) is not str or not rtype:
             return None
-        read = _is_read(rtype, resource, observation_codes)
-        entries.append(_Entry(f"{path}.entry[{i}].resource", None, rtype, full_url, read=read, proxy=resource))
+        mapped = _is_mapped(rtype, resource, observation_codes)
+        entries.append(_Entry(f"{path}.entry[{i}].resource", None, rtype, full_url, mapped=mapped, proxy=resource))
     return entries
 
 
-def _materialized(proxy: Any, path: str, rtype: str) -> JSON:
-    """A resource read lazily, as the dict orjson would have made of it (as_dict recurses in C,
-    not in Python: it builds the 1,022 levels simdjson lets a resource have)."""
+class _RepeatedName(Exception):
+    """A resource read lazily repeats a name: the Bundle is to be read whole (see
+    :func:`_lazy_bundle_entries`)."""
+
+
+def _materialized(proxy: Any) -> JSON:
+    """A resource read lazily, as the dict orjson makes of it (as_dict builds in C, not by
+    recursing in Python: the 1,022 levels simdjson lets a resource have). Raises _RepeatedName when
+    the dict has fewer names than the proxy (as orjson does, it kept the last of a repeated one)."""
     resource = proxy.as_dict()
-    if resource.get("resourceType") != rtype:
-        _fail(f"{path}.resourceType", "the name resourceType is given twice in this resource")
+    if len(resource) != len(proxy):
+        raise _RepeatedName
     return resource
 
 
@@ -774,7 +783,7 @@ class _Mapper:
     def run(self, order_refs: Sequence[tuple[str, str]]) -> PatientRecord:
         for entry in self.entries:
             handler = _HANDLERS.get(entry.type)
-            if handler is not None and entry.read:
+            if handler is not None and entry.mapped:
                 handler(self, entry)
         if self.patient is None:
             _fail(self.root, "no Patient resource; the record has no patient to evaluate")
@@ -1259,17 +1268,40 @@ def record_from_bundle(
     an Observation all of whose codings are of other codes is not mapped, as resource types the
     core does not need are not (see :func:`_reads`). Raises :class:`RecordError` for unusable input.
     """
+    refs = [("order_ref", order_ref)] if order_ref is not None else []
+    return _map_bundle(bundle, observation_codes, refs, own_order=False)
+
+
+def _map_bundle(
+    bundle: JSON | bytes | str, observation_codes: ObservationCodes | None, refs: list[tuple[str, str]], *, own_order: bool
+) -> PatientRecord:
+    """:func:`record_from_bundle`, or with ``own_order`` :func:`record_from_bundle_with_hip_order`."""
     try:
-        entries = _entries_of(bundle, observation_codes)
-        refs = [("order_ref", order_ref)] if order_ref is not None else []
-        return _Mapper(entries, "Bundle").run(refs)
+        try:
+            return _map_entries(_entries_of(bundle, observation_codes), refs, own_order)
+        except _RepeatedName:  # read lazily, a resource repeated a name: read it as orjson does
+            return _map_entries(_entries_of(bundle, observation_codes, lazily=False), refs, own_order)
     except RecursionError:  # the JSON depth guard: see _too_deep
         _too_deep("Bundle")
 
 
-def _entries_of(bundle: JSON | bytes | str, observation_codes: ObservationCodes | None) -> list[_Entry]:
-    """The entries of a Bundle given parsed or as JSON bytes (read lazily: see LAZY_READ_BYTES)."""
-    if type(bundle) is bytes and len(bundle) >= LAZY_READ_BYTES:
+def _map_entries(entries: list[_Entry], refs: list[tuple[str, str]], own_order: bool) -> PatientRecord:
+    if own_order:  # the cheap answer first, for a bundle whose own order is not for us
+        try:
+            problem = _hip_order_problem(entries)
+        except RecordError:
+            problem = None
+        if problem is not None:
+            raise problem
+    return _Mapper(entries, "Bundle").run(refs)
+
+
+def _entries_of(
+    bundle: JSON | bytes | str, observation_codes: ObservationCodes | None, *, lazily: bool = True
+) -> list[_Entry]:
+    """The entries of a Bundle given parsed or as JSON bytes (from bytes, read lazily unless
+    ``lazily`` is False: see LAZY_READ_BYTES)."""
+    if lazily and type(bundle) is bytes and len(bundle) >= LAZY_READ_BYTES:
         entries = _lazy_bundle_entries(bundle, "Bundle", observation_codes)
         if entries is not None:
             return entries
@@ -1368,17 +1400,7 @@ def record_from_bundle_with_hip_order(
     built: see LAZY_READ_BYTES), since no decision could come of it. Anything unusual (several
     injection orders, a coding-less or extended bodySite) goes to the full mapping, which names it
     as it always has."""
-    try:
-        entries = _entries_of(bundle, observation_codes)
-        try:
-            problem = _hip_order_problem(entries)
-        except RecordError:
-            problem = None
-        if problem is not None:
-            raise problem
-        return _Mapper(entries, "Bundle").run([])
-    except RecursionError:  # the JSON depth guard: see _too_deep
-        _too_deep("Bundle")
+    return _map_bundle(bundle, observation_codes, [], own_order=True)
 
 
 def _hip_order_problem(entries: list[_Entry]) -> RecordError | None:

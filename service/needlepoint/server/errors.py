@@ -150,7 +150,6 @@ class ServiceError(Exception):
         details = (GRPC_DETAILS_METADATA_KEY, self.to_status_proto().SerializeToString())
         return _Status(self.code, self.message, (*trailing_metadata, details))
 
-
     async def end_call(self, context: grpc.aio.ServicerContext, trailing_metadata: Sequence[tuple[str, str]] = ()) -> None:
         """End a unary call with this error: its handler returns None right after (gRPC discards
         the answer of a call whose code is not OK).

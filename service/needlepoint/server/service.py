@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from needlepoint.core.decision import Decision
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.explain import counterfactuals, explain_rule
-from needlepoint.core.record import PatientRecord, RecordError
+from needlepoint.core.record import ObservationCodes, PatientRecord, RecordError
 from needlepoint.core.ruleset import RuleSet
 from needlepoint.intake import as_of_to_datetime, record_from_request
 from needlepoint.limits import LARGE_REQUEST_BYTES, RETURN_MEMORY_BYTES
@@ -48,7 +48,7 @@ class EvaluatorLike(Protocol):
     def decide(self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None) -> Decision: ...
 
     @property
-    def observation_codes(self) -> frozenset[tuple[str, str]] | None: ...
+    def observation_codes(self) -> ObservationCodes | None: ...
 
 
 def load_evaluators(rulesets_dir: Path | None = None) -> dict[str, EvaluatorLike]:
@@ -110,9 +110,10 @@ def _freed(size: int) -> None:
     Returning costs more than its own call: the malloc_trim, then the page faults of the next
     requests taking the pages back. After every request over 256 KiB, as once, that was 0.5 to
     1.2 ms of a Synthea-size bundle (0.1-3 MB), a fifth to a quarter of its cost (measured with
-    bench/inprocess.py); see RETURN_MEMORY_BYTES for how often it is now. In between, the heap keeps what the last large requests freed and the
-    next ones reuse it, so a worker's resident size is bounded by what those few requests need
-    at once, and does not grow (bench/memory.py --synthea-every 10)."""
+    bench/inprocess.py); see RETURN_MEMORY_BYTES for how often it is now. In between, the heap
+    keeps what the last large requests freed and the next ones reuse it, so a worker's resident
+    size is bounded by what those few requests need at once, and does not grow (bench/memory.py
+    --synthea-every 10)."""
     global _unreturned
     with _paused_lock:
         _unreturned += size
@@ -228,7 +229,7 @@ class Engine:
         self,
         request: decision_service_pb2.EvaluateRequest,
         bundle: bytes | None = None,
-        observation_codes: frozenset[tuple[str, str]] | None = None,
+        observation_codes: ObservationCodes | None = None,
     ) -> PatientRecord:
         """The patient record of a request, with its order applied (:mod:`needlepoint.intake`);
         ``bundle``: its ``fhir_bundle`` when the caller has already read it; ``observation_codes``:
@@ -244,7 +245,7 @@ class Engine:
         inner = request.request
         evaluator = self.evaluator(inner.ruleset_id or DEFAULT_RULESET, version=inner.ruleset_version)
         try:
-            record = self.record(inner)
+            record = self.record(inner, observation_codes=evaluator.observation_codes)  # what Evaluate read
             as_of = as_of_to_datetime(inner.as_of, "request.as_of") if inner.HasField("as_of") else self._clock()
             report: dict[str, Any] = {"counterfactuals": counterfactuals(evaluator, record, as_of)}
             if request.rule_id:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from needlepoint.casefile import load_cases
-from needlepoint.core.record import InjectionOrder, RecordError
+from needlepoint.core.record import InjectionOrder, ObservationCodes, RecordError
 from needlepoint.corpus import input_files
 from needlepoint.intake import apply_order, record_from_json, request_kind
 from needlepoint.rulesets.reader import YAMLSyntaxError, load_yaml
@@ -119,8 +119,15 @@ class CaseReader:
     overrides the order of FHIR inputs field by field, an exported request's own order included
     (:func:`needlepoint.intake.apply_order`); test cases are used as written."""
 
-    def __init__(self, as_of: dt.datetime | None, default_as_of: dt.datetime, order: InjectionOrder | None) -> None:
+    def __init__(
+        self,
+        as_of: dt.datetime | None,
+        default_as_of: dt.datetime,
+        order: InjectionOrder | None,
+        observation_codes: ObservationCodes | None = None,
+    ) -> None:
         self.as_of, self.default_as_of, self.order = as_of, default_as_of, order
+        self.observation_codes = observation_codes  # the Observations either version reads
 
     def _instant(self, own: dt.datetime | None) -> dt.datetime:
         return self.as_of or own or self.default_as_of
@@ -162,7 +169,7 @@ class CaseReader:
 
     def _one(self, key: tuple, where: str, obj: Any) -> tuple:
         try:
-            record, own, name = record_from_json(obj)
+            record, own, name = record_from_json(obj, self.observation_codes)
             record = apply_order(record, self.order)
         except RecordError as exc:
             return key, where, "", None, None, str(exc)

@@ -53,7 +53,9 @@ class Comparer:
     def __init__(self, old: RuleSet, new: RuleSet, options: Options):
         self.old, self.new = Evaluator(old), Evaluator(new)
         self.options = options
-        self.reader = CaseReader(options.as_of, options.default_as_of, options.order)
+        # both versions' Observations, read as the service reads a request for either
+        codes = self.old.observation_codes | self.new.observation_codes
+        self.reader = CaseReader(options.as_of, options.default_as_of, options.order, codes)
         self.order = rule_order(old, new)
         self.rule_fields = rule_fields(old)
         for rid, fields in rule_fields(new).items():
