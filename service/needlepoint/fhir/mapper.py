@@ -1097,7 +1097,9 @@ class _Mapper:
         if not (by_cpt or site.declared or (site.target and agents and any(c.system == "snomed" for c in codes))):
             return
         _, performed = self._instant(entry, _PROCEDURE_TIMES, codes)
-        self.record.prior_injections.append(PriorInjection(codes, performed, site.target, site.side, agents, entry.source))
+        self.record.prior_injections.append(
+            PriorInjection(codes, performed, site.target, site.side, agents, entry.source)
+        )
 
     def _agents(self, entry: _Entry) -> list[Code]:
         """What was injected: usedCode codings and the codes of Medication/Substance usedReferences."""

@@ -233,9 +233,10 @@ class Engine:
     ) -> PatientRecord:
         """The patient record of a request, with its order applied (:mod:`needlepoint.intake`);
         ``bundle``: its ``fhir_bundle`` when the caller has already read it; ``observation_codes``:
-        the only Observations to map (an evaluator's, when the record serves only its decision). A bundle sent without
-        an order that orders no hip injection is refused before it is mapped (the cheap answer for
-        orders not for us: :func:`~needlepoint.intake.record_from_request`). Raises RecordError."""
+        the only Observations to map (an evaluator's, for its decision and its explanation). A
+        bundle sent without an order that orders no hip injection is refused before it is mapped
+        (the cheap answer for orders not for us: :func:`~needlepoint.intake.record_from_request`).
+        Raises RecordError."""
         return record_from_request(request, bundle, refuse_early=True, observation_codes=observation_codes)
 
     def explain(self, request: decision_service_pb2.ExplainRequest) -> decision_service_pb2.ExplainResponse:
