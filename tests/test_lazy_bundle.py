@@ -34,10 +34,10 @@ def read_codes() -> frozenset[tuple[str, str]]:
 
 
 def padded(bundle: dict) -> bytes:
-    """The bundle as bytes over LAZY_READ_BYTES: a Claim (never read) carries the padding."""
+    """The bundle as bytes over LAZY_READ_BYTES, read lazily: a Claim (never read) carries the padding."""
     claim = {"resourceType": "Claim", "id": "padding", "status": "active", "text": {"div": "x" * mapper.LAZY_READ_BYTES}}
     raw = orjson.dumps({**bundle, "entry": [*bundle["entry"], {"resource": claim}]})
-    assert len(raw) >= mapper.LAZY_READ_BYTES
+    assert len(raw) >= mapper.LAZY_READ_BYTES and read_lazily(raw)
     return raw
 
 

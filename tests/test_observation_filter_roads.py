@@ -36,6 +36,7 @@ from needlepoint.server.service import Engine
 from needlepoint.v1 import decision_pb2, decision_service_pb2
 
 from .test_cdshooks_http import checked, full_prefetch, hip_order, hook_request, outcome
+from .test_lazy_bundle import padded
 
 HAND_MADE = Path(__file__).resolve().parent / "data" / "fhir" / "hip_injection_order.json"
 LOINC = "http://loinc.org"
@@ -179,15 +180,6 @@ def test_batch_bulk_export_does_not_map_an_observation_no_rule_reads(tmp_path: P
 
 
 # --- the service road (gRPC, in-process): a Bundle read lazily -------------------------------------------
-
-
-def padded(bundle: dict) -> bytes:
-    """The bundle as bytes over LAZY_READ_BYTES (read lazily): a Claim (never read) carries the padding."""
-    claim = {"resourceType": "Claim", "id": "padding", "status": "active", "text": {"div": "x" * mapper.LAZY_READ_BYTES}}
-    raw = orjson.dumps({**bundle, "entry": [*bundle["entry"], {"resource": claim}]})
-    assert len(raw) >= mapper.LAZY_READ_BYTES
-    assert mapper._lazy_bundle_entries(raw, "Bundle", None) is not None, "the bundle is read lazily"
-    return raw
 
 
 def evaluate(engine: Engine, raw: bytes) -> decision_pb2.Decision:

@@ -39,12 +39,8 @@ class Evaluator:
         self.resolver = Resolver(ruleset)
         self._rules = {r.id: r for r in ruleset.rules}
         self._engine_names: dict[str, tuple[Rule, int]] = {}  # engine rule name -> (rule, alternative)
-        # The (system, code) pairs of the Observations some rule reads. A record's other
-        # Observations never become facts, so an adapter need not map them at all.
-        usable = self.preparer.usable_days
-        self.observation_codes: ObservationCodes = frozenset(
-            (system, code) for (system, code), concept in self.preparer.concept_of_code.items() if usable.get(concept.id) != -1
-        )
+        # the Observations some rule reads; an adapter need not map the others (see Preparer)
+        self.observation_codes: ObservationCodes = self.preparer.observation_codes
 
     def firings(
         self, record: PatientRecord, as_of: dt.datetime, checkpoint: Callable[[], None] | None = None

@@ -29,7 +29,17 @@ from typing import cast
 
 from .compiler import negated_patterns
 from .conditions import FACT_FIELDS, FieldTest, Pattern, compile_matcher, compile_signature, resolve_operand, tag, test_holds
-from .record import Code, Condition, DataIssue, Observation, OrderNotForUs, PatientRecord, RecordError, RecordItem
+from .record import (
+    Code,
+    Condition,
+    DataIssue,
+    Observation,
+    ObservationCodes,
+    OrderNotForUs,
+    PatientRecord,
+    RecordError,
+    RecordItem,
+)
 from .ruleset import Aggregate, ObservationConcept, RuleSet, ValueSet, match_key
 
 
@@ -242,6 +252,13 @@ class Preparer:
         self.aggregates = [_aggregate_plan(agg, ruleset, self.params) for agg in ruleset.aggregates]
         patterns = _all_patterns(ruleset)
         self.usable_days = _usable_days(patterns, ruleset, self.params)
+        # The concepts some rule reads (-1: no pattern names it), and the (system, code) pairs of
+        # their Observations: a record's other Observations never become facts, so an adapter need
+        # not map them at all (Evaluator.observation_codes).
+        self.read_concepts = frozenset(cid for cid, usable in self.usable_days.items() if usable is None or usable >= 0)
+        self.observation_codes: ObservationCodes = frozenset(
+            (system, code) for (system, code), concept in self.concept_of_code.items() if concept.id in self.read_concepts
+        )
         self.age_tests = [
             t for p in patterns if p.kind == "patient" for t in p.tests if t.field == "age_years" and t.op in _COMPARISONS
         ]
@@ -631,7 +648,7 @@ class Preparer:
         A problem with a result older than the longest window any rule puts on its concept
         (``usable_days``) is not reported: no rule would use the value whatever its unit. A
         readable old result is still asserted, so that an explanation can show it is too old."""
-        concept_of_code = self.concept_of_code
+        concept_of_code, read_concepts = self.concept_of_code, self.read_concepts
         usable_days = self.usable_days
         newest: dict[str, tuple[dt.datetime, Observation, ObservationConcept]] = {}
         for obs in record.observations:
@@ -640,7 +657,7 @@ class Preparer:
                 concept = concept_of_code.get((c.system, c.code))
                 if concept is not None:
                     break
-            if concept is None or ((usable := usable_days.get(concept.id)) is not None and usable < 0):
+            if concept is None or concept.id not in read_concepts:
                 continue  # a concept no rule reads
             if obs.value is not None and not math.isfinite(obs.value):
                 raise RecordError(obs.source or "observation", f"{concept.title} value is not a finite number")
