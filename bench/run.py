@@ -370,8 +370,9 @@ class H2load:
 
 
 class PythonLoad:
-    """The same rotation with a grpc.aio client, when h2load cannot be had (the client's own CPU
-    then competes with the server on a small machine: the figures are lower)."""
+    """The same requests from a grpc.aio client, when h2load cannot be had, over ``SLOTS`` channels
+    kept for the whole run (connection length is not modelled), and the client's own CPU competes
+    with the server on a small machine: the figures are lower."""
 
     name = "Python grpc.aio client (h2load unavailable; its channels last the whole run, whatever the connection length)"
 
@@ -714,8 +715,9 @@ def main() -> None:
     say()
     cap = statistics.median(load.rate for load in capacity_long)
     say(
-        f"Latency of Evaluate at fixed offered loads ({LATENCY_PER_BODY} requests per connection; capacity so: "
-        f"{cap:,.0f} requests/s; open loop, {'h2load --rps' if isinstance(generator, H2load) else 'paced Python client'}):"
+        f"Latency of Evaluate at fixed offered loads ({LATENCY_PER_BODY} requests per connection; "
+        f"the capacity on such connections: {cap:,.0f} requests/s; open loop, "
+        f"{'h2load --rps' if isinstance(generator, H2load) else 'paced Python client'}):"
     )
     say()
     say("| Offered load | requests/s achieved | p50 ms | p99 ms | p99.9 ms | load generator CPU ms per request |")
