@@ -194,29 +194,19 @@ def _codes(concept: Any, path: str, key: str | None = None, j: int | None = None
     vocabulary of one of Needlepoint's own code systems raises.
     """
     if type(concept) is dict:
-        # the fast path, as _usual_codings but building the Codes in the same pass (this runs
-        # for every coded resource): anything unusual breaks off to the checked path
+        # the fast path (this runs for every coded resource): anything unusual breaks off to the
+        # checked path
         codings = concept.get("coding")
         if codings is None:
             return []
         if type(codings) is list:
             codes: list[Code] = []
             for coding in codings:
-                if type(coding) is not dict:
-                    break
-                system, code = coding.get("system"), coding.get("code")
-                if type(system) is not str or type(code) is not str or not system or not code:
-                    break
-                known = _KNOWN_SYSTEMS.get(system)
-                if known is None:
-                    short = system_short_name(system)
-                    vocabulary = _OWN_VOCABULARIES.get(short)
-                else:
-                    short, vocabulary = known
-                if vocabulary is not None and code not in vocabulary:
+                key_of = _usual_key(coding)
+                if key_of is None:
                     break
                 display = coding.get("display")
-                codes.append(Code(short, code, display if type(display) is str else None))
+                codes.append(Code(key_of[0], key_of[1], display if type(display) is str else None))
             else:
                 return codes
     elif concept is None:
@@ -224,34 +214,25 @@ def _codes(concept: Any, path: str, key: str | None = None, j: int | None = None
     return _checked_codes(concept, _at(path, key, j))
 
 
-def _usual_codings(concept: JSON) -> list[tuple[str, str, JSON]] | None:
-    """The fast path of :func:`_code_keys` (and, inline, of :func:`_codes`): ``(short system, code, coding)``
-    for every coding when the concept has the usual shape (each coding an object with string
-    system and code, any code of an own system in its vocabulary); None when anything is unusual,
-    and the caller starts over with :func:`_checked_codes`, which skips or names the odd coding
-    exactly as it always has."""
-    codings = concept.get("coding")
-    if codings is None:
-        return []
-    if type(codings) is not list:
+def _usual_key(coding: JSON) -> tuple[str, str] | None:
+    """``(short system, code)`` of a coding of the usual shape (an object with string system and
+    code, a code of an own system in its vocabulary); None when anything is unusual, and the
+    caller starts over with :func:`_checked_codes`, which skips or names the odd coding exactly
+    as it always has. The fast path of :func:`_codes` and :func:`_code_keys`."""
+    if type(coding) is not dict:
         return None
-    usual: list[tuple[str, str, JSON]] = []
-    for coding in codings:
-        if type(coding) is not dict:
-            return None
-        system, code = coding.get("system"), coding.get("code")
-        if type(system) is not str or type(code) is not str or not system or not code:
-            return None
-        known = _KNOWN_SYSTEMS.get(system)
-        if known is None:
-            short = system_short_name(system)
-            vocabulary = _OWN_VOCABULARIES.get(short)
-        else:
-            short, vocabulary = known
-        if vocabulary is not None and code not in vocabulary:
-            return None
-        usual.append((short, code, coding))
-    return usual
+    system, code = coding.get("system"), coding.get("code")
+    if type(system) is not str or type(code) is not str or not system or not code:
+        return None
+    known = _KNOWN_SYSTEMS.get(system)
+    if known is None:
+        short = system_short_name(system)
+        vocabulary = _OWN_VOCABULARIES.get(short)
+    else:
+        short, vocabulary = known
+    if vocabulary is not None and code not in vocabulary:
+        return None
+    return short, code
 
 
 def _checked_codes(concept: Any, path: str) -> list[Code]:
@@ -295,9 +276,18 @@ def _code_keys(
     """``(system, code)`` of every usable coding, found and checked exactly as :func:`_codes` does,
     for callers that only look at what a concept says (body sites, order details) and keep no Code."""
     if type(concept) is dict:
-        usual = _usual_codings(concept)
-        if usual is not None:
-            return [(short, code) for short, code, _ in usual]
+        codings = concept.get("coding")
+        if codings is None:
+            return []
+        if type(codings) is list:
+            keys = []
+            for coding in codings:
+                key_of = _usual_key(coding)
+                if key_of is None:
+                    break
+                keys.append(key_of)
+            else:
+                return keys
     elif concept is None:
         return []
     return [(code.system, code.code) for code in _checked_codes(concept, _at(path, key, j))]
