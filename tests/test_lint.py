@@ -114,6 +114,15 @@ EXPECTED: dict[str, list[tuple[str, str, str, int, int]]] = {
 }
 
 
+def test_a_missing_rationale_is_reported_once(tmp_path: Path) -> None:
+    root = tmp_path / "rs"
+    shutil.copytree(MINIMAL, root)
+    rules = root / "rules" / "rules.yaml"
+    text = rules.read_text(encoding="utf-8")
+    rules.write_text(text.replace("  rationale: Below this count the consensus advises transfusion before a procedure.\n", ""))
+    assert found(root) == [("NP011", "error", "rules/rules.yaml", 3, 3)]
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_fixture_yields_its_code_at_its_line(name: str) -> None:
     assert found(FIXTURES / name) == EXPECTED[name]

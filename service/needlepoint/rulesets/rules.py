@@ -418,20 +418,18 @@ class RuleChecks:
             self.rules.append(RuleEntry(rid, doc, path, raw, precedence, alts, **outcome))
 
     def check_rationale(self, doc: Document, path: tuple, raw: dict, what: str) -> None:
-        """A rule says why it exists, and each evidence entry cites its source. (That a rule cites
-        evidence at all is lint's policy, NP011 there.)"""
-        if "rationale" not in raw:
-            self.error(
-                "NP011", doc, path, f"{what} has no rationale: say why the rule exists (every explanation shows it)", key=False
-            )
-        elif (isinstance(raw["rationale"], str) and not raw["rationale"].strip()) or raw["rationale"] is None:
+        """A rule says why it exists, and each evidence entry cites its source. (A missing rationale
+        is reported as a missing required key, NP011; that a rule cites evidence at all is lint's
+        policy, NP011 there.)"""
+        rationale = raw.get("rationale", "(absent)")
+        if rationale is None or (isinstance(rationale, str) and not rationale.strip()):
             self.error("NP011", doc, path + ("rationale",), f"{what}: the rationale is empty")
-        elif not isinstance(raw["rationale"], str):
+        elif not isinstance(rationale, str):
             self.error(
                 "NP002",
                 doc,
                 path + ("rationale",),
-                f"{what}: rationale must be text; got {describe(raw['rationale'])}",
+                f"{what}: rationale must be text; got {describe(rationale)}",
                 key=False,
             )
         evidence = raw.get("evidence")
