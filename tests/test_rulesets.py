@@ -107,3 +107,23 @@ def test_a_file_that_is_not_a_mapping_is_refused_saying_what_it_maps(document: s
     assert any(d.code == "NP002" and d.message == f"{shape}; got a list" for d in caught.value.diagnostics), [
         d.message for d in caught.value.diagnostics
     ]
+
+
+def test_a_parameter_named_only_in_missing_data_is_among_the_rules_parameters(tmp_path: Path) -> None:
+    """Rule.params (what a parameter change reaches, in rules diff) counts every template the
+    builder checks, the missing-data code included."""
+    root = tmp_path / "rs"
+    shutil.copytree(FIXTURES / "minimal", root)
+    rules = root / "rules" / "rules.yaml"
+    text = rules.read_text(encoding="utf-8")
+    rules.write_text(
+        text.replace(
+            "    deferral: {reason: BLEEDING_RISK, severity: HARD, scope: PROCEDURE}\n",
+            "    deferral: {reason: BLEEDING_RISK, severity: HARD, scope: PROCEDURE}\n"
+            "    missing_data: PLATELETS_BELOW_{$platelet_caution_below}\n",
+        ),
+        encoding="utf-8",
+    )
+    rule = {r.id: r for r in load_ruleset(root).rules}["DEF-PLT-LOW"]
+    assert rule.then.missing_data == "PLATELETS_BELOW_{$platelet_caution_below}"
+    assert rule.params == ("platelet_defer_below", "platelet_max_age_days", "platelet_caution_below")

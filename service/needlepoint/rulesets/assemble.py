@@ -32,10 +32,11 @@ def assemble_rule(entry: RuleEntry, source: str) -> Rule:
     if deferral is not None:
         deferral = {"reason": deferral["reason"], "severity": deferral["severity"], "scope": deferral.get("scope", "PROCEDURE")}
     message = then["message"].strip()
-    for ref in TEMPLATE.findall(message):
-        placeholder = parse_placeholder(ref)
-        if placeholder is not None and placeholder.param is not None:
-            used.append(placeholder.param)
+    for template in (message, then.get("missing_data") or ""):  # the templates check_templates reads
+        for ref in TEMPLATE.findall(template):
+            placeholder = parse_placeholder(ref)
+            if placeholder is not None and placeholder.param is not None:
+                used.append(placeholder.param)
     outcome = Outcome(
         modality=modality,
         injectates=tuple(
