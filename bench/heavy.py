@@ -134,6 +134,7 @@ def main() -> None:
 
     from needlepoint.core.evaluator import Evaluator
     from needlepoint.fhir.mapper import record_from_bundle
+    from needlepoint.limits import LARGE_REQUEST_BYTES
     from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset
     from needlepoint.server.service import collector_paused
 
@@ -141,7 +142,7 @@ def main() -> None:
 
     def decide(data: bytes) -> dict:
         # as the server evaluates a request over 256 KiB: the cyclic collector paused (server/service.py)
-        with collector_paused(len(data) > 256 * 1024):
+        with collector_paused(len(data) > LARGE_REQUEST_BYTES, len(data)):
             return evaluator.evaluate(record_from_bundle(data), AS_OF)
 
     print(
@@ -161,7 +162,7 @@ def main() -> None:
                 from needlepoint.core.explain import counterfactuals
 
                 record = record_from_bundle(data)
-                with collector_paused(len(data) > 256 * 1024):
+                with collector_paused(len(data) > LARGE_REQUEST_BYTES, len(data)):
                     line += f" {_time(partial(counterfactuals, evaluator, record, AS_OF), 1) * 1000:>7.0f}ms"
             print(line, flush=True)
             if seconds > args.max_seconds:

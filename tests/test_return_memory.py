@@ -6,13 +6,17 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import orjson
 import pytest
 
+from needlepoint.cdshooks.discovery import prefetch_templates
 from needlepoint.core.record import RecordError
 from needlepoint.intake import record_from_request
 from needlepoint.limits import LARGE_REQUEST_BYTES, MAX_BUNDLE_BYTES, RETURN_MEMORY_BYTES
 from needlepoint.server import service as engine
 from needlepoint.v1 import decision_service_pb2, patient_pb2
+
+from .test_observation_filter_roads import HEART_RATE, cds_request, post_cds
 
 ORDER_BUNDLE = Path(__file__).parent / "data" / "fhir" / "hip_injection_order.json"
 
@@ -72,3 +76,17 @@ def test_a_bundle_read_once_is_mapped_and_limited_as_the_request_is() -> None:
     too_big = decision_service_pb2.EvaluateRequest(fhir_bundle=b" " * (MAX_BUNDLE_BYTES + 1))
     with pytest.raises(RecordError, match=r"^fhir_bundle: the bundle is \d+ bytes; the limit is"):
         record_from_request(too_big, too_big.fhir_bundle)
+
+
+def test_cds_hooks_gives_memory_back_as_the_grpc_road_does(returns: list[int], hip_evaluator) -> None:
+    """A large CDS Hooks call (a whole record in its prefetch) counts its declared size, as a gRPC
+    request does: two such calls far below the mark give nothing back."""
+    engine_ = engine.Engine({"hip-injection": hip_evaluator})
+    request = cds_request("order-sign", HEART_RATE, prefetch_templates(hip_evaluator.ruleset))
+    results = request["prefetch"]["observations-inr"]["entry"]
+    filler = {key: value for key, value in results[-1]["resource"].items() if key != "id"} | {"status": "final"}
+    results += [{"resource": {**filler, "id": f"hr-{i}"}} for i in range(LARGE_REQUEST_BYTES // 300)]
+    assert len(orjson.dumps(request)) > LARGE_REQUEST_BYTES
+    for _ in range(2):
+        assert post_cds(engine_, request).status_code == 200
+    assert returns == []

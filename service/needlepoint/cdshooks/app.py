@@ -202,7 +202,7 @@ class CdsHooksService:
         # a large call (a prefetch of a whole record) is read and evaluated with the cyclic
         # collector paused, as the gRPC road does (needlepoint.limits.LARGE_REQUEST_BYTES)
         declared = declared_size(request.headers.get("content-length"))
-        with collector_paused(declared is not None and declared > LARGE_REQUEST_BYTES):
+        with collector_paused(declared is not None and declared > LARGE_REQUEST_BYTES, declared):
             return await self._call(request)
 
     async def _call(self, request: Request) -> Response:
