@@ -9,8 +9,8 @@ import random
 import orjson
 import pytest
 
-from needlepoint.core.record import RecordError
-from needlepoint.fhir.mapper import NO_ORDER_PROBLEM, record_from_bundle, record_from_bundle_with_hip_order
+from needlepoint.core.record import NO_ORDER_PROBLEM, RecordError
+from needlepoint.fhir.mapper import record_from_bundle, record_from_bundle_with_hip_order
 from tests.bundles import NOT_FOR_US_ORDERS, not_for_us_bundle, random_bundles
 from tests.patients import AS_OF
 

@@ -17,7 +17,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from needlepoint.fhir.mapper import NO_ORDER_PROBLEM, NOT_HIP_PROBLEM
+from needlepoint.core.record import NO_ORDER_PROBLEM
+from needlepoint.fhir.mapper import NOT_HIP_PROBLEM
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc, patient_pb2
 from tests.bundles import NOT_FOR_US_ORDERS, not_for_us_bundle, random_bundles
 from tests.patients import AS_OF

@@ -30,6 +30,7 @@ from typing import cast
 from .compiler import negated_patterns
 from .conditions import FACT_FIELDS, FieldTest, Pattern, compile_matcher, compile_signature, resolve_operand, tag, test_holds
 from .record import (
+    NO_ORDER_PROBLEM,
     Code,
     Condition,
     DataIssue,
@@ -311,9 +312,7 @@ class Preparer:
         order = record.order
         # no order, or one that names no hip injection target: nothing this service decides on
         if order is None:
-            raise OrderNotForUs(
-                "order", "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
-            )
+            raise OrderNotForUs("order", NO_ORDER_PROBLEM)
         if not order.target:
             raise OrderNotForUs("order.target", "the injection order names no target (bodySite), so there is nothing to evaluate")
 

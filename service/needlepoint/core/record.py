@@ -119,6 +119,11 @@ class OrderNotForUs(RecordError):
     when a caller sends every order, so the roads need not treat it as a caller's mistake."""
 
 
+# Its words when there is no injection order at all (at ``order``): the same from the core and
+# from the mapper's early look at a bundle's own orders.
+NO_ORDER_PROBLEM = "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
+
+
 @dataclass(frozen=True, slots=True)
 class Code:
     system: str  # a short name from SYSTEM_URIS, or the raw URI when unknown

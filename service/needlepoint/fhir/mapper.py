@@ -34,6 +34,7 @@ import simdjson
 from needlepoint.core.record import (
     ALLERGY_CRITICALITIES,
     ALLERGY_SEVERITIES,
+    NO_ORDER_PROBLEM,
     OWN_VOCABULARIES,
     SEXES,
     SYSTEM_URIS,
@@ -1375,7 +1376,6 @@ def _unique(entries: Iterable[_Entry]) -> list[_Entry]:
 
 # --- the cheap "not for us" answer --------------------------------------------------------------
 
-NO_ORDER_PROBLEM = "no injection order: add a draft ServiceRequest for the injection, or give the target, side and intent"
 NOT_HIP_PROBLEM = (
     "the draft order names no hip injection target (bodySite): it is not a hip injection order, so there is nothing to evaluate"
 )
