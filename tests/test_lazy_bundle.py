@@ -237,6 +237,20 @@ def test_an_observation_that_may_be_read_is_mapped_and_checked(bundle: dict, rea
         assert refused.value.path.endswith(".status"), name
 
 
+@pytest.mark.parametrize("lazily", [True, False], ids=["lazily", "parsed"])
+def test_an_observation_with_a_code_outside_an_own_vocabulary_is_refused_as_without_the_filter(
+    bundle: dict, read_codes: frozenset, lazily: bool
+) -> None:
+    target = "http://needlepoint.dev/fhir/CodeSystem/injection-target"
+    odd = _with_observations(bundle, {"status": "final", "code": {"coding": [{"system": target, "code": "bogus"}]}})
+    given: Any = padded(odd) if lazily else odd
+    with pytest.raises(RecordError, match="unknown code 'bogus'") as whole:
+        record_from_bundle(given)
+    with pytest.raises(RecordError, match="unknown code 'bogus'") as filtered:
+        record_from_bundle(given, observation_codes=read_codes)
+    assert filtered.value.path == whole.value.path
+
+
 def test_the_order_may_name_an_observation_not_read_as_its_reason(bundle: dict, read_codes: frozenset) -> None:
     bundle = _with_observations(bundle, {"status": "final", "code": _coded("8867-4"), "valueQuantity": {"value": 70}})
     order = next(e["resource"] for e in bundle["entry"] if e["resource"]["id"] == "hip-injection")

@@ -67,10 +67,19 @@ _BUNDLE_TYPES = frozenset({"collection", "searchset", "transaction"})
 _OWN_VOCABULARIES: dict[str, frozenset[str]] = {system: frozenset(codes) for system, codes in OWN_VOCABULARIES.items()}
 
 # Short name and own vocabulary (None for other systems) of each URI in record.SYSTEM_URIS: one
-# lookup for the fast paths of _codes and _code_keys. Other URIs go through system_short_name.
+# lookup for the fast paths (_system). Other URIs go through system_short_name.
 _KNOWN_SYSTEMS: dict[str, tuple[str, frozenset[str] | None]] = {
     uri: (system_short_name(uri), _OWN_VOCABULARIES.get(system_short_name(uri))) for uri in SYSTEM_URIS
 }
+
+
+def _system(uri: str) -> tuple[str, frozenset[str] | None]:
+    """The short name of a code system URI, and its vocabulary when it is one of Needlepoint's own."""
+    known = _KNOWN_SYSTEMS.get(uri)
+    if known is not None:
+        return known
+    short = system_short_name(uri)
+    return short, _OWN_VOCABULARIES.get(short)
 
 _INJECTION_CPT = frozenset({"20610", "20611", "27093", "27095"})
 _HIP_JOINT_SNOMED = "24136001"  # Hip joint structure
@@ -225,12 +234,7 @@ def _usual_key(coding: JSON) -> tuple[str, str] | None:
     system, code = coding.get("system"), coding.get("code")
     if type(system) is not str or type(code) is not str or not system or not code:
         return None
-    known = _KNOWN_SYSTEMS.get(system)
-    if known is None:
-        short = system_short_name(system)
-        vocabulary = _OWN_VOCABULARIES.get(short)
-    else:
-        short, vocabulary = known
+    short, vocabulary = _system(system)
     if vocabulary is not None and code not in vocabulary:
         return None
     return short, code
@@ -611,8 +615,9 @@ def _is_mapped(rtype: str, resource: Any, observation_codes: ObservationCodes | 
 def _reads(resource: Any, codes: ObservationCodes) -> bool:
     """Whether an Observation (a dict or a simdjson proxy) is read by a caller that reads only
     ``codes``: unless its ``code`` has codings, each of the usual shape (an object with a system
-    and a code, both non-empty strings), none of which is in ``codes``. An Observation whose code
-    cannot be told at a glance is read, and the mapping names whatever is wrong with it."""
+    and a code, both non-empty strings, a code of an own system in its vocabulary), none of which
+    is in ``codes``. An Observation whose code cannot be told at a glance is read, and the mapping
+    names whatever is wrong with it, as it would without the filter."""
     concept = resource.get("code")
     if not isinstance(concept, _OBJECTS):
         return True
@@ -625,8 +630,8 @@ def _reads(resource: Any, codes: ObservationCodes) -> bool:
         system, code = coding.get("system"), coding.get("code")
         if type(system) is not str or type(code) is not str or not system or not code:
             return True
-        known = _KNOWN_SYSTEMS.get(system)
-        if (known[0] if known is not None else system_short_name(system), code) in codes:
+        short, vocabulary = _system(system)
+        if (short, code) in codes or (vocabulary is not None and code not in vocabulary):
             return True
     return False
 
