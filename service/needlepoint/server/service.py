@@ -141,14 +141,9 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _load_malloc_trim()
 
 
-def request_size(request: decision_service_pb2.EvaluateRequest) -> int:
-    """How large a request is, cheaply: the bundle's bytes, or the typed context's encoded size."""
-    return bundle_and_size(request)[1]
-
-
 def bundle_and_size(request: decision_service_pb2.EvaluateRequest) -> tuple[bytes | None, int]:
-    """The request's FHIR bundle (None for a typed context) and how large the request is (see
-    :func:`request_size`). Each read of ``request.fhir_bundle`` copies the bundle out of the
+    """The request's FHIR bundle (None for a typed context) and how large the request is, cheaply
+    (the bundle's bytes, or the typed context's encoded size). Each read of ``request.fhir_bundle`` copies the bundle out of the
     message: a caller that needs the bytes as well as the size reads them here, once."""
     if request.WhichOneof("patient") == "fhir_bundle":
         bundle = request.fhir_bundle
@@ -200,19 +195,20 @@ class Engine:
             raise ServiceError.not_found(path if not version else "ruleset_version", str(exc)) from None
 
     def evaluate(
-        self, request: decision_service_pb2.EvaluateRequest, *, deadline: float | None = None, bundle: bytes | None = None
+        self,
+        request: decision_service_pb2.EvaluateRequest,
+        *,
+        deadline: float | None = None,
+        read: tuple[bytes | None, int] | None = None,
     ) -> decision_pb2.Decision:
         """The decision for one request. Bad input raises ServiceError; any other exception is a
         fault of the service and propagates. ``deadline`` (``time.monotonic()`` seconds): past
         it, the evaluation stops at the next stage boundary with DEADLINE_EXCEEDED, so a caller
-        who has given up stops costing CPU. ``bundle``: the request's ``fhir_bundle`` when the
-        caller has already read it (see :func:`bundle_and_size`), so that it is not copied again."""
+        who has given up stops costing CPU. ``read``: the request's bundle and size when the caller
+        has already read them (:func:`bundle_and_size`), so that the bundle is not copied again."""
         evaluator = self.evaluator(request.ruleset_id or DEFAULT_RULESET, version=request.ruleset_version)
         checkpoint = _deadline_check(deadline)
-        if bundle is None:
-            bundle, size = bundle_and_size(request)  # (read once: each read copies the bundle)
-        else:
-            size = len(bundle)
+        bundle, size = read if read is not None else bundle_and_size(request)  # (each read copies the bundle)
         with collector_paused(size > LARGE_REQUEST_BYTES, size):
             try:
                 record = self.record(request, bundle, evaluator.observation_codes)

@@ -209,7 +209,7 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
             return ServiceError.deadline_exceeded()
         deadline = time.monotonic() + remaining if remaining is not None else None
         call = functools.partial(
-            _guard, method, request.correlation_id, lambda: self._checked_evaluate(request, deadline, bundle)
+            _guard, method, request.correlation_id, lambda: self._checked_evaluate(request, deadline, (bundle, size))
         )
         return await self._run(call, heavy=size > LARGE_REQUEST_BYTES)
 
@@ -220,15 +220,19 @@ class DecisionServicer(decision_service_pb2_grpc.DecisionServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self._heavy_lane, call)
 
     def _checked_evaluate(
-        self, request: decision_service_pb2.EvaluateRequest, deadline: float | None = None, bundle: bytes | None = None
+        self,
+        request: decision_service_pb2.EvaluateRequest,
+        deadline: float | None = None,
+        read: tuple[bytes | None, int] | None = None,
     ) -> decision_pb2.Decision:
-        """The engine's decision, after the correlation id has been checked."""
+        """The engine's decision, after the correlation id has been checked (``read``: the request's
+        bundle and size, as :func:`bundle_and_size` read them)."""
         problem = correlation_id_problem(request.correlation_id)
         if problem is not None:
             raise ServiceError.bad_input("correlation_id", problem)
         if deadline is not None and time.monotonic() >= deadline:  # it waited on the heavy lane too long
             raise ServiceError.deadline_exceeded()
-        return self._engine.evaluate(request, deadline=deadline, bundle=bundle)
+        return self._engine.evaluate(request, deadline=deadline, read=read)
 
 
 class _ReadAhead:
