@@ -95,30 +95,33 @@ class ServiceError(Exception):
         self.violations = tuple(FieldViolation(cap(v.field, MAX_FIELD_CHARS), cap(v.description)) for v in violations)
 
     @classmethod
+    def _at(cls, code: grpc.StatusCode, path: str, problem: str, *, not_for_us: bool = False) -> ServiceError:
+        """``code`` for one field, named in the message and in a BadRequest detail."""
+        return cls(code, f"{path}: {problem}", [FieldViolation(path, problem)], not_for_us=not_for_us)
+
+    @classmethod
     def bad_input(cls, path: str, problem: str) -> ServiceError:
         """``INVALID_ARGUMENT`` for one field."""
-        return cls(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {problem}", [FieldViolation(path, problem)])
+        return cls._at(grpc.StatusCode.INVALID_ARGUMENT, path, problem)
 
     @classmethod
     def too_large(cls, path: str, problem: str) -> ServiceError:
         """``RESOURCE_EXHAUSTED`` for one field (a message over the size limit), with the same
         BadRequest detail as bad input, so the caller learns which message and which limit."""
-        return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{path}: {problem}", [FieldViolation(path, problem)])
+        return cls._at(grpc.StatusCode.RESOURCE_EXHAUSTED, path, problem)
 
     @classmethod
     def from_record_error(cls, error: RecordError) -> ServiceError:
         """``INVALID_ARGUMENT`` at the error's path, flagged :attr:`not_for_us` for an OrderNotForUs."""
-        path, problem = error.path, error.message
-        return cls(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {problem}", [FieldViolation(path, problem)],
-            not_for_us=isinstance(error, OrderNotForUs),
+        return cls._at(
+            grpc.StatusCode.INVALID_ARGUMENT, error.path, error.message, not_for_us=isinstance(error, OrderNotForUs)
         )
 
     @classmethod
     def not_found(cls, path: str, problem: str) -> ServiceError:
         """``NOT_FOUND`` for one field (an unknown rule set or version), named in a BadRequest
         detail as for bad input."""
-        return cls(grpc.StatusCode.NOT_FOUND, f"{path}: {problem}", [FieldViolation(path, problem)])
+        return cls._at(grpc.StatusCode.NOT_FOUND, path, problem)
 
     @classmethod
     def internal(cls) -> ServiceError:
