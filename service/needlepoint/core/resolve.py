@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import cast
 
@@ -66,9 +65,7 @@ from .decision import (
     RulesetRef,
 )
 from .prepare import FactInfo, PreparedFacts
-from .ruleset import RECOMMENDATIONS, Rule, RuleSet, parse_placeholder
-
-_TEMPLATE = re.compile(r"\{([^{}]+)\}")
+from .ruleset import RECOMMENDATIONS, TEMPLATE, Rule, RuleSet, parse_placeholder
 
 
 @dataclass(slots=True)
@@ -170,7 +167,7 @@ def plain_field(fact: dict, info: FactInfo, fld: str) -> str:
 
 def _named_aliases(template: str) -> tuple[str, ...]:
     """The aliases a template's ``{alias.field}`` placeholders name, in order."""
-    return tuple(ref.partition(".")[0] for ref in _TEMPLATE.findall(template) if not ref.startswith("$"))
+    return tuple(ref.partition(".")[0] for ref in TEMPLATE.findall(template) if not ref.startswith("$"))
 
 
 def _picks(named: tuple[str, ...], firing: Firing) -> list[dict[str, int]]:
@@ -191,7 +188,7 @@ def _compile_template(template: str, ruleset: RuleSet, human: bool) -> tuple[_Pa
     parameter, that name. ``human``: parameters and fields in plain words (a message), else raw
     (a missing-data code)."""
     parts: list[_Part] = []
-    for i, piece in enumerate(_TEMPLATE.split(template)):  # text, placeholder, text, ..., text
+    for i, piece in enumerate(TEMPLATE.split(template)):  # text, placeholder, text, ..., text
         if i % 2 == 0:
             text = piece
         else:

@@ -40,6 +40,7 @@ from needlepoint.core.ruleset import (
 from . import format as fmt
 from .assemble import assemble_rule
 from .diagnostics import ERROR, WARNING, Diagnostic, describe, suggest, suggestion_in
+from .format import number
 from .reader import Document
 from .rules import PatternEntry, RuleChecks, RuleEntry
 from .sources import Sources
@@ -112,10 +113,6 @@ class Built:
     rule_count: int
     used_params: set[str]
     used_value_sets: set[str]
-
-
-def number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Builder(RuleChecks):
@@ -807,7 +804,7 @@ class Builder(RuleChecks):
                 continue
             if "count" in spec:
                 kind = spec["count"]
-                kinds = fmt.AGGREGATE.key("count").schema["enum"]
+                kinds = fmt.COUNTABLE
                 if not isinstance(kind, str) or kind not in kinds:
                     self.error(
                         "NP005",

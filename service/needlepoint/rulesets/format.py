@@ -44,6 +44,11 @@ from needlepoint.core.ruleset import (
 
 from .diagnostics import describe, suggest
 
+
+def number(value: Any) -> bool:
+    """A number in a rule set's YAML: an int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$")
 SEMVER_HINT = "a semantic version (MAJOR.MINOR.PATCH; quote it)"
 RULE_ID = re.compile(r"^[A-Z][A-Z0-9]*(?:-[A-Z0-9]+)+$")
@@ -333,12 +338,12 @@ CONCEPT = Record(
     ),
 )
 
-_COUNTABLE = tuple(k for k in FACT_FIELDS if k != "summary")
+COUNTABLE = tuple(k for k in FACT_FIELDS if k != "summary")  # the fact kinds an aggregate may count
 
 AGGREGATE = Record(
     "aggregate",
     (
-        Key("count", enum(_COUNTABLE, "Count facts of this kind that pass where."), checked=False),  # NP005
+        Key("count", enum(COUNTABLE, "Count facts of this kind that pass where."), checked=False),  # NP005
         Key("where", {"type": ["object", "null"]}),
         Key(
             "criteria",
@@ -363,7 +368,7 @@ AGGREGATE = Record(
                 "if": {"required": ["count"], "properties": {"count": {"const": kind}}},
                 "then": {"properties": {"where": {"$ref": f"#/$defs/fields-{kind}"}}},
             }
-            for kind in _COUNTABLE
+            for kind in COUNTABLE
         ],
     },
 )

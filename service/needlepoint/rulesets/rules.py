@@ -83,7 +83,7 @@ class RuleEntry:
 
 def fits(ftype: str, value: Any) -> bool:
     if ftype == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return fmt.number(value)
     if ftype == "bool":
         return isinstance(value, bool)
     if ftype == "string":

@@ -17,11 +17,11 @@ from needlepoint.core.conditions import FieldTest, ParamRef
 from needlepoint.core.ruleset import RECOMMENDATIONS
 from needlepoint.rulesets.builder import Built, PatternEntry, RuleEntry
 from needlepoint.rulesets.diagnostics import ERROR, WARNING, Diagnostic, suggest
-from needlepoint.rulesets.format import VOCABULARIES, VOCABULARY_NAMES
+from needlepoint.rulesets.format import VOCABULARIES, VOCABULARY_NAMES, number
 from needlepoint.rulesets.reader import Document
 
 from .codes import article, check_code
-from .logic import INTEGER_FIELDS, Interval, Numeric, Semantics, fmt, number
+from .logic import INTEGER_FIELDS, Interval, Numeric, Semantics, fmt
 
 
 class Linter(Semantics):

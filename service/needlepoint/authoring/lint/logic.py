@@ -14,6 +14,7 @@ from typing import Any
 
 from needlepoint.core.conditions import FACT_FIELDS, FieldTest, ParamRef
 from needlepoint.rulesets.builder import AggregateEntry, ConceptEntry, ParamEntry, PatternEntry, RuleEntry, ValueSetEntry
+from needlepoint.rulesets.format import number
 
 # --- what the prepared facts look like (core/prepare.py), as far as lint relies on it ---------
 
@@ -44,9 +45,6 @@ NEVER_SET = frozenset(
 # Kinds with exactly one fact per evaluation (and one observation per concept, the newest).
 SINGLETON_KINDS = ("patient", "order", "summary")
 INTEGER_FIELDS = frozenset({("patient", "age_years"), ("prior_injection", "days_ago"), ("planned_surgery", "days_until")})
-
-def number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 def fmt(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
