@@ -65,12 +65,31 @@ class ValueSetEntry:
     path: tuple
     codes: dict[str, set[str]] = field(default_factory=dict)  # spelled as match_key gives them
     prefixes: dict[str, list[str]] = field(default_factory=dict)
-    has_groups: bool = False
+    # the named members, each (codes, prefixes) as above; codes and prefixes are their union with
+    # the value set's own
+    groups: dict[str, tuple[dict[str, set[str]], dict[str, list[str]]]] = field(default_factory=dict)
     spec: Any = None
     code_lists: list[tuple[tuple, str, bool]] = field(default_factory=list)  # (path of the list, system, prefixes?)
 
     def covers(self, system: str, code: str) -> bool:
         return code in self.codes.get(system, ()) or any(code.startswith(p) for p in self.prefixes.get(system, ()))
+
+    def value_set(self, title: str) -> ValueSet:
+        """The model's value set (the builder found this entry without error)."""
+        groups = {name: _frozen(f"{self.id}/{name}", name, *lists) for name, lists in self.groups.items()}
+        return _frozen(self.id, title, self.codes, self.prefixes, groups)
+
+
+def _frozen(
+    vs_id: str, title: str, codes: dict[str, set[str]], prefixes: dict[str, list[str]], groups: dict | None = None
+) -> ValueSet:
+    return ValueSet(
+        id=vs_id,
+        title=title,
+        codes={system: frozenset(c) for system, c in codes.items()},
+        prefixes={system: tuple(p) for system, p in prefixes.items()},
+        groups=groups or {},
+    )
 
 
 @dataclass
@@ -519,13 +538,24 @@ class Builder(RuleChecks):
                         "NP002", doc, path + ("groups",), f"{what}: groups is a mapping of group name to code lists", key=False
                     )
                 else:
-                    vs.has_groups = True
                     for gname, gspec in groups.items():
-                        self._code_lists(doc, path + ("groups", gname), gspec or {}, vs, f"{what} group {gname}")
+                        group = vs.groups[gname] = ({}, {})
+                        self._code_lists(doc, path + ("groups", gname), gspec or {}, vs, f"{what} group {gname}", group)
             if not any(vs.codes.values()) and not any(vs.prefixes.values()):
                 self.error("NP002", doc, path, f"{what}: the value set has no codes")
 
-    def _code_lists(self, doc: Document, path: tuple, spec: Any, vs: ValueSetEntry, what: str) -> None:
+    def _code_lists(
+        self,
+        doc: Document,
+        path: tuple,
+        spec: Any,
+        vs: ValueSetEntry,
+        what: str,
+        group: tuple[dict[str, set[str]], dict[str, list[str]]] | None = None,
+    ) -> None:
+        """Check a mapping of code system to codes, adding them to ``vs`` (and to ``group``, the
+        codes and prefixes of one of its named members)."""
+        targets = [(vs.codes, vs.prefixes)] + ([group] if group is not None else [])
         if not isinstance(spec, dict):
             self.error(
                 "NP002",
@@ -584,7 +614,8 @@ class Builder(RuleChecks):
                         )
                         continue
                     code = match_key(system, str(item))  # as records are looked up, so L03.115 covers L03115
-                    (vs.prefixes.setdefault(system, []).append(code) if prefix else vs.codes.setdefault(system, set()).add(code))
+                    for codes, prefixes in targets:
+                        (prefixes.setdefault(system, []).append(code) if prefix else codes.setdefault(system, set()).add(code))
 
     # -- observations.yaml --
 
@@ -847,7 +878,7 @@ class Builder(RuleChecks):
                 gpath = path + ("distinct_groups_of",)
                 if "criteria" in spec:
                     self.error("NP001", doc, gpath, f"{what}: distinct_groups_of goes with count")
-                elif self.value_set_ref(doc, gpath, groups_of, what) and not self.value_sets[groups_of].has_groups:
+                elif self.value_set_ref(doc, gpath, groups_of, what) and not self.value_sets[groups_of].groups:
                     self.error("NP002", doc, gpath, f"{what}: value set {groups_of!r} has no groups to count", key=False)
             agg.valid = not any(d.severity == ERROR for d in self.diagnostics[before:])
 
@@ -872,7 +903,7 @@ class Builder(RuleChecks):
             )
             for name, p in self.params.items()
         }
-        value_sets = {vs_id: _value_set(vs_id, vs.spec) for vs_id, vs in self.value_sets.items()}
+        value_sets = {vs_id: vs.value_set(vs.spec["title"]) for vs_id, vs in self.value_sets.items()}
         observations = {cid: _concept(cid, c.spec) for cid, c in self.concepts.items()}
         aggregates = tuple(
             Aggregate(
@@ -915,33 +946,6 @@ class Builder(RuleChecks):
 
 def _dotted(path: Iterable) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
-
-
-def _code_lists(spec: dict) -> tuple[dict[str, frozenset[str]], dict[str, tuple[str, ...]]]:
-    codes: dict[str, frozenset[str]] = {}
-    prefixes: dict[str, tuple[str, ...]] = {}
-    for system, entry in spec.items():
-        if isinstance(entry, list):
-            entry = {"codes": entry}
-        # keyed as records are looked up (match_key), so a dotted or dotless ICD-10-CM code or
-        # prefix in the file matches either spelling in a record
-        codes[system] = frozenset(match_key(system, str(c)) for c in entry.get("codes", []))
-        prefixes[system] = tuple(match_key(system, str(c)) for c in entry.get("prefixes", []))
-    return codes, prefixes
-
-
-def _value_set(vs_id: str, spec: dict) -> ValueSet:
-    groups: dict[str, ValueSet] = {}
-    for gname, gspec in (spec.get("groups") or {}).items():
-        gcodes, gpre = _code_lists(gspec or {})
-        groups[gname] = ValueSet(id=f"{vs_id}/{gname}", title=gname, codes=gcodes, prefixes=gpre)
-    codes, prefixes = _code_lists(spec.get("codes") or {})
-    for group in groups.values():  # a value set is the union of its own codes and its groups
-        for system, members in group.codes.items():
-            codes[system] = codes.get(system, frozenset()) | members
-        for system, pre in group.prefixes.items():
-            prefixes[system] = prefixes.get(system, ()) + pre
-    return ValueSet(id=vs_id, title=spec["title"], codes=codes, prefixes=prefixes, groups=groups)
 
 
 def _concept(cid: str, spec: dict) -> ObservationConcept:
