@@ -134,23 +134,14 @@ class Built:
     used_value_sets: set[str]
 
 
-class Builder(RuleChecks):
+class Reporter:
+    """Diagnostics about places in a rule set's documents, worded and placed alike for the
+    builder and for lint: the file, line and column, where it is as people read it (the rule's
+    source and id in a rules file), the key path, and a suggestion when the message makes one."""
+
     def __init__(self, sources: Sources) -> None:
         self.sources = sources
         self.diagnostics: list[Diagnostic] = []
-        self.params: dict[str, ParamEntry] = {}
-        self.values: dict[str, Any] = {}
-        self.value_sets: dict[str, ValueSetEntry] = {}
-        self.concepts: dict[str, ConceptEntry] = {}
-        self.aggregates: dict[str, AggregateEntry] = {}
-        self.rules: list[RuleEntry] = []
-        self.rule_ids: dict[str, tuple[Document, tuple]] = {}
-        self.rule_count = 0
-        self.used_value_sets: set[str] = set()
-        self.used_params: set[str] = set()
-        self.overlay_name = ""
-
-    # -- reporting --
 
     def add(
         self,
@@ -209,6 +200,22 @@ class Builder(RuleChecks):
             return f"{head}.{inner}" if inner else head
         inner = _dotted(path)
         return f"{doc.rel}.{inner}" if inner else doc.rel
+
+
+class Builder(RuleChecks, Reporter):
+    def __init__(self, sources: Sources) -> None:
+        Reporter.__init__(self, sources)
+        self.params: dict[str, ParamEntry] = {}
+        self.values: dict[str, Any] = {}
+        self.value_sets: dict[str, ValueSetEntry] = {}
+        self.concepts: dict[str, ConceptEntry] = {}
+        self.aggregates: dict[str, AggregateEntry] = {}
+        self.rules: list[RuleEntry] = []
+        self.rule_ids: dict[str, tuple[Document, tuple]] = {}
+        self.rule_count = 0
+        self.used_value_sets: set[str] = set()
+        self.used_params: set[str] = set()
+        self.overlay_name = ""
 
     # -- the run --
 

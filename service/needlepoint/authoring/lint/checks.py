@@ -9,25 +9,23 @@ ignores (NP001 warnings).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from itertools import combinations
 from typing import Any
 
 from needlepoint.core.conditions import FieldTest, ParamRef
 from needlepoint.core.ruleset import RECOMMENDATIONS
-from needlepoint.rulesets.builder import Built, PatternEntry, RuleEntry
+from needlepoint.rulesets.builder import Built, PatternEntry, Reporter, RuleEntry
 from needlepoint.rulesets.diagnostics import ERROR, WARNING, Diagnostic, suggest
 from needlepoint.rulesets.format import VOCABULARIES, VOCABULARY_NAMES, number
-from needlepoint.rulesets.reader import Document
 
 from .codes import article, check_code
 from .logic import INTEGER_FIELDS, Interval, Numeric, Semantics, fmt
 
 
-class Linter(Semantics):
+class Linter(Semantics, Reporter):
     def __init__(self, built: Built) -> None:
+        Reporter.__init__(self, built.sources)
         self.built = built
-        self.sources = built.sources
         self.values = built.values
         self.params = built.params
         self.concepts = built.concepts
@@ -36,23 +34,6 @@ class Linter(Semantics):
         self.rules = built.rules
         self.used_params = built.used_params
         self.used_value_sets = built.used_value_sets
-        self.diagnostics: list[Diagnostic] = []
-
-    # -- reporting (as the builder reports) --
-
-    def add(self, code: str, severity: str, doc: Document, path: Iterable, message: str, *, key: bool = True) -> None:
-        path = tuple(path)
-        line, column = doc.pos(path, key=key)
-        rules_doc = any(doc is d for d in self.sources.rules)
-        inner = path[1:] if rules_doc and path and isinstance(path[0], int) else (path if len(path) >= 2 else ())
-        key_path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inner).lstrip(".")
-        self.diagnostics.append(Diagnostic(code, severity, doc.file, line, column, doc.rel, key_path, message))
-
-    def error(self, code: str, doc: Document, path: Iterable, message: str, *, key: bool = True) -> None:
-        self.add(code, ERROR, doc, path, message, key=key)
-
-    def warn(self, code: str, doc: Document, path: Iterable, message: str, *, key: bool = True) -> None:
-        self.add(code, WARNING, doc, path, message, key=key)
 
     def file_warning(self, code: str, file: str, message: str) -> None:
         self.diagnostics.append(Diagnostic(code, WARNING, file, 1, 1, file, "", message))
