@@ -776,7 +776,11 @@ class _Mapper:
         self.patient: _Entry | None = None
         self.service_requests: list[_Entry] = []
 
-    def run(self, order_refs: Sequence[tuple[str, str]]) -> PatientRecord:
+    def run(self, order_refs: Sequence[tuple[str, str]], *, own_order: bool = False) -> PatientRecord:
+        """The record. With ``own_order`` (a Bundle that must carry its own hip injection order),
+        its draft orders are looked at first: see :meth:`_refuse_if_not_for_us`."""
+        if own_order:
+            self._refuse_if_not_for_us()
         for entry in self.entries:
             handler = _HANDLERS.get(entry.type)
             if handler is not None and entry.mapped:
@@ -790,6 +794,25 @@ class _Mapper:
         if order is not None:
             self.record.order = self._order(order)
         return self.record
+
+    def _refuse_if_not_for_us(self) -> None:
+        """Raise OrderNotForUs, before anything else is mapped (or, read lazily, even built), when
+        the Bundle's draft orders give no decision: the order :meth:`_select_order` chooses from
+        them is none (at ``order``), or its bodySite names no hip injection target (at
+        ``order.target``). Anything these steps cannot read (several injection orders, a
+        bodySite without a coding) is left to the full mapping, which names it."""
+        self.service_requests = [entry for entry in self.entries if entry.type == "ServiceRequest"]
+        try:
+            order = self._select_order(())
+            target = self._site_reading(order, order=True)[0] if order is not None else None
+        except RecordError:
+            return
+        finally:
+            self.service_requests = []  # the handlers collect them again
+        if order is None:
+            raise OrderNotForUs("order", NO_ORDER_PROBLEM)
+        if target is None:
+            raise OrderNotForUs("order.target", NOT_HIP_PROBLEM)
 
     # -- bookkeeping
 
@@ -1112,6 +1135,19 @@ class _Mapper:
 
         For the injection order a bodySite without any coding is an error.
         """
+        target, sides, declared = self._site_reading(entry, order=order)
+        side = None
+        if len(sides) == 1:
+            side = sides.pop()
+        elif sides:
+            detail = f"bodySite gives conflicting laterality ({', '.join(sorted(sides))}); the side is unknown."
+            self._issue("conflicting-laterality", entry.type, detail, entry.source, entry)
+        return _Site(target, side, declared)
+
+    @staticmethod
+    def _site_reading(entry: _Entry, *, order: bool) -> tuple[str | None, set[str], bool]:
+        """What bodySite says, without recording anything: the target (None: none named), the
+        sides named, and whether the target was declared as an injection target."""
         resource, path = entry.resource, entry.path
         targets: set[str] = set()
         sides: set[str] = set()
@@ -1139,14 +1175,7 @@ class _Mapper:
         if len(targets) > 1:
             _fail(f"{path}.bodySite", f"names several injection targets ({', '.join(sorted(targets))})")
         declared = bool(targets)
-        target = targets.pop() if targets else (_HIP_JOINT_TARGET if hip_joint else None)
-        side = None
-        if len(sides) == 1:
-            side = sides.pop()
-        elif sides:
-            detail = f"bodySite gives conflicting laterality ({', '.join(sorted(sides))}); the side is unknown."
-            self._issue("conflicting-laterality", entry.type, detail, entry.source, entry)
-        return _Site(target, side, declared)
+        return targets.pop() if targets else (_HIP_JOINT_TARGET if hip_joint else None), sides, declared
 
     def _service_request(self, entry: _Entry) -> None:
         self.service_requests.append(entry)  # sorted into order / planned surgery once all are seen
@@ -1284,14 +1313,7 @@ def _map_bundle(
 
 
 def _map_entries(entries: list[_Entry], refs: list[tuple[str, str]], own_order: bool) -> PatientRecord:
-    if own_order:  # the cheap answer first, for a bundle whose own order is not for us
-        try:
-            problem = _hip_order_problem(entries)
-        except RecordError:
-            problem = None
-        if problem is not None:
-            raise problem
-    return _Mapper(entries, "Bundle").run(refs)
+    return _Mapper(entries, "Bundle").run(refs, own_order=own_order)
 
 
 def _entries_of(
@@ -1390,30 +1412,11 @@ def record_from_bundle_with_hip_order(
     bundle: JSON | bytes | str, *, observation_codes: ObservationCodes | None = None
 ) -> PatientRecord:
     """:func:`record_from_bundle` for a Bundle that must carry its own hip injection order (no
-    order is given beside it). Its draft ServiceRequests are looked at first, chosen as
-    :meth:`_Mapper._select_order` chooses: with none, ``RecordError`` at ``order``; when the chosen
-    one names no hip injection target (no injection-target code, no SNOMED hip joint), at
-    ``order.target``; either way before the rest of the record is mapped (or, from bytes, even
-    built: see LAZY_READ_BYTES), since no decision could come of it. Anything unusual (several
-    injection orders, a coding-less or extended bodySite) goes to the full mapping, which names it
-    as it always has."""
+    order is given beside it). Its draft ServiceRequests are looked at first
+    (:meth:`_Mapper._refuse_if_not_for_us`): with no order, ``OrderNotForUs`` at ``order``; when the
+    order names no hip injection target (no injection-target code, no SNOMED hip joint), at
+    ``order.target``; either way before the rest of the record is mapped, since no decision could
+    come of it."""
     return _map_bundle(bundle, observation_codes, [], own_order=True)
 
 
-def _hip_order_problem(entries: list[_Entry]) -> RecordError | None:
-    """Why the Bundle's own draft orders cannot give a decision, or None when they may."""
-    drafts = [e for e in entries if e.type == "ServiceRequest" and e.resource.get("status") == "draft"]
-    if len(drafts) > 1:
-        drafts = [entry for entry in drafts if _is_injection_request(entry)]
-    if not drafts:
-        return OrderNotForUs("order", NO_ORDER_PROBLEM)
-    if len(drafts) > 1:
-        return None
-    order = drafts[0]
-    for j, concept in enumerate(_get_list(order.resource, "bodySite", order.path)):
-        keys = _code_keys(concept, order.path, "bodySite", j)
-        if not keys or (type(concept) is dict and "extension" in concept):
-            return None
-        if any(system == "np-target" or (system == "snomed" and code == _HIP_JOINT_SNOMED) for system, code in keys):
-            return None
-    return OrderNotForUs("order.target", NOT_HIP_PROBLEM)
