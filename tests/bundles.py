@@ -25,12 +25,12 @@ import random
 import uuid
 from typing import Any
 
-from needlepoint.core.record import SYSTEM_URIS, Code, PatientRecord
+from needlepoint.core.record import SYSTEM_URI_OF, Code, PatientRecord
 from tests.patients import AS_OF, random_patient
 
 JSON = dict[str, Any]
 
-URIS = {short: uri for uri, short in reversed(SYSTEM_URIS.items())}  # short name -> URI (the first URI of each)
+URIS = SYSTEM_URI_OF  # short name -> URI
 UCUM = "http://unitsofmeasure.org"
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 SIDES = {"left": "7771000", "right": "24028007", "both": "51440002"}

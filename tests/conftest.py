@@ -253,3 +253,12 @@ def hip_evaluator(hip_ruleset):
     evaluator = Evaluator(hip_ruleset)
     yield evaluator
     evaluator.close()
+
+
+@pytest.fixture(scope="session")
+def engine(hip_evaluator):
+    """The server's engine (``server.service.Engine``) on the shared evaluator of the bundled rule
+    set, as ``Engine.load()`` builds it, shared by the whole session."""
+    from needlepoint.server.service import Engine
+
+    return Engine({"hip-injection": hip_evaluator})

@@ -82,11 +82,6 @@ def database_url(request, tmp_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.load()
-
-
-@pytest.fixture(scope="module")
 def floyd(synthea_bundles: dict[str, bytes]) -> bytes:
     """A Synthea bundle: a patient with a name, identifiers, address, telecom and narratives."""
     return synthea_bundles["Floyd"]

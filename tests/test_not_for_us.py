@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import orjson
 import pytest
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from needlepoint.core.record import NO_ORDER_PROBLEM
 from needlepoint.fhir.mapper import NOT_HIP_PROBLEM
 from needlepoint.v1 import decision_service_pb2, decision_service_pb2_grpc, patient_pb2
+from needlepoint_client.errors import error_from_status
 from tests.bundles import NOT_FOR_US_ORDERS, not_for_us_bundle, random_bundles
 from tests.patients import AS_OF
 
@@ -52,12 +52,8 @@ def request(bundle: dict, **fields) -> decision_service_pb2.EvaluateRequest:
 
 
 def violations(status) -> list[str]:
-    found = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            found += [v.field for v in bad.field_violations]
-    return found
+    """The fields a google.rpc.Status names, read as the Python client reads them."""
+    return [v.field for v in error_from_status(status).field_violations]
 
 
 def logged(database: Path) -> int:

@@ -47,11 +47,6 @@ BROKEN_ID = "broken-probe"
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.load()
-
-
-@pytest.fixture(scope="module")
 def read_codes(engine: Engine) -> frozenset[tuple[str, str]]:
     return engine.evaluator("hip-injection").observation_codes
 

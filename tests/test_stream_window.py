@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from sqlalchemy import select
 
 from needlepoint.decisionlog import DecisionLog, migrate, schema
@@ -30,6 +30,7 @@ from needlepoint.limits import LARGE_REQUEST_BYTES
 from needlepoint.server.service import Engine
 from needlepoint.server.servicer import STREAM_WINDOW, STREAM_WINDOW_BYTES, DecisionServicer
 from needlepoint.v1 import decision_service_pb2, patient_pb2
+from needlepoint_client.errors import error_from_status
 from tests.bundles import not_for_us_bundle, random_bundles
 from tests.patients import AS_OF
 
@@ -82,11 +83,6 @@ class HeldLog(DecisionLog):
     def _commit(self, prepared: list) -> list:
         self.gate.wait(30)
         return super()._commit(prepared)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.load()
 
 
 @pytest.fixture
@@ -219,6 +215,17 @@ def test_each_answer_follows_its_commit_in_request_order(engine: Engine, held_lo
     assert committed(held_log) == answered
 
 
+async def until_aborted(answers: AsyncIterator) -> tuple[list[str], Aborted]:
+    """The correlation ids a stream answered before it was aborted, and the abort (it must be)."""
+    answered = []
+    try:
+        async for answer in answers:
+            answered.append(answer.correlation_id)
+    except Aborted as exc:
+        return answered, exc
+    raise AssertionError("the stream did not end with the deadline")
+
+
 def test_a_deadline_met_while_reading_ahead_ends_the_stream_after_every_committed_answer(
     engine: Engine, held_log: HeldLog
 ) -> None:
@@ -233,17 +240,9 @@ def test_a_deadline_met_while_reading_ahead_ends_the_stream_after_every_committe
             await asyncio.sleep(max(0.0, deadline - time.monotonic()) + 0.05)
             held_log.gate.set()
 
-    async def run() -> tuple[list[str], Aborted]:
-        answered = []
-        source = Requests(requests, pause)
-        try:
-            async for answer in servicer.EvaluateStream(source.__aiter__(), Context(lambda: deadline - time.monotonic())):
-                answered.append(answer.correlation_id)
-        except Aborted as exc:
-            return answered, exc
-        raise AssertionError("the stream did not end with the deadline")
-
-    answered, aborted = asyncio.run(run())
+    source = Requests(requests, pause)
+    answers = servicer.EvaluateStream(source.__aiter__(), Context(lambda: deadline - time.monotonic()))
+    answered, aborted = asyncio.run(until_aborted(answers))
     assert aborted.status.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert answered == [f"item-{k}" for k in range(4)]
     held_log.flush()
@@ -259,18 +258,9 @@ def test_a_decision_reached_after_the_deadline_is_neither_committed_nor_answered
     servicer = DecisionServicer(engine, held_log)
     remaining = iter([None, None, 5.0, 0.0])  # item-0: no deadline; item-1: time runs out while it is evaluated
 
-    async def run() -> tuple[list[str], Aborted]:
-        answered = []
-        try:
-            source = Requests([request(0), request(1)])
-            answers = servicer.EvaluateStream(source.__aiter__(), Context(lambda: next(remaining, 0.0)))
-            async for answer in answers:
-                answered.append(answer.correlation_id)
-        except Aborted as exc:
-            return answered, exc
-        raise AssertionError("the stream did not end with the deadline")
-
-    answered, aborted = asyncio.run(run())
+    source = Requests([request(0), request(1)])
+    answers = servicer.EvaluateStream(source.__aiter__(), Context(lambda: next(remaining, 0.0)))
+    answered, aborted = asyncio.run(until_aborted(answers))
     assert aborted.status.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert answered == ["item-0"]
     held_log.flush()
@@ -305,9 +295,7 @@ def test_an_order_not_for_us_is_logged_at_debug(engine: Engine, caplog: pytest.L
     trailer = dict(ended.trailing_metadata)
     assert trailer["correlation-id"] == "order-42"
     status = status_pb2.Status.FromString(trailer["grpc-status-details-bin"])
-    bad_request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(bad_request)
-    assert [v.field for v in bad_request.field_violations] == ["order.target"]
+    assert [v.field for v in error_from_status(status).field_violations] == ["order.target"]
 
 
 def test_an_invalid_order_target_is_logged_at_info(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
