@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import httpx  # noqa: E402
 import orjson  # noqa: E402
+from bench.run import pct  # noqa: E402
 
 from needlepoint.cdshooks.discovery import prefetch_templates  # noqa: E402
 from needlepoint.rulesets import bundled_rulesets_dir, load_ruleset  # noqa: E402
@@ -48,11 +49,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def payloads() -> tuple[str, bytes, bytes, int]:

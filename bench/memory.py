@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from isolation import ORDER_BUNDLE, _request, compact_bundle  # noqa: E402
 from needlepoint.v1 import decision_service_pb2_grpc  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from tests.real_records import FIXTURES, ORDER, bundle_paths  # noqa: E402
+
 
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/statm") as fh:
@@ -60,13 +63,11 @@ def main() -> None:
         threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
         large = [_request(compact_bundle("conditions", 65000)), _request(compact_bundle("warfarin", 20000))]
         small = _request(ORDER_BUNDLE.read_bytes())
-        shared = Path(os.environ.get("NEEDLEPOINT_SHARED") or ROOT.parent / "shared") / "fixtures"
-        paths = [path for folder in ("synthea", "synthea-r4-sample") for path in sorted((shared / folder).glob("*.json"))]
-        synthea = [_request(path.read_bytes()) for path in paths]
+        synthea = [_request(path.read_bytes()) for path in bundle_paths()]
         if args.synthea_every and not synthea:
-            raise SystemExit(f"no Synthea bundles under {shared}")
+            raise SystemExit(f"no Synthea bundles under {FIXTURES}")
         for request in synthea:
-            request.order.target, request.order.side, request.order.intent = "hip-intra-articular", "right", "therapeutic"
+            request.order.target, request.order.side, request.order.intent = ORDER["target"], ORDER["side"], ORDER["intent"]
         marks: dict[int, float] = {}
         started = time.monotonic()
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
