@@ -120,6 +120,18 @@ def run(
     is how errors name the directory (a private copy names the directory it came from)."""
     ruleset = load_ruleset(path, overlay=overlay)
     evaluator = Evaluator(ruleset)
+    try:
+        results, coverage = run_cases(evaluator, path, select=select, shown=shown)
+    finally:
+        evaluator.close()
+    return ruleset, results, coverage
+
+
+def run_cases(
+    evaluator: Evaluator, path: Path, *, select: str | None = None, shown: str | Path | None = None
+) -> tuple[list[CaseResult], Coverage]:
+    """:func:`run` with the rule set already loaded into ``evaluator`` (the caller closes it)."""
+    ruleset = evaluator.ruleset
     params = ruleset.param_values()
     conditions = list(condition_labels(ruleset))
     coverage = Coverage(
@@ -128,15 +140,12 @@ def run(
         conditions={label: set() for label, _, _ in conditions},
     )
     results: list[CaseResult] = []
-    try:
-        for case_file in sorted((Path(path) / "tests").glob("*.yaml")):
-            for case in load_cases(case_file, shown=Path(shown) / "tests" / case_file.name if shown else None):
-                if select and select not in case.name:
-                    continue
-                results.append(_run_case(case, case_file.name, evaluator, params, conditions, coverage))
-    finally:
-        evaluator.close()
-    return ruleset, results, coverage
+    for case_file in sorted((Path(path) / "tests").glob("*.yaml")):
+        for case in load_cases(case_file, shown=Path(shown) / "tests" / case_file.name if shown else None):
+            if select and select not in case.name:
+                continue
+            results.append(_run_case(case, case_file.name, evaluator, params, conditions, coverage))
+    return results, coverage
 
 
 def _run_case(

@@ -11,10 +11,11 @@ from typing import Any
 
 from needlepoint.core.evaluator import Evaluator
 from needlepoint.core.ruleset import RuleSet
-from needlepoint.rulesets import load
+from needlepoint.rulesets import build, read_sources
+from needlepoint.rulesets.diagnostics import raise_errors
 
-from .lint import ERROR, run as run_lint
-from .runner import run as run_cases
+from .lint import ERROR, report
+from .runner import run_cases
 
 
 @dataclass(frozen=True)
@@ -27,27 +28,34 @@ class Validation:
 
 def validate_ruleset(directory: Path, *, shown: str | Path | None = None) -> Validation:
     """Load, compile, lint and test the rule set in ``directory``. ``shown`` is how messages name
-    the directory (a snapshot validated in a private copy names the directory it came from)."""
+    the directory (a snapshot validated in a private copy names the directory it came from). The
+    directory is read and built once, and compiled once, for all four."""
     try:
-        loaded = load(directory, shown=shown)
-        Evaluator(loaded.ruleset).close()  # compiles into the engine
+        sources = read_sources(directory, shown=shown)
+        built = build(sources)
+        raise_errors(built.diagnostics)
+        assert built.ruleset is not None  # (built without errors)
+        evaluator = Evaluator(built.ruleset)  # compiles into the engine
     except Exception as exc:  # noqa: BLE001 - anything that stops loading is a rejection, with its message
         return Validation(False, f"does not load: {exc}")
-    ruleset, documents = loaded.ruleset, loaded.documents
-    errors = [f for f in run_lint(directory, shown=shown).findings if f.severity == ERROR]
-    if errors:
-        first_error = errors[0]
-        where = f"{first_error.file}:{first_error.line}:{first_error.column}"
-        return Validation(
-            False,
-            f"{len(errors)} lint error(s), first {where}: {first_error.code} {first_error.message}",
-            ruleset,
-            documents,
-        )
+    ruleset, documents = built.ruleset, sources.documents()
     try:
-        _, results, _ = run_cases(directory, shown=shown)
-    except Exception as exc:  # noqa: BLE001 - a test file that cannot be read or run is a rejection, with its message
-        return Validation(False, f"the test cases cannot run: {exc}", ruleset, documents)
+        errors = [f for f in report(sources, built).findings if f.severity == ERROR]
+        if errors:
+            first_error = errors[0]
+            where = f"{first_error.file}:{first_error.line}:{first_error.column}"
+            return Validation(
+                False,
+                f"{len(errors)} lint error(s), first {where}: {first_error.code} {first_error.message}",
+                ruleset,
+                documents,
+            )
+        try:
+            results, _ = run_cases(evaluator, directory, shown=shown)
+        except Exception as exc:  # noqa: BLE001 - a test file that cannot be read or run is a rejection, with its message
+            return Validation(False, f"the test cases cannot run: {exc}", ruleset, documents)
+    finally:
+        evaluator.close()
     failed = [r for r in results if not r.passed]
     if failed:
         first_failure = failed[0]

@@ -75,8 +75,9 @@ from pathlib import Path
 
 import click
 
-from needlepoint.rulesets import build, read_sources
+from needlepoint.rulesets import Built, build, read_sources
 from needlepoint.rulesets.diagnostics import ERROR, WARNING, Diagnostic
+from needlepoint.rulesets.sources import Sources
 
 from .checks import Linter
 from .codes import check_code, loinc_check_digit, verhoeff_valid
@@ -117,7 +118,11 @@ class Report:
 def run(path: Path, *, overlay: Path | None = None, shown: str | Path | None = None) -> Report:
     """Lint the rule set in ``path``; ``shown`` is how findings name its directory (default: as given)."""
     sources = read_sources(Path(path), overlay=overlay, shown=shown)
-    built = build(sources)
+    return report(sources, build(sources))
+
+
+def report(sources: Sources, built: Built) -> Report:
+    """Lint a rule set already read and built (the builder's diagnostics and lint's own)."""
     diagnostics = built.diagnostics + Linter(built).run()
     unique = {(f.file, f.line, f.column, f.code, f.message): f for f in map(Finding.of, diagnostics)}
     return Report(sorted(unique.values(), key=Finding.sort_key), sum(1 for _ in sources.all_documents()), built.rule_count)
