@@ -411,6 +411,11 @@ class Builder(RuleChecks, Reporter):
             if isinstance(vs_id, str):
                 self.value_set_ref(doc, ("requested_modality", modality), vs_id, f"requested_modality {modality}")
 
+    def reserved(self, doc: Document, path: tuple, name: str, what: str) -> None:
+        """Report a parameter or aggregate that takes a name the engine reserves."""
+        names = ", ".join(fmt.RESERVED_NAMES)
+        self.error("NP002", doc, path, f"{what}: {name!r} is reserved by the engine ({names}); choose another name")
+
     # -- parameters.yaml --
 
     def check_parameters(self, doc: Document) -> None:
@@ -428,12 +433,7 @@ class Builder(RuleChecks, Reporter):
                     f"{what}: parameter names are identifiers (letters, digits, underscores), so that rules can write ${name}",
                 )
             elif name in fmt.RESERVED_NAMES:
-                self.error(
-                    "NP002",
-                    doc,
-                    path,
-                    f"{what}: {name!r} is reserved by the engine ({', '.join(fmt.RESERVED_NAMES)}); choose another name",
-                )
+                self.reserved(doc, path, name, what)
             if not self.mapping(doc, path, spec, fmt.PARAMETER, what):
                 continue
             value = spec.get("value")
@@ -826,12 +826,7 @@ class Builder(RuleChecks, Reporter):
             if not isinstance(name, str) or not fmt.ALIAS.match(name):
                 self.error("NP002", doc, path, f"{what}: summary field names are lower-case identifiers")
             elif name in fmt.RESERVED_NAMES:
-                self.error(
-                    "NP002",
-                    doc,
-                    path,
-                    f"{what}: {name!r} is reserved by the engine ({', '.join(fmt.RESERVED_NAMES)}); choose another name",
-                )
+                self.reserved(doc, path, name, what)
             agg = AggregateEntry(str(name), doc, path, "count", 0, spec=spec)
             self.aggregates[name] = agg
             if not self.mapping(doc, path, spec, fmt.AGGREGATE, what):
